@@ -1,0 +1,57 @@
+"""The weights pytree: every validated GGUF tensor repacked into quant planes.
+
+Layout (keys are GGUF names without ``blk.L.`` / ``mtp.0.`` and without the
+``.weight``/``.bias`` suffix, dots turned into underscores)::
+
+    {"token_embd": QTensor, "output": QTensor, "output_norm": ..., "output_hc_fn": ...,
+     "layers": ({"attn_q_a": QTensor, ..., "attn_compressor_kv": ...}, ...),   # one dict per layer
+     "mtp": {"e_proj": QTensor, ...} or None}
+
+Layers are a tuple of dicts, not one stacked array: compressed, indexed and
+hash-routed layers carry different tensors. GGUF blocks are only the disk
+format; everything here is planes (``ds4jax.quant.planes``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ds4jax import config as C
+from ds4jax.model_file import ModelFiles
+
+
+def short_name(name: str) -> str:
+    for prefix in (C.MTP_PREFIX,):
+        name = name.removeprefix(prefix)
+    if name.startswith("blk."):
+        name = name.split(".", 2)[2]
+    for suffix in (".weight", ".bias"):
+        name = name.removesuffix(suffix)
+    return name.replace(".", "_")
+
+
+def _pack(mf: ModelFiles, name: str):
+    from ds4jax.quant import pack
+
+    t = mf.tensor(name)
+    return pack(t.raw, t.type_id, t.logical_shape)
+
+
+def load_weights(mf: ModelFiles, to_device: bool = True) -> dict[str, Any]:
+    """Repack every tensor of ``mf`` into planes; put them on the default device if asked."""
+    cfg = mf.config
+    tree: dict[str, Any] = {}
+    layers = [dict() for _ in range(cfg.n_layer)]
+    for name in mf.base.tensors:
+        if name.startswith("blk."):
+            L = int(name.split(".")[1])
+            layers[L][short_name(name)] = _pack(mf, name)
+        else:
+            tree[short_name(name)] = _pack(mf, name)
+    tree["layers"] = tuple(layers)
+    tree["mtp"] = {short_name(n): _pack(mf, n) for n in mf.mtp.tensors} if mf.mtp is not None else None
+    if to_device:
+        import jax
+
+        tree = jax.device_put(tree)
+    return tree

@@ -1,0 +1,38 @@
+"""Shared fixtures: the tiny generated model (written once per test session)."""
+
+import os
+import sys
+import tempfile
+
+import pytest
+
+# Generated models go to a per-session cache, never the user's ~/.cache.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="ds4jax-test-cache-")
+os.environ["DS4JAX_CACHE"] = _SESSION_CACHE
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_paths():
+    """(base, mtp) paths of the tiny preset, as the CLI's default model."""
+    from ds4jax.default_model import default_model_paths
+
+    return default_model_paths(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tiny_paths):
+    from ds4jax.model_file import open_model
+
+    return open_model(*tiny_paths)
+
+
+def run_cli(module, *args, env_extra=None, timeout=600):
+    """Run ``python -m module args`` in a subprocess; returns CompletedProcess."""
+    import subprocess
+
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )

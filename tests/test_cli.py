@@ -1,0 +1,21 @@
+"""The main command on the embedded default model."""
+
+from conftest import run_cli
+
+
+def test_main_loads_default_model_and_prints_summary(tiny_paths):
+    r = run_cli("ds4jax.main")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "layers     4 (compress ratios 0,0,4,128; hash-routed layers 0..2)" in out
+    assert "vocab 129280" in out
+    assert "gate/up IQ2_XXS, down Q2_K" in out
+    assert f"mtp        {tiny_paths[1]}: 32 tensors" in out and "gate/up Q4_K, down Q4_K" in out
+    assert "into quant planes on cpu" in out
+    assert "Traceback" not in r.stderr
+
+
+def test_main_without_mtp_file_says_so(tiny_paths):
+    r = run_cli("ds4jax.main", f"--model={tiny_paths[0]}", "--noload")
+    assert r.returncode == 0, r.stderr
+    assert "mtp        not loaded" in r.stdout and "loaded " not in r.stdout
