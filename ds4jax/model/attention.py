@@ -1,0 +1,102 @@
+"""The attention sublayer, chunk form (MODEL.md §4.5, §4.9, §4.10).
+
+One K=V vector per token (RMS-normed, tail-roped, FP8-simulated on the non-rotary
+dims, stored f16) serves all query heads. Each query attends to the raw window
+(the last n_swa tokens including itself) plus, on compressed layers, the visible
+compressed rows (ratio-4: the indexer's top-k), with a per-head sink in the
+softmax denominator. Outputs are un-roped and go through the grouped projection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from ds4jax.config import ModelConfig
+from ds4jax.model import compressor, indexer
+from ds4jax.model.linear import dense, q8_0_grouped_matmul
+from ds4jax.model.numerics import F32, asum, exp, fp8_e4m3_round_trip, rms_norm, rounded
+from ds4jax.model.rope import apply_rope_tail, rope_angles
+
+
+def _scores(q, k):
+    """q [T, H, hd] against keys shared by the chunk [R, hd] or per query [T, R, hd] -> [T, H, R]."""
+    kk = k[None, None] if k.ndim == 2 else k[:, None]
+    return asum(rounded(q[:, :, None, :] * kk), -1)
+
+
+def _mix(p, k):
+    """Σ_r p[t, h, r] k[r, :] -> [T, H, hd]."""
+    kk = k[None, None] if k.ndim == 2 else k[:, None]
+    return asum(rounded(p[..., None] * kk), -2)
+
+
+def sink_attention(q, parts, sink, scale):
+    """Softmax over the union of key sets with a per-head sink logit in the denominator only.
+
+    ``parts``: (keys [R, hd] or [T, R, hd], valid [T, R]); K = V.
+    """
+    s = [jnp.where(v[:, None, :], _scores(q, k) * scale, -jnp.inf) for k, v in parts]
+    m = jnp.maximum(jnp.max(jnp.concatenate(s, axis=-1), axis=-1), sink[None, :])  # [T, H]
+    e = [exp(si - m[..., None]) for si in s]
+    den = exp(sink[None, :] - m) + asum(jnp.concatenate(e, axis=-1), -1)
+    o = _mix(e[0], parts[0][0])
+    for ei, (k, _) in zip(e[1:], parts[1:]):
+        o = o + _mix(ei, k)
+    return o * (1.0 / den)[..., None]  # ds4 normalises with a reciprocal multiply
+
+
+def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, n_valid):
+    """x [T, n_embd] (HC-pre output) -> (y [T, n_embd], new layer state)."""
+    T = x.shape[0]
+    H, hd, eps = cfg.n_head, cfg.head_dim, cfg.rms_eps
+    pos = pos0 + jnp.arange(T, dtype=jnp.int32)
+    cos, sin = rope_angles(pos, cfg, L)  # [T, n_rot/2]
+
+    xn = rms_norm(x, w["attn_norm"].planes["w"], eps)
+    qrn = rms_norm(dense(xn, w["attn_q_a"]), w["attn_q_a_norm"].planes["w"], eps)
+    q = dense(qrn, w["attn_q_b"]).reshape(T, H, hd)
+    q = rms_norm(q, None, eps)  # per-head, weightless
+    q = apply_rope_tail(q, cos[:, None, :], sin[:, None, :])
+
+    kv = rms_norm(dense(xn, w["attn_kv"]), w["attn_kv_a_norm"].planes["w"], eps)
+    kv = apply_rope_tail(kv, cos, sin)
+    kv = jnp.concatenate([fp8_e4m3_round_trip(kv[:, : cfg.n_nope], cfg.fp8_block), kv[:, cfg.n_nope :]], axis=-1)
+    kv16 = kv.astype(jnp.float16)
+
+    # Raw window: the stored rows (positions pos0-n_swa .. pos0-1) followed by the chunk's.
+    W = cfg.n_swa
+    raw_all = jnp.concatenate([st["raw"], kv16], axis=0)  # [W + T, hd]
+    kpos = pos0 - W + jnp.arange(W + T, dtype=jnp.int32)
+    raw_valid = (kpos[None, :] >= 0) & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
+    new = dict(st)
+    new["raw"] = lax.dynamic_slice_in_dim(raw_all, n_valid, W)
+
+    parts = [(raw_all.astype(F32), raw_valid)]
+    r = cfg.ratio(L)
+    if r:
+        comp, new["cmp_kv"], new["cmp_score"] = compressor.compress_chunk(
+            cfg, L, w, "attn_compressor", xn, pos0, n_valid, st["comp"], st["cmp_kv"], st["cmp_score"]
+        )
+        new["comp"] = comp
+        n_vis = compressor.visible_rows(pos, r)  # [T]
+        if cfg.has_indexer(L):
+            idx, new["icmp_kv"], new["icmp_score"] = compressor.compress_chunk(
+                cfg, L, w, "indexer_compressor", xn, pos0, n_valid, st["idx"], st["icmp_kv"], st["icmp_score"]
+            )
+            new["idx"] = idx
+            sel, ok = indexer.select_rows(cfg, w, qrn, xn, cos, sin, idx, n_vis)
+            parts.append((comp.astype(F32)[sel], ok))  # [T, K, hd]
+        else:
+            parts.append((comp.astype(F32), jnp.arange(comp.shape[0])[None, :] < n_vis[:, None]))
+
+    sink = w["attn_sinks"].planes["w"].astype(F32)
+    o = sink_attention(q, parts, sink, F32(1.0 / math.sqrt(hd)))
+
+    o = apply_rope_tail(o, cos[:, None, :], sin[:, None, :], inverse=True)
+    low = q8_0_grouped_matmul(o.reshape(T, cfg.n_out_group, cfg.group_dim), w["attn_output_a"], cfg.n_out_group)
+    y = dense(low.reshape(T, cfg.out_low_dim), w["attn_output_b"])
+    return y, new
+

@@ -1,0 +1,94 @@
+"""Compressors of ratio-4 (overlapping) and ratio-r layers, chunk form (MODEL.md §4.7).
+
+A chunk of T tokens (the first ``n_valid`` real) is laid into a window-aligned buffer
+behind the frontier, every window slot is pooled at once, and only the complete
+ones count: they are appended to the cache at row ``n // r``; the new frontier is
+cut from the buffer. Decode is the same code with T = 1, so prefill, chunked
+prefill and decode reach the same state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ds4jax.config import ModelConfig
+from ds4jax.model.linear import dense
+from ds4jax.model.numerics import F32, NEG_INF, asum, exp, rounded, fp4_e2m1_round_trip, fp8_e4m3_round_trip, hadamard, rms_norm
+from ds4jax.model.rope import apply_rope_tail, rope_angles
+from ds4jax.state import window_slots
+
+
+def _pool(buf_kv, buf_sc, ratio: int, coff: int, hd: int, n_slots: int):
+    """Softmax-pool every window slot: [n_slots, hd]."""
+    P = ratio if coff == 2 else 0
+    cur_kv = buf_kv[P:].reshape(n_slots, ratio, coff * hd)
+    cur_sc = buf_sc[P:].reshape(n_slots, ratio, coff * hd)
+    if coff == 2:  # previous window through the first half, current through the second
+        prev_kv = buf_kv[: n_slots * ratio].reshape(n_slots, ratio, 2 * hd)
+        prev_sc = buf_sc[: n_slots * ratio].reshape(n_slots, ratio, 2 * hd)
+        kv = jnp.concatenate([prev_kv[..., :hd], cur_kv[..., hd:]], axis=1)
+        sc = jnp.concatenate([prev_sc[..., :hd], cur_sc[..., hd:]], axis=1)
+    else:
+        kv, sc = cur_kv, cur_sc
+    m = jnp.max(sc, axis=1, keepdims=True)
+    e = exp(sc - m)
+    pooled = asum(rounded(e * kv), 1) / asum(e, 1)
+    return jnp.where(m[:, 0] <= -5e29, 0.0, pooled)  # a window with no real scores pools to 0
+
+
+def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0, n_valid, cache, st_kv, st_sc):
+    """One compressor (``prefix`` "attn_compressor" or "indexer_compressor") over a chunk.
+
+    Returns (cache', st_kv', st_sc'). ``xn`` [T, n_embd] is the attention-normed input.
+    """
+    indexer = prefix.startswith("indexer")
+    ratio, coff = cfg.ratio(layer), cfg.coff(layer)
+    hd = cfg.idx_head_dim if indexer else cfg.head_dim
+    T = xn.shape[0]
+    n_slots = window_slots(ratio, T)
+    P = ratio if coff == 2 else 0
+
+    pos = pos0 + jnp.arange(T, dtype=jnp.int32)
+    kvc = dense(xn, w[f"{prefix}_kv"])  # [T, coff*hd]
+    ape = w[f"{prefix}_ape"].planes["w"].astype(F32)  # [ratio, coff*hd]
+    sc = dense(xn, w[f"{prefix}_gate"]) + ape[pos % ratio]
+
+    rem = pos0 % ratio
+    L = P + n_slots * ratio
+    buf_kv = jnp.zeros((L, coff * hd), F32).at[: P + ratio].set(st_kv)
+    buf_sc = jnp.full((L, coff * hd), NEG_INF, F32).at[: P + ratio].set(st_sc)
+    buf_kv = lax.dynamic_update_slice(buf_kv, kvc, (P + rem, 0))
+    buf_sc = lax.dynamic_update_slice(buf_sc, sc, (P + rem, 0))
+
+    rows = _pool(buf_kv, buf_sc, ratio, coff, hd, n_slots)
+    rows = rms_norm(rows, w[f"{prefix}_norm"].planes["w"], cfg.rms_eps)
+    start = pos0 - rem + ratio * jnp.arange(n_slots, dtype=jnp.int32)  # window start positions
+    cos, sin = rope_angles(start, cfg, layer)
+    rows = apply_rope_tail(rows, cos, sin)
+    if indexer:
+        rows = fp4_e2m1_round_trip(hadamard(rows), cfg.fp4_block)
+    else:
+        nope = fp8_e4m3_round_trip(rows[:, : cfg.n_nope], cfg.fp8_block)
+        rows = jnp.concatenate([nope, rows[:, cfg.n_nope :]], axis=-1)
+    # Incomplete slots are written too: they sit past n // ratio, invisible until rewritten.
+    cache = lax.dynamic_update_slice(cache, rows.astype(cache.dtype), (pos0 // ratio, 0))
+
+    done = (rem + n_valid) // ratio
+    rem2 = (rem + n_valid) % ratio
+    keep = (jnp.arange(ratio) < rem2)[:, None]
+    cur_kv = jnp.where(keep, lax.dynamic_slice_in_dim(buf_kv, P + done * ratio, ratio), 0.0)
+    cur_sc = jnp.where(keep, lax.dynamic_slice_in_dim(buf_sc, P + done * ratio, ratio), NEG_INF)
+    if coff == 2:
+        prev_kv = lax.dynamic_slice_in_dim(buf_kv, done * ratio, ratio)
+        prev_sc = lax.dynamic_slice_in_dim(buf_sc, done * ratio, ratio)
+        cur_kv = jnp.concatenate([prev_kv, cur_kv])
+        cur_sc = jnp.concatenate([prev_sc, cur_sc])
+    return cache, cur_kv, cur_sc
+
+
+def visible_rows(pos: jax.Array, ratio: int) -> jax.Array:
+    """Compressed rows visible to the token at ``pos``: those completed by it or earlier."""
+    return (pos + 1) // ratio
+

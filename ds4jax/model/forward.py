@@ -1,0 +1,59 @@
+"""The whole model over a chunk of tokens: embedding -> layers -> head (MODEL.md §4.14).
+
+``forward(cfg, weights, state, tokens, n_valid, logits_rows)`` is pure: it returns
+logits and the new state after the first ``n_valid`` tokens of the chunk (the rest
+is padding that never reaches the state). Decode is the same function with T = 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ds4jax.config import ModelConfig
+from ds4jax.model.attention import attention_sublayer
+from ds4jax.model.hc import hc_head, hc_post, hc_pre
+from ds4jax.model.linear import dense
+from ds4jax.model.moe import ffn_sublayer
+from ds4jax.model.numerics import F32, rms_norm
+
+
+def embed(weights: dict, tokens: jax.Array, n_hc: int) -> jax.Array:
+    e = weights["token_embd"].planes["w"][tokens].astype(F32)  # [T, n_embd]
+    return jnp.broadcast_to(e[:, None, :], (e.shape[0], n_hc, e.shape[1]))
+
+
+def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, n_valid):
+    it, eps, heps = cfg.hc_sinkhorn_iter, cfg.rms_eps, cfg.hc_eps
+    x, post, comb = hc_pre(H, w["hc_attn_fn"], w["hc_attn_scale"].planes["w"], w["hc_attn_base"].planes["w"], it, eps, heps)
+    y, st = attention_sublayer(cfg, L, w, st, x, pos0, n_valid)
+    H = hc_post(H, y, post, comb)
+    x, post, comb = hc_pre(H, w["hc_ffn_fn"], w["hc_ffn_scale"].planes["w"], w["hc_ffn_base"].planes["w"], it, eps, heps)
+    z = rms_norm(x, w["ffn_norm"].planes["w"], eps)
+    H = hc_post(H, ffn_sublayer(cfg, L, w, z, tokens), post, comb)
+    return H, st
+
+
+def head(cfg: ModelConfig, weights: dict, H) -> jax.Array:
+    h = hc_head(H, weights["output_hc_fn"], weights["output_hc_scale"].planes["w"],
+                weights["output_hc_base"].planes["w"], cfg.rms_eps, cfg.hc_eps)
+    return dense(rms_norm(h, weights["output_norm"].planes["w"], cfg.rms_eps), weights["output"])
+
+
+def forward_hidden(cfg: ModelConfig, weights: dict, state: dict, tokens, n_valid):
+    """Run the layers: (final HC state H [T, n_hc, n_embd], new state)."""
+    pos0 = state["n_tokens"]
+    H = embed(weights, tokens, cfg.n_hc)
+    layers = []
+    for L in range(cfg.n_layer):
+        H, st = layer(cfg, L, weights["layers"][L], state["layers"][L], H, tokens, pos0, n_valid)
+        layers.append(st)
+    return H, {"n_tokens": pos0 + n_valid, "layers": tuple(layers)}
+
+
+def forward(cfg: ModelConfig, weights: dict, state: dict, tokens, n_valid, logits_rows: str = "last"):
+    """logits_rows: "last" -> logits [n_vocab] of token n_valid-1; "all" -> [T, n_vocab]."""
+    H, state = forward_hidden(cfg, weights, state, tokens, n_valid)
+    if logits_rows == "last":
+        H = jax.lax.dynamic_index_in_dim(H, n_valid - 1, axis=0, keepdims=False)
+    return head(cfg, weights, H), state

@@ -1,0 +1,54 @@
+"""Manifold-constrained hyper-connections (MODEL.md §4.4, §4.12).
+
+The residual state is H [.., n_hc, n_embd]. Before each sublayer a mixer reads the
+RMS-normalised flattened H and yields ``pre`` (how the streams combine into the
+sublayer input), ``post`` (how the output is written back) and ``comb`` (a
+Sinkhorn-normalised n_hc x n_hc stream mix). Mixer layout: [pre | post | comb row-major].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ds4jax.model.linear import dense
+from ds4jax.model.numerics import F32, asum, exp, rms_norm, rounded, sigmoid
+
+
+def _mixer(H: jax.Array, fn, eps: float) -> jax.Array:
+    flat = H.reshape(*H.shape[:-2], H.shape[-2] * H.shape[-1])
+    return dense(rms_norm(flat, None, eps), fn)
+
+
+def hc_pre(H: jax.Array, fn, scale: jax.Array, base: jax.Array, n_iter: int, rms_eps: float, hc_eps: float):
+    """Returns (x [.., n_embd], post [.., n_hc], comb [.., n_hc, n_hc])."""
+    n = H.shape[-2]
+    mix = _mixer(H, fn, rms_eps)
+    scale, base = scale.astype(F32), base.astype(F32)
+    pre = sigmoid(rounded(mix[..., :n] * scale[0]) + base[:n]) + F32(hc_eps)
+    post = 2.0 * sigmoid(rounded(mix[..., n : 2 * n] * scale[1]) + base[n : 2 * n])
+    c = (rounded(mix[..., 2 * n :] * scale[2]) + base[2 * n :]).reshape(*mix.shape[:-1], n, n)
+    # Sinkhorn: softmax rows (+eps), normalise columns; then (rows, columns) n_iter-1 times.
+    # ds4 multiplies by reciprocals throughout; eps goes after the first softmax.
+    eps = F32(hc_eps)
+    c = exp(c - jnp.max(c, axis=-1, keepdims=True))
+    c = rounded(c * (1.0 / asum(c, -1))[..., :, None]) + eps
+    c = c * (1.0 / (asum(c, -2) + eps))[..., None, :]
+    for _ in range(n_iter - 1):
+        c = c * (1.0 / (asum(c, -1) + eps))[..., :, None]
+        c = c * (1.0 / (asum(c, -2) + eps))[..., None, :]
+    x = asum(rounded(pre[..., :, None] * H), -2)
+    return x, post, c
+
+
+def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
+    """New stream j = post_j * y + Σ_a comb[a, j] * H[a] (column j of comb)."""
+    mixed = asum(rounded(comb[..., :, :, None] * H[..., :, None, :]), -3)  # [.., j, d] = Σ_a C[a, j] H[a]
+    return rounded(post[..., :, None] * y[..., None, :]) + mixed
+
+
+def hc_head(H: jax.Array, fn, scale: jax.Array, base: jax.Array, rms_eps: float, hc_eps: float) -> jax.Array:
+    """Collapse the streams before the final norm: h = Σ_s (σ(mix_s*scale + base_s) + eps) H[s]."""
+    mix = _mixer(H, fn, rms_eps)
+    w = sigmoid(rounded(mix * scale.astype(F32)[0]) + base.astype(F32)) + F32(hc_eps)
+    return asum(rounded(w[..., :, None] * H), -2)

@@ -1,0 +1,54 @@
+"""The FFN sublayer: routed experts + the shared expert (MODEL.md §4.11).
+
+Router probabilities are sqrt(softplus(logits)); the selection bias only picks
+which experts (top-k layers); hash layers take their experts from ``tid2eid`` by
+token id. Weights are the unbiased probabilities of the chosen experts,
+normalised (floor 2^-14) and scaled. SwiGLU clamps gate above only and up on
+both sides; the router weight multiplies the mid vector before the down
+projection, which sees it Q8_K-quantized as in ds4's CPU path.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from ds4jax.config import ModelConfig
+from ds4jax.model.linear import dense, expert_matmul, q8_0_matmul
+from ds4jax.model.numerics import F32, asum, quantize_q8_k, silu, softplus
+from ds4jax.quant.jnp_decode import take
+
+
+def route(cfg: ModelConfig, L: int, w: dict, z, tokens):
+    """(expert ids [T, k] int32, weights [T, k] f32)."""
+    probs = jnp.sqrt(softplus(dense(z, w["ffn_gate_inp"])))  # [T, n_expert]
+    if cfg.is_hash_layer(L):
+        sel = w["ffn_gate_tid2eid"].planes["w"][tokens].astype(jnp.int32)
+    else:
+        biased = probs + w["exp_probs_b"].planes["w"].astype(F32) if "exp_probs_b" in w else probs
+        _, sel = lax.top_k(biased, cfg.n_expert_used)  # ties to the lower index
+    p = jnp.take_along_axis(probs, sel, axis=-1)
+    wt = p / jnp.maximum(asum(p)[:, None], F32(2.0**-14)) * F32(cfg.expert_weights_scale)
+    return sel, wt
+
+
+def _swiglu(g, u, clamp: float):
+    return silu(jnp.minimum(g, clamp)) * jnp.clip(u, -clamp, clamp)
+
+
+def ffn_sublayer(cfg: ModelConfig, L: int, w: dict, z, tokens):
+    """z [T, n_embd] (ffn_norm output), tokens [T] -> [T, n_embd]."""
+    clamp = cfg.swiglu_clamp[L]
+    sel, wt = route(cfg, L, w, z, tokens)
+    zq, dz = quantize_q8_k(z)
+    zq, dz = zq[:, None], dz[:, None]  # broadcast over the k experts
+    g = expert_matmul(zq, dz, take(w["ffn_gate_exps"], sel))  # [T, k, n_ff]
+    u = expert_matmul(zq, dz, take(w["ffn_up_exps"], sel))
+    mid = _swiglu(g, u, clamp) * wt[..., None]
+    mq, dm = quantize_q8_k(mid)
+    routed = asum(expert_matmul(mq, dm, take(w["ffn_down_exps"], sel)), 1)
+
+    gs = q8_0_matmul(z, w["ffn_gate_shexp"])
+    us = q8_0_matmul(z, w["ffn_up_shexp"])
+    shared = q8_0_matmul(_swiglu(gs, us, clamp), w["ffn_down_shexp"])
+    return routed + shared

@@ -1,0 +1,232 @@
+"""Scalar numerics shared by the model: ds4's CPU-reference roundings and simulations.
+
+Everything is float32 jnp, shape-polymorphic over leading dims. These functions
+define *what* is computed; the matmuls that use the int8 activation blocks live
+in ``linear.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+F32 = jnp.float32
+NEG_INF = -1e30  # ds4's "minus infinity" sentinel in masks and compressor state
+
+
+def f16_round(x: jax.Array) -> jax.Array:
+    """float32(float16(x)), round to nearest even: how ds4 stores cache rows."""
+    return x.astype(jnp.float16).astype(F32)
+
+
+# ---- fused-multiply-add control ----------------------------------------------
+def rounded(x: jax.Array) -> jax.Array:
+    """x itself, but opaque to the compiler: forces an f32 rounding of a product here.
+
+    XLA's CPU and GPU backends contract ``a*b + c`` into an FMA when the product is
+    fused into a following add (e.g. a reduce). Whether that happens depends on
+    fusion and vectorisation, so on the program's shapes. XOR-ing the bits with a
+    zero the compiler cannot see makes the rounded product a value it must produce.
+    """
+    zero = lax.optimization_barrier(jnp.zeros((), jnp.uint32))
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) ^ zero, x.dtype)
+
+
+# ---- accurate sums ---------------------------------------------------------------
+def _two_sum(a, b):
+    (s1, e1), (s2, e2) = a, b
+    s = s1 + s2
+    bb = s - s1
+    err = (s1 - (s - bb)) + (s2 - bb)  # Knuth's TwoSum: exact rounding error of s1 + s2
+    return s, e1 + e2 + err
+
+
+def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x = hi + lo with hi holding the top 12 significand bits (bit mask, so no FMA can blur it)."""
+    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFF000), F32)
+    return hi, x - hi
+
+
+def asum(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Σ over ``axis``, accurate to ~1e-14 relative before the final f32 rounding.
+
+    Double-float accumulation with error-free TwoSum in a variadic reduce: the
+    result is (almost always) the correctly rounded sum whatever order XLA picks,
+    so a row's value does not depend on the program's batch shape. Every float
+    reduction that feeds the model's discrete steps (int8, FP8, FP4, f16 and top-k
+    roundings, which amplify 1-ulp differences) goes through here; that is what
+    makes prefill, chunked prefill, decode and the N=2 verifier agree bit for bit.
+    """
+    x = x.astype(F32)
+    axis = axis % x.ndim
+    s, e = lax.reduce((x, jnp.zeros_like(x)), (F32(0), F32(0)), _two_sum, (axis,))
+    return s + e
+
+
+def adot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] · w [O, K] -> [..., O] with ``asum`` over K (each product rounded once)."""
+    return asum(rounded(x[..., None, :].astype(F32) * w.astype(F32)), axis=-1)
+
+
+def sum_squares(x: jax.Array) -> jax.Array:
+    """Σ x² over the last axis as ds4 does it in double: x² is split into three exactly
+    representable f32 products, then summed with ``asum``."""
+    hi, lo = _split(x.astype(F32))
+    return asum(jnp.concatenate([hi * hi, 2.0 * hi * lo, lo * lo], axis=-1))
+
+
+def rms_scale(x: jax.Array, eps: float) -> jax.Array:
+    """1 / sqrt(mean(x²) + eps) over the last axis, keepdims, as ds4: IEEE sqrt, true division.
+
+    The barrier stops XLA from rewriting 1/sqrt into its approximate rsqrt, whose last
+    bit depends on how the loop was vectorised (so on the batch shape).
+    """
+    ms = sum_squares(x) / F32(x.shape[-1])
+    return (F32(1.0) / lax.optimization_barrier(jnp.sqrt(ms + F32(eps))))[..., None]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+    y = x * rms_scale(x, eps)
+    return y if weight is None else y * weight.astype(F32)
+
+
+# ---- elementwise -----------------------------------------------------------------
+# exp and log are built from +, *, rounding and exponent bits. XLA's own exp/log
+# lower to different code in vectorised and scalar loops, so their last bit
+# depended on the batch shape (1 ulp in exp(sink - m) was enough to flip later
+# FP8/int8 roundings). These are within ~1 ulp of the correctly rounded values.
+_LN2_HI = np.float32(0.693145751953125)  # 12 significant bits: n * _LN2_HI is exact
+_LN2_LO = np.float32(1.4286068203094172e-06)
+_EXP_POLY = [np.float32(1.0 / math.factorial(k)) for k in range(8, -1, -1)]
+
+
+def exp(x: jax.Array) -> jax.Array:
+    """e^x for float32 x (0 below -87.3, where ds4's expf is subnormal or 0)."""
+    x = x.astype(F32)
+    xc = jnp.clip(x, -87.0, 88.5)
+    n = jnp.round(xc * F32(1.4426950408889634))
+    r = (xc - n * _LN2_HI) - rounded(n * _LN2_LO)  # |r| <= ln2/2
+    p = jnp.full_like(r, _EXP_POLY[0])
+    for c in _EXP_POLY[1:]:  # Horner, Taylor to degree 8
+        p = rounded(p * r) + c
+    scale = lax.bitcast_convert_type(((n.astype(jnp.int32) + 127) << 23), F32)  # 2^n
+    y = p * scale
+    return jnp.where(x < -87.3, F32(0.0), jnp.where(x > 88.7, F32(np.inf), y))
+
+
+def log(v: jax.Array) -> jax.Array:
+    """Natural log of positive float32 v."""
+    m, e = jnp.frexp(v.astype(F32))  # v = m 2^e, m in [0.5, 1)
+    small = m < F32(0.70710678)
+    m = jnp.where(small, m * 2.0, m)
+    e = jnp.where(small, e - 1, e).astype(F32)
+    s = (m - 1.0) / (m + 1.0)  # |s| <= 0.1716
+    s2 = s * s
+    q = F32(1.0 / 13)
+    for k in (11, 9, 7, 5, 3, 1):
+        q = rounded(q * s2) + F32(1.0 / k)
+    return e * _LN2_HI + (rounded(e * _LN2_LO) + rounded(2.0 * s * q))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + exp(-x))
+
+
+def silu(x):
+    return x * sigmoid(x)
+
+
+def softplus(x):
+    """ds4's stable softplus: x above 20, exp(x) below -20, log1p(exp(x)) between."""
+    u = exp(jnp.clip(x, -20.0, 20.0))
+    v = 1.0 + u
+    mid = jnp.where(v == 1.0, u, log(v) * (u / (v - 1.0)))  # log1p(u), Goldberg's correction
+    return jnp.where(x > 20.0, x, jnp.where(x < -20.0, exp(x), mid))
+
+
+# ---- activation quantization (ds4's CPU path) -------------------------------------
+def quantize_q8_0(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-32 int8 blocks: d = amax/127 (kept f32), q = clamp(rne(x * (1/d))); d = 0 gives q = 0.
+
+    Returns (q int8 [..., n], d float32 [..., n/32]).
+    """
+    n = x.shape[-1]
+    xb = x.reshape(*x.shape[:-1], n // 32, 32)
+    amax = jnp.max(jnp.abs(xb), axis=-1)
+    d = amax / F32(127.0)
+    inv = jnp.where(d > 0, F32(1.0) / jnp.where(d > 0, d, F32(1.0)), F32(0.0))
+    q = jnp.clip(jnp.round(xb * inv[..., None]), -128, 127)
+    return q.astype(jnp.int8).reshape(x.shape), d
+
+
+def quantize_q8_k(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-256 Q8_K blocks: m = the element of largest |x| (first on ties), iscale = -127/m,
+    q = clamp(rne(iscale*x), -128, 127), d = 1/iscale. All-zero block gives d = 0, q = 0.
+
+    Returns (q int8 [..., n], d float32 [..., n/256]). (bsums are recomputed where needed.)
+    """
+    n = x.shape[-1]
+    xb = x.reshape(*x.shape[:-1], n // 256, 256)
+    idx = jnp.argmax(jnp.abs(xb), axis=-1)  # first maximum on ties
+    m = jnp.take_along_axis(xb, idx[..., None], axis=-1)[..., 0]
+    nz = m != 0
+    iscale = jnp.where(nz, F32(-127.0) / jnp.where(nz, m, F32(1.0)), F32(0.0))
+    q = jnp.clip(jnp.round(iscale[..., None] * xb), -128, 127)
+    d = jnp.where(nz, F32(1.0) / jnp.where(nz, iscale, F32(1.0)), F32(0.0))
+    return q.astype(jnp.int8).reshape(x.shape), d
+
+
+# ---- model-intrinsic QAT simulations (MODEL.md §3.7) ------------------------------
+def _pow2_ceil_log2(r: jax.Array) -> jax.Array:
+    """2^ceil(log2(r)) for r > 0, exactly (from the float's exponent and mantissa)."""
+    m, e = jnp.frexp(r)  # r = m * 2^e, m in [0.5, 1)
+    e = jnp.where(m == 0.5, e - 1, e)  # exact powers of two keep their exponent
+    return jnp.ldexp(jnp.ones_like(r), e)
+
+
+def fp8_e4m3_round_trip(x: jax.Array, block: int) -> jax.Array:
+    """FP8-E4M3FN simulation per ``block`` values: power-of-two scale from amax/448."""
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), F32(1e-4))
+    scale = _pow2_ceil_log2(amax / F32(448.0))
+    v = jnp.clip(xb / scale, -448.0, 448.0)
+    v = v.astype(jnp.float8_e4m3fn).astype(F32)  # round to nearest even
+    return (v * scale).reshape(x.shape)
+
+
+_FP4_LEVELS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+
+
+def fp4_e2m1_round_trip(x: jax.Array, block: int) -> jax.Array:
+    """FP4-E2M1 simulation per ``block`` values (ties to the even level index)."""
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), F32(7.052966104933725e-38))
+    scale = _pow2_ceil_log2(amax / F32(6.0))
+    v = jnp.clip(xb / scale, -6.0, 6.0)
+    a = jnp.abs(v)
+    lv = jnp.asarray(_FP4_LEVELS)
+    mids = (lv[:-1] + lv[1:]) / 2
+    i = jnp.sum(a[..., None] > mids, axis=-1)  # level below a, or the one above a midpoint
+    # a exactly on the midpoint between levels i and i+1: ties go to the even index
+    # (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4).
+    tie = (i < 7) & (a == mids[jnp.minimum(i, 6)])
+    i = jnp.where(tie & (i % 2 == 1), i + 1, i)
+    r = lv[i] * jnp.sign(v)
+    return (r * scale).reshape(x.shape)
+
+
+def hadamard(x: jax.Array) -> jax.Array:
+    """Walsh–Hadamard transform (Sylvester order) of the last axis, times 1/sqrt(n)."""
+    n = x.shape[-1]
+    h = x
+    stride = 1
+    while stride < n:  # butterflies (a, b) -> (a + b, a - b) with stride 1, 2, 4, ...
+        h = h.reshape(*x.shape[:-1], n // (2 * stride), 2, stride)
+        a, b = h[..., 0, :], h[..., 1, :]
+        h = jnp.stack([a + b, a - b], axis=-2)
+        stride *= 2
+    return h.reshape(x.shape) * F32(1.0 / np.sqrt(n))

@@ -1,0 +1,54 @@
+"""The KV-cache pytree: everything that persists between steps, with static capacities.
+
+    {"n_tokens": int32 [],                     # tokens already processed (= next position)
+     "layers": ({"raw": f16 [n_swa, hd],      # raw K=V rows of positions n-n_swa .. n-1, oldest first
+                 # compressed layers (ratio r > 0), coff = 2 for ratio 4 else 1:
+                 "comp": f16 [cap_r, hd],       # compressed rows 0 .. n//r - 1 (rest: not yet visible)
+                 "cmp_kv": f32 [coff*r, coff*hd], "cmp_score": f32 [coff*r, coff*hd],  # frontier
+                 # ratio-4 layers (indexer):
+                 "idx": f16 [cap_r, idx_hd], "icmp_kv": f32 [8, 2*idx_hd], "icmp_score": ...,
+                }, ...)}
+
+Frontier rows follow MODEL.md §5.2: ratio 4 keeps the last complete window in rows
+0..r-1 and the partial window in rows r..r+rem-1; ratio 128 keeps the partial window in
+rows 0..rem-1; unused rows are (0, -1e30). Rows are f16 because ds4's CPU reference
+rounds cached rows to f16. ``cap_r`` leaves room for one chunk's worth of window slots
+past ``ctx // r`` so a chunk can write whole window slots without a bounds clamp.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ds4jax.config import ModelConfig
+from ds4jax.model.numerics import NEG_INF
+
+
+def window_slots(ratio: int, chunk: int) -> int:
+    """Compression windows a chunk of ``chunk`` tokens can touch (partial ones included)."""
+    return -(-(ratio - 1 + chunk) // ratio)
+
+
+def comp_capacity(ctx: int, ratio: int, chunk: int) -> int:
+    return ctx // ratio + window_slots(ratio, chunk)
+
+
+def _frontier(rows: int, width: int):
+    return jnp.zeros((rows, width), jnp.float32), jnp.full((rows, width), NEG_INF, jnp.float32)
+
+
+def init_state(cfg: ModelConfig, ctx: int, chunk: int) -> dict:
+    layers = []
+    for L in range(cfg.n_layer):
+        d = {"raw": jnp.zeros((cfg.n_swa, cfg.head_dim), jnp.float16)}
+        r = cfg.ratio(L)
+        if r:
+            c = cfg.coff(L)
+            cap = comp_capacity(ctx, r, chunk)
+            d["comp"] = jnp.zeros((cap, cfg.head_dim), jnp.float16)
+            d["cmp_kv"], d["cmp_score"] = _frontier(c * r, c * cfg.head_dim)
+            if cfg.has_indexer(L):
+                d["idx"] = jnp.zeros((cap, cfg.idx_head_dim), jnp.float16)
+                d["icmp_kv"], d["icmp_score"] = _frontier(c * r, c * cfg.idx_head_dim)
+        layers.append(d)
+    return {"n_tokens": jnp.zeros((), jnp.int32), "layers": tuple(layers)}
