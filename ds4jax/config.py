@@ -63,6 +63,9 @@ class ModelConfig:
     fp8_block: int = 64
     fp4_block: int = 32
     think_max_min_context: int = 393216
+    # Numerics choice, not model metadata: quantize activations to int8 blocks before
+    # quantized matmuls as ds4's CPU/CUDA paths do (False: f32 activations, like Metal).
+    act_quant: bool = True
 
     # ---- derived shapes -------------------------------------------------
     @property

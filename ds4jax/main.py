@@ -1,11 +1,12 @@
 """ds4jax command line.
 
-    python -m ds4jax.main                      # the embedded default model
-    python -m ds4jax.main --model M.gguf --mtp M-mtp.gguf
+    python -m ds4jax.main --prompt "Hello" --n_predict 32     # the embedded default model
+    python -m ds4jax.main --model M.gguf --mtp M-mtp.gguf --prompt_file p.txt
+    python -m ds4jax.main --prompt_ids 0,15,27 --temp 0 --dump_logits out.npz
+    python -m ds4jax.main --summary                            # shapes, types, bytes
 
-Loads the model (open, validate, repack every tensor into quant planes on the
-default JAX device) and prints its summary. Text generation arrives with the
-forward pass.
+Text prompts are rendered with ds4's chat template; generated text streams to stdout,
+statistics go to stderr. Bad flags, files or prompts print one line and exit non-zero.
 """
 
 from __future__ import annotations
@@ -22,39 +23,155 @@ PROG = "ds4jax"
 
 flags.DEFINE_string("model", None, "base GGUF (default: the embedded default model)")
 flags.DEFINE_string("mtp", None, "MTP GGUF (default: the default model's MTP file when --model is not given)")
-flags.DEFINE_bool("load", True, "repack all tensors into quant planes on the JAX device (--noload: validate only)")
+flags.DEFINE_string("prompt", None, "user prompt (rendered with the chat template)")
+flags.DEFINE_string("prompt_file", None, "read the user prompt from this file")
+flags.DEFINE_string("prompt_ids", None, "raw token ids, comma separated (no chat template)")
+flags.DEFINE_string("system", None, "system prompt (default: ds4's 'You are a helpful assistant')")
+flags.DEFINE_enum("think", "none", ["none", "high", "max"], "thinking mode of the chat template")
+flags.DEFINE_integer("n_predict", 256, "tokens to generate at most")
+flags.DEFINE_integer("ctx", 4096, "context size in tokens (prompt + generation)")
+flags.DEFINE_float("temp", 1.0, "sampling temperature; 0 = greedy")
+flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens (0 = off)")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling threshold (1 = off)")
+flags.DEFINE_float("min_p", 0.05, "drop tokens less likely than min_p times the top token")
+flags.DEFINE_integer("seed", 0, "sampling seed (0 = from the clock)")
+flags.DEFINE_string("dump_logits", None, "save tokens (int32) and logits (float32, one row per token) to this .npz")
+flags.DEFINE_integer("chunk", 64, "prefill chunk size (tokens per compiled prefill step)")
+flags.DEFINE_bool("act_quant", True, "quantize activations to int8 blocks before quantized matmuls (ds4 CPU/CUDA)")
+flags.DEFINE_bool("summary", False, "print the model summary and exit")
+flags.DEFINE_bool("load", True, "with --summary: also repack all tensors into quant planes on the device")
 
 FLAGS = flags.FLAGS
+
+
+def _model_paths():
+    model, mtp = FLAGS.model, FLAGS.mtp
+    if model is None:
+        from ds4jax.default_model import default_model_paths
+
+        model, default_mtp = default_model_paths()
+        mtp = mtp or str(default_mtp)
+    return model, mtp
+
+
+def _summary(mf) -> None:
+    from ds4jax.summary import model_summary
+
+    print(model_summary(mf))
+    if FLAGS.load:
+        import jax
+
+        from ds4jax.weights import load_weights
+
+        t0 = time.perf_counter()
+        jax.block_until_ready(load_weights(mf))
+        dev = jax.devices()[0]
+        print(f"loaded     {time.perf_counter() - t0:.2f} s into quant planes on {dev.platform}:{dev.id}")
+
+
+def _prompt_ids(mf, tokenizer) -> list[int]:
+    given = [n for n in ("prompt", "prompt_file", "prompt_ids") if getattr(FLAGS, n) is not None]
+    if len(given) > 1:
+        raise DS4Error(f"give only one of --{', --'.join(given)}")
+    if FLAGS.prompt_ids is not None:
+        try:
+            return [int(t) for t in FLAGS.prompt_ids.replace(" ", "").split(",") if t != ""]
+        except ValueError:
+            raise DS4Error(f"--prompt_ids must be comma-separated integers, got {FLAGS.prompt_ids!r}") from None
+    if FLAGS.prompt_file is not None:
+        try:
+            with open(FLAGS.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise DS4Error(f"cannot read --prompt_file {FLAGS.prompt_file}: {e.strerror}") from None
+    else:
+        text = FLAGS.prompt
+    if tokenizer is None:
+        raise DS4Error(f"{mf.base.path} has no tokenizer metadata: use --prompt_ids")
+    from ds4jax.chat import DEFAULT_SYSTEM, render_prompt
+
+    system = DEFAULT_SYSTEM if FLAGS.system is None else FLAGS.system
+    return render_prompt(tokenizer, text, system=system, think=FLAGS.think, ctx=FLAGS.ctx)
+
+
+def _generate(mf) -> None:
+    import numpy as np
+
+    from ds4jax.engine import Engine
+    from ds4jax.sampling import SamplingParams
+    from ds4jax.tokenizer import StreamDecoder, Tokenizer
+
+    tokenizer = Tokenizer.from_gguf_metadata(mf.base.metadata) if "tokenizer.ggml.tokens" in mf.base.metadata else None
+    ids = _prompt_ids(mf, tokenizer)
+    seed = FLAGS.seed if FLAGS.seed != 0 else int(time.time_ns() & 0x7FFFFFFF)
+    sampling = SamplingParams(FLAGS.temp, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p, seed).validate()
+    if FLAGS.n_predict < 0:
+        raise DS4Error(f"--n_predict must be >= 0, got {FLAGS.n_predict}")
+    engine = Engine(mf, ctx=FLAGS.ctx, chunk=FLAGS.chunk, act_quant=FLAGS.act_quant)
+    engine.check_prompt(ids)
+
+    stream = StreamDecoder(tokenizer) if tokenizer is not None else None
+    eos = tokenizer.eos_id if tokenizer is not None else None
+
+    def on_token(t: int) -> None:
+        if stream is not None:
+            if t != eos:
+                sys.stdout.write(stream.feed(t))
+        else:
+            sys.stdout.write(f"{t} ")
+        sys.stdout.flush()
+
+    def progress(done: int, total: int) -> None:
+        if total > 4 * engine.chunk and sys.stderr.isatty():
+            width = 30
+            fill = width * done // total
+            sys.stderr.write(f"\rprefill [{'#' * fill}{'.' * (width - fill)}] {done}/{total}")
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    g = engine.generate(ids, FLAGS.n_predict, sampling, eos_id=eos, on_token=on_token,
+                        keep_logits=FLAGS.dump_logits is not None, progress=progress)
+    if stream is not None:
+        sys.stdout.write(stream.flush())
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    n_dec = max(len(g.tokens) - 1, 0)
+    compile_s = sum(engine.compile_s.values())
+    print(
+        f"compiled {len(engine.compile_s)} programs in {compile_s:.1f} s; "
+        f"prompt {len(ids)} tokens, prefill {g.prefill_s:.2f} s ({g.prefill_tps:.1f} tokens/s); "
+        f"generated {len(g.tokens)} tokens, decode {n_dec} steps in {g.decode_s:.2f} s ({g.decode_tps:.1f} tokens/s); "
+        f"stop: {g.stop}",
+        file=sys.stderr,
+    )
+    if FLAGS.dump_logits is not None:
+        tokens = np.asarray(list(ids) + g.tokens, np.int32)
+        logits = np.stack(g.logits).astype(np.float32)
+        try:
+            np.savez(FLAGS.dump_logits, tokens=tokens, logits=logits)
+        except OSError as e:
+            raise DS4Error(f"cannot write --dump_logits {FLAGS.dump_logits}: {e.strerror}") from None
+        print(f"wrote {FLAGS.dump_logits}: tokens {tokens.shape}, logits {logits.shape}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parse_flags(list(argv if argv is not None else sys.argv), PROG)
     try:
-        model, mtp = FLAGS.model, FLAGS.mtp
-        if model is None:
-            from ds4jax.default_model import default_model_paths
-
-            model, default_mtp = default_model_paths()
-            mtp = mtp or str(default_mtp)
         from ds4jax.model_file import open_model
-        from ds4jax.summary import model_summary
 
-        t0 = time.perf_counter()
-        mf = open_model(model, mtp)
-        t1 = time.perf_counter()
-        print(model_summary(mf))
-        print(f"opened     {t1 - t0:.2f} s (validated {len(mf.base.tensors)} tensors)")
-        if FLAGS.load:
-            import jax
-
-            from ds4jax.weights import load_weights
-
-            w = load_weights(mf)
-            jax.block_until_ready(w)
-            dev = jax.devices()[0]
-            print(f"loaded     {time.perf_counter() - t1:.2f} s into quant planes on {dev.platform}:{dev.id}")
+        mf = open_model(*_model_paths())
+        if FLAGS.summary or all(getattr(FLAGS, n) is None for n in ("prompt", "prompt_file", "prompt_ids")):
+            _summary(mf)
+            if not FLAGS.summary:
+                print("(no prompt given: pass --prompt, --prompt_file or --prompt_ids to generate)")
+        else:
+            _generate(mf)
     except DS4Error as e:
         fail(PROG, e)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -36,3 +36,8 @@ def run_cli(module, *args, env_extra=None, timeout=600):
     return subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout
     )
+
+# Share compiled programs between the test process and the CLI subprocesses it starts.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_SESSION_CACHE, "jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

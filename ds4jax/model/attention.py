@@ -56,12 +56,13 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, n_v
     cos, sin = rope_angles(pos, cfg, L)  # [T, n_rot/2]
 
     xn = rms_norm(x, w["attn_norm"].planes["w"], eps)
-    qrn = rms_norm(dense(xn, w["attn_q_a"]), w["attn_q_a_norm"].planes["w"], eps)
-    q = dense(qrn, w["attn_q_b"]).reshape(T, H, hd)
+    aq = cfg.act_quant
+    qrn = rms_norm(dense(xn, w["attn_q_a"], aq), w["attn_q_a_norm"].planes["w"], eps)
+    q = dense(qrn, w["attn_q_b"], aq).reshape(T, H, hd)
     q = rms_norm(q, None, eps)  # per-head, weightless
     q = apply_rope_tail(q, cos[:, None, :], sin[:, None, :])
 
-    kv = rms_norm(dense(xn, w["attn_kv"]), w["attn_kv_a_norm"].planes["w"], eps)
+    kv = rms_norm(dense(xn, w["attn_kv"], aq), w["attn_kv_a_norm"].planes["w"], eps)
     kv = apply_rope_tail(kv, cos, sin)
     kv = jnp.concatenate([fp8_e4m3_round_trip(kv[:, : cfg.n_nope], cfg.fp8_block), kv[:, cfg.n_nope :]], axis=-1)
     kv16 = kv.astype(jnp.float16)
@@ -96,7 +97,7 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, n_v
     o = sink_attention(q, parts, sink, F32(1.0 / math.sqrt(hd)))
 
     o = apply_rope_tail(o, cos[:, None, :], sin[:, None, :], inverse=True)
-    low = q8_0_grouped_matmul(o.reshape(T, cfg.n_out_group, cfg.group_dim), w["attn_output_a"], cfg.n_out_group)
-    y = dense(low.reshape(T, cfg.out_low_dim), w["attn_output_b"])
+    low = q8_0_grouped_matmul(o.reshape(T, cfg.n_out_group, cfg.group_dim), w["attn_output_a"], cfg.n_out_group, aq)
+    y = dense(low.reshape(T, cfg.out_low_dim), w["attn_output_b"], aq)
     return y, new
 

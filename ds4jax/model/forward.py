@@ -37,7 +37,7 @@ def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, n_valid)
 def head(cfg: ModelConfig, weights: dict, H) -> jax.Array:
     h = hc_head(H, weights["output_hc_fn"], weights["output_hc_scale"].planes["w"],
                 weights["output_hc_base"].planes["w"], cfg.rms_eps, cfg.hc_eps)
-    return dense(rms_norm(h, weights["output_norm"].planes["w"], cfg.rms_eps), weights["output"])
+    return dense(rms_norm(h, weights["output_norm"].planes["w"], cfg.rms_eps), weights["output"], cfg.act_quant)
 
 
 def forward_hidden(cfg: ModelConfig, weights: dict, state: dict, tokens, n_valid):

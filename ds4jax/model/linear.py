@@ -17,19 +17,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ds4jax.model.numerics import F32, adot, asum, quantize_q8_0, rounded
-from ds4jax.quant import QTensor
+from ds4jax.model.numerics import F32, adot, asum, quantize_q8_0, quantize_q8_k, rounded
+from ds4jax.quant import QTensor, dequantize
 from ds4jax.quant.formats import QType
 from ds4jax.quant.tables import IQ2XXS_GRID
 
 I32 = jnp.int32
 
 
-def dense(x: jax.Array, w: QTensor) -> jax.Array:
-    """y[..., o] = Σ_i W[o, i] x[..., i] for a 2-D weight of any supported type."""
+def dense(x: jax.Array, w: QTensor, act_quant: bool = True) -> jax.Array:
+    """y[..., o] = Σ_i W[o, i] x[..., i] for a 2-D weight of any supported type.
+
+    ``act_quant=False`` keeps Q8_0 activations in f32 (the weights stay quantized)."""
     q = QType(w.qtype)
     if q == QType.Q8_0:
-        return q8_0_matmul(x, w)
+        return q8_0_matmul(x, w) if act_quant else adot(x, dequantize(w))
     if q in (QType.F16, QType.F32, QType.BF16):
         return adot(x, w.planes["w"])
     raise NotImplementedError(f"dense matmul for {q.name}")
@@ -49,10 +51,13 @@ def q8_0_matmul(x: jax.Array, w: QTensor) -> jax.Array:
     return asum(rounded(isum.astype(F32) * scale))
 
 
-def q8_0_grouped_matmul(x: jax.Array, w: QTensor, groups: int) -> jax.Array:
+def q8_0_grouped_matmul(x: jax.Array, w: QTensor, groups: int, act_quant: bool = True) -> jax.Array:
     """Block-diagonal Q8_0 matmul: x [..., G, k] with W [G*r, k]; group g uses rows g*r..g*r+r-1."""
     out, n = w.shape
     r, nb = out // groups, n // 32
+    if not act_quant:
+        wd = dequantize(w).reshape(groups, r, n)
+        return asum(rounded(x[..., :, None, :] * wd), -1)
     xq, dx = quantize_q8_0(x)  # per-32 blocks never straddle a group
     isum = jnp.einsum(
         "...gbk,gobk->...gob",
@@ -97,6 +102,14 @@ def _int_weights(w: QTensor):
         vals = jnp.where(neg, -mag, mag).reshape(lead + (8, 32))
         return vals, 2 * ls + 1, None
     raise NotImplementedError(f"expert matmul for {q.name}")
+
+
+def expert_linear(x: jax.Array, w: QTensor, act_quant: bool = True) -> jax.Array:
+    """Σ_i W[..., o, i] x[..., i] for gathered routed experts (x Q8_K-quantized if act_quant)."""
+    if not act_quant:
+        return asum(rounded(x[..., None, :] * dequantize(w)), -1)
+    xq, dx = quantize_q8_k(x)
+    return expert_matmul(xq, dx, w)
 
 
 def expert_matmul(xq: jax.Array, dx: jax.Array, w: QTensor) -> jax.Array:

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ds4jax.config import ModelConfig
-from ds4jax.model.linear import dense, expert_matmul, q8_0_matmul
-from ds4jax.model.numerics import F32, asum, quantize_q8_k, silu, softplus
+from ds4jax.model.linear import dense, expert_linear
+from ds4jax.model.numerics import F32, asum, silu, softplus
 from ds4jax.quant.jnp_decode import take
 
 
@@ -40,15 +40,14 @@ def ffn_sublayer(cfg: ModelConfig, L: int, w: dict, z, tokens):
     """z [T, n_embd] (ffn_norm output), tokens [T] -> [T, n_embd]."""
     clamp = cfg.swiglu_clamp[L]
     sel, wt = route(cfg, L, w, z, tokens)
-    zq, dz = quantize_q8_k(z)
-    zq, dz = zq[:, None], dz[:, None]  # broadcast over the k experts
-    g = expert_matmul(zq, dz, take(w["ffn_gate_exps"], sel))  # [T, k, n_ff]
-    u = expert_matmul(zq, dz, take(w["ffn_up_exps"], sel))
+    aq = cfg.act_quant
+    zk = z[:, None]  # [T, 1, n_embd]: broadcast over the k experts (quantized once per token)
+    g = expert_linear(zk, take(w["ffn_gate_exps"], sel), aq)  # [T, k, n_ff]
+    u = expert_linear(zk, take(w["ffn_up_exps"], sel), aq)
     mid = _swiglu(g, u, clamp) * wt[..., None]
-    mq, dm = quantize_q8_k(mid)
-    routed = asum(expert_matmul(mq, dm, take(w["ffn_down_exps"], sel)), 1)
+    routed = asum(expert_linear(mid, take(w["ffn_down_exps"], sel), aq), 1)
 
-    gs = q8_0_matmul(z, w["ffn_gate_shexp"])
-    us = q8_0_matmul(z, w["ffn_up_shexp"])
-    shared = q8_0_matmul(_swiglu(gs, us, clamp), w["ffn_down_shexp"])
+    gs = dense(z, w["ffn_gate_shexp"], aq)
+    us = dense(z, w["ffn_up_shexp"], aq)
+    shared = dense(_swiglu(gs, us, clamp), w["ffn_down_shexp"], aq)
     return routed + shared

@@ -122,24 +122,30 @@ def indexer_qat(rows: np.ndarray, block: int) -> np.ndarray:
 
 
 def q8_0_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """§3.6 Q8_0 activation quantization: per 32 values, d = amax/127, q = rint(x * (1/d))."""
-    xb = np.asarray(x, dtype=np.float64).reshape(-1, 32)
-    d = np.abs(xb).max(axis=1) / 127.0
-    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)  # ds4: x * id, id = 1/d
+    """§3.6 Q8_0 activation quantization: per 32 values, d = amax/127, q = rint(x * (1/d)).
+
+    The codes are decided in float32 exactly as ds4 computes them (f32 activation, f32 d,
+    f32 reciprocal, one f32 product, round half to even): activations built from few-bit
+    values (FP8/f16 rows times a softmax weight) often land on exact .5 ties, where a
+    float64 product would round the other way from ds4 every time."""
+    xb = np.asarray(x, dtype=np.float32).reshape(-1, 32)
+    d = np.abs(xb).max(axis=1) / np.float32(127.0)
+    inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d != 0)
     q = np.clip(np.rint(xb * inv[:, None]), -128, 127)
-    return q, d
+    return q.astype(np.float64), d.astype(np.float64)
 
 
 def q8_k_roundtrip(x: np.ndarray) -> np.ndarray:
     """§3.6 Q8_K: per 256, m = value with the largest |x| (first on ties), iscale = -127/m,
-    q = clamp(rint(iscale*x)), d = 1/iscale; returns q*d (the expert dots are d_x * sum w*q)."""
-    xb = np.asarray(x, dtype=np.float64).reshape(-1, 256)
+    q = clamp(rint(iscale*x)), d = 1/iscale; returns q*d (the expert dots are d_x * sum w*q).
+    Codes and d are computed in float32 as ds4 does (see ``q8_0_quantize``)."""
+    xb = np.asarray(x, dtype=np.float32).reshape(-1, 256)
     m = xb[np.arange(xb.shape[0]), np.abs(xb).argmax(axis=1)]  # argmax: first on ties
-    out = np.zeros_like(xb)
+    out = np.zeros(xb.shape)
     nz = m != 0
-    iscale = -127.0 / m[nz]
+    iscale = np.float32(-127.0) / m[nz]
     q = np.clip(np.rint(iscale[:, None] * xb[nz]), -128, 127)
-    out[nz] = q * (1.0 / iscale)[:, None]
+    out[nz] = q.astype(np.float64) * (np.float32(1.0) / iscale).astype(np.float64)[:, None]
     return out.reshape(np.shape(x))
 
 

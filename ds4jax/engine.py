@@ -1,0 +1,185 @@
+"""The session loop: chunked prefill and token-by-token decode over compiled programs.
+
+Two programs per engine (plus an all-rows-logits prefill variant for diagnostics):
+* prefill: a fixed chunk of ``chunk`` tokens (the last chunk padded, ``n_valid`` traced),
+  returning the last valid row's logits and the next token;
+* decode: one token in, the next token (sampled inside the program) and its logits out.
+The KV-cache state is donated to each call, so nothing large is copied per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ds4jax.config import ModelConfig
+from ds4jax.errors import DS4Error
+from ds4jax.model.forward import forward
+from ds4jax.model_file import ModelFiles
+from ds4jax.sampling import SamplingParams, sample
+from ds4jax.state import init_state
+from ds4jax.weights import load_weights
+
+DEFAULT_CHUNK = 64
+
+
+def _prefill(cfg: ModelConfig, logits_rows: str, weights, state, tokens, n_valid, params, key):
+    logits, state = forward(cfg, weights, state, tokens, n_valid, logits_rows)
+    last = logits if logits_rows == "last" else logits[n_valid - 1]
+    pos = state["n_tokens"]
+    return sample(last, params, jax.random.fold_in(key, pos)), logits, state
+
+
+def _decode(cfg: ModelConfig, weights, state, token, params, key):
+    logits, state = forward(cfg, weights, state, token[None], jnp.int32(1), "last")
+    return sample(logits, params, jax.random.fold_in(key, state["n_tokens"])), logits, state
+
+
+@dataclasses.dataclass
+class Generation:
+    prompt: list[int]
+    tokens: list[int]  # generated ids (EOS included if it stopped there)
+    logits: list[np.ndarray] | None  # row i: logits after token i of prompt + tokens (if asked)
+    prefill_s: float
+    decode_s: float
+    stop: str  # "eos", "n_predict" or "ctx"
+
+    @property
+    def prefill_tps(self) -> float:
+        return len(self.prompt) / self.prefill_s if self.prefill_s > 0 else float("inf")
+
+    @property
+    def decode_tps(self) -> float:
+        n = max(len(self.tokens) - 1, 0)  # the first token comes from the prefill program
+        return n / self.decode_s if self.decode_s > 0 else float("inf")
+
+
+class Engine:
+    """A loaded model with its compiled prefill and decode programs for one context size."""
+
+    def __init__(self, mf: ModelFiles, ctx: int, chunk: int = DEFAULT_CHUNK, act_quant: bool = True, weights=None):
+        cfg = dataclasses.replace(mf.config, act_quant=act_quant)
+        if ctx < 1:
+            raise DS4Error(f"--ctx must be positive, got {ctx}")
+        if ctx > cfg.n_ctx_train:
+            raise DS4Error(f"--ctx {ctx} exceeds the model's trained context of {cfg.n_ctx_train}")
+        if chunk < 1:
+            raise DS4Error(f"prefill chunk must be positive, got {chunk}")
+        self.cfg, self.ctx, self.chunk = cfg, ctx, min(chunk, ctx)
+        self.files = mf
+        self.weights = weights if weights is not None else load_weights(mf)
+        self._jitted = {
+            "prefill": jax.jit(partial(_prefill, cfg, "last"), donate_argnums=(1,)),
+            "prefill_all": jax.jit(partial(_prefill, cfg, "all"), donate_argnums=(1,)),
+            "decode": jax.jit(partial(_decode, cfg), donate_argnums=(1,)),
+        }
+        self._compiled: dict = {}
+        self.compile_s: dict[str, float] = {}
+
+    def _abstract_args(self, name: str):
+        sds = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype)  # noqa: E731
+        state = jax.eval_shape(self.new_state)
+        params = SamplingParams().arrays()
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        if name == "decode":
+            tokens = jax.ShapeDtypeStruct((), jnp.int32)
+            return (self.weights, state, tokens, params, key)
+        tokens = jax.ShapeDtypeStruct((self.chunk,), jnp.int32)
+        return (self.weights, state, tokens, sds(np.int32(0)), params, key)
+
+    def program(self, name: str):
+        """The compiled program ``name`` (prefill, prefill_all, decode), compiled on first use."""
+        if name not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[name] = self._jitted[name].lower(*self._abstract_args(name)).compile()
+            self.compile_s[name] = time.perf_counter() - t0
+        return self._compiled[name]
+
+    def new_state(self) -> dict:
+        return init_state(self.cfg, self.ctx, self.chunk)
+
+    def check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise DS4Error("empty prompt")
+        if len(ids) > self.ctx:
+            raise DS4Error(f"prompt of {len(ids)} tokens does not fit the context of {self.ctx} tokens (--ctx)")
+        bad = [t for t in ids if not 0 <= t < self.cfg.n_vocab]
+        if bad:
+            raise DS4Error(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.n_vocab - 1})")
+
+    def prefill(self, state, ids, params, key, all_logits=False, progress: Callable[[int, int], None] | None = None):
+        """Run ``ids`` through the model in chunks. Returns (next token, logits, state):
+        logits is the last row [V] (device), or every row [n, V] (host) with ``all_logits``."""
+        ids = np.asarray(ids, np.int32)
+        fn = self.program("prefill_all" if all_logits else "prefill")
+        rows = []
+        tok = logits = None
+        for start in range(0, len(ids), self.chunk):
+            part = ids[start : start + self.chunk]
+            n = len(part)
+            tokens = np.zeros(self.chunk, np.int32)
+            tokens[:n] = part
+            tok, logits, state = fn(self.weights, state, jnp.asarray(tokens), jnp.int32(n), params, key)
+            if all_logits:
+                rows.append(np.asarray(logits)[:n])
+            if progress is not None:
+                progress(start + n, len(ids))
+        return tok, (np.concatenate(rows) if all_logits else logits), state
+
+    def decode(self, state, token, params, key):
+        return self.program("decode")(self.weights, state, jnp.asarray(token, jnp.int32), params, key)
+
+    def generate(
+        self,
+        prompt: list[int],
+        n_predict: int,
+        sampling: SamplingParams,
+        eos_id: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+        keep_logits: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        self.check_prompt(prompt)
+        params = sampling.validate().arrays()
+        key = jax.random.key(sampling.seed)
+        state = self.new_state()
+        self.program("prefill_all" if keep_logits else "prefill")  # compile outside the timings
+        if n_predict > 1:
+            self.program("decode")
+        t0 = time.perf_counter()
+        tok, logits, state = self.prefill(state, prompt, params, key, all_logits=keep_logits, progress=progress)
+        tok = int(tok)
+        t1 = time.perf_counter()
+        all_rows = list(logits) if keep_logits else None
+        out: list[int] = []
+        stop = "n_predict"
+        pos = len(prompt)
+        while len(out) < n_predict:
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if eos_id is not None and tok == eos_id:
+                stop = "eos"
+                break
+            if len(out) == n_predict:
+                break
+            if pos >= self.ctx:
+                stop = "ctx"
+                break
+            nxt, logits, state = self.decode(state, tok, params, key)
+            pos += 1
+            if keep_logits:
+                all_rows.append(np.asarray(logits))
+            tok = int(nxt)
+        t2 = time.perf_counter()
+        if keep_logits and len(all_rows) < len(prompt) + len(out) and pos < self.ctx:
+            # One row per token: also run the last generated token for its logits.
+            _, logits, state = self.decode(state, out[-1], params, key)
+            all_rows.append(np.asarray(logits))
+        return Generation(list(prompt), out, all_rows, t1 - t0, t2 - t1, stop)
