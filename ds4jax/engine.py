@@ -21,6 +21,7 @@ import numpy as np
 from ds4jax.config import ModelConfig
 from ds4jax.errors import DS4Error
 from ds4jax.model.forward import forward
+from ds4jax.model.rope import rope_tables
 from ds4jax.model_file import ModelFiles
 from ds4jax.sampling import SamplingParams, sample
 from ds4jax.state import init_state
@@ -73,7 +74,8 @@ class Engine:
             raise DS4Error(f"prefill chunk must be positive, got {chunk}")
         self.cfg, self.ctx, self.chunk = cfg, ctx, min(chunk, ctx)
         self.files = mf
-        self.weights = weights if weights is not None else load_weights(mf)
+        base = weights if weights is not None else load_weights(mf)
+        self.weights = {**base, "rope": jax.device_put(rope_tables(cfg, ctx))}
         self._jitted = {
             "prefill": jax.jit(partial(_prefill, cfg, "last"), donate_argnums=(1,)),
             "prefill_all": jax.jit(partial(_prefill, cfg, "all"), donate_argnums=(1,)),

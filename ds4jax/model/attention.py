@@ -17,7 +17,7 @@ from jax import lax
 from ds4jax.config import ModelConfig
 from ds4jax.model import compressor, indexer
 from ds4jax.model.linear import dense, q8_0_grouped_matmul
-from ds4jax.model.numerics import F32, asum, exp, fp8_e4m3_round_trip, rms_norm, rounded
+from ds4jax.model.numerics import F32, asum, div, exp, f16_round, fp8_e4m3_round_trip, rms_norm, rounded
 from ds4jax.model.rope import apply_rope_tail, rope_angles
 
 
@@ -45,15 +45,15 @@ def sink_attention(q, parts, sink, scale):
     o = _mix(e[0], parts[0][0])
     for ei, (k, _) in zip(e[1:], parts[1:]):
         o = o + _mix(ei, k)
-    return o * (1.0 / den)[..., None]  # ds4 normalises with a reciprocal multiply
+    return o * div(1.0, den)[..., None]  # ds4 normalises with a reciprocal multiply
 
 
-def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, n_valid):
-    """x [T, n_embd] (HC-pre output) -> (y [T, n_embd], new layer state)."""
+def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, n_valid, rope: dict):
+    """x [T, n_embd] (HC-pre output) -> (y [T, n_embd], new layer state). ``rope``: rope_tables."""
     T = x.shape[0]
     H, hd, eps = cfg.n_head, cfg.head_dim, cfg.rms_eps
     pos = pos0 + jnp.arange(T, dtype=jnp.int32)
-    cos, sin = rope_angles(pos, cfg, L)  # [T, n_rot/2]
+    cos, sin = rope_angles(pos, cfg, L, rope)  # [T, n_rot/2]
 
     xn = rms_norm(x, w["attn_norm"].planes["w"], eps)
     aq = cfg.act_quant
@@ -65,7 +65,7 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, n_v
     kv = rms_norm(dense(xn, w["attn_kv"], aq), w["attn_kv_a_norm"].planes["w"], eps)
     kv = apply_rope_tail(kv, cos, sin)
     kv = jnp.concatenate([fp8_e4m3_round_trip(kv[:, : cfg.n_nope], cfg.fp8_block), kv[:, cfg.n_nope :]], axis=-1)
-    kv16 = kv.astype(jnp.float16)
+    kv16 = f16_round(kv).astype(jnp.float16)  # exact: already on the f16 grid
 
     # Raw window: the stored rows (positions pos0-n_swa .. pos0-1) followed by the chunk's.
     W = cfg.n_swa
@@ -79,13 +79,13 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, n_v
     r = cfg.ratio(L)
     if r:
         comp, new["cmp_kv"], new["cmp_score"] = compressor.compress_chunk(
-            cfg, L, w, "attn_compressor", xn, pos0, n_valid, st["comp"], st["cmp_kv"], st["cmp_score"]
+            cfg, L, w, "attn_compressor", xn, pos0, n_valid, st["comp"], st["cmp_kv"], st["cmp_score"], rope
         )
         new["comp"] = comp
         n_vis = compressor.visible_rows(pos, r)  # [T]
         if cfg.has_indexer(L):
             idx, new["icmp_kv"], new["icmp_score"] = compressor.compress_chunk(
-                cfg, L, w, "indexer_compressor", xn, pos0, n_valid, st["idx"], st["icmp_kv"], st["icmp_score"]
+                cfg, L, w, "indexer_compressor", xn, pos0, n_valid, st["idx"], st["icmp_kv"], st["icmp_score"], rope
             )
             new["idx"] = idx
             sel, ok = indexer.select_rows(cfg, w, qrn, xn, cos, sin, idx, n_vis)

@@ -15,7 +15,7 @@ from jax import lax
 
 from ds4jax.config import ModelConfig
 from ds4jax.model.linear import dense
-from ds4jax.model.numerics import F32, NEG_INF, asum, exp, rounded, fp4_e2m1_round_trip, fp8_e4m3_round_trip, hadamard, rms_norm
+from ds4jax.model.numerics import F32, NEG_INF, asum, div, exp, f16_round, rounded, fp4_e2m1_round_trip, fp8_e4m3_round_trip, hadamard, rms_norm
 from ds4jax.model.rope import apply_rope_tail, rope_angles
 from ds4jax.state import window_slots
 
@@ -34,11 +34,11 @@ def _pool(buf_kv, buf_sc, ratio: int, coff: int, hd: int, n_slots: int):
         kv, sc = cur_kv, cur_sc
     m = jnp.max(sc, axis=1, keepdims=True)
     e = exp(sc - m)
-    pooled = asum(rounded(e * kv), 1) / asum(e, 1)
+    pooled = div(asum(rounded(e * kv), 1), asum(e, 1))
     return jnp.where(m[:, 0] <= -5e29, 0.0, pooled)  # a window with no real scores pools to 0
 
 
-def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0, n_valid, cache, st_kv, st_sc):
+def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0, n_valid, cache, st_kv, st_sc, rope):
     """One compressor (``prefix`` "attn_compressor" or "indexer_compressor") over a chunk.
 
     Returns (cache', st_kv', st_sc'). ``xn`` [T, n_embd] is the attention-normed input.
@@ -65,7 +65,7 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
     rows = _pool(buf_kv, buf_sc, ratio, coff, hd, n_slots)
     rows = rms_norm(rows, w[f"{prefix}_norm"].planes["w"], cfg.rms_eps)
     start = pos0 - rem + ratio * jnp.arange(n_slots, dtype=jnp.int32)  # window start positions
-    cos, sin = rope_angles(start, cfg, layer)
+    cos, sin = rope_angles(start, cfg, layer, rope)
     rows = apply_rope_tail(rows, cos, sin)
     if indexer:
         rows = fp4_e2m1_round_trip(hadamard(rows), cfg.fp4_block)
@@ -73,7 +73,7 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
         nope = fp8_e4m3_round_trip(rows[:, : cfg.n_nope], cfg.fp8_block)
         rows = jnp.concatenate([nope, rows[:, cfg.n_nope :]], axis=-1)
     # Incomplete slots are written too: they sit past n // ratio, invisible until rewritten.
-    cache = lax.dynamic_update_slice(cache, rows.astype(cache.dtype), (pos0 // ratio, 0))
+    cache = lax.dynamic_update_slice(cache, f16_round(rows).astype(cache.dtype), (pos0 // ratio, 0))
 
     done = (rem + n_valid) // ratio
     rem2 = (rem + n_valid) % ratio

@@ -1,6 +1,7 @@
 """The whole model over a chunk of tokens: embedding -> layers -> head (MODEL.md §4.14).
 
-``forward(cfg, weights, state, tokens, n_valid, logits_rows)`` is pure: it returns
+``forward(cfg, weights, state, tokens, n_valid, logits_rows)`` is pure (``weights`` carries
+the model's planes plus ``weights["rope"]``, the ``rope_tables`` for the context): it returns
 logits and the new state after the first ``n_valid`` tokens of the chunk (the rest
 is padding that never reaches the state). Decode is the same function with T = 1.
 """
@@ -23,10 +24,10 @@ def embed(weights: dict, tokens: jax.Array, n_hc: int) -> jax.Array:
     return jnp.broadcast_to(e[:, None, :], (e.shape[0], n_hc, e.shape[1]))
 
 
-def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, n_valid):
+def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, n_valid, rope: dict):
     it, eps, heps = cfg.hc_sinkhorn_iter, cfg.rms_eps, cfg.hc_eps
     x, post, comb = hc_pre(H, w["hc_attn_fn"], w["hc_attn_scale"].planes["w"], w["hc_attn_base"].planes["w"], it, eps, heps)
-    y, st = attention_sublayer(cfg, L, w, st, x, pos0, n_valid)
+    y, st = attention_sublayer(cfg, L, w, st, x, pos0, n_valid, rope)
     H = hc_post(H, y, post, comb)
     x, post, comb = hc_pre(H, w["hc_ffn_fn"], w["hc_ffn_scale"].planes["w"], w["hc_ffn_base"].planes["w"], it, eps, heps)
     z = rms_norm(x, w["ffn_norm"].planes["w"], eps)
@@ -46,7 +47,7 @@ def forward_hidden(cfg: ModelConfig, weights: dict, state: dict, tokens, n_valid
     H = embed(weights, tokens, cfg.n_hc)
     layers = []
     for L in range(cfg.n_layer):
-        H, st = layer(cfg, L, weights["layers"][L], state["layers"][L], H, tokens, pos0, n_valid)
+        H, st = layer(cfg, L, weights["layers"][L], state["layers"][L], H, tokens, pos0, n_valid, weights["rope"])
         layers.append(st)
     return H, {"n_tokens": pos0 + n_valid, "layers": tuple(layers)}
 

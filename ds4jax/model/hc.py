@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.model.linear import dense
-from ds4jax.model.numerics import F32, asum, exp, rms_norm, rounded, sigmoid
+from ds4jax.model.numerics import F32, asum, div, exp, rms_norm, rounded, sigmoid
 
 
 def _mixer(H: jax.Array, fn, eps: float) -> jax.Array:
@@ -32,11 +32,11 @@ def hc_pre(H: jax.Array, fn, scale: jax.Array, base: jax.Array, n_iter: int, rms
     # ds4 multiplies by reciprocals throughout; eps goes after the first softmax.
     eps = F32(hc_eps)
     c = exp(c - jnp.max(c, axis=-1, keepdims=True))
-    c = rounded(c * (1.0 / asum(c, -1))[..., :, None]) + eps
-    c = c * (1.0 / (asum(c, -2) + eps))[..., None, :]
+    c = rounded(c * div(1.0, asum(c, -1))[..., :, None]) + eps
+    c = c * div(1.0, asum(c, -2) + eps)[..., None, :]
     for _ in range(n_iter - 1):
-        c = c * (1.0 / (asum(c, -1) + eps))[..., :, None]
-        c = c * (1.0 / (asum(c, -2) + eps))[..., None, :]
+        c = c * div(1.0, asum(c, -1) + eps)[..., :, None]
+        c = c * div(1.0, asum(c, -2) + eps)[..., None, :]
     x = asum(rounded(pre[..., :, None] * H), -2)
     return x, post, c
 

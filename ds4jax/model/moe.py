@@ -15,20 +15,20 @@ from jax import lax
 
 from ds4jax.config import ModelConfig
 from ds4jax.model.linear import dense, expert_linear
-from ds4jax.model.numerics import F32, asum, silu, softplus
+from ds4jax.model.numerics import F32, asum, div, silu, softplus, sqrt
 from ds4jax.quant.jnp_decode import take
 
 
 def route(cfg: ModelConfig, L: int, w: dict, z, tokens):
     """(expert ids [T, k] int32, weights [T, k] f32)."""
-    probs = jnp.sqrt(softplus(dense(z, w["ffn_gate_inp"])))  # [T, n_expert]
+    probs = sqrt(softplus(dense(z, w["ffn_gate_inp"])))  # [T, n_expert]
     if cfg.is_hash_layer(L):
         sel = w["ffn_gate_tid2eid"].planes["w"][tokens].astype(jnp.int32)
     else:
         biased = probs + w["exp_probs_b"].planes["w"].astype(F32) if "exp_probs_b" in w else probs
         _, sel = lax.top_k(biased, cfg.n_expert_used)  # ties to the lower index
     p = jnp.take_along_axis(probs, sel, axis=-1)
-    wt = p / jnp.maximum(asum(p)[:, None], F32(2.0**-14)) * F32(cfg.expert_weights_scale)
+    wt = div(p, jnp.maximum(asum(p)[:, None], F32(2.0**-14))) * F32(cfg.expert_weights_scale)
     return sel, wt
 
 

@@ -18,9 +18,22 @@ F32 = jnp.float32
 NEG_INF = -1e30  # ds4's "minus infinity" sentinel in masks and compressor state
 
 
+def round_to_grid(x: jax.Array, mant_bits: int, min_exp: int) -> jax.Array:
+    """Round f32 x to a float format with ``mant_bits`` stored mantissa bits and smallest
+    normal exponent ``min_exp`` (subnormals below), nearest-even; no overflow handling.
+
+    Done with exact power-of-two scaling and rint, not dtype casts: XLA's GPU simplifier
+    deletes f32->f16->f32 and f32->f8->f32 round trips (excess precision), and on CPU
+    the f8 cast of a fused value is not guaranteed either.
+    """
+    _, e = jnp.frexp(x)  # |x| = m 2^e, m in [0.5, 1): the leading bit has weight 2^(e-1)
+    q = jnp.maximum(e - 1, min_exp) - mant_bits  # exponent of one unit in the last place
+    return jnp.ldexp(jnp.round(jnp.ldexp(x, -q)), q)
+
+
 def f16_round(x: jax.Array) -> jax.Array:
-    """float32(float16(x)), round to nearest even: how ds4 stores cache rows."""
-    return x.astype(jnp.float16).astype(F32)
+    """float32(float16(x)), round to nearest even: how ds4 stores cache rows (|x| < 65504)."""
+    return round_to_grid(x.astype(F32), 10, -14)
 
 
 # ---- fused-multiply-add control ----------------------------------------------
@@ -37,12 +50,12 @@ def rounded(x: jax.Array) -> jax.Array:
 
 
 def divide_by(x: jax.Array, c: float) -> jax.Array:
-    """x / c as a true IEEE division by the literal c (x finite).
+    """x / c correctly rounded for a literal c.
 
-    XLA rewrites division by a constant or a broadcast scalar into multiplication by the
-    rounded reciprocal, which is off by an ulp for ~5% of inputs and moves int8/FP8 codes
-    on ties. ``c + 0*x`` is c elementwise but not a broadcast, so the division stays."""
-    return x / (F32(c) + rounded(x * F32(0.0)))
+    XLA rewrites division by a constant into multiplication by the rounded reciprocal,
+    off by an ulp for ~5% of inputs, which moves int8/FP8 codes on ties; ``div``'s
+    correction step undoes that."""
+    return div(x, jnp.full(x.shape, c, F32))
 
 
 # ---- accurate sums ---------------------------------------------------------------
@@ -58,6 +71,36 @@ def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x = hi + lo with hi holding the top 12 significand bits (bit mask, so no FMA can blur it)."""
     hi = lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFF000), F32)
     return hi, x - hi
+
+
+def two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """p + e = a * b exactly (Dekker, with mask splitting: no FMA needed)."""
+    p = rounded(a * b)
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    e = ((rounded(ah * bh) - p) + rounded(ah * bl) + rounded(al * bh)) + rounded(al * bl)
+    return p, e
+
+
+def div(a, b) -> jax.Array:
+    """a / b correctly rounded (to within rare midpoint cases) on every backend.
+
+    XLA's GPU division is not IEEE (about a quarter of quotients are off by an ulp);
+    one correction step with the exact residual a - q*b fixes the quotient."""
+    a = jnp.asarray(a, F32)
+    b = jnp.asarray(b, F32)
+    q = a / b
+    p, e = two_prod(q, b)
+    r = (a - p) - e
+    return q + r / b
+
+
+def sqrt(v: jax.Array) -> jax.Array:
+    """sqrt(v) correctly rounded (XLA's GPU sqrt is approximate); v >= 0."""
+    s = jnp.sqrt(v)
+    p, e = two_prod(s, s)
+    r = (v - p) - e
+    return jnp.where(s > 0, s + r / (2.0 * s), s)
 
 
 def asum(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -94,8 +137,8 @@ def rms_scale(x: jax.Array, eps: float) -> jax.Array:
     The barrier stops XLA from rewriting 1/sqrt into its approximate rsqrt, whose last
     bit depends on how the loop was vectorised (so on the batch shape).
     """
-    ms = sum_squares(x) / F32(x.shape[-1])
-    return (F32(1.0) / lax.optimization_barrier(jnp.sqrt(ms + F32(eps))))[..., None]
+    ms = sum_squares(x) / F32(x.shape[-1])  # a power of two: exact
+    return div(1.0, sqrt(ms + F32(eps)))[..., None]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
@@ -133,7 +176,7 @@ def log(v: jax.Array) -> jax.Array:
     small = m < F32(0.70710678)
     m = jnp.where(small, m * 2.0, m)
     e = jnp.where(small, e - 1, e).astype(F32)
-    s = (m - 1.0) / (m + 1.0)  # |s| <= 0.1716
+    s = div(m - 1.0, m + 1.0)  # |s| <= 0.1716
     s2 = s * s
     q = F32(1.0 / 13)
     for k in (11, 9, 7, 5, 3, 1):
@@ -142,7 +185,7 @@ def log(v: jax.Array) -> jax.Array:
 
 
 def sigmoid(x):
-    return 1.0 / (1.0 + exp(-x))
+    return div(1.0, 1.0 + exp(-x))
 
 
 def silu(x):
@@ -153,7 +196,7 @@ def softplus(x):
     """ds4's stable softplus: x above 20, exp(x) below -20, log1p(exp(x)) between."""
     u = exp(jnp.clip(x, -20.0, 20.0))
     v = 1.0 + u
-    mid = jnp.where(v == 1.0, u, log(v) * (u / (v - 1.0)))  # log1p(u), Goldberg's correction
+    mid = jnp.where(v == 1.0, u, log(v) * div(u, jnp.where(v == 1.0, 1.0, v - 1.0)))  # log1p(u), Goldberg
     return jnp.where(x > 20.0, x, jnp.where(x < -20.0, exp(x), mid))
 
 
@@ -167,7 +210,7 @@ def quantize_q8_0(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     xb = x.reshape(*x.shape[:-1], n // 32, 32)
     amax = jnp.max(jnp.abs(xb), axis=-1)
     d = divide_by(amax, 127.0)
-    inv = jnp.where(d > 0, F32(1.0) / jnp.where(d > 0, d, F32(1.0)), F32(0.0))
+    inv = jnp.where(d > 0, div(1.0, jnp.where(d > 0, d, F32(1.0))), F32(0.0))
     q = jnp.clip(jnp.round(xb * inv[..., None]), -128, 127)
     return q.astype(jnp.int8).reshape(x.shape), d
 
@@ -183,28 +226,27 @@ def quantize_q8_k(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     idx = jnp.argmax(jnp.abs(xb), axis=-1)  # first maximum on ties
     m = jnp.take_along_axis(xb, idx[..., None], axis=-1)[..., 0]
     nz = m != 0
-    iscale = jnp.where(nz, F32(-127.0) / jnp.where(nz, m, F32(1.0)), F32(0.0))
+    iscale = jnp.where(nz, div(-127.0, jnp.where(nz, m, F32(1.0))), F32(0.0))
     q = jnp.clip(jnp.round(iscale[..., None] * xb), -128, 127)
-    d = jnp.where(nz, F32(1.0) / jnp.where(nz, iscale, F32(1.0)), F32(0.0))
+    d = jnp.where(nz, div(1.0, jnp.where(nz, iscale, F32(1.0))), F32(0.0))
     return q.astype(jnp.int8).reshape(x.shape), d
 
 
 # ---- model-intrinsic QAT simulations (MODEL.md §3.7) ------------------------------
-def _pow2_ceil_log2(r: jax.Array) -> jax.Array:
-    """2^ceil(log2(r)) for r > 0, exactly (from the float's exponent and mantissa)."""
+def _ceil_log2(r: jax.Array) -> jax.Array:
+    """ceil(log2(r)) for r > 0, exactly (from the float's exponent and mantissa)."""
     m, e = jnp.frexp(r)  # r = m * 2^e, m in [0.5, 1)
-    e = jnp.where(m == 0.5, e - 1, e)  # exact powers of two keep their exponent
-    return jnp.ldexp(jnp.ones_like(r), e)
+    return jnp.where(m == 0.5, e - 1, e)  # exact powers of two keep their exponent
 
 
 def fp8_e4m3_round_trip(x: jax.Array, block: int) -> jax.Array:
     """FP8-E4M3FN simulation per ``block`` values: power-of-two scale from amax/448."""
     xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
     amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), F32(1e-4))
-    scale = _pow2_ceil_log2(divide_by(amax, 448.0))
-    v = jnp.clip(xb / scale, -448.0, 448.0)
-    v = v.astype(jnp.float8_e4m3fn).astype(F32)  # round to nearest even
-    return (v * scale).reshape(x.shape)
+    e = _ceil_log2(divide_by(amax, 448.0))
+    v = jnp.clip(jnp.ldexp(xb, -e), -448.0, 448.0)
+    v = round_to_grid(v, 3, -6)  # E4M3FN: 3 mantissa bits, normals from 2^-6, nearest even
+    return jnp.ldexp(v, e).reshape(x.shape)
 
 
 _FP4_LEVELS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
@@ -214,8 +256,8 @@ def fp4_e2m1_round_trip(x: jax.Array, block: int) -> jax.Array:
     """FP4-E2M1 simulation per ``block`` values (ties to the even level index)."""
     xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
     amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), F32(7.052966104933725e-38))
-    scale = _pow2_ceil_log2(divide_by(amax, 6.0))
-    v = jnp.clip(xb / scale, -6.0, 6.0)
+    e = _ceil_log2(divide_by(amax, 6.0))
+    v = jnp.clip(jnp.ldexp(xb, -e), -6.0, 6.0)
     a = jnp.abs(v)
     lv = jnp.asarray(_FP4_LEVELS)
     mids = (lv[:-1] + lv[1:]) / 2
@@ -225,7 +267,7 @@ def fp4_e2m1_round_trip(x: jax.Array, block: int) -> jax.Array:
     tie = (i < 7) & (a == mids[jnp.minimum(i, 6)])
     i = jnp.where(tie & (i % 2 == 1), i + 1, i)
     r = lv[i] * jnp.sign(v)
-    return (r * scale).reshape(x.shape)
+    return jnp.ldexp(r, e).reshape(x.shape)
 
 
 def hadamard(x: jax.Array) -> jax.Array:

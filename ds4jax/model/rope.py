@@ -1,6 +1,7 @@
 """Tail RoPE with per-layer base and YaRN (MODEL.md §4.6).
 
-Only the last ``n_rot`` dims of a head rotate, in adjacent pairs (2k, 2k+1).
+Only the last ``n_rot`` dims of a head rotate, in adjacent pairs (2k, 2k+1); the
+angles come from tables built once per context size (``rope_tables``).
 Raw-window layers (ratio 0) use ``rope.freq_base`` unscaled; compressed layers
 use ``attention.compress_rope_freq_base`` with YaRN (factor, beta fast/slow,
 original context) and no magnitude change. Per-pair angles are advanced by
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ds4jax.config import ModelConfig
-from ds4jax.model.numerics import F32, rounded
+from ds4jax.model.numerics import rounded
 
 
 def _yarn_corr_dim(n_rot: int, orig_ctx: int, beta: float, base: float) -> float:
@@ -45,22 +46,39 @@ def layer_rope_params(cfg: ModelConfig, layer: int):
     return _theta_scale(base, cfg.n_rot), np.float32(1.0 / cfg.rope_scale_factor), ramp
 
 
-def rope_angles(pos: jax.Array, cfg: ModelConfig, layer: int) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [..., n_rot/2] for integer positions ``pos`` [...]."""
-    theta_scale, freq_scale, ramp = layer_rope_params(cfg, layer)
-    t = pos.astype(F32)
-    thetas = []
-    for _ in range(cfg.n_rot // 2):  # sequential f32 products, as ds4
-        thetas.append(t)
-        t = t * theta_scale
-    extrap = jnp.stack(thetas, axis=-1)
-    if ramp is None:
-        theta = extrap
-    else:
-        interp = extrap * freq_scale
-        r = jnp.asarray(ramp)
-        theta = rounded(interp * (1.0 - r)) + rounded(extrap * r)
-    return jnp.cos(theta), jnp.sin(theta)
+def rope_tables(cfg: ModelConfig, ctx: int) -> dict:
+    """cos/sin [ctx, n_rot/2] per RoPE kind ("raw": ratio-0 layers, "compressed": the rest).
+
+    Built once on the host as ds4 computes them: theta advanced by f32 multiplication
+    pair by pair, YaRN mixed in f32, then cos/sin correctly rounded to f32 (as glibc's
+    cosf/sinf; XLA's device sin/cos differ by an ulp, and differently on CPU and GPU).
+    """
+    out = {}
+    for kind, layer in (("raw", 0), ("compressed", 1)):
+        layers = [L for L in range(cfg.n_layer) if (cfg.ratio(L) != 0) == (kind == "compressed")]
+        if not layers:
+            continue
+        theta_scale, freq_scale, ramp = layer_rope_params(cfg, layers[0])
+        te = np.arange(ctx, dtype=np.float32)
+        cols = []
+        for k in range(cfg.n_rot // 2):
+            if ramp is None:
+                theta = te
+            else:
+                ti = (te * np.float32(freq_scale)).astype(np.float32)
+                r = np.float32(ramp[k])
+                theta = ((ti * (np.float32(1) - r)).astype(np.float32) + (te * r).astype(np.float32)).astype(np.float32)
+            cols.append(theta)
+            te = (te * theta_scale).astype(np.float32)
+        theta = np.stack(cols, axis=-1).astype(np.float64)
+        out[kind] = {"cos": np.cos(theta).astype(np.float32), "sin": np.sin(theta).astype(np.float32)}
+    return out
+
+
+def rope_angles(pos: jax.Array, cfg: ModelConfig, layer: int, tables: dict) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [..., n_rot/2] for integer positions ``pos`` [...] (< the tables' ctx)."""
+    t = tables["compressed" if cfg.ratio(layer) else "raw"]
+    return t["cos"][pos], t["sin"][pos]
 
 
 def apply_rope_tail(x: jax.Array, cos: jax.Array, sin: jax.Array, inverse: bool = False) -> jax.Array:
