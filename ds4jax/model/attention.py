@@ -48,8 +48,12 @@ def sink_attention(q, parts, sink, scale):
     return o * div(1.0, den)[..., None]  # ds4 normalises with a reciprocal multiply
 
 
-def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, n_valid, rope: dict):
-    """x [T, n_embd] (HC-pre output) -> (y [T, n_embd], new layer state). ``rope``: rope_tables."""
+def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rope: dict):
+    """x [T, n_embd] (HC-pre output) -> (y [T, n_embd], pending).
+
+    ``pending`` holds what the chunk adds to the layer state; ``commit_layer`` turns it into
+    the state after any number of the chunk's tokens (all for prefill and decode; the
+    accepted prefix for the speculative verifier). ``rope``: the rope_tables."""
     T = x.shape[0]
     H, hd, eps = cfg.n_head, cfg.head_dim, cfg.rms_eps
     pos = pos0 + jnp.arange(T, dtype=jnp.int32)
@@ -72,22 +76,21 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, n_v
     raw_all = jnp.concatenate([st["raw"], kv16], axis=0)  # [W + T, hd]
     kpos = pos0 - W + jnp.arange(W + T, dtype=jnp.int32)
     raw_valid = (kpos[None, :] >= 0) & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
-    new = dict(st)
-    new["raw"] = lax.dynamic_slice_in_dim(raw_all, n_valid, W)
+    pending = {"raw_all": raw_all}
 
     parts = [(raw_all.astype(F32), raw_valid)]
     r = cfg.ratio(L)
     if r:
-        comp, new["cmp_kv"], new["cmp_score"] = compressor.compress_chunk(
-            cfg, L, w, "attn_compressor", xn, pos0, n_valid, st["comp"], st["cmp_kv"], st["cmp_score"], rope
+        comp, pending["cmp_buf"] = compressor.compress_chunk(
+            cfg, L, w, "attn_compressor", xn, pos0, st["comp"], st["cmp_kv"], st["cmp_score"], rope
         )
-        new["comp"] = comp
+        pending["comp"] = comp
         n_vis = compressor.visible_rows(pos, r)  # [T]
         if cfg.has_indexer(L):
-            idx, new["icmp_kv"], new["icmp_score"] = compressor.compress_chunk(
-                cfg, L, w, "indexer_compressor", xn, pos0, n_valid, st["idx"], st["icmp_kv"], st["icmp_score"], rope
+            idx, pending["icmp_buf"] = compressor.compress_chunk(
+                cfg, L, w, "indexer_compressor", xn, pos0, st["idx"], st["icmp_kv"], st["icmp_score"], rope
             )
-            new["idx"] = idx
+            pending["idx"] = idx
             sel, ok = indexer.select_rows(cfg, w, qrn, xn, cos, sin, idx, n_vis)
             parts.append((comp.astype(F32)[sel], ok))  # [T, K, hd]
         else:
@@ -99,5 +102,20 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, n_v
     o = apply_rope_tail(o, cos[:, None, :], sin[:, None, :], inverse=True)
     low = q8_0_grouped_matmul(o.reshape(T, cfg.n_out_group, cfg.group_dim), w["attn_output_a"], cfg.n_out_group, aq)
     y = dense(low.reshape(T, cfg.out_low_dim), w["attn_output_b"], aq)
-    return y, new
+    return y, pending
+
+
+def commit_layer(cfg: ModelConfig, L: int, pending: dict, pos0, n) -> dict:
+    """The layer state after the chunk's first ``n`` tokens.
+
+    Compressed-row caches need no cut: rows past ``(pos0 + n) // ratio`` are invisible
+    until a later chunk rewrites them."""
+    st = {"raw": lax.dynamic_slice_in_dim(pending["raw_all"], n, cfg.n_swa)}
+    if cfg.ratio(L):
+        st["comp"] = pending["comp"]
+        st["cmp_kv"], st["cmp_score"] = compressor.frontier_after(cfg, L, pending["cmp_buf"], pos0, n)
+        if cfg.has_indexer(L):
+            st["idx"] = pending["idx"]
+            st["icmp_kv"], st["icmp_score"] = compressor.frontier_after(cfg, L, pending["icmp_buf"], pos0, n)
+    return st
 

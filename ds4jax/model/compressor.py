@@ -38,10 +38,12 @@ def _pool(buf_kv, buf_sc, ratio: int, coff: int, hd: int, n_slots: int):
     return jnp.where(m[:, 0] <= -5e29, 0.0, pooled)  # a window with no real scores pools to 0
 
 
-def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0, n_valid, cache, st_kv, st_sc, rope):
+def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0, cache, st_kv, st_sc, rope):
     """One compressor (``prefix`` "attn_compressor" or "indexer_compressor") over a chunk.
 
-    Returns (cache', st_kv', st_sc'). ``xn`` [T, n_embd] is the attention-normed input.
+    Returns (cache', buffers): the cache with every window slot of the chunk written,
+    and the window-aligned (kv, score) buffers from which ``frontier_after`` cuts the
+    frontier for any number of committed tokens. ``xn`` [T, n_embd] is the normed input.
     """
     indexer = prefix.startswith("indexer")
     ratio, coff = cfg.ratio(layer), cfg.coff(layer)
@@ -74,9 +76,17 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
         rows = jnp.concatenate([nope, rows[:, cfg.n_nope :]], axis=-1)
     # Incomplete slots are written too: they sit past n // ratio, invisible until rewritten.
     cache = lax.dynamic_update_slice(cache, f16_round(rows).astype(cache.dtype), (pos0 // ratio, 0))
+    return cache, (buf_kv, buf_sc)
 
-    done = (rem + n_valid) // ratio
-    rem2 = (rem + n_valid) % ratio
+
+def frontier_after(cfg: ModelConfig, layer: int, buffers, pos0, n):
+    """The compressor frontier (MODEL.md §5.2) after committing the chunk's first ``n`` tokens."""
+    buf_kv, buf_sc = buffers
+    ratio, coff = cfg.ratio(layer), cfg.coff(layer)
+    P = ratio if coff == 2 else 0
+    rem = pos0 % ratio
+    done = (rem + n) // ratio
+    rem2 = (rem + n) % ratio
     keep = (jnp.arange(ratio) < rem2)[:, None]
     cur_kv = jnp.where(keep, lax.dynamic_slice_in_dim(buf_kv, P + done * ratio, ratio), 0.0)
     cur_sc = jnp.where(keep, lax.dynamic_slice_in_dim(buf_sc, P + done * ratio, ratio), NEG_INF)
@@ -85,7 +95,7 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
         prev_sc = lax.dynamic_slice_in_dim(buf_sc, done * ratio, ratio)
         cur_kv = jnp.concatenate([prev_kv, cur_kv])
         cur_sc = jnp.concatenate([prev_sc, cur_sc])
-    return cache, cur_kv, cur_sc
+    return cur_kv, cur_sc
 
 
 def visible_rows(pos: jax.Array, ratio: int) -> jax.Array:

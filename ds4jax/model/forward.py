@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.config import ModelConfig
-from ds4jax.model.attention import attention_sublayer
+from ds4jax.model.attention import attention_sublayer, commit_layer
 from ds4jax.model.hc import hc_head, hc_post, hc_pre
 from ds4jax.model.linear import dense
 from ds4jax.model.moe import ffn_sublayer
@@ -24,15 +24,16 @@ def embed(weights: dict, tokens: jax.Array, n_hc: int) -> jax.Array:
     return jnp.broadcast_to(e[:, None, :], (e.shape[0], n_hc, e.shape[1]))
 
 
-def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, n_valid, rope: dict):
+def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, rope: dict):
+    """One block on the HC state H [T, n_hc, n_embd]: (H', pending layer state)."""
     it, eps, heps = cfg.hc_sinkhorn_iter, cfg.rms_eps, cfg.hc_eps
     x, post, comb = hc_pre(H, w["hc_attn_fn"], w["hc_attn_scale"].planes["w"], w["hc_attn_base"].planes["w"], it, eps, heps)
-    y, st = attention_sublayer(cfg, L, w, st, x, pos0, n_valid, rope)
+    y, pending = attention_sublayer(cfg, L, w, st, x, pos0, rope)
     H = hc_post(H, y, post, comb)
     x, post, comb = hc_pre(H, w["hc_ffn_fn"], w["hc_ffn_scale"].planes["w"], w["hc_ffn_base"].planes["w"], it, eps, heps)
     z = rms_norm(x, w["ffn_norm"].planes["w"], eps)
     H = hc_post(H, ffn_sublayer(cfg, L, w, z, tokens), post, comb)
-    return H, st
+    return H, pending
 
 
 def head(cfg: ModelConfig, weights: dict, H) -> jax.Array:
@@ -41,20 +42,30 @@ def head(cfg: ModelConfig, weights: dict, H) -> jax.Array:
     return dense(rms_norm(h, weights["output_norm"].planes["w"], cfg.rms_eps), weights["output"], cfg.act_quant)
 
 
-def forward_hidden(cfg: ModelConfig, weights: dict, state: dict, tokens, n_valid):
-    """Run the layers: (final HC state H [T, n_hc, n_embd], new state)."""
+def forward_hidden(cfg: ModelConfig, weights: dict, state: dict, tokens):
+    """Run the layers over the chunk: (final HC state H [T, n_hc, n_embd], pending states)."""
     pos0 = state["n_tokens"]
     H = embed(weights, tokens, cfg.n_hc)
-    layers = []
+    pending = []
     for L in range(cfg.n_layer):
-        H, st = layer(cfg, L, weights["layers"][L], state["layers"][L], H, tokens, pos0, n_valid, weights["rope"])
-        layers.append(st)
-    return H, {"n_tokens": pos0 + n_valid, "layers": tuple(layers)}
+        H, p = layer(cfg, L, weights["layers"][L], state["layers"][L], H, tokens, pos0, weights["rope"])
+        pending.append(p)
+    return H, pending
+
+
+def commit(cfg: ModelConfig, state: dict, pending: list, n) -> dict:
+    """The state after the chunk's first ``n`` tokens (``n`` may be traced)."""
+    pos0 = state["n_tokens"]
+    layers = tuple(commit_layer(cfg, L, p, pos0, n) for L, p in enumerate(pending))
+    return {"n_tokens": pos0 + n, "layers": layers}
 
 
 def forward(cfg: ModelConfig, weights: dict, state: dict, tokens, n_valid, logits_rows: str = "last"):
-    """logits_rows: "last" -> logits [n_vocab] of token n_valid-1; "all" -> [T, n_vocab]."""
-    H, state = forward_hidden(cfg, weights, state, tokens, n_valid)
+    """logits_rows: "last" -> logits [n_vocab] of token n_valid-1; "all" -> [T, n_vocab].
+
+    Padding rows (index >= n_valid) are computed but never reach the state."""
+    H, pending = forward_hidden(cfg, weights, state, tokens)
+    state = commit(cfg, state, pending, n_valid)
     if logits_rows == "last":
         H = jax.lax.dynamic_index_in_dim(H, n_valid - 1, axis=0, keepdims=False)
     return head(cfg, weights, H), state

@@ -4,11 +4,12 @@
   32-block dot is an exact int32 sum, scaled by ``d_w * d_x`` and summed over blocks.
 * Routed experts (IQ2_XXS / Q2_K / Q4_K): the activation is Q8_K (per 256); the
   weight-format integer dot per sub-block is exact, then scaled per super-block.
-* F16 / F32 weights: plain float32 math at HIGHEST precision (no TF32/bf16 passes).
+* F16 / F32 weights: plain float32 products (no TF32/bf16 passes), accurately summed.
 
-Exact integer block dots make a row's result independent of how many rows are
-batched, up to the float32 sum over blocks. This is the plain-jnp path; the GPU
-kernels in ``pallas_kernels/`` replace the hot ones behind ``dispatch``.
+Exact integer block dots plus accurately rounded float sums (``numerics.asum``) make a
+row's result independent of how many rows are batched, which is what lets prefill,
+chunked prefill, decode and the N=2 verifier agree bit for bit. This is the plain-jnp
+path; the Pallas kernels will replace the hot matmuls behind these same functions.
 """
 
 from __future__ import annotations

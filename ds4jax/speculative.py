@@ -1,0 +1,150 @@
+"""Speculative decoding with the combined-forward verifier (greedy only).
+
+One compiled N=2 program runs ``[token, draft]`` through the model in a single forward,
+reads both rows' logits, accepts the draft when it equals row 0's argmax (lowest index on
+ties) and commits the state after 1 or 2 tokens in the same program: on a miss only the
+prefix-1 state survives (raw window, compressor and indexer frontiers and counters as
+after row 0; rows the draft wrote past the committed position stay invisible). Because
+every row is computed bit-identically whatever the batch (``model.numerics``), the
+accepted tokens and the state are exactly those of plain greedy decoding.
+
+Drafts come from a ``drafter`` callable, so the verifier is tested with oracle and wrong
+drafts as well as with the MTP head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ds4jax.config import ModelConfig
+from ds4jax.model.forward import commit, forward_hidden, head
+
+
+def verify(cfg: ModelConfig, weights, state, tokens):
+    """tokens = [token, draft]: (n committed 1|2, next token, logits [2, V], H [2, n_hc, E], state)."""
+    H, pending = forward_hidden(cfg, weights, state, tokens)
+    logits = head(cfg, weights, H)
+    top = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # first index of the max
+    accept = top[0] == tokens[1]
+    n = 1 + accept.astype(jnp.int32)
+    state = commit(cfg, state, pending, n)
+    return n, jnp.where(accept, top[1], top[0]), logits, H, state
+
+
+@dataclasses.dataclass
+class SpecStats:
+    proposed: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    plain_steps: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+@dataclasses.dataclass
+class SpecGeneration:
+    prompt: list[int]
+    tokens: list[int]
+    stats: SpecStats
+    prefill_s: float
+    decode_s: float
+    stop: str
+
+    @property
+    def decode_tps(self) -> float:
+        n = max(len(self.tokens) - 1, 0)
+        return n / self.decode_s if self.decode_s > 0 else float("inf")
+
+    @property
+    def tokens_per_step(self) -> float:
+        steps = self.stats.verify_steps + self.stats.plain_steps
+        return (len(self.tokens) - 1) / steps if steps else 0.0
+
+
+Drafter = Callable[[list[int]], "int | None"]  # committed ids so far -> draft for the next one
+
+
+class SpeculativeDecoder:
+    """Greedy generation with the N=2 verifier beside the N=1 decode program of ``engine``."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._verify = jax.jit(partial(verify, engine.cfg), donate_argnums=(1,))
+
+    def generate(self, prompt: list[int], n_predict: int, drafter: Drafter, eos_id: int | None = None,
+                 on_token: Callable[[int], None] | None = None) -> SpecGeneration:
+        from ds4jax.sampling import SamplingParams
+
+        eng = self.engine
+        eng.check_prompt(prompt)
+        params = SamplingParams(temperature=0.0).arrays()
+        key = jax.random.key(0)
+        state = eng.new_state()
+        t0 = time.perf_counter()
+        tok, _, state = eng.prefill(state, prompt, params, key)
+        tok = int(tok)
+        t1 = time.perf_counter()
+        out: list[int] = []
+        stats = SpecStats()
+        pos = len(prompt)
+        stop = "n_predict"
+
+        def emit(t: int) -> bool:
+            out.append(t)
+            if on_token is not None:
+                on_token(t)
+            return (eos_id is not None and t == eos_id) or len(out) >= n_predict
+
+        while True:
+            if emit(tok):
+                stop = "eos" if eos_id is not None and tok == eos_id else "n_predict"
+                break
+            if pos >= eng.ctx:
+                stop = "ctx"
+                break
+            draft = drafter(list(prompt) + out) if pos + 2 <= eng.ctx and len(out) + 1 < n_predict else None
+            if draft is None:
+                nxt, _, state = eng.decode(state, tok, params, key)
+                stats.plain_steps += 1
+                pos += 1
+                tok = int(nxt)
+                continue
+            n, nxt, _, _, state = self._verify(eng.weights, state, jnp.asarray([tok, draft], jnp.int32))
+            n = int(n)
+            stats.verify_steps += 1
+            stats.proposed += 1
+            pos += n
+            if n == 2:
+                stats.accepted += 1
+                if emit(draft):
+                    stop = "eos" if eos_id is not None and draft == eos_id else "n_predict"
+                    break
+            tok = int(nxt)
+        t2 = time.perf_counter()
+        return SpecGeneration(list(prompt), out, stats, t1 - t0, t2 - t1, stop)
+
+
+def oracle_drafter(reference: list[int], wrong_every: int = 0) -> Drafter:
+    """Drafts from a known continuation (tests): the true next token, or a wrong one every
+    ``wrong_every`` calls."""
+    calls = {"n": 0}
+
+    def draft(ids: list[int]) -> int | None:
+        calls["n"] += 1
+        i = len(ids)
+        if i >= len(reference):
+            return None
+        true = reference[i]
+        if wrong_every and calls["n"] % wrong_every == 0:
+            return (true + 1) % 1000
+        return true
+
+    return draft
