@@ -20,7 +20,7 @@ import numpy as np
 
 from ds4jax.config import ModelConfig
 from ds4jax.errors import DS4Error
-from ds4jax.model.forward import forward
+from ds4jax.model.forward import commit, forward_hidden, head
 from ds4jax.model.rope import rope_tables
 from ds4jax.model_file import ModelFiles
 from ds4jax.sampling import SamplingParams, sample
@@ -31,15 +31,19 @@ DEFAULT_CHUNK = 64
 
 
 def _prefill(cfg: ModelConfig, logits_rows: str, weights, state, tokens, n_valid, params, key):
-    logits, state = forward(cfg, weights, state, tokens, n_valid, logits_rows)
+    H, pending = forward_hidden(cfg, weights, state, tokens)
+    state = commit(cfg, state, pending, n_valid)
+    h_last = jax.lax.dynamic_index_in_dim(H, n_valid - 1, axis=0, keepdims=False)
+    logits = head(cfg, weights, h_last if logits_rows == "last" else H)
     last = logits if logits_rows == "last" else logits[n_valid - 1]
     pos = state["n_tokens"]
-    return sample(last, params, jax.random.fold_in(key, pos)), logits, state
+    # h_last: the final HC state of the last token, which the MTP drafter pairs with the next.
+    return sample(last, params, jax.random.fold_in(key, pos)), logits, state, h_last
 
 
 def _decode(cfg: ModelConfig, weights, state, token, params, key):
-    logits, state = forward(cfg, weights, state, token[None], jnp.int32(1), "last")
-    return sample(logits, params, jax.random.fold_in(key, state["n_tokens"])), logits, state
+    tok, logits, state, h = _prefill(cfg, "last", weights, state, token[None], jnp.int32(1), params, key)
+    return tok, logits, state, h
 
 
 @dataclasses.dataclass
@@ -117,7 +121,8 @@ class Engine:
 
     def prefill(self, state, ids, params, key, all_logits=False, progress: Callable[[int, int], None] | None = None):
         """Run ``ids`` through the model in chunks. Returns (next token, logits, state):
-        logits is the last row [V] (device), or every row [n, V] (host) with ``all_logits``."""
+        logits is the last row [V] (device), or every row [n, V] (host) with ``all_logits``.
+        The last token's final HC state is left in ``self.last_hidden``."""
         ids = np.asarray(ids, np.int32)
         fn = self.program("prefill_all" if all_logits else "prefill")
         rows = []
@@ -127,7 +132,7 @@ class Engine:
             n = len(part)
             tokens = np.zeros(self.chunk, np.int32)
             tokens[:n] = part
-            tok, logits, state = fn(self.weights, state, jnp.asarray(tokens), jnp.int32(n), params, key)
+            tok, logits, state, self.last_hidden = fn(self.weights, state, jnp.asarray(tokens), jnp.int32(n), params, key)
             if all_logits:
                 rows.append(np.asarray(logits)[:n])
             if progress is not None:
@@ -135,6 +140,11 @@ class Engine:
         return tok, (np.concatenate(rows) if all_logits else logits), state
 
     def decode(self, state, token, params, key):
+        """(next token, logits [V], state) after ``token``."""
+        return self.decode_hidden(state, token, params, key)[:3]
+
+    def decode_hidden(self, state, token, params, key):
+        """(next token, logits [V], state, final HC state of ``token``)."""
         return self.program("decode")(self.weights, state, jnp.asarray(token, jnp.int32), params, key)
 
     def generate(

@@ -11,6 +11,7 @@ statistics go to stderr. Bad flags, files or prompts print one line and exit non
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -38,6 +39,9 @@ flags.DEFINE_integer("seed", 0, "sampling seed (0 = from the clock)")
 flags.DEFINE_string("dump_logits", None, "save tokens (int32) and logits (float32, one row per token) to this .npz")
 flags.DEFINE_integer("chunk", 64, "prefill chunk size (tokens per compiled prefill step)")
 flags.DEFINE_bool("act_quant", True, "quantize activations to int8 blocks before quantized matmuls (ds4 CPU/CUDA)")
+flags.DEFINE_integer("mtp_draft", 2, "MTP speculative decoding: 2 = verify [token, draft] in one N=2 forward; 0 = off")
+flags.DEFINE_float("mtp_margin", 3.0, "draft only when the MTP's top-two logit margin is at least this")
+flags.DEFINE_bool("quality", False, "strict mode: the N=1 program token by token (also DS4JAX_MTP_STRICT=1)")
 flags.DEFINE_bool("summary", False, "print the model summary and exit")
 flags.DEFINE_bool("load", True, "with --summary: also repack all tensors into quant planes on the device")
 
@@ -130,21 +134,40 @@ def _generate(mf) -> None:
                 sys.stderr.write("\n")
             sys.stderr.flush()
 
-    g = engine.generate(ids, FLAGS.n_predict, sampling, eos_id=eos, on_token=on_token,
-                        keep_logits=FLAGS.dump_logits is not None, progress=progress)
+    spec = None
+    if FLAGS.mtp_draft not in (0, 2):
+        raise DS4Error(f"--mtp_draft must be 0 or 2 (the N=2 combined verifier), got {FLAGS.mtp_draft}")
+    strict = FLAGS.quality or os.environ.get("DS4JAX_MTP_STRICT", "") not in ("", "0")
+    if mf.mtp is not None and FLAGS.mtp_draft == 2 and not strict and FLAGS.dump_logits is None:
+        if sampling.greedy:
+            from ds4jax.speculative import MTPSpeculativeDecoder
+
+            spec = MTPSpeculativeDecoder(engine, margin=FLAGS.mtp_margin)
+        else:
+            print(f"{PROG}: warning: MTP speculative decoding needs greedy decoding (--temp 0); "
+                  "decoding without it", file=sys.stderr)
+    if spec is not None:
+        g = spec.generate(ids, FLAGS.n_predict, eos_id=eos, on_token=on_token)
+    else:
+        g = engine.generate(ids, FLAGS.n_predict, sampling, eos_id=eos, on_token=on_token,
+                            keep_logits=FLAGS.dump_logits is not None, progress=progress)
     if stream is not None:
         sys.stdout.write(stream.flush())
     sys.stdout.write("\n")
     sys.stdout.flush()
     n_dec = max(len(g.tokens) - 1, 0)
-    compile_s = sum(engine.compile_s.values())
+    prefill_tps = len(ids) / g.prefill_s if g.prefill_s > 0 else float("inf")
+    mode = "speculative (MTP, N=2 verifier)" if spec is not None else ("strict N=1" if strict else "plain")
     print(
-        f"compiled {len(engine.compile_s)} programs in {compile_s:.1f} s; "
-        f"prompt {len(ids)} tokens, prefill {g.prefill_s:.2f} s ({g.prefill_tps:.1f} tokens/s); "
-        f"generated {len(g.tokens)} tokens, decode {n_dec} steps in {g.decode_s:.2f} s ({g.decode_tps:.1f} tokens/s); "
+        f"{mode}: prompt {len(ids)} tokens, prefill {g.prefill_s:.2f} s ({prefill_tps:.1f} tokens/s); "
+        f"generated {len(g.tokens)} tokens, {n_dec} after the first in {g.decode_s:.2f} s ({g.decode_tps:.1f} tokens/s); "
         f"stop: {g.stop}",
         file=sys.stderr,
     )
+    if spec is not None:
+        s = g.stats
+        print(f"mtp: drafts proposed {s.proposed}, accepted {s.accepted} ({100 * s.acceptance:.1f}%), "
+              f"{g.tokens_per_step:.2f} tokens per step ({s.verify_steps} verify, {s.plain_steps} plain)", file=sys.stderr)
     if FLAGS.dump_logits is not None:
         tokens = np.asarray(list(ids) + g.tokens, np.int32)
         logits = np.stack(g.logits).astype(np.float32)

@@ -148,3 +148,112 @@ def oracle_drafter(reference: list[int], wrong_every: int = 0) -> Drafter:
         return true
 
     return draft
+
+
+# ---- with the MTP drafter: every step is one compiled program ---------------------------
+def combined_step(cfg: ModelConfig, weights, state, mtp_state, tokens):
+    """Verify [token, draft], commit, and draft the next token from the last committed
+    hidden and the chosen next token (seed pairing). Returns
+    (n, next, next_draft, margin, state, mtp_state)."""
+    from ds4jax.mtp import draft_margin, draft_step
+
+    n, nxt, _, H, state = verify(cfg, weights, state, tokens)
+    prev = jax.lax.dynamic_index_in_dim(H, n - 1, axis=0, keepdims=False)
+    d_logits, _, mtp_state = draft_step(cfg, weights, mtp_state, prev, nxt, state["n_tokens"])
+    return n, nxt, jnp.argmax(d_logits).astype(jnp.int32), draft_margin(d_logits), state, mtp_state
+
+
+def plain_draft_step(cfg: ModelConfig, weights, state, mtp_state, token):
+    """One plain greedy token (the N=1 program) plus the draft for the token after it."""
+    from ds4jax.mtp import draft_margin, draft_step
+
+    H, pending = forward_hidden(cfg, weights, state, token[None])
+    state = commit(cfg, state, pending, jnp.int32(1))
+    nxt = jnp.argmax(head(cfg, weights, H[0])).astype(jnp.int32)
+    d_logits, _, mtp_state = draft_step(cfg, weights, mtp_state, H[0], nxt, state["n_tokens"])
+    return nxt, jnp.argmax(d_logits).astype(jnp.int32), draft_margin(d_logits), state, mtp_state
+
+
+def first_draft(cfg: ModelConfig, weights, mtp_state, prev_hc, token, pos):
+    from ds4jax.mtp import draft_margin, draft_step
+
+    d_logits, _, mtp_state = draft_step(cfg, weights, mtp_state, prev_hc, token, pos)
+    return jnp.argmax(d_logits).astype(jnp.int32), draft_margin(d_logits), mtp_state
+
+
+class MTPSpeculativeDecoder:
+    """Greedy generation drafting with the MTP head and verifying with the N=2 program.
+
+    ``margin``: draft only when the MTP's top-two logit gap is at least this (ds4's
+    --mtp-margin, default 3.0); otherwise the step runs the plain N=1 program."""
+
+    def __init__(self, engine, margin: float = 3.0):
+        from ds4jax.errors import DS4Error
+
+        if engine.weights.get("mtp") is None:
+            raise DS4Error("MTP speculative decoding needs an MTP GGUF (--mtp)")
+        cfg = engine.cfg
+        self.engine, self.margin = engine, float(margin)
+        self._combined = jax.jit(partial(combined_step, cfg), donate_argnums=(1, 2))
+        self._plain = jax.jit(partial(plain_draft_step, cfg), donate_argnums=(1, 2))
+        self._first = jax.jit(partial(first_draft, cfg), donate_argnums=(1,))
+
+    def generate(self, prompt: list[int], n_predict: int, eos_id: int | None = None,
+                 on_token: Callable[[int], None] | None = None) -> SpecGeneration:
+        from ds4jax.mtp import init_mtp_state
+        from ds4jax.sampling import SamplingParams
+
+        eng = self.engine
+        w = eng.weights
+        eng.check_prompt(prompt)
+        params = SamplingParams(temperature=0.0).arrays()
+        state = eng.new_state()
+        t0 = time.perf_counter()
+        tok, _, state = eng.prefill(state, prompt, params, jax.random.key(0))
+        pos = len(prompt)
+        draft, margin, mtp_state = self._first(w, init_mtp_state(eng.cfg), eng.last_hidden, tok, jnp.int32(pos))
+        tok, draft, margin = int(tok), int(draft), float(margin)
+        t1 = time.perf_counter()
+        if not hasattr(self, "_programs"):  # compile both step programs outside the timings
+            pair, one = jnp.zeros(2, jnp.int32), jnp.zeros((), jnp.int32)
+            self._programs = (self._combined.lower(w, state, mtp_state, pair).compile(),
+                              self._plain.lower(w, state, mtp_state, one).compile())
+            self.compile_s = time.perf_counter() - t1
+            t1 = time.perf_counter()
+        combined, plain = self._programs
+        out: list[int] = []
+        stats = SpecStats()
+        stop = "n_predict"
+
+        def emit(t: int) -> bool:
+            out.append(t)
+            if on_token is not None:
+                on_token(t)
+            return (eos_id is not None and t == eos_id) or len(out) >= n_predict
+
+        while True:
+            if emit(tok):
+                stop = "eos" if eos_id is not None and tok == eos_id else "n_predict"
+                break
+            if pos >= eng.ctx:
+                stop = "ctx"
+                break
+            use = margin >= self.margin and pos + 2 <= eng.ctx and len(out) + 1 < n_predict
+            if use:
+                n, nxt, d, m, state, mtp_state = combined(w, state, mtp_state, jnp.asarray([tok, draft], jnp.int32))
+                n = int(n)
+                stats.verify_steps += 1
+                stats.proposed += 1
+                pos += n
+                if n == 2:
+                    stats.accepted += 1
+                    if emit(draft):
+                        stop = "eos" if eos_id is not None and draft == eos_id else "n_predict"
+                        break
+            else:
+                nxt, d, m, state, mtp_state = plain(w, state, mtp_state, jnp.asarray(tok, jnp.int32))
+                stats.plain_steps += 1
+                pos += 1
+            tok, draft, margin = int(nxt), int(d), float(m)
+        t2 = time.perf_counter()
+        return SpecGeneration(list(prompt), out, stats, t1 - t0, t2 - t1, stop)

@@ -75,3 +75,69 @@ def test_state_after_accept_and_reject_equals_plain_decode(spec, prompt, plain):
     assert int(n) == 2 and int(nxt) == t2
     assert np.array_equal(np.asarray(logits[1]), np.asarray(l1))
     _assert_same_state(_visible_state(cfg, st), after_t1)
+
+
+@pytest.fixture(scope="module")
+def mtp_decoders(spec):
+    from ds4jax.speculative import MTPSpeculativeDecoder
+
+    return {m: MTPSpeculativeDecoder(spec.engine, margin=m) for m in (0.0, 1e9)}
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_mtp_combined_output_equals_plain_greedy(tiny_files, spec, mtp_decoders, seed):
+    prompt = np.random.default_rng(seed).integers(0, tiny_files.config.n_vocab, 37 + seed).tolist()
+    plain = spec.engine.generate(prompt, 24, GREEDY).tokens
+    always = mtp_decoders[0.0].generate(prompt, 24)
+    never = mtp_decoders[1e9].generate(prompt, 24)
+    assert not divergences(always.tokens, plain), divergences(always.tokens, plain)[:5]
+    assert not divergences(never.tokens, plain)
+    assert len(always.tokens) == len(never.tokens) == 24
+    # margin 0 drafts at every step that has room; an infinite margin never drafts
+    assert always.stats.proposed == always.stats.verify_steps > 0 and never.stats.proposed == 0
+    assert never.stats.plain_steps == 23
+    s = always.stats
+    assert len(always.tokens) - 1 == s.verify_steps + s.accepted + s.plain_steps
+
+
+def test_mtp_draft_step_state_and_holes(tiny_files, spec):
+    """The MTP window keeps each row at its position; positions it never ran are holes."""
+    import jax
+
+    from ds4jax.mtp import draft_step, init_mtp_state
+
+    eng = spec.engine
+    cfg = eng.cfg
+    st = init_mtp_state(cfg)
+    h = jnp.asarray(np.random.default_rng(0).standard_normal((cfg.n_hc, cfg.n_embd)), jnp.float32)
+    step = jax.jit(lambda s, t, p: draft_step(cfg, eng.weights, s, h, t, p))
+    l1, _, st1 = step(st, jnp.int32(7), jnp.int32(10))
+    assert np.asarray(st1["ring_pos"]).tolist().count(10) == 1
+    # Running position 12 with or without a row at 11 differs only through that row;
+    # a stale row for 12 - n_swa is not visible to position 12.
+    _, _, st2 = step(st1, jnp.int32(8), jnp.int32(12))
+    ring_pos = np.asarray(st2["ring_pos"])
+    assert sorted(ring_pos[ring_pos >= 0].tolist()) == [10, 12]
+    far, _, _ = step(st2, jnp.int32(9), jnp.int32(12 + cfg.n_swa + 5))  # all stored rows out of the window
+    alone, _, _ = step(init_mtp_state(cfg), jnp.int32(9), jnp.int32(12 + cfg.n_swa + 5))
+    assert np.array_equal(np.asarray(far), np.asarray(alone))
+    assert np.all(np.isfinite(np.asarray(l1)))
+
+
+def test_cli_speculative_strict_and_plain_agree(tiny_paths, prompt):
+    from conftest import run_cli
+
+    ids = "--prompt_ids=" + ",".join(map(str, prompt[:30]))
+    common = [ids, "--temp=0", "--n_predict=10", f"--ctx={CTX}", f"--chunk={CHUNK}"]
+    spec = run_cli("ds4jax.main", *common, "--mtp_draft=2", "--mtp_margin=0")
+    strict = run_cli("ds4jax.main", *common, "--quality")
+    plain = run_cli("ds4jax.main", *common, "--mtp_draft=0")
+    for r in (spec, strict, plain):
+        assert r.returncode == 0, r.stderr
+    assert spec.stdout == strict.stdout == plain.stdout
+    assert "mtp: drafts proposed" in spec.stderr and "speculative" in spec.stderr
+    assert "strict N=1" in strict.stderr
+    warm = run_cli("ds4jax.main", ids, "--temp=0.8", "--n_predict=2", f"--ctx={CTX}", f"--chunk={CHUNK}")
+    assert warm.returncode == 0 and warm.stderr.count("warning: MTP speculative decoding needs greedy") == 1
+    bad = run_cli("ds4jax.main", ids, "--mtp_draft=3")
+    assert bad.returncode == 1 and "--mtp_draft must be 0 or 2" in bad.stderr

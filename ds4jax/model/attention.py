@@ -48,12 +48,13 @@ def sink_attention(q, parts, sink, scale):
     return o * div(1.0, den)[..., None]  # ds4 normalises with a reciprocal multiply
 
 
-def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rope: dict):
+def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rope: dict, raw_mask=None):
     """x [T, n_embd] (HC-pre output) -> (y [T, n_embd], pending).
 
     ``pending`` holds what the chunk adds to the layer state; ``commit_layer`` turns it into
     the state after any number of the chunk's tokens (all for prefill and decode; the
-    accepted prefix for the speculative verifier). ``rope``: the rope_tables."""
+    accepted prefix for the speculative verifier). ``rope``: the rope_tables. ``raw_mask``
+    [n_swa] marks which stored raw rows exist (default: all at their positions)."""
     T = x.shape[0]
     H, hd, eps = cfg.n_head, cfg.head_dim, cfg.rms_eps
     pos = pos0 + jnp.arange(T, dtype=jnp.int32)
@@ -76,6 +77,8 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
     raw_all = jnp.concatenate([st["raw"], kv16], axis=0)  # [W + T, hd]
     kpos = pos0 - W + jnp.arange(W + T, dtype=jnp.int32)
     raw_valid = (kpos[None, :] >= 0) & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
+    if raw_mask is not None:  # stored rows that hold no token (the MTP window's holes)
+        raw_valid = raw_valid & jnp.concatenate([raw_mask, jnp.ones((T,), bool)])[None, :]
     pending = {"raw_all": raw_all}
 
     parts = [(raw_all.astype(F32), raw_valid)]

@@ -1,0 +1,74 @@
+"""The MTP drafter (SPECULATIVE.md §1.4): one extra block that guesses the next token.
+
+A draft step takes the base model's final HC state ``prev_hc`` [n_hc, n_embd] and a token:
+the token's embedding (enorm, e_proj) is added to every hnorm'ed, h_proj'ed HC row, the
+``mtp.0`` block runs like a base layer with no compression (raw window only, base RoPE
+without YaRN, biased top-k routing: ds4 runs it as layer index 1 with no hash table),
+then its own HC head and norm feed the base LM head.
+
+Input pairing (which hidden goes with which token) is the seed's (h_{p-1}, t_p): the
+hidden of the last committed token with the token just chosen, as DeepSeek-V3 defines
+MTP; it is the only pairing the combined verifier can use, since the hidden of t_p does
+not exist before t_p is verified.
+
+The MTP keeps its own raw window as a ring indexed by position with the position of
+each row, so positions it never ran (after an accepted draft) are holes that attention
+skips, instead of stale rows counted as visible (an upstream hole not copied).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ds4jax.config import ModelConfig
+from ds4jax.model.forward import embed, layer
+from ds4jax.model.hc import hc_head
+from ds4jax.model.linear import dense
+from ds4jax.model.numerics import F32, rms_norm
+
+
+def block_config(cfg: ModelConfig) -> ModelConfig:
+    """The base config seen by the MTP block: one ratio-0, non-hash layer."""
+    return dataclasses.replace(cfg, n_layer=1, compress_ratios=(0,), n_hash_layer=0, swiglu_clamp=(cfg.swiglu_clamp[0],))
+
+
+def init_mtp_state(cfg: ModelConfig) -> dict:
+    W = cfg.n_swa
+    return {"ring": jnp.zeros((W, cfg.head_dim), jnp.float16), "ring_pos": jnp.full((W,), -1, jnp.int32)}
+
+
+def draft_step(cfg: ModelConfig, weights: dict, mtp_state: dict, prev_hc, token, pos):
+    """(logits [V], out_hc [n_hc, n_embd], mtp_state') for ``token`` at position ``pos``."""
+    mcfg = block_config(cfg)
+    w = weights["mtp"]
+    eps, aq = cfg.rms_eps, cfg.act_quant
+    e = embed(weights, token[None], 1)[0, 0]  # [n_embd]
+    ep = dense(rms_norm(e, w["enorm"].planes["w"], eps), w["e_proj"], aq)
+    hp = dense(rms_norm(prev_hc, w["hnorm"].planes["w"], eps), w["h_proj"], aq)  # [n_hc, n_embd]
+    X = (hp + ep[None, :])[None]  # [1, n_hc, n_embd]
+
+    # The ring in logical order (positions pos-W .. pos-1) and which of those rows exist.
+    W = cfg.n_swa
+    want = pos - W + jnp.arange(W, dtype=jnp.int32)
+    slot = jnp.mod(want, W)
+    st = {"raw": mtp_state["ring"][slot]}
+    have = mtp_state["ring_pos"][slot] == want
+    H, pending = layer(mcfg, 0, w, st, X, token[None], pos, weights["rope"], raw_mask=have)
+    kv_row = pending["raw_all"][W]  # this step's K=V row
+    new_state = {
+        "ring": mtp_state["ring"].at[jnp.mod(pos, W)].set(kv_row),
+        "ring_pos": mtp_state["ring_pos"].at[jnp.mod(pos, W)].set(pos),
+    }
+    h = hc_head(H, w["hc_head_fn"], w["hc_head_scale"].planes["w"], w["hc_head_base"].planes["w"], eps, cfg.hc_eps)
+    logits = dense(rms_norm(h, w["norm"].planes["w"], eps), weights["output"], aq)[0]
+    return logits, H[0], new_state
+
+
+def draft_margin(logits) -> jax.Array:
+    """Logit gap between the MTP's top two tokens (the confidence gate of --mtp_margin)."""
+    top2 = lax.top_k(logits.astype(F32), 2)[0]
+    return top2[0] - top2[1]
