@@ -4,6 +4,7 @@
     python -m ds4jax.main --model M.gguf --mtp M-mtp.gguf --prompt_file p.txt
     python -m ds4jax.main --prompt_ids 0,15,27 --temp 0 --dump_logits out.npz
     python -m ds4jax.main --summary                            # shapes, types, bytes
+    python -m ds4jax.main                                      # interactive chat (/help)
 
 Text prompts are rendered with ds4's chat template; generated text streams to stdout,
 statistics go to stderr. Bad flags, files or prompts print one line and exit non-zero.
@@ -98,32 +99,29 @@ def _prompt_ids(mf, tokenizer) -> list[int]:
     return render_prompt(tokenizer, text, system=system, think=FLAGS.think, ctx=FLAGS.ctx)
 
 
-def _generate(mf) -> None:
-    import numpy as np
-
+def _runner(mf, ctx: int, weights=None):
+    """(engine, run(ids, on_token, keep_logits) -> generation, mode) for the flags given."""
     from ds4jax.engine import Engine
     from ds4jax.sampling import SamplingParams
-    from ds4jax.tokenizer import StreamDecoder, Tokenizer
 
-    tokenizer = Tokenizer.from_gguf_metadata(mf.base.metadata) if "tokenizer.ggml.tokens" in mf.base.metadata else None
-    ids = _prompt_ids(mf, tokenizer)
     seed = FLAGS.seed if FLAGS.seed != 0 else int(time.time_ns() & 0x7FFFFFFF)
     sampling = SamplingParams(FLAGS.temp, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p, seed).validate()
     if FLAGS.n_predict < 0:
         raise DS4Error(f"--n_predict must be >= 0, got {FLAGS.n_predict}")
-    engine = Engine(mf, ctx=FLAGS.ctx, chunk=FLAGS.chunk, act_quant=FLAGS.act_quant)
-    engine.check_prompt(ids)
+    if FLAGS.mtp_draft not in (0, 2):
+        raise DS4Error(f"--mtp_draft must be 0 or 2 (the N=2 combined verifier), got {FLAGS.mtp_draft}")
+    engine = Engine(mf, ctx=ctx, chunk=FLAGS.chunk, act_quant=FLAGS.act_quant, weights=weights)
+    strict = FLAGS.quality or os.environ.get("DS4JAX_MTP_STRICT", "") not in ("", "0")
+    spec = None
+    if mf.mtp is not None and FLAGS.mtp_draft == 2 and not strict and FLAGS.dump_logits is None:
+        if sampling.greedy:
+            from ds4jax.speculative import MTPSpeculativeDecoder
 
-    stream = StreamDecoder(tokenizer) if tokenizer is not None else None
-    eos = tokenizer.eos_id if tokenizer is not None else None
-
-    def on_token(t: int) -> None:
-        if stream is not None:
-            if t != eos:
-                sys.stdout.write(stream.feed(t))
+            spec = MTPSpeculativeDecoder(engine, margin=FLAGS.mtp_margin)
         else:
-            sys.stdout.write(f"{t} ")
-        sys.stdout.flush()
+            print(f"{PROG}: warning: MTP speculative decoding needs greedy decoding (--temp 0); "
+                  "decoding without it", file=sys.stderr)
+    mode = "speculative (MTP, N=2 verifier)" if spec is not None else ("strict N=1" if strict else "plain")
 
     def progress(done: int, total: int) -> None:
         if total > 4 * engine.chunk and sys.stderr.isatty():
@@ -134,40 +132,80 @@ def _generate(mf) -> None:
                 sys.stderr.write("\n")
             sys.stderr.flush()
 
-    spec = None
-    if FLAGS.mtp_draft not in (0, 2):
-        raise DS4Error(f"--mtp_draft must be 0 or 2 (the N=2 combined verifier), got {FLAGS.mtp_draft}")
-    strict = FLAGS.quality or os.environ.get("DS4JAX_MTP_STRICT", "") not in ("", "0")
-    if mf.mtp is not None and FLAGS.mtp_draft == 2 and not strict and FLAGS.dump_logits is None:
-        if sampling.greedy:
-            from ds4jax.speculative import MTPSpeculativeDecoder
+    eos = engine_eos(mf)
 
-            spec = MTPSpeculativeDecoder(engine, margin=FLAGS.mtp_margin)
-        else:
-            print(f"{PROG}: warning: MTP speculative decoding needs greedy decoding (--temp 0); "
-                  "decoding without it", file=sys.stderr)
-    if spec is not None:
-        g = spec.generate(ids, FLAGS.n_predict, eos_id=eos, on_token=on_token)
-    else:
-        g = engine.generate(ids, FLAGS.n_predict, sampling, eos_id=eos, on_token=on_token,
-                            keep_logits=FLAGS.dump_logits is not None, progress=progress)
-    if stream is not None:
-        sys.stdout.write(stream.flush())
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    def run(ids, on_token, keep_logits=False):
+        engine.check_prompt(ids)
+        if spec is not None:
+            return spec.generate(ids, FLAGS.n_predict, eos_id=eos, on_token=on_token)
+        return engine.generate(ids, FLAGS.n_predict, sampling, eos_id=eos, on_token=on_token,
+                               keep_logits=keep_logits, progress=progress)
+
+    return engine, run, mode
+
+
+def engine_eos(mf):
+    """The EOS id from the vocabulary, if the model carries one."""
+    toks = mf.base.metadata.get("tokenizer.ggml.tokens")
+    if toks is None:
+        return None
+    eos = mf.base.metadata.get("tokenizer.ggml.eos_token_id")
+    return int(eos) if eos is not None else None
+
+
+def _report(g, n_prompt: int, mode: str) -> None:
     n_dec = max(len(g.tokens) - 1, 0)
-    prefill_tps = len(ids) / g.prefill_s if g.prefill_s > 0 else float("inf")
-    mode = "speculative (MTP, N=2 verifier)" if spec is not None else ("strict N=1" if strict else "plain")
+    prefill_tps = n_prompt / g.prefill_s if g.prefill_s > 0 else float("inf")
     print(
-        f"{mode}: prompt {len(ids)} tokens, prefill {g.prefill_s:.2f} s ({prefill_tps:.1f} tokens/s); "
+        f"{mode}: prompt {n_prompt} tokens, prefill {g.prefill_s:.2f} s ({prefill_tps:.1f} tokens/s); "
         f"generated {len(g.tokens)} tokens, {n_dec} after the first in {g.decode_s:.2f} s ({g.decode_tps:.1f} tokens/s); "
         f"stop: {g.stop}",
         file=sys.stderr,
     )
-    if spec is not None:
-        s = g.stats
-        print(f"mtp: drafts proposed {s.proposed}, accepted {s.accepted} ({100 * s.acceptance:.1f}%), "
-              f"{g.tokens_per_step:.2f} tokens per step ({s.verify_steps} verify, {s.plain_steps} plain)", file=sys.stderr)
+    stats = getattr(g, "stats", None)
+    if stats is not None:
+        print(f"mtp: drafts proposed {stats.proposed}, accepted {stats.accepted} ({100 * stats.acceptance:.1f}%), "
+              f"{g.tokens_per_step:.2f} tokens per step ({stats.verify_steps} verify, {stats.plain_steps} plain)",
+              file=sys.stderr)
+
+
+def _tokenizer(mf):
+    from ds4jax.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf_metadata(mf.base.metadata) if "tokenizer.ggml.tokens" in mf.base.metadata else None
+
+
+def _generate(mf) -> None:
+    import numpy as np
+
+    from ds4jax.tokenizer import StreamDecoder
+
+    tokenizer = _tokenizer(mf)
+    ids = _prompt_ids(mf, tokenizer)
+    engine, run, mode = _runner(mf, FLAGS.ctx)
+    engine.check_prompt(ids)
+    stream = StreamDecoder(tokenizer) if tokenizer is not None else None
+    eos = engine_eos(mf)
+
+    def on_token(t: int) -> None:
+        if stream is not None:
+            if t != eos:
+                sys.stdout.write(stream.feed(t))
+        else:
+            sys.stdout.write(f"{t} ")
+        sys.stdout.flush()
+
+    try:
+        g = run(ids, on_token, keep_logits=FLAGS.dump_logits is not None)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        print(f"{PROG}: stopped", file=sys.stderr)
+        return
+    if stream is not None:
+        sys.stdout.write(stream.flush())
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _report(g, len(ids), mode)
     if FLAGS.dump_logits is not None:
         tokens = np.asarray(list(ids) + g.tokens, np.int32)
         logits = np.stack(g.logits).astype(np.float32)
@@ -178,16 +216,34 @@ def _generate(mf) -> None:
         print(f"wrote {FLAGS.dump_logits}: tokens {tokens.shape}, logits {logits.shape}", file=sys.stderr)
 
 
+def _chat(mf) -> None:
+    from ds4jax.chat import DEFAULT_SYSTEM
+    from ds4jax.repl import ChatSession
+    from ds4jax.weights import load_weights
+
+    tokenizer = _tokenizer(mf)
+    if tokenizer is None:
+        raise DS4Error(f"{mf.base.path} has no tokenizer metadata: chat needs one (use --prompt_ids)")
+    weights = load_weights(mf)
+
+    def make(ctx: int):
+        _, run, _ = _runner(mf, ctx, weights=weights)
+        return lambda ids, on_token: run(ids, on_token)
+
+    system = DEFAULT_SYSTEM if FLAGS.system is None else FLAGS.system
+    ChatSession(tokenizer, system, FLAGS.think, FLAGS.ctx, make).run()
+
+
 def main(argv: list[str] | None = None) -> int:
     parse_flags(list(argv if argv is not None else sys.argv), PROG)
     try:
         from ds4jax.model_file import open_model
 
         mf = open_model(*_model_paths())
-        if FLAGS.summary or all(getattr(FLAGS, n) is None for n in ("prompt", "prompt_file", "prompt_ids")):
+        if FLAGS.summary:
             _summary(mf)
-            if not FLAGS.summary:
-                print("(no prompt given: pass --prompt, --prompt_file or --prompt_ids to generate)")
+        elif all(getattr(FLAGS, n) is None for n in ("prompt", "prompt_file", "prompt_ids")):
+            _chat(mf)
         else:
             _generate(mf)
     except DS4Error as e:

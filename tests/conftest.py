@@ -27,14 +27,14 @@ def tiny_files(tiny_paths):
     return open_model(*tiny_paths)
 
 
-def run_cli(module, *args, env_extra=None, timeout=600):
-    """Run ``python -m module args`` in a subprocess; returns CompletedProcess."""
+def run_cli(module, *args, env_extra=None, timeout=600, stdin=""):
+    """Run ``python -m module args`` in a subprocess (``stdin`` as its input)."""
     import subprocess
 
     env = dict(os.environ)
     env.update(env_extra or {})
     return subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout, input=stdin
     )
 
 # Share compiled programs between the test process and the CLI subprocesses it starts.

@@ -4,7 +4,7 @@ from conftest import run_cli
 
 
 def test_main_loads_default_model_and_prints_summary(tiny_paths):
-    r = run_cli("ds4jax.main")
+    r = run_cli("ds4jax.main", "--summary")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "layers     4 (compress ratios 0,0,4,128; hash-routed layers 0..2)" in out
@@ -16,6 +16,16 @@ def test_main_loads_default_model_and_prints_summary(tiny_paths):
 
 
 def test_main_without_mtp_file_says_so(tiny_paths):
-    r = run_cli("ds4jax.main", f"--model={tiny_paths[0]}", "--noload")
+    r = run_cli("ds4jax.main", f"--model={tiny_paths[0]}", "--summary", "--noload")
     assert r.returncode == 0, r.stderr
     assert "mtp        not loaded" in r.stdout and "loaded " not in r.stdout
+
+
+def test_chat_reads_turns_and_commands_from_stdin(tiny_paths):
+    turns = "/help\n/think\nCiao!\n/nothink\n/ctx 300\nE adesso?\n/bogus\n/quit\nnever read\n"
+    r = run_cli("ds4jax.main", "--temp=0", "--n_predict=3", "--ctx=512", "--chunk=32", "--mtp_draft=0", stdin=turns)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "/nothink" in out and "thinking: high" in out and "thinking: off" in out
+    assert "context: 300 tokens" in out and "unknown command /bogus" in out
+    assert r.stderr.count("plain: prompt") == 0  # chat answers carry no per-turn report
