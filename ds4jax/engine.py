@@ -46,6 +46,17 @@ def _decode(cfg: ModelConfig, weights, state, token, params, key):
     return tok, logits, state, h
 
 
+def check_prompt(ids: list[int], ctx: int, n_vocab: int) -> None:
+    """A prompt must be non-empty, fit the context and use ids of the vocabulary."""
+    if not ids:
+        raise DS4Error("empty prompt")
+    if len(ids) > ctx:
+        raise DS4Error(f"prompt of {len(ids)} tokens does not fit the context of {ctx} tokens (--ctx)")
+    bad = [t for t in ids if not 0 <= t < n_vocab]
+    if bad:
+        raise DS4Error(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+
+
 @dataclasses.dataclass
 class Generation:
     prompt: list[int]
@@ -111,13 +122,7 @@ class Engine:
         return init_state(self.cfg, self.ctx, self.chunk)
 
     def check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise DS4Error("empty prompt")
-        if len(ids) > self.ctx:
-            raise DS4Error(f"prompt of {len(ids)} tokens does not fit the context of {self.ctx} tokens (--ctx)")
-        bad = [t for t in ids if not 0 <= t < self.cfg.n_vocab]
-        if bad:
-            raise DS4Error(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.n_vocab - 1})")
+        check_prompt(ids, self.ctx, self.cfg.n_vocab)
 
     def prefill(self, state, ids, params, key, all_logits=False, progress: Callable[[int, int], None] | None = None):
         """Run ``ids`` through the model in chunks. Returns (next token, logits, state):

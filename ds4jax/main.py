@@ -182,8 +182,10 @@ def _generate(mf) -> None:
 
     tokenizer = _tokenizer(mf)
     ids = _prompt_ids(mf, tokenizer)
+    from ds4jax.engine import check_prompt
+
+    check_prompt(ids, FLAGS.ctx, mf.config.n_vocab)  # before any warning or compile
     engine, run, mode = _runner(mf, FLAGS.ctx)
-    engine.check_prompt(ids)
     stream = StreamDecoder(tokenizer) if tokenizer is not None else None
     eos = engine_eos(mf)
 

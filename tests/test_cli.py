@@ -22,10 +22,13 @@ def test_main_without_mtp_file_says_so(tiny_paths):
 
 
 def test_chat_reads_turns_and_commands_from_stdin(tiny_paths):
-    turns = "/help\n/think\nCiao!\n/nothink\n/ctx 300\nE adesso?\n/bogus\n/quit\nnever read\n"
+    # (/ctx builds a new engine; no turn after it, so the test compiles one prefill + decode)
+    turns = "/help\n/think\nCiao!\n/nothink\nE adesso?\n/ctx 300\n/ctx zero\n/bogus\n/quit\nnever read\n"
     r = run_cli("ds4jax.main", "--temp=0", "--n_predict=3", "--ctx=512", "--chunk=32", "--mtp_draft=0", stdin=turns)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "/nothink" in out and "thinking: high" in out and "thinking: off" in out
-    assert "context: 300 tokens" in out and "unknown command /bogus" in out
+    assert "context: 300 tokens" in out and "usage: /ctx N" in out and "unknown command /bogus" in out
+    assert len([ln for ln in out.splitlines() if ln.strip() and not ln.startswith(("  /", "commands", "thinking",
+                                                                                   "context", "usage", "unknown"))]) >= 2
     assert r.stderr.count("plain: prompt") == 0  # chat answers carry no per-turn report

@@ -141,3 +141,29 @@ def test_cli_speculative_strict_and_plain_agree(tiny_paths, prompt):
     assert warm.returncode == 0 and warm.stderr.count("warning: MTP speculative decoding needs greedy") == 1
     bad = run_cli("ds4jax.main", ids, "--mtp_draft=3")
     assert bad.returncode == 1 and "--mtp_draft must be 0 or 2" in bad.stderr
+
+
+def test_mtp_draft_step_matches_float64_reference(tiny_files, spec):
+    """The MTP block + head against the float64 reference (consecutive steps, so the
+    positioned window and the reference's last-n_swa window hold the same rows)."""
+    import jax
+
+    from reference.forward64 import RefModel
+    from ds4jax.mtp import draft_step, init_mtp_state
+
+    eng = Engine(tiny_files, ctx=CTX, chunk=CHUNK, act_quant=False, weights=spec.engine.weights)
+    cfg = eng.cfg
+    rng = np.random.default_rng(2)
+    prev = rng.standard_normal((cfg.n_hc, cfg.n_embd)).astype(np.float32)
+    toks = rng.integers(0, cfg.n_vocab, 40).tolist()
+    step = jax.jit(lambda s, h, t, p: draft_step(cfg, eng.weights, s, h, t, p))
+    ref = RefModel(tiny_files, act_quant=False)
+    ls = ref.new_mtp_state()
+    st = init_mtp_state(cfg)
+    errs = []
+    for i, t in enumerate(toks):  # 40 steps: the 32-row window slides
+        got, _, st = step(st, jnp.asarray(prev), jnp.int32(t), jnp.int32(100 + i))
+        want = ref.mtp_step(ls, prev.astype(np.float64), t, 100 + i)
+        errs.append(np.abs(np.asarray(got, np.float64) - want).max())
+    print(f"\nmtp step vs float64: max|dlogit| {max(errs):.2e}")
+    assert max(errs) < 1e-2

@@ -372,10 +372,12 @@ def frontier_rows(ratio: int, n_tokens: int) -> np.ndarray:
 class _Layer:
     """Float64 weights of one block (F16/F32 dequantized, Q8_0 as Q8Matrix, experts lazily)."""
 
-    def __init__(self, mf, L: int):
+    def __init__(self, mf, L: int, mtp: bool = False):
+        """Base layer L, or (mtp=True) the MTP block, which ds4 runs as layer 1 without
+        compression or hash routing (SPECULATIVE.md §1.4)."""
         c = mf.config
-        T = mf.base.tensors
-        p = f"blk.{L}."
+        T = mf.mtp.tensors if mtp else mf.base.tensors
+        p = "mtp.0." if mtp else f"blk.{L}."
         self.L = L
         self.tensors = {k: T[p + k] for k in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")}
         self.hc_attn = (
@@ -405,12 +407,12 @@ class _Layer:
         self.sh_gate = Q8Matrix(T[p + "ffn_gate_shexp.weight"])
         self.sh_up = Q8Matrix(T[p + "ffn_up_shexp.weight"])
         self.sh_down = Q8Matrix(T[p + "ffn_down_shexp.weight"])
-        self.tid2eid = _plain(T[p + "ffn_gate_tid2eid.weight"]) if c.is_hash_layer(L) else None
-        self.ratio = c.ratio(L)
+        self.tid2eid = _plain(T[p + "ffn_gate_tid2eid.weight"]) if c.is_hash_layer(L) and not mtp else None
+        self.ratio = 0 if mtp else c.ratio(L)
         self.rope = Rope.for_layer(c, L)
         if self.ratio:
             self.cmp = {k: _plain(T[p + f"attn_compressor_{k}.weight"]) for k in ("ape", "kv", "gate", "norm")}
-        if c.has_indexer(L):
+        if c.has_indexer(L) and not mtp:
             self.icmp = {k: _plain(T[p + f"indexer_compressor_{k}.weight"]) for k in ("ape", "kv", "gate", "norm")}
             self.idx_q_b = _plain(T[p + "indexer.attn_q_b.weight"])
             self.idx_proj = _plain(T[p + "indexer.proj.weight"])
@@ -433,6 +435,7 @@ class RefModel:
     """The reference model: ``new_state()``, then ``step(state, token)`` per token (§4.14)."""
 
     def __init__(self, mf, act_quant: bool = True):
+        self._mf = mf
         self.cfg = c = mf.config
         self.act_quant = act_quant
         T = mf.base.tensors
@@ -593,6 +596,38 @@ class RefModel:
         pre = fn @ rms_norm(H.reshape(-1), None, c.rms_eps)
         h = (sigmoid(pre * scale[0] + base) + c.hc_eps) @ H
         return self._q8(self.lm_head, rms_norm(h, self.out_norm, c.rms_eps))
+
+    # ---- SPECULATIVE.md §1.4 the MTP draft step ---------------------------------------------
+    def new_mtp_state(self) -> LayerState:
+        c = self.cfg
+        return LayerState(ratio=0, raw=np.zeros((0, c.head_dim)), comp=np.zeros((0, c.head_dim)),
+                          index=np.zeros((0, c.idx_head_dim)), attn=None, idx=None)
+
+    def mtp_step(self, ls: LayerState, prev_hc: np.ndarray, token: int, pos: int) -> np.ndarray:
+        """One MTP draft step: logits for the token after ``token`` from the HC state
+        ``prev_hc`` [n_hc, n_embd]; ``ls`` holds the MTP block's raw window (consecutive steps)."""
+        c, mf = self.cfg, self._mf
+        if not hasattr(self, "_mtp"):
+            T = mf.mtp.tensors
+            self._mtp = {
+                "W": _Layer(mf, 1, mtp=True),
+                "e_proj": Q8Matrix(T["mtp.0.e_proj.weight"]), "h_proj": Q8Matrix(T["mtp.0.h_proj.weight"]),
+                **{k: _plain(T[f"mtp.0.{k}.weight"]) for k in ("enorm", "hnorm", "norm", "hc_head_fn",
+                                                               "hc_head_scale", "hc_head_base")},
+            }
+        m = self._mtp
+        W = m["W"]
+        e = self.embd_f16[token].astype(np.float64)
+        ep = self._q8(m["e_proj"], rms_norm(e, m["enorm"], c.rms_eps))
+        H = np.stack([self._q8(m["h_proj"], rms_norm(r, m["hnorm"], c.rms_eps)) for r in prev_hc]) + ep[None]
+        st = RefState(pos, [ls], [], [{}], [[]])
+        x, post, C = self.hc_pre(H, *W.hc_attn)
+        H = self.hc_post(H, self.attention(ls, W, x, pos, st), post, C)
+        x, post, C = self.hc_pre(H, *W.hc_ffn)
+        H = self.hc_post(H, self.ffn(W, x, token, st), post, C)
+        pre = m["hc_head_fn"] @ rms_norm(H.reshape(-1), None, c.rms_eps)
+        h = (sigmoid(pre * m["hc_head_scale"][0] + m["hc_head_base"]) + c.hc_eps) @ H
+        return self._q8(self.lm_head, rms_norm(h, m["norm"], c.rms_eps))
 
     # ---- §4.14 one token -----------------------------------------------------------------
     def step(self, st: RefState, token: int) -> np.ndarray:
