@@ -69,6 +69,29 @@ class SpecGeneration:
         return (len(self.tokens) - 1) / steps if steps else 0.0
 
 
+class _Output:
+    """The generated ids of a speculative run and when to stop emitting them."""
+
+    def __init__(self, n_predict: int, eos_id: int | None, on_token: Callable[[int], None] | None):
+        self.tokens: list[int] = []
+        self.n_predict, self.eos_id, self.on_token = n_predict, eos_id, on_token
+        self.stop = "n_predict"
+
+    def emit(self, t: int) -> bool:
+        """Append t; True when generation must end here (EOS or n_predict reached)."""
+        self.tokens.append(t)
+        if self.on_token is not None:
+            self.on_token(t)
+        if self.eos_id is not None and t == self.eos_id:
+            self.stop = "eos"
+            return True
+        return len(self.tokens) >= self.n_predict
+
+    def room_for_two(self, pos: int, ctx: int) -> bool:
+        """Whether a verify step (two tokens) fits the context and the token budget."""
+        return pos + 2 <= ctx and len(self.tokens) + 1 < self.n_predict
+
+
 Drafter = Callable[[list[int]], "int | None"]  # committed ids so far -> draft for the next one
 
 
@@ -92,25 +115,14 @@ class SpeculativeDecoder:
         tok, _, state = eng.prefill(state, prompt, params, key)
         tok = int(tok)
         t1 = time.perf_counter()
-        out: list[int] = []
+        out = _Output(n_predict, eos_id, on_token)
         stats = SpecStats()
         pos = len(prompt)
-        stop = "n_predict"
-
-        def emit(t: int) -> bool:
-            out.append(t)
-            if on_token is not None:
-                on_token(t)
-            return (eos_id is not None and t == eos_id) or len(out) >= n_predict
-
-        while True:
-            if emit(tok):
-                stop = "eos" if eos_id is not None and tok == eos_id else "n_predict"
-                break
+        while not out.emit(tok):
             if pos >= eng.ctx:
-                stop = "ctx"
+                out.stop = "ctx"
                 break
-            draft = drafter(list(prompt) + out) if pos + 2 <= eng.ctx and len(out) + 1 < n_predict else None
+            draft = drafter(list(prompt) + out.tokens) if out.room_for_two(pos, eng.ctx) else None
             if draft is None:
                 nxt, _, state = eng.decode(state, tok, params, key)
                 stats.plain_steps += 1
@@ -124,12 +136,11 @@ class SpeculativeDecoder:
             pos += n
             if n == 2:
                 stats.accepted += 1
-                if emit(draft):
-                    stop = "eos" if eos_id is not None and draft == eos_id else "n_predict"
+                if out.emit(draft):
                     break
             tok = int(nxt)
         t2 = time.perf_counter()
-        return SpecGeneration(list(prompt), out, stats, t1 - t0, t2 - t1, stop)
+        return SpecGeneration(list(prompt), out.tokens, stats, t1 - t0, t2 - t1, out.stop)
 
 
 def oracle_drafter(reference: list[int], wrong_every: int = 0) -> Drafter:
@@ -221,25 +232,13 @@ class MTPSpeculativeDecoder:
             self.compile_s = time.perf_counter() - t1
             t1 = time.perf_counter()
         combined, plain = self._programs
-        out: list[int] = []
+        out = _Output(n_predict, eos_id, on_token)
         stats = SpecStats()
-        stop = "n_predict"
-
-        def emit(t: int) -> bool:
-            out.append(t)
-            if on_token is not None:
-                on_token(t)
-            return (eos_id is not None and t == eos_id) or len(out) >= n_predict
-
-        while True:
-            if emit(tok):
-                stop = "eos" if eos_id is not None and tok == eos_id else "n_predict"
-                break
+        while not out.emit(tok):
             if pos >= eng.ctx:
-                stop = "ctx"
+                out.stop = "ctx"
                 break
-            use = margin >= self.margin and pos + 2 <= eng.ctx and len(out) + 1 < n_predict
-            if use:
+            if margin >= self.margin and out.room_for_two(pos, eng.ctx):
                 n, nxt, d, m, state, mtp_state = combined(w, state, mtp_state, jnp.asarray([tok, draft], jnp.int32))
                 n = int(n)
                 stats.verify_steps += 1
@@ -247,8 +246,7 @@ class MTPSpeculativeDecoder:
                 pos += n
                 if n == 2:
                     stats.accepted += 1
-                    if emit(draft):
-                        stop = "eos" if eos_id is not None and draft == eos_id else "n_predict"
+                    if out.emit(draft):
                         break
             else:
                 nxt, d, m, state, mtp_state = plain(w, state, mtp_state, jnp.asarray(tok, jnp.int32))
@@ -256,4 +254,4 @@ class MTPSpeculativeDecoder:
                 pos += 1
             tok, draft, margin = int(nxt), int(d), float(m)
         t2 = time.perf_counter()
-        return SpecGeneration(list(prompt), out, stats, t1 - t0, t2 - t1, stop)
+        return SpecGeneration(list(prompt), out.tokens, stats, t1 - t0, t2 - t1, out.stop)
