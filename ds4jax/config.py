@@ -147,12 +147,12 @@ _SCALARS: tuple[tuple[str, str, str, Any], ...] = (
     ("fp4_block", "attention.indexer.fp4_block_size", "u", 32),
     ("think_max_min_context", "think_max_min_context", "u", 393216),
 )
-# Keys whose value ds4jax can only run at one setting.
+# Keys whose value ds4jax can only run at one setting: (key, value, required, why).
 _FIXED = (
-    ("attention.head_count_kv", 1, "a single shared K=V head"),
-    ("expert_shared_count", 1, "exactly one shared expert"),
-    ("expert_group_count", 0, "no grouped expert routing"),
-    ("expert_group_used_count", 0, "no grouped expert routing"),
+    ("attention.head_count_kv", 1, True, "a single shared K=V head"),
+    ("expert_shared_count", 1, True, "exactly one shared expert"),
+    ("expert_group_count", 0, False, "no grouped expert routing"),
+    ("expert_group_used_count", 0, False, "no grouped expert routing"),
 )
 
 
@@ -198,8 +198,8 @@ def config_from_metadata(md: Mapping[str, Any], src: str = "model") -> ModelConf
     if arch != ARCH:
         raise DS4Error(f"{src}: wrong architecture {arch!r} (need {ARCH!r})")
     vals = {name: _scalar(md, key, kind, d, src) for name, key, kind, d in _SCALARS}
-    for key, want, why in _FIXED:
-        got = md.get(_key(key), want if key.startswith("expert_group") else None)
+    for key, want, required, why in _FIXED:
+        got = md.get(_key(key), None if required else want)
         if got is None:
             raise DS4Error(f"{src}: missing metadata key {_key(key)}")
         if got != want:

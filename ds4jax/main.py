@@ -99,7 +99,7 @@ def _prompt_ids(mf, tokenizer) -> list[int]:
     return render_prompt(tokenizer, text, system=system, think=FLAGS.think, ctx=FLAGS.ctx)
 
 
-def _runner(mf, ctx: int, weights=None):
+def _runner(mf, ctx: int, eos: int | None, weights=None):
     """(engine, run(ids, on_token, keep_logits) -> generation, mode) for the flags given."""
     from ds4jax.engine import Engine
     from ds4jax.sampling import SamplingParams
@@ -132,8 +132,6 @@ def _runner(mf, ctx: int, weights=None):
                 sys.stderr.write("\n")
             sys.stderr.flush()
 
-    eos = engine_eos(mf)
-
     def run(ids, on_token, keep_logits=False):
         engine.check_prompt(ids)
         if spec is not None:
@@ -142,15 +140,6 @@ def _runner(mf, ctx: int, weights=None):
                                keep_logits=keep_logits, progress=progress)
 
     return engine, run, mode
-
-
-def engine_eos(mf):
-    """The EOS id from the vocabulary, if the model carries one."""
-    toks = mf.base.metadata.get("tokenizer.ggml.tokens")
-    if toks is None:
-        return None
-    eos = mf.base.metadata.get("tokenizer.ggml.eos_token_id")
-    return int(eos) if eos is not None else None
 
 
 def _report(g, n_prompt: int, mode: str) -> None:
@@ -178,16 +167,15 @@ def _tokenizer(mf):
 def _generate(mf) -> None:
     import numpy as np
 
+    from ds4jax.engine import check_prompt
     from ds4jax.tokenizer import StreamDecoder
 
     tokenizer = _tokenizer(mf)
     ids = _prompt_ids(mf, tokenizer)
-    from ds4jax.engine import check_prompt
-
     check_prompt(ids, FLAGS.ctx, mf.config.n_vocab)  # before any warning or compile
-    engine, run, mode = _runner(mf, FLAGS.ctx)
+    eos = tokenizer.eos_id if tokenizer is not None else None
+    engine, run, mode = _runner(mf, FLAGS.ctx, eos)
     stream = StreamDecoder(tokenizer) if tokenizer is not None else None
-    eos = engine_eos(mf)
 
     def on_token(t: int) -> None:
         if stream is not None:
@@ -229,7 +217,7 @@ def _chat(mf) -> None:
     weights = load_weights(mf)
 
     def make(ctx: int):
-        _, run, _ = _runner(mf, ctx, weights=weights)
+        _, run, _ = _runner(mf, ctx, tokenizer.eos_id, weights=weights)
         return lambda ids, on_token: run(ids, on_token)
 
     system = DEFAULT_SYSTEM if FLAGS.system is None else FLAGS.system

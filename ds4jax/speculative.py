@@ -44,6 +44,13 @@ class SpecStats:
     verify_steps: int = 0
     plain_steps: int = 0
 
+    def record_verify(self, n: int) -> bool:
+        """Count one N=2 verify step that committed ``n`` tokens; True if the draft was accepted."""
+        self.verify_steps += 1
+        self.proposed += 1
+        self.accepted += n == 2
+        return n == 2
+
     @property
     def acceptance(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
@@ -130,14 +137,9 @@ class SpeculativeDecoder:
                 tok = int(nxt)
                 continue
             n, nxt, _, _, state = self._verify(eng.weights, state, jnp.asarray([tok, draft], jnp.int32))
-            n = int(n)
-            stats.verify_steps += 1
-            stats.proposed += 1
-            pos += n
-            if n == 2:
-                stats.accepted += 1
-                if out.emit(draft):
-                    break
+            pos += int(n)
+            if stats.record_verify(int(n)) and out.emit(draft):
+                break
             tok = int(nxt)
         t2 = time.perf_counter()
         return SpecGeneration(list(prompt), out.tokens, stats, t1 - t0, t2 - t1, out.stop)
@@ -240,14 +242,9 @@ class MTPSpeculativeDecoder:
                 break
             if margin >= self.margin and out.room_for_two(pos, eng.ctx):
                 n, nxt, d, m, state, mtp_state = combined(w, state, mtp_state, jnp.asarray([tok, draft], jnp.int32))
-                n = int(n)
-                stats.verify_steps += 1
-                stats.proposed += 1
-                pos += n
-                if n == 2:
-                    stats.accepted += 1
-                    if out.emit(draft):
-                        break
+                pos += int(n)
+                if stats.record_verify(int(n)) and out.emit(draft):
+                    break
             else:
                 nxt, d, m, state, mtp_state = plain(w, state, mtp_state, jnp.asarray(tok, jnp.int32))
                 stats.plain_steps += 1

@@ -21,8 +21,7 @@ from ds4jax.model_file import ModelFiles
 
 
 def short_name(name: str) -> str:
-    for prefix in (C.MTP_PREFIX,):
-        name = name.removeprefix(prefix)
+    name = name.removeprefix(C.MTP_PREFIX)
     if name.startswith("blk."):
         name = name.split(".", 2)[2]
     for suffix in (".weight", ".bias"):
