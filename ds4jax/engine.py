@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +100,7 @@ class Engine:
         self.compile_s: dict[str, float] = {}
 
     def _abstract_args(self, name: str):
-        sds = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype)  # noqa: E731
+        sds = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype)
         state = jax.eval_shape(self.new_state)
         params = SamplingParams().arrays()
         key = jax.eval_shape(lambda: jax.random.key(0))

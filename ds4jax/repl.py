@@ -9,7 +9,7 @@ kept); Ctrl-C or Ctrl-D at the prompt leaves. Without a terminal, stdin lines ar
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from ds4jax.chat import Conversation
 from ds4jax.errors import DS4Error

@@ -26,7 +26,7 @@ class SamplingParams:
     min_p: float = 0.05
     seed: int = 0
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         if not (0.0 <= self.temperature <= 100.0):
             raise DS4Error(f"--temp must be in [0, 100], got {self.temperature}")
         if self.top_k < 0:

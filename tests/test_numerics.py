@@ -129,13 +129,14 @@ def test_q8_0_matmul_is_exact_integer_block_dots(rows):
 
 @pytest.mark.parametrize("qt", [QType.IQ2_XXS, QType.Q2_K, QType.Q4_K])
 def test_expert_matmul_equals_dequantized_dot_with_q8_k(qt):
-    W = RNG.standard_normal((2, 3, 16, 512)).astype(np.float32)
+    W = RNG.standard_normal((5, 16, 512)).astype(np.float32)  # 5 experts
     raw = encode(W, qt)
     w = pack(raw, qt, W.shape)
+    ids = jnp.asarray([[4, 0, 2], [1, 4, 3]], jnp.int32)  # 2 tokens x 3 routed experts
     x = (RNG.standard_normal((2, 3, 512)) * 2).astype(np.float32)
-    got = np.asarray(jax.jit(expert_linear)(x, w), np.float64)
+    got = np.asarray(jax.jit(expert_linear)(x, w, ids), np.float64)
     q, d = N.quantize_q8_k(jnp.asarray(x))
     xd = (np.asarray(q, np.float64).reshape(2, 3, 2, 256) * np.asarray(d, np.float64)[..., None]).reshape(2, 3, 512)
-    wd = decode_numpy(raw, qt, 512).astype(np.float64)
+    wd = decode_numpy(raw, qt, 512).astype(np.float64).reshape(5, 16, 512)[np.asarray(ids)]
     ref = np.einsum("teoi,tei->teo", wd, xd)
     assert np.max(np.abs(got - ref)) <= 1e-5 * np.abs(ref).max()

@@ -19,6 +19,7 @@ from ds4jax.model import compressor, indexer
 from ds4jax.model.linear import dense, q8_0_grouped_matmul
 from ds4jax.model.numerics import F32, asum, div, exp, f16_round, fp8_e4m3_round_trip, rms_norm, rounded
 from ds4jax.model.rope import apply_rope_tail, rope_angles
+from pallas_kernels import dispatch as kernels
 
 
 def _scores(q, k):
@@ -62,12 +63,11 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
 
     xn = rms_norm(x, w["attn_norm"].planes["w"], eps)
     aq = cfg.act_quant
-    qrn = rms_norm(dense(xn, w["attn_q_a"], aq), w["attn_q_a_norm"].planes["w"], eps)
+    qa, kva = dense(xn, w["attn_q_a"], aq), dense(xn, w["attn_kv"], aq)
+    qrn, kv = kernels.rms_norm_pair(qa, w["attn_q_a_norm"].planes["w"], kva, w["attn_kv_a_norm"].planes["w"], eps)
     q = dense(qrn, w["attn_q_b"], aq).reshape(T, H, hd)
-    q = rms_norm(q, None, eps)  # per-head, weightless
-    q = apply_rope_tail(q, cos[:, None, :], sin[:, None, :])
+    q = kernels.head_norm_rope(q, cos, sin, eps)  # per-head weightless norm, then the tail RoPE
 
-    kv = rms_norm(dense(xn, w["attn_kv"], aq), w["attn_kv_a_norm"].planes["w"], eps)
     kv = apply_rope_tail(kv, cos, sin)
     kv = jnp.concatenate([fp8_e4m3_round_trip(kv[:, : cfg.n_nope], cfg.fp8_block), kv[:, cfg.n_nope :]], axis=-1)
     kv16 = f16_round(kv).astype(jnp.float16)  # exact: already on the f16 grid
@@ -121,4 +121,3 @@ def commit_layer(cfg: ModelConfig, L: int, pending: dict, pos0, n) -> dict:
             st["idx"] = pending["idx"]
             st["icmp_kv"], st["icmp_score"] = compressor.frontier_after(cfg, L, pending["icmp_buf"], pos0, n)
     return st
-

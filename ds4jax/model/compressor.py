@@ -15,7 +15,19 @@ from jax import lax
 
 from ds4jax.config import ModelConfig
 from ds4jax.model.linear import dense
-from ds4jax.model.numerics import F32, NEG_INF, asum, div, exp, f16_round, rounded, fp4_e2m1_round_trip, fp8_e4m3_round_trip, hadamard, rms_norm
+from ds4jax.model.numerics import (
+    F32,
+    NEG_INF,
+    asum,
+    div,
+    exp,
+    f16_round,
+    fp4_e2m1_round_trip,
+    fp8_e4m3_round_trip,
+    hadamard,
+    rms_norm,
+    rounded,
+)
 from ds4jax.model.rope import apply_rope_tail, rope_angles
 from ds4jax.state import window_slots
 

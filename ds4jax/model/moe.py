@@ -16,7 +16,6 @@ from jax import lax
 from ds4jax.config import ModelConfig
 from ds4jax.model.linear import dense, expert_linear
 from ds4jax.model.numerics import F32, asum, div, silu, softplus, sqrt
-from ds4jax.quant.jnp_decode import take
 
 
 def route(cfg: ModelConfig, L: int, w: dict, z, tokens):
@@ -42,10 +41,10 @@ def ffn_sublayer(cfg: ModelConfig, L: int, w: dict, z, tokens):
     sel, wt = route(cfg, L, w, z, tokens)
     aq = cfg.act_quant
     zk = z[:, None]  # [T, 1, n_embd]: broadcast over the k experts (quantized once per token)
-    g = expert_linear(zk, take(w["ffn_gate_exps"], sel), aq)  # [T, k, n_ff]
-    u = expert_linear(zk, take(w["ffn_up_exps"], sel), aq)
+    g = expert_linear(zk, w["ffn_gate_exps"], sel, aq)  # [T, k, n_ff]
+    u = expert_linear(zk, w["ffn_up_exps"], sel, aq)
     mid = _swiglu(g, u, clamp) * wt[..., None]
-    routed = asum(expert_linear(mid, take(w["ffn_down_exps"], sel), aq), 1)
+    routed = asum(expert_linear(mid, w["ffn_down_exps"], sel, aq), 1)
 
     gs = dense(z, w["ffn_gate_shexp"], aq)
     us = dense(z, w["ffn_up_shexp"], aq)

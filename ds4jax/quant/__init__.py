@@ -14,17 +14,17 @@ from ds4jax.quant.numpy_codec import decode as decode_numpy
 from ds4jax.quant.planes import QTensor, pack, unpack
 
 __all__ = [
+    "QTensor",
     "QType",
     "as_qtype",
-    "qtype_from_id",
-    "row_nbytes",
-    "tensor_nbytes",
     "decode_numpy",
-    "encode",
-    "QTensor",
-    "pack",
-    "unpack",
     "dequantize",
     "dequantize_rows",
+    "encode",
+    "pack",
+    "qtype_from_id",
+    "row_nbytes",
     "take",
+    "tensor_nbytes",
+    "unpack",
 ]

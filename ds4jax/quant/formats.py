@@ -8,8 +8,8 @@ Plain types (F32, F16, BF16, I32) are "blocks" of one element.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from math import prod
-from typing import Sequence
 
 from ds4jax.errors import DS4Error
 

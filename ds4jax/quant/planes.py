@@ -49,8 +49,9 @@ IQ2_XXS at 66 bytes per 256 weights; decoding it is a few shifts and a popcount.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from math import prod
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import ml_dtypes

@@ -8,7 +8,7 @@ comparison by luck.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

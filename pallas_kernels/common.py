@@ -1,0 +1,136 @@
+"""Pieces every kernel shares: the double-float accumulator and the FMA barrier.
+
+The model's plain-jnp path sums block products with ``numerics.asum`` (TwoSum in a
+variadic reduce), which gives the correctly rounded sum almost always, whatever the
+order. The kernels accumulate the same rounded products with the same TwoSum, in a
+fixed order per output; so a row's value is the same at N=1..4 tokens (same order),
+and equal to the jnp path's (same correctly rounded sum). That is what lets a GPU
+decode step use a kernel while prefill uses XLA, and still agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+
+
+def opaque(x: jax.Array, zero: jax.Array) -> jax.Array:
+    """x, with its f32 rounding forced: XOR with a zero loaded at run time.
+
+    Triton (and XLA in interpret mode) contract ``a*b + c`` into an FMA; the product
+    must be rounded before it enters the TwoSum, exactly as the jnp path rounds it."""
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.int32) ^ zero, F32)
+
+
+def two_sum_add(s: jax.Array, e: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(s, e) += p with Knuth's TwoSum: s + e tracks the exact sum to ~2^-48."""
+    t = s + p
+    bp = t - s
+    err = (s - (t - bp)) + (p - bp)
+    return t, e + err
+
+
+def combine(a, b):
+    """(s1, e1) + (s2, e2) as double-floats (TwoSum on the heads)."""
+    (s1, e1), (s2, e2) = a, b
+    s = s1 + s2
+    bb = s - s1
+    return s, e1 + e2 + ((s1 - (s - bb)) + (s2 - bb))
+
+
+def finish(s: jax.Array, e: jax.Array) -> jax.Array:
+    """Combine partial double-float sums [P, ...] in order p = 0, 1, ... and round once.
+
+    An unrolled chain of elementwise ops, not a reduce: XLA may pick a different tree
+    for a reduce at another batch shape, while an elementwise chain is the same
+    arithmetic for every element whatever N is."""
+    acc = (s[0], e[0])
+    for p in range(1, s.shape[0]):
+        acc = combine(acc, (s[p], e[p]))
+    return acc[0] + acc[1]
+
+
+def runtime_zero(x: jax.Array) -> jax.Array:
+    """A [1] int32 zero made from data, that the compiler cannot see is zero (feeds ``opaque``).
+
+    Compiled for a GPU, the kernel loads it from memory, which nothing can fold. Interpreted
+    (the CPU tests) the kernel body is XLA ops, and a zero computed next to its use gets
+    folded: XLA folds a barrier around a constant and decides comparisons like ``|x| < 0``;
+    once XLA fuses a cheap computation into the consumer, LLVM knows that clz(v) ≤ 32 or
+    that a ^ a = 0. So: clz(v) >> 6 (zero, but HLO does not reason about clz's range),
+    materialized behind a barrier so that no consumer fusion sees how it was made."""
+    v = lax.bitcast_convert_type(x.reshape(-1)[:1].astype(F32), jnp.int32)
+    return lax.optimization_barrier(lax.shift_right_logical(lax.clz(v), jnp.int32(6)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Launch shape of one matmul kernel: rows per program, K splits, blocks per loop step,
+    warps and software-pipelining stages.
+
+    Only ``blocks_per_step`` and ``k_splits`` decide the summation order (so the bits);
+    rows, warps and stages are free to tune per N without changing a result.
+    """
+
+    block_rows: int = 64
+    k_splits: int = 1
+    blocks_per_step: int = 16
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def pow2_at_least(n: int, lo: int = 1) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+# ---- in-kernel versions of ds4jax.model.numerics (no optimization barriers inside kernels) ----
+def split12(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x = hi + lo, hi = the top 12 significand bits (a bit mask, as ``numerics._split``)."""
+    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-4096), F32)
+    return hi, x - hi
+
+
+def two_prod(a, b, zero):
+    """p + e = a * b exactly (Dekker with mask splitting; the partial products are exact)."""
+    p = opaque(a * b, zero)
+    ah, al = split12(a)
+    bh, bl = split12(b)
+    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    return p, e
+
+
+def div(a, b, zero):
+    """a / b correctly rounded (one residual correction, as ``numerics.div``)."""
+    q = a / b
+    p, e = two_prod(q, b, zero)
+    return q + ((a - p) - e) / b
+
+
+def sqrt(v, zero):
+    """sqrt(v) correctly rounded, v ≥ 0 (as ``numerics.sqrt``)."""
+    s = jnp.sqrt(v)
+    p, e = two_prod(s, s, zero)
+    return jnp.where(s > 0, s + ((v - p) - e) / (2.0 * s), s)
+
+
+def pick(a: jax.Array, axis: int, i: int) -> jax.Array:
+    """a[..., i, ...] along ``axis`` as a masked sum (Triton cannot slice a register tile): exact."""
+    idx = lax.broadcasted_iota(jnp.int32, a.shape, axis % a.ndim)
+    return jnp.sum(jnp.where(idx == i, a, jnp.zeros_like(a)), axis=axis)
+
+
+def tree_sum(s: jax.Array, e: jax.Array) -> jax.Array:
+    """Double-float sum over the last axis (a power of two) by a pairwise tree, rounded once."""
+    while s.shape[-1] > 1:
+        half = (*s.shape[:-1], s.shape[-1] // 2, 2)
+        s3, e3 = s.reshape(half), e.reshape(half)
+        s, e = combine((pick(s3, -1, 0), pick(e3, -1, 0)), (pick(s3, -1, 1), pick(e3, -1, 1)))
+    return (s + e)[..., 0]

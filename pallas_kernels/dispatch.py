@@ -1,0 +1,95 @@
+"""The one place the model asks for a kernel: Pallas on GPU, the plain-jnp reference elsewhere.
+
+Each entry takes the same arrays either way and returns the same bits (the kernels sum the
+reference's rounded products in double-float, as ``numerics.asum`` does; checked on random
+data at every DeepSeek V4 Flash shape on an H100), so the choice is only about speed. It is
+made at trace time from static shapes and the environment:
+
+    DS4JAX_KERNELS=auto       on GPU, the kernels where they measured faster than XLA (default):
+                              the Q8_0 share-weight kernel for the verifier's 2..3-token batches.
+                              At N=1 XLA's own fused int8 dot was faster at every shape, and at
+                              N=4 only the LM head gained (speed-bench/KERNELS.md).
+    DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4: also the routed-expert and fused
+                              norm kernels, which are checked in interpret mode only so far
+    DS4JAX_KERNELS=off        the reference everywhere
+    DS4JAX_KERNELS=interpret  every kernel at N = 1..4, interpreted off GPU (the CPU tests)
+    DS4JAX_NO_Q8_SHARE_BATCH=1  Q8_0 batches of 2..4 tokens take the reference path
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import experts, norms, q8_0
+
+MAX_TOKENS = 4  # share-weight kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
+
+
+def mode() -> str:
+    m = os.environ.get("DS4JAX_KERNELS", "auto").strip().lower()
+    if m not in ("auto", "all", "off", "interpret"):
+        raise ValueError(f"DS4JAX_KERNELS must be auto, all, off or interpret, not {m!r}")
+    return m
+
+
+def _use(n_tok: int, auto_tokens: tuple[int, ...]) -> tuple[bool, bool]:
+    """(use the kernel, interpret it) for a batch of n_tok rows; ``auto_tokens``: the batch
+    sizes at which ``auto`` takes this kernel on GPU."""
+    m = mode()
+    if m == "off" or n_tok > MAX_TOKENS:
+        return False, False
+    if m == "interpret":
+        return True, jax.default_backend() != "gpu"
+    on_gpu = jax.default_backend() == "gpu"
+    return on_gpu and (m == "all" or n_tok in auto_tokens), False
+
+
+def q8_0_matmul(xq: jax.Array, dx: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> jax.Array:
+    """xq [..., G*K] int8, dx [..., G*K/32] f32 against Q8_0 planes qs [G*r, K], d [G*r, K/32] → [..., G*r]."""
+    lead = xq.shape[:-1]
+    n = math.prod(lead)
+    use, interpret = _use(n, auto_tokens=(2, 3))
+    if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
+        use = False
+    if not use or not q8_0.supported(qs.shape[0], qs.shape[1], groups):
+        return q8_0.reference(xq, dx, qs, d, groups)
+    y = q8_0.matmul(xq.reshape(n, -1), dx.reshape(n, -1), qs, d, groups=groups, interpret=interpret)
+    return y.reshape(*lead, qs.shape[0])
+
+
+def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes: dict, ids: jax.Array) -> jax.Array:
+    """Routed experts: xq [T, k|1, n] int8 (Q8_K), dx [T, k|1, n/256], ids [T, k] → [T, k, out].
+
+    A middle dim of 1 (the FFN input, shared by a token's experts) broadcasts over the k."""
+    T, k = ids.shape
+    xq = jnp.broadcast_to(xq, (T, k, xq.shape[-1]))
+    dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
+    out = planes["d"].shape[1]
+    use, interpret = _use(T, auto_tokens=())
+    if not use or not experts.supported(qtype, out):
+        gathered = {name: jnp.take(p, ids, axis=0) for name, p in planes.items()}
+        return experts.reference(xq, dx, qtype, gathered)
+    y = experts.matmul(
+        xq.reshape(T * k, -1), dx.reshape(T * k, -1), ids.reshape(-1), qtype, planes, interpret=interpret
+    )
+    return y.reshape(T, k, out)
+
+
+def rms_norm_pair(a: jax.Array, wa: jax.Array, b: jax.Array, wb: jax.Array, eps: float):
+    """(rms_norm(a, wa), rms_norm(b, wb)) for a [T, n1], b [T, n2]: one launch for both."""
+    use, interpret = _use(a.shape[0], auto_tokens=())
+    if not use or not norms.pair_supported(a, b):
+        return norms.rms_norm_pair_reference(a, wa, b, wb, eps)
+    return tuple(norms.rms_norm_pair(a, wa, b, wb, eps, interpret=interpret))
+
+
+def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> jax.Array:
+    """Per-head weightless RMS norm of q [T, H, hd], then the tail RoPE (cos/sin [T, n_rot/2])."""
+    use, interpret = _use(q.shape[0], auto_tokens=())
+    if not use or not norms.head_supported(q, cos):
+        return norms.head_norm_rope_reference(q, cos, sin, eps)
+    return norms.head_norm_rope(q, cos, sin, eps, interpret=interpret)

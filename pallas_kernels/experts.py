@@ -1,0 +1,218 @@
+"""Routed-expert matmuls on K/IQ planes with Q8_K activations: IQ2_XXS, Q2_K, Q4_K.
+
+Numerics (ds4's CPU path, MODEL.md §3.3-3.5): per 256-element super-block the integer
+dot of each sub-block with the int8 activations is exact, weighted by the integer
+sub-block scales; the block value is scaled by d (and the K-quants' min term by dmin)
+times the activation block scale; blocks are summed in double-float and rounded once.
+``reference`` is that in plain jnp over gathered experts (the model's XLA path).
+
+The kernel reads only the selected experts' planes: one program per (pair, block of
+output rows), where a pair is (token, expert slot) with its own activation row and expert
+id; the expert id picks the plane rows by computed offsets, so nothing is gathered. The
+weights are decoded to integers in registers (2/4-bit fields; IQ2_XXS grid lookups and
+parity-completed sign bits) and dotted on CUDA cores; each output's TwoSum chain runs
+over the super-blocks in order, so a pair's result is the same whatever N is.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import F32, opaque, runtime_zero, two_sum_add
+
+I32 = jnp.int32
+QK_K = 256
+# GGML type ids (the planes' qtype)
+Q2_K, Q4_K, IQ2_XXS = 10, 12, 16
+TYPES = (Q2_K, Q4_K, IQ2_XXS)
+
+
+def _grid_table() -> np.ndarray:
+    from ds4jax.quant.tables import IQ2XXS_GRID
+
+    return np.asarray(IQ2XXS_GRID, np.int8).reshape(-1)  # [256 * 8] magnitudes, row = grid index
+
+
+# ---- reference --------------------------------------------------------------------
+def _int_weights(qtype: int, p: dict):
+    """Integer view of K/IQ planes: (q int8 [.., nb, S, L], per-sub-block scale, per-sub-block min)."""
+    if qtype == Q2_K:
+        qs = p["qs"]
+        lead = qs.shape[:-1]
+        shift = jnp.array([0, 2, 4, 6], jnp.uint8).reshape(4, 1)
+        vals = ((qs.reshape(lead + (2, 1, 32)) >> shift) & 3).reshape(lead + (16, 16))
+        return vals.astype(jnp.int8), (p["sc"] & 15).astype(I32), (p["sc"] >> 4).astype(I32)
+    if qtype == Q4_K:
+        qs = p["qs"]
+        lead = qs.shape[:-1]
+        shift = jnp.array([0, 4], jnp.uint8).reshape(2, 1)
+        vals = ((qs.reshape(lead + (4, 1, 32)) >> shift) & 15).reshape(lead + (8, 32))
+        return vals.astype(jnp.int8), p["sc"].astype(I32), p["m"].astype(I32)
+    if qtype == IQ2_XXS:
+        aux = p["aux"]  # [.., nb, 8] u32
+        lead = aux.shape[:-1]
+        ls = (aux >> 28).astype(I32)
+        s7 = (aux[..., None] >> jnp.array([0, 7, 14, 21], jnp.uint32)) & 127  # [.., nb, 8, 4]
+        sbyte = s7 | ((lax.population_count(s7) & 1) << 7)  # 8th sign bit = parity
+        neg = ((sbyte[..., None] >> jnp.arange(8, dtype=jnp.uint32)) & 1) != 0  # [.., nb, 8, 4, 8]
+        mag = jnp.asarray(_grid_table().reshape(256, 8))[p["grid"].astype(I32)]  # [.., nb, 32, 8]
+        mag = mag.reshape(lead + (8, 4, 8))
+        vals = jnp.where(neg, -mag, mag).reshape(lead + (8, 32))
+        return vals, 2 * ls + 1, None
+    raise NotImplementedError(f"expert matmul for GGML type {qtype}")
+
+
+def reference(xq, dx, qtype: int, planes: dict):
+    """Σ_i W[..., o, i] x[..., i]: xq int8 [..., n], dx [..., n/256]; planes [..., out, nb, ...]
+    with the same leading dims as x (after broadcasting), e.g. gathered experts [T, k, out, ...]."""
+    from ds4jax.model.numerics import asum, rounded
+
+    vals, sc, mn = _int_weights(qtype, planes)  # vals [..., out, nb, S, L]
+    S, L = vals.shape[-2:]
+    nb = vals.shape[-3]
+    xb = xq.reshape(*xq.shape[:-1], nb, S, L)
+    sub = jnp.einsum("...bsl,...obsl->...obs", xb, vals, preferred_element_type=I32)  # exact
+    isum = jnp.sum(sub * sc, axis=-1)  # [..., out, nb]
+    d = planes["d"].astype(F32)
+    dxb = dx[..., None, :]
+    if mn is None:  # IQ2_XXS: w = d * (2 ls + 1) / 8 * grid * sign
+        blk = (d * dxb) * F32(0.125) * isum.astype(F32)
+    else:  # K-quants: w = d * sc * q - dmin * m; the min term uses the activation block sums
+        bsum = jnp.sum(xb.astype(I32), axis=-1)  # [..., nb, S]
+        msum = jnp.sum(bsum[..., None, :, :] * mn, axis=-1)  # [..., out, nb]
+        dmin = planes["dmin"].astype(F32)
+        blk = rounded((d * dxb) * isum.astype(F32)) - rounded((dmin * dxb) * msum.astype(F32))
+    return asum(rounded(blk))
+
+
+# ---- kernel -------------------------------------------------------------------------
+def _isum_q4k(x_ref, p, b, planes, sel):
+    qs_ref, sc_ref, m_ref = planes["qs"], planes["sc"], planes["m"]
+    e, rows = sel
+    # x viewed [P, nb, 4, 2, 32]: sub-block j = 2h + parity sits in the low (even) / high nibble.
+    xe = x_ref[p, b, :, 0, :].astype(I32)  # [4, 32] even sub-blocks
+    xo = x_ref[p, b, :, 1, :].astype(I32)
+    q = qs_ref[e, rows, b, :].reshape(-1, 4, 32).astype(I32)  # [BO, 4, 32] bytes
+    sub_e = jnp.sum((q & 15) * xe[None], axis=-1)  # [BO, 4]
+    sub_o = jnp.sum((q >> 4) * xo[None], axis=-1)
+    sc = sc_ref[e, rows, b, :].reshape(-1, 4, 2).astype(I32)  # [BO, 4, 2]: (h, parity)
+    mn = m_ref[e, rows, b, :].reshape(-1, 4, 2).astype(I32)
+    pe = (lax.broadcasted_iota(I32, (1, 4, 2), 2) == 0).astype(I32)
+    sce, sco = jnp.sum(sc * pe, -1), jnp.sum(sc * (1 - pe), -1)  # exact picks
+    mne, mno = jnp.sum(mn * pe, -1), jnp.sum(mn * (1 - pe), -1)
+    isum = jnp.sum(sub_e * sce + sub_o * sco, axis=-1)
+    msum = jnp.sum(jnp.sum(xe, -1)[None] * mne + jnp.sum(xo, -1)[None] * mno, axis=-1)
+    return isum, msum
+
+
+def _isum_q2k(x_ref, p, b, planes, sel):
+    qs_ref, sc_ref = planes["qs"], planes["sc"]
+    e, rows = sel
+    # element 128h + 32j + l = bits 2j of byte 32h + l; sub-block 8h + 2j + l//16.
+    q = qs_ref[e, rows, b, :].reshape(-1, 2, 2, 16).astype(I32)  # [BO, h, half, 16]
+    sc = sc_ref[e, rows, b, :].reshape(-1, 2, 4, 2).astype(I32)  # [BO, h, j, half]
+    isum = 0
+    msum = 0
+    jsel = lax.broadcasted_iota(I32, (1, 1, 4, 1), 2)
+    for j in range(4):
+        xj = x_ref[p, b, :, j, :].reshape(2, 2, 16).astype(I32)  # x viewed [P, nb, 2, 4, 32]
+        sub = jnp.sum(((q >> (2 * j)) & 3) * xj[None], axis=-1)  # [BO, 2, 2]
+        scj = jnp.sum(jnp.where(jsel == j, sc, 0), axis=2)  # [BO, 2, 2] exact pick
+        isum = isum + jnp.sum(jnp.sum(sub * (scj & 15), -1), -1)
+        msum = msum + jnp.sum(jnp.sum(jnp.sum(xj, -1)[None] * (scj >> 4), -1), -1)
+    return isum, msum
+
+
+def _parity7(v):
+    """Parity of a 7-bit field by xor folding (Triton on this jax cannot lower math.ctpop on tensors)."""
+    v = v ^ (v >> 4)
+    v = v ^ (v >> 2)
+    return (v ^ (v >> 1)) & 1
+
+
+def _isum_iq2xxs(x_ref, p, b, planes, sel, tab_ref):
+    grid_ref, aux_ref = planes["grid"], planes["aux"]
+    e, rows = sel
+    x = x_ref[p, b].astype(I32)  # x viewed [P, nb, 8, 4, 8]: (sub-block, group, element)
+    g = grid_ref[e, rows, b, :].astype(I32).reshape(-1, 8, 4, 1)  # grid index per group
+    k = lax.broadcasted_iota(I32, (1, 1, 1, 8), 3)
+    mag = tab_ref[g * 8 + k].astype(I32)  # [BO, 8, 4, 8] magnitudes (a 2 KB table: L1 hits)
+    aux = aux_ref[e, rows, b, :]  # [BO, 8] u32
+    shift = (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7).astype(jnp.uint32)
+    s7 = (aux[:, :, None] >> shift) & 127  # [BO, 8, 4]
+    sbyte = s7 | (_parity7(s7) << 7)
+    neg = (sbyte[..., None] >> k.astype(jnp.uint32)) & 1  # [BO, 8, 4, 8]
+    val = jnp.where(neg != 0, -mag, mag)
+    sub = jnp.sum(jnp.sum(val * x[None], axis=-1), axis=-1)  # [BO, 8]
+    ls = (aux >> 28).astype(I32)
+    return jnp.sum(sub * (2 * ls + 1), axis=-1), None
+
+
+def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, BO):
+    *plane_refs, tab_ref, o_ref = refs if qtype == IQ2_XXS else (*refs[:-1], None, refs[-1])
+    planes = dict(zip(names, plane_refs))
+    p, i = pl.program_id(0), pl.program_id(1)
+    zero = z_ref[0]
+    e = ids_ref[p]
+    sel = (e, pl.ds(i * BO, BO))
+
+    def body(b, carry):
+        s, err = carry
+        dxb = dx_ref[p, b]
+        d = planes["d"][e, sel[1], b].astype(F32)
+        if qtype == IQ2_XXS:
+            isum, _ = _isum_iq2xxs(x_ref, p, b, planes, sel, tab_ref)
+            blk = opaque((d * dxb) * F32(0.125) * isum.astype(F32), zero)
+        else:
+            isum, msum = (_isum_q2k if qtype == Q2_K else _isum_q4k)(x_ref, p, b, planes, sel)
+            dmin = planes["dmin"][e, sel[1], b].astype(F32)
+            hi = opaque((d * dxb) * isum.astype(F32), zero)
+            lo = opaque((dmin * dxb) * msum.astype(F32), zero)
+            blk = opaque(hi - lo, zero)
+        return two_sum_add(s, err, blk)
+
+    zeros = jnp.zeros((BO,), F32)
+    s, err = lax.fori_loop(0, nb, body, (zeros, zeros))
+    o_ref[...] = s + err
+
+
+_X_VIEW = {Q4_K: (4, 2, 32), Q2_K: (2, 4, 32), IQ2_XXS: (8, 4, 8)}
+
+
+def supported(qtype: int, out: int) -> bool:
+    return qtype in TYPES and out % 16 == 0
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "block_rows", "num_warps", "interpret"))
+def matmul(xq, dx, ids, qtype: int, planes: dict, block_rows: int = 16, num_warps: int = 4, interpret=False):
+    """y[p, o] = Σ_i W[ids[p], o, i] x[p, i] for P pairs: xq [P, n] int8, dx [P, n/256] f32,
+    ids [P] int32; planes of all experts [E, out, nb, ...] (only the selected are read)."""
+    P, n = xq.shape
+    nb = n // QK_K
+    out = planes["d"].shape[1]
+    BO = block_rows
+    if not supported(qtype, out) or out % BO:
+        raise ValueError(f"expert kernel: unsupported type {qtype} / {out} rows / block {BO}")
+    names = tuple(sorted(planes))
+    xv = xq.reshape(P, nb, *_X_VIEW[qtype])
+    whole = lambda a: pl.BlockSpec(a.shape, lambda p, i: (0,) * a.ndim)
+    args = [runtime_zero(dx), ids.astype(I32), xv, dx, *(planes[k] for k in names)]
+    if qtype == IQ2_XXS:
+        args.append(jnp.asarray(_grid_table()))
+    return pl.pallas_call(
+        functools.partial(_kernel, qtype=qtype, names=names, nb=nb, BO=BO),
+        grid=(P, out // BO),
+        in_specs=[whole(a) for a in args],
+        out_specs=pl.BlockSpec((None, BO), lambda p, i: (p, i)),
+        out_shape=jax.ShapeDtypeStruct((P, out), F32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name=f"experts_{qtype}",
+    )(*args)

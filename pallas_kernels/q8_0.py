@@ -1,0 +1,156 @@
+"""Q8_0 matmul with int8 activation blocks, N = 1..4 tokens sharing each weight read.
+
+Numerics (ds4's W8A8 path, MODEL.md §3.2): y[t, o] = Σ_b rnd(isum[t,o,b] · rnd(d[o,b] · dx[t,b]))
+with isum the exact int32 dot of the 32-element int8 blocks, summed in double-float (TwoSum)
+and rounded once. ``reference`` is that formula in plain jnp (the model's XLA path).
+
+The kernel: one program per (block of output rows, K split); each loop step reads U = 16
+consecutive Q8_0 blocks of its rows (512 contiguous bytes per row) once for all tokens. The
+U block dots of a step come from one int8 tensor-core dot: the activations are laid out
+block-diagonally (row t*U + u of ``xd`` keeps only the blocks b ≡ u mod U of token t), so
+``xd_tile @ w_tileᵀ`` is [N*U, rows] of per-block int32 dots, exact. Each (t, u) row then
+runs its own TwoSum chain over the blocks u, u+U, ...; the partial sums are combined in a
+fixed elementwise order outside. U and the K split depend only on the weight's shape, so a
+row's arithmetic is identical at N = 1..4: the N=2 verifier reproduces N=1 bit for bit.
+
+Grouped (block-diagonal) weights use the same kernel: with ``groups = G`` the weight has
+G*r rows over one group's K inputs, x holds the G input slices side by side.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import F32, TileConfig, combine, finish, opaque, pow2_at_least, runtime_zero, two_sum_add
+
+I32 = jnp.int32
+QK = 32  # Q8_0 block
+MAX_TOKENS = 4
+
+
+def reference(xq, dx, qs, d, groups: int = 1):
+    """Plain-jnp Q8_0 matmul: xq [..., G*K] int8, dx [..., G*K/32] f32, qs [G*r, K] int8, d [G*r, K/32] f16."""
+    from ds4jax.model.numerics import asum, rounded
+
+    out, k = qs.shape
+    r, nb = out // groups, k // QK
+    lead = xq.shape[:-1]
+    isum = jnp.einsum(
+        "...gbk,gobk->...gob",
+        xq.reshape(*lead, groups, nb, QK),
+        qs.reshape(groups, r, nb, QK),
+        preferred_element_type=I32,
+    )
+    scale = d.astype(F32).reshape(groups, r, nb) * dx.reshape(*lead, groups, 1, nb)
+    return asum(rounded(isum.astype(F32) * scale)).reshape(*lead, out)
+
+
+def supported(out: int, k: int, groups: int = 1) -> bool:
+    """Shapes the kernel takes: whole Q8_0 blocks, rows (and group rows) a multiple of 16."""
+    return k % QK == 0 and out % groups == 0 and (out // groups) % 16 == 0
+
+
+def choose_config(out: int, k: int, groups: int = 1, n_sm: int = 132) -> TileConfig:
+    """A launch shape from the weight's shape alone (never from N: see the module doc)."""
+    nb = k // QK
+    U = 16  # 512 contiguous bytes per row per step, and a 16-row dot at N=1
+    while nb % U:
+        U //= 2
+    r = out // groups
+    rows = 64 if out >= 4096 else 32
+    while r % rows:
+        rows //= 2
+    tiles = out // rows
+    splits = 1
+    steps = nb // U
+    while tiles * splits < 2 * n_sm and steps % (2 * splits) == 0:
+        splits *= 2
+    return TileConfig(block_rows=rows, k_splits=splits, blocks_per_step=U)
+
+
+def _kernel(z_ref, sel_ref, xq_ref, dx_ref, qs_ref, d_ref, *out_refs, cfg: TileConfig, steps: int, np_: int):
+    U, BO = cfg.blocks_per_step, cfg.block_rows
+    i, j = pl.program_id(0), pl.program_id(1)
+    zero = z_ref[0]
+    mat = sel_ref[0]  # which matrix of the stack (the bench rotates copies through one call site)
+    rows = pl.ds(i * BO, BO)
+    # Row t*U+u of the block-diagonal activation tile keeps token t's block u of the step.
+    blk_of_col = jax.lax.broadcasted_iota(I32, (1, U, U * QK), 2) // QK
+    u_of_row = jax.lax.broadcasted_iota(I32, (1, U, U * QK), 1)
+
+    def body(step, carry):
+        s, e = carry
+        x = xq_ref[:, pl.ds(step * U * QK, U * QK)]  # [N, U*32] int8
+        xd = jnp.where(blk_of_col == u_of_row, x[:, None, :], jnp.int8(0)).reshape(np_ * U, U * QK)
+        w = qs_ref[mat, rows, pl.ds(step * U * QK, U * QK)]  # [rows, U*32] int8: 512 B per row
+        isum = jax.lax.dot_general(xd, w, (((1,), (1,)), ((), ())), preferred_element_type=I32)  # [N*U, rows]
+        dt = d_ref[mat, rows, pl.ds(step * U, U)].astype(F32).T  # [U, rows]
+        dw = jnp.broadcast_to(dt[None], (np_, U, BO)).reshape(np_ * U, BO)
+        dxs = dx_ref[:, pl.ds(step * U, U)].reshape(np_ * U, 1)
+        return two_sum_add(s, e, opaque(isum.astype(F32) * (dw * dxs), zero))
+
+    zeros = jnp.zeros((np_ * U, BO), F32)
+    s, e = jax.lax.fori_loop(j * steps, (j + 1) * steps, body, (zeros, zeros))
+    # Combine each token's U partial chains in order u = 0..U-1 (a masked sum picks one row: exact).
+    s3, e3 = s.reshape(np_, U, BO), e.reshape(np_, U, BO)
+    u_idx = jax.lax.broadcasted_iota(I32, (1, U, 1), 1)
+    pick = lambda a, u: jnp.sum(jnp.where(u_idx == u, a, 0.0), axis=1)
+    acc = (pick(s3, 0), pick(e3, 0))
+    for u in range(1, U):
+        acc = combine(acc, (pick(s3, u), pick(e3, u)))
+    if len(out_refs) == 1:  # no K split: round here
+        out_refs[0][...] = acc[0] + acc[1]
+    else:
+        out_refs[0][...] = acc[0]
+        out_refs[1][...] = acc[1]
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "cfg", "interpret"))
+def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interpret: bool = False, mat=None):
+    """The kernel: xq [N, G*K] int8, dx [N, G*K/32] f32 (N ≤ 4) → y [N, G*r] f32.
+
+    ``qs``/``d`` may be a stack [C, G*r, K] / [C, G*r, K/32] with ``mat`` the (traced)
+    index of the matrix to use; only that matrix is read."""
+    n = xq.shape[0]
+    if qs.ndim == 2:
+        qs, d = qs[None], d[None]
+    _, out, k = qs.shape
+    r, nb = out // groups, k // QK
+    cfg = cfg or choose_config(out, k, groups)
+    U, BO = cfg.blocks_per_step, cfg.block_rows
+    if n > MAX_TOKENS or not supported(out, k, groups) or r % BO or nb % (U * cfg.k_splits):
+        raise ValueError(f"q8_0 kernel: unsupported N={n}, weight {out}x{k}/{groups} groups, {cfg}")
+    np_ = max(pow2_at_least(n), 16 // U)  # the tensor-core dot needs ≥ 16 rows: pad with zero tokens
+    if np_ > n:
+        xq = jnp.pad(xq, ((0, np_ - n), (0, 0)))
+        dx = jnp.pad(dx, ((0, np_ - n), (0, 0)))
+    steps = nb // U // cfg.k_splits
+    tiles_per_group = r // BO
+    group_of = lambda i, j: (0, i // tiles_per_group)
+    mat = jnp.zeros((1,), I32) if mat is None else jnp.asarray(mat, I32).reshape(1)
+    whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
+    n_out = 1 if cfg.k_splits == 1 else 2
+    res = pl.pallas_call(
+        functools.partial(_kernel, cfg=cfg, steps=steps, np_=np_),
+        grid=(out // BO, cfg.k_splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, j: (0,)),
+            pl.BlockSpec((1,), lambda i, j: (0,)),
+            pl.BlockSpec((np_, k), group_of),
+            pl.BlockSpec((np_, nb), group_of),
+            whole(qs),
+            whole(d),
+        ],
+        out_specs=[pl.BlockSpec((None, np_, BO), lambda i, j: (j, 0, i))] * n_out,
+        out_shape=[jax.ShapeDtypeStruct((cfg.k_splits, np_, out), F32)] * n_out,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="q8_0_share",
+    )(runtime_zero(dx), mat, xq, dx, qs, d)
+    y = res[0][0] if n_out == 1 else finish(*res)
+    return y[:n]

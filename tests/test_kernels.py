@@ -1,0 +1,126 @@
+"""Pallas kernels against their plain-jnp references, bit for bit, on random data.
+
+Off GPU the kernels run interpreted (``interpret=True``); on a GPU (``JAX_PLATFORMS=cuda``:
+the suite defaults to the CPU) the same tests run the compiled kernels. Shapes include row
+counts and K that are not multiples of the tiles."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ds4jax.engine import Engine
+from ds4jax.sampling import SamplingParams
+from pallas_kernels import dispatch, experts, norms, q8_0
+
+INTERPRET = jax.default_backend() != "gpu"
+RNG = np.random.default_rng(7)
+
+
+def q8_inputs(n, out, k, groups=1, copies=None):
+    xq = jnp.asarray(RNG.integers(-128, 128, (n, groups * k), dtype=np.int8))
+    dx = jnp.asarray(RNG.uniform(1e-3, 1e-1, (n, groups * k // 32)).astype(np.float32))
+    lead = (copies,) if copies else ()
+    qs = jnp.asarray(RNG.integers(-128, 128, (*lead, out, k), dtype=np.int8))
+    d = jnp.asarray(RNG.uniform(1e-4, 1e-2, (*lead, out, k // 32)).astype(np.float16))
+    return xq, dx, qs, d
+
+
+@pytest.mark.parametrize(
+    "out,k,groups",
+    [(96, 512, 1), (48, 96, 1), (112, 320, 1), (64, 2048, 1), (128, 256, 4)],
+    ids=["16-block-steps", "3-blocks", "10-blocks", "k-split", "grouped"],
+)
+def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups):
+    xq, dx, qs, d = q8_inputs(4, out, k, groups)
+    cfg = q8_0.choose_config(out, k, groups)
+    if k == 2048:
+        cfg = dataclasses.replace(cfg, k_splits=2)  # exercise the split-K partial sums
+    rows = {}
+    for n in (1, 2, 3, 4):
+        got = np.asarray(q8_0.matmul(xq[:n], dx[:n], qs, d, groups=groups, cfg=cfg, interpret=INTERPRET))
+        want = np.asarray(q8_0.reference(xq[:n], dx[:n], qs, d, groups))
+        assert np.isfinite(got).all() and np.array_equal(got, want), np.abs(got - want).max()
+        rows[n] = got
+    for n in (2, 3, 4):  # the share-weight property: a token's row does not depend on N
+        assert np.array_equal(rows[n][: n - 1], rows[4][: n - 1]) and np.array_equal(rows[n][0], rows[1][0])
+
+
+def test_q8_0_kernel_reads_the_selected_matrix_of_a_stack():
+    xq, dx, qs, d = q8_inputs(2, 64, 512, copies=3)
+    got = q8_0.matmul(xq, dx, qs, d, mat=jnp.int32(2), interpret=INTERPRET)
+    assert np.array_equal(got, q8_0.reference(xq, dx, qs[2], d[2]))
+
+
+def expert_planes(qtype, E, out, nb):
+    u8 = lambda *s, hi=256: jnp.asarray(RNG.integers(0, hi, s, dtype=np.uint8))
+    f16 = lambda *s: jnp.asarray(RNG.uniform(1e-4, 1e-2, s).astype(np.float16))
+    if qtype == experts.Q4_K:
+        return {
+            "qs": u8(E, out, nb, 128),
+            "sc": u8(E, out, nb, 8, hi=64),
+            "m": u8(E, out, nb, 8, hi=64),
+            "d": f16(E, out, nb),
+            "dmin": f16(E, out, nb),
+        }
+    if qtype == experts.Q2_K:
+        return {"qs": u8(E, out, nb, 64), "sc": u8(E, out, nb, 16), "d": f16(E, out, nb), "dmin": f16(E, out, nb)}
+    aux = jnp.asarray(RNG.integers(0, 2**32, (E, out, nb, 8), dtype=np.uint32))
+    return {"grid": u8(E, out, nb, 32), "aux": aux, "d": f16(E, out, nb)}
+
+
+@pytest.mark.parametrize("qtype", [experts.IQ2_XXS, experts.Q2_K, experts.Q4_K], ids=["iq2_xxs", "q2_k", "q4_k"])
+def test_expert_kernel_is_the_reference(qtype):
+    E, out, nb = 6, 48, 2  # 48 rows: three 16-row tiles
+    planes = expert_planes(qtype, E, out, nb)
+    ids = jnp.asarray([[5, 0, 3], [3, 1, 5]], jnp.int32)  # 2 tokens x 3 experts, shared experts across tokens
+    xq = jnp.asarray(RNG.integers(-128, 128, (6, nb * 256), dtype=np.int8))
+    dx = jnp.asarray(RNG.uniform(1e-3, 1e-1, (6, nb)).astype(np.float32))
+    got = np.asarray(experts.matmul(xq, dx, ids.reshape(-1), qtype, planes, interpret=INTERPRET))
+    want = np.asarray(experts.reference(xq, dx, qtype, {k: v[ids.reshape(-1)] for k, v in planes.items()}))
+    assert np.isfinite(got).all() and np.array_equal(got, want), np.abs(got - want).max()
+    # a pair's result does not depend on which other pairs share the launch
+    one = np.asarray(experts.matmul(xq[3:4], dx[3:4], ids.reshape(-1)[3:4], qtype, planes, interpret=INTERPRET))
+    assert np.array_equal(one[0], got[3])
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_fused_norm_kernels_are_the_reference(T):
+    a = jnp.asarray(RNG.standard_normal((T, 1024)).astype(np.float32) * 3)
+    b = jnp.asarray(RNG.standard_normal((T, 512)).astype(np.float32))
+    wa, wb = (jnp.asarray(RNG.standard_normal(n).astype(np.float32)) for n in (1024, 512))
+    got = norms.rms_norm_pair(a, wa, b, wb, 1e-6, interpret=INTERPRET)
+    for g, w in zip(got, norms.rms_norm_pair_reference(a, wa, b, wb, 1e-6)):
+        assert np.array_equal(g, w)
+    q = jnp.asarray(RNG.standard_normal((T, 8, 128)).astype(np.float32) * 2)  # 8 heads of 128, 32 rope pairs
+    ang = RNG.uniform(0, 6, (T, 32)).astype(np.float32)
+    cos, sin = jnp.asarray(np.cos(ang)), jnp.asarray(np.sin(ang))
+    got = norms.head_norm_rope(q, cos, sin, 1e-6, heads_per_program=4, interpret=INTERPRET)
+    assert np.array_equal(got, norms.head_norm_rope_reference(q, cos, sin, 1e-6))
+
+
+def test_dispatch_modes(monkeypatch):
+    xq, dx, qs, d = q8_inputs(2, 64, 256)
+    want = np.asarray(q8_0.reference(xq, dx, qs, d))
+    for m in ("off", "interpret", "auto", "all"):
+        monkeypatch.setenv("DS4JAX_KERNELS", m)
+        assert np.array_equal(dispatch.q8_0_matmul(xq, dx, qs, d), want)
+    monkeypatch.setenv("DS4JAX_KERNELS", "fast")
+    with pytest.raises(ValueError, match="DS4JAX_KERNELS"):
+        dispatch.q8_0_matmul(xq, dx, qs, d)
+
+
+def test_decode_through_kernels_equals_prefill_bit_for_bit(tiny_files, monkeypatch):
+    """Decode (N=1: every Q8_0 and routed-expert matmul and the fused norms a kernel) against
+    chunked prefill (N=16: the XLA path): same logits, bit for bit."""
+    monkeypatch.setenv("DS4JAX_KERNELS", "interpret" if INTERPRET else "all")
+    eng = Engine(tiny_files, ctx=64, chunk=16)
+    ids = RNG.integers(0, tiny_files.config.n_vocab, 20).astype(np.int32)
+    greedy = SamplingParams(temperature=0.0).arrays()
+    _, pre, _ = eng.prefill(eng.new_state(), ids, greedy, jax.random.key(0), all_logits=True)
+    state = eng.new_state()
+    for i, t in enumerate(ids):
+        _, logits, state = eng.decode(state, int(t), greedy, jax.random.key(0))
+        assert np.array_equal(np.asarray(logits), pre[i]), i
