@@ -1,0 +1,421 @@
+"""Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
+
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,experts] [--quick]
+
+One run builds, checks and times every kernel inside jit:
+* check: the kernel's output equals the jnp reference bit for bit on fresh random data
+  (outputs are never pre-zeroed: an unwritten tile shows as a mismatch), and a token's row
+  is the same at N = 1, 2, 4;
+* time: a ``fori_loop`` whose step i calls the kernel once on weight copy i % C (C copies
+  together exceed the L2 four times, so no call is served from cache; one call site,
+  because each Pallas call site is one Triton compile). Routed experts use fresh expert
+  ids every step. The XLA reference is timed the same way (C unrolled call sites, C ≤ 16).
+The ceiling is torch's device-to-device copy measured in the same run (bytes read +
+written). Rows go to ``kernels.csv`` (best variant per kernel/shape/N:
+card,kernel,n_tok,shape,us,gbps,pct_copy,ref_us) and ``variants.csv`` (every variant) as
+they are measured, so a run cut short keeps what it measured. Base configurations of every
+shape come first, the variant sweep after, within --minutes.
+
+Off GPU (``JAX_PLATFORMS=cpu``) it is a smoke test of itself: small shapes, kernels interpreted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pallas_kernels import experts, norms, q8_0
+
+L2_BYTES = 50 << 20
+INTERPRET = False
+
+Q8_SHAPES = [  # name, out, k, groups (k per group)
+    ("attn_kv 4096->512", 512, 4096, 1),
+    ("attn_q_a 4096->1024", 1024, 4096, 1),
+    ("shexp_up 4096->2048", 2048, 4096, 1),
+    ("shexp_down 2048->4096", 4096, 2048, 1),
+    ("mtp_e_proj 4096->4096", 4096, 4096, 1),
+    ("attn_q_b 1024->32768", 32768, 1024, 1),
+    ("attn_output_a 8x4096->1024", 8192, 4096, 8),
+    ("attn_output_b 8192->4096", 4096, 8192, 1),
+    ("output 4096->129280", 129280, 4096, 1),
+]
+EXPERT_SHAPES = [  # name, qtype, out, n (256 experts, 6 routed per token)
+    ("gate/up IQ2_XXS 4096->2048", experts.IQ2_XXS, 2048, 4096),
+    ("down Q2_K 2048->4096", experts.Q2_K, 4096, 2048),
+    ("gate/up Q4_K 4096->2048", experts.Q4_K, 2048, 4096),
+    ("down Q4_K 2048->4096", experts.Q4_K, 4096, 2048),
+]
+N_EXPERT, N_USED, EXPERT_ROUNDS = 256, 6, 200
+TOKENS = (1, 2, 4)
+
+
+class Recorder:
+    """Appends result rows to the two CSV files as they come (and keeps them for the table)."""
+
+    def __init__(self, out_dir: str, card: str, copy_bw: float):
+        self.card, self.copy_bw, self.rows = card, copy_bw, []
+        self.best_f = open(os.path.join(out_dir, "kernels.csv"), "w", newline="")  # noqa: SIM115  (open for the run)
+        self.var_f = open(os.path.join(out_dir, "variants.csv"), "w", newline="")  # noqa: SIM115
+        self.best_w, self.var_w = csv.writer(self.best_f), csv.writer(self.var_f)
+        self.best_w.writerow(["card", "kernel", "n_tok", "shape", "us", "gbps", "pct_copy", "ref_us"])
+        self.var_w.writerow(["card", "kernel", "n_tok", "shape", "config", "exact", "us", "gbps", "ref_us"])
+
+    def variant(self, kernel, n_tok, shape, config, ok, s, nbytes, ref_s):
+        gbps = nbytes / s / 1e9
+        self.var_w.writerow(
+            [self.card, kernel, n_tok, shape, config, ok, f"{s * 1e6:.2f}", f"{gbps:.0f}", f"{ref_s * 1e6:.2f}"]
+        )
+        self.var_f.flush()
+        print(
+            f"  {kernel:8s} {shape:28s} N={n_tok} {config:28s} {s * 1e6:9.2f} us {gbps:6.0f} GB/s "
+            f"exact={ok} (xla {ref_s * 1e6:.2f} us)",
+            flush=True,
+        )
+
+    def best(self, kernel, n_tok, shape, s, nbytes, ref_s):
+        gbps = nbytes / s / 1e9
+        row = [
+            self.card,
+            kernel,
+            n_tok,
+            shape,
+            f"{s * 1e6:.2f}",
+            f"{gbps:.0f}",
+            f"{100 * gbps * 1e9 / self.copy_bw:.1f}",
+            f"{ref_s * 1e6:.2f}",
+        ]
+        self.best_w.writerow(row)
+        self.best_f.flush()
+        self.rows.append(row)
+
+
+def copy_bandwidth() -> float:
+    """torch's device copy, bytes read + written per second (the ceiling to quote)."""
+    import torch
+
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(20):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n / float(np.median(ts))
+
+
+def median_time(run, *args):
+    """(median seconds of run(*args) over 3 timed runs after a warm-up, run's output)."""
+    res = jax.block_until_ready(run(*args))
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)), res
+
+
+def time_steps(fn, steps: int, *args):
+    """(seconds per call, fn(0, *args)) with fn(i, *args) called for i < steps in one fori_loop."""
+
+    @jax.jit
+    def run(*args):
+        body = lambda i, acc: acc + fn(i, *args).reshape(-1)[0]
+        return jax.lax.fori_loop(0, steps, body, jnp.float32(0)), fn(jnp.int32(0), *args)
+
+    s, (_, first) = median_time(run, *args)
+    return s / steps, np.asarray(first)
+
+
+def time_xla_copies(fn, copies, rounds: int) -> float:
+    """Seconds per call of an XLA function over C unrolled copies, ``rounds`` times."""
+
+    @jax.jit
+    def run(copies):
+        def body(i, acc):
+            for c in copies:
+                acc = acc + fn(*c).reshape(-1)[0]
+            return acc
+
+        return jax.lax.fori_loop(0, rounds, body, jnp.float32(0))
+
+    return median_time(run, copies)[0] / (rounds * len(copies))
+
+
+# ---- Q8_0 ---------------------------------------------------------------------------------
+def q8_case(key, n_tok, out, k, groups):
+    ks = jax.random.split(key, 4)
+    xq = jax.random.randint(ks[0], (n_tok, groups * k), -128, 128, jnp.int32).astype(jnp.int8)
+    dx = jax.random.uniform(ks[1], (n_tok, groups * k // 32), jnp.float32, 1e-3, 1e-1)
+    qs = jax.random.randint(ks[2], (out, k), -128, 128, jnp.int32).astype(jnp.int8)
+    d = jax.random.uniform(ks[3], (out, k // 32), jnp.float32, 1e-4, 1e-2).astype(jnp.float16)
+    return xq, dx, qs, d
+
+
+def q8_variants(out, k, groups):
+    """Launch-shape variants of the shape's config. Rows, warps and stages keep the bits; other
+    K splits change the summation order, so they can only inform the heuristic (by shape)."""
+    base = q8_0.choose_config(out, k, groups)
+    vs = [
+        dataclasses.replace(base, block_rows=r)
+        for r in (16, 32, 64, 128)
+        if r != base.block_rows and (out // groups) % r == 0
+    ]
+    vs += [dataclasses.replace(base, num_warps=w) for w in (2, 8)]
+    vs += [dataclasses.replace(base, num_stages=s) for s in (2, 4)]
+    if (k // 32 // base.blocks_per_step) % (base.k_splits * 2) == 0:
+        vs.append(dataclasses.replace(base, k_splits=base.k_splits * 2))
+    if base.k_splits > 1:
+        vs.append(dataclasses.replace(base, k_splits=base.k_splits // 2))
+    return vs
+
+
+class Q8Bench:
+    def __init__(self, rec: Recorder):
+        self.rec = rec
+        self.cases = {}
+        self.best: dict = {}  # (shape, N) -> (seconds, cfg)
+
+    def _case(self, name, out, k, groups):
+        if name not in self.cases:
+            wbytes = out * k + out * (k // 32) * 2
+            C = max(1, min(32, -(-4 * L2_BYTES // wbytes)))
+            keys = jax.random.split(jax.random.PRNGKey(len(self.cases)), C)
+            copies = [q8_case(kk, 4, out, k, groups) for kk in keys]
+            stacks = (jnp.stack([c[2] for c in copies]), jnp.stack([c[3] for c in copies]))
+            rounds = max(2, min(200, int(2e9 // (wbytes * C))))
+            refs = {}
+            for n in TOKENS:
+                cs = [(x[:n], dx[:n], qs, d) for x, dx, qs, d in copies[:16]]
+                want = np.asarray(jax.jit(lambda *a, g=groups: q8_0.reference(*a, groups=g))(*cs[0]))
+                ref_s = time_xla_copies(lambda *a, g=groups: q8_0.reference(*a, groups=g), cs, rounds)
+                refs[n] = (want, ref_s)
+            self.cases[name] = (wbytes, copies, stacks, C, rounds, refs, {})
+        return self.cases[name]
+
+    def run(self, name, out, k, groups, n_tok, cfg):
+        wbytes, copies, stacks, C, rounds, refs, rows1 = self._case(name, out, k, groups)
+        xq, dx = copies[0][0][:n_tok], copies[0][1][:n_tok]
+        want, ref_s = refs[n_tok]
+
+        def fn(i, xq, dx, qs, d, cfg=cfg):
+            return q8_0.matmul(xq, dx, qs, d, groups=groups, cfg=cfg, interpret=INTERPRET, mat=i % C)
+
+        try:
+            s, got = time_steps(fn, rounds * C, xq, dx, *stacks)
+        except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
+            print(f"  q8_0 {name} N={n_tok} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            return
+        ok = bool(np.array_equal(got, want))
+        order = (cfg.k_splits, cfg.blocks_per_step)
+        if n_tok == 1:
+            rows1[order] = got[0]
+        elif order in rows1 and not np.array_equal(got[0], rows1[order]):
+            print(f"    N={n_tok}: row 0 differs from N=1", flush=True)
+            ok = False
+        nbytes = wbytes + n_tok * (groups * k * 5 // 4 + out * 4)  # int8 + f32 scale per 32, f32 out
+        config = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
+        self.rec.variant("q8_0", n_tok, name, config, ok, s, nbytes, ref_s)
+        key = (name, n_tok)
+        if ok and (key not in self.best or s < self.best[key][0]):
+            self.best[key] = (s, cfg, nbytes, ref_s)
+
+
+# ---- routed experts -------------------------------------------------------------------------
+def expert_planes(key, qtype, E, out, nb):
+    ks = iter(jax.random.split(key, 8))
+    u8 = lambda *s, hi=256: jax.random.randint(next(ks), s, 0, hi, jnp.int32).astype(jnp.uint8)
+    f16 = lambda *s: jax.random.uniform(next(ks), s, jnp.float32, 1e-4, 1e-2).astype(jnp.float16)
+    if qtype == experts.Q4_K:
+        return {
+            "qs": u8(E, out, nb, 128),
+            "sc": u8(E, out, nb, 8, hi=64),
+            "m": u8(E, out, nb, 8, hi=64),
+            "d": f16(E, out, nb),
+            "dmin": f16(E, out, nb),
+        }
+    if qtype == experts.Q2_K:
+        return {"qs": u8(E, out, nb, 64), "sc": u8(E, out, nb, 16), "d": f16(E, out, nb), "dmin": f16(E, out, nb)}
+    return {
+        "grid": u8(E, out, nb, 32),
+        "aux": jax.random.bits(next(ks), (E, out, nb, 8), jnp.uint32),
+        "d": f16(E, out, nb),
+    }
+
+
+class ExpertBench:
+    def __init__(self, rec: Recorder):
+        self.rec, self.best, self.cases = rec, {}, {}
+
+    def run(self, name, qtype, out, n, n_tok, block_rows, num_warps):
+        nb = n // 256
+        if name not in self.cases:
+            self.cases[name] = (expert_planes(jax.random.PRNGKey(len(self.cases)), qtype, N_EXPERT, out, nb), {})
+        planes, refs = self.cases[name]
+        P = n_tok * N_USED
+        kx = jax.random.PRNGKey(100 + n_tok)
+        xq = jax.random.randint(kx, (P, n), -128, 128, jnp.int32).astype(jnp.int8)
+        dx = jax.random.uniform(kx, (P, nb), jnp.float32, 1e-3, 1e-1)
+        base = jnp.arange(P, dtype=jnp.int32) * 37 % N_EXPERT  # distinct experts
+
+        def ids_at(i):
+            return (base + i * 101) % N_EXPERT  # fresh experts every call: nothing stays in L2
+
+        if n_tok not in refs:
+
+            def ref(i, xq, dx, planes):
+                ids = ids_at(i)
+                return experts.reference(xq, dx, qtype, {k: jnp.take(v, ids, axis=0) for k, v in planes.items()})
+
+            refs[n_tok] = time_steps(ref, EXPERT_ROUNDS, xq, dx, planes)
+        ref_s, want = refs[n_tok]
+
+        def fn(i, xq, dx, planes):
+            return experts.matmul(
+                xq, dx, ids_at(i), qtype, planes, block_rows=block_rows, num_warps=num_warps, interpret=INTERPRET
+            )
+
+        try:
+            s, got = time_steps(fn, EXPERT_ROUNDS, xq, dx, planes)
+        except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
+            print(
+                f"  experts {name} N={n_tok} r{block_rows} w{num_warps}: FAILED {type(e).__name__}: {str(e)[:300]}",
+                flush=True,
+            )
+            return
+        ok = bool(np.array_equal(got, want))
+        per_expert = sum(int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in planes.values())
+        nbytes = P * (per_expert + n + nb * 4 + out * 4)
+        self.rec.variant("experts", n_tok, name, f"r{block_rows} w{num_warps}", ok, s, nbytes, ref_s)
+        key = (name, n_tok)
+        if ok and (key not in self.best or s < self.best[key][0]):
+            self.best[key] = (s, (block_rows, num_warps), nbytes, ref_s)
+
+
+# ---- fused norms ------------------------------------------------------------------------------
+def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, rounds=500):
+    """The fused norms against XLA's chain of fusions (activations: L2-resident in both, as in a step)."""
+    eps = 1e-6
+    for n_tok in TOKENS:
+        k = iter(jax.random.split(jax.random.PRNGKey(7 + n_tok), 8))
+        a = jax.random.normal(next(k), (n_tok, q_rank))
+        b = jax.random.normal(next(k), (n_tok, head_dim))
+        wa, wb = jax.random.normal(next(k), (q_rank,)), jax.random.normal(next(k), (head_dim,))
+        q = jax.random.normal(next(k), (n_tok, n_head, head_dim))
+        ang = jax.random.uniform(next(k), (n_tok, n_rot // 2), jnp.float32, 0, 6)
+        cases = [
+            (
+                "rms_norm_pair",
+                f"q_a {q_rank} + kv {head_dim}",
+                (a, wa, b, wb),
+                lambda i, a, wa, b, wb: norms.rms_norm_pair(a + i * 0, wa, b, wb, eps, interpret=INTERPRET)[0],
+                lambda i, a, wa, b, wb: norms.rms_norm_pair_reference(a + i * 0, wa, b, wb, eps)[0],
+                (a.size + b.size) * 8 + (wa.size + wb.size) * 4,
+            ),
+            (
+                "head_norm_rope",
+                f"q {n_head}x{head_dim}",
+                (q, jnp.cos(ang), jnp.sin(ang)),
+                lambda i, q, c, s: norms.head_norm_rope(q + i * 0, c, s, eps, interpret=INTERPRET),
+                lambda i, q, c, s: norms.head_norm_rope_reference(q + i * 0, c, s, eps),
+                q.size * 8 + ang.size * 8,
+            ),
+        ]
+        for kernel, shape, args, fn, ref, nbytes in cases:
+            ref_s, want = time_steps(ref, rounds, *args)
+            try:
+                s, got = time_steps(fn, rounds, *args)
+            except Exception as e:  # noqa: BLE001  (a kernel that does not build is reported, not fatal)
+                print(f"  {kernel} N={n_tok}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            ok = bool(np.array_equal(got, want))
+            rec.variant(kernel, n_tok, shape, "", ok, s, nbytes, ref_s)
+            if ok:
+                rec.best(kernel, n_tok, shape, s, nbytes, ref_s)
+
+
+def main() -> None:
+    global Q8_SHAPES, EXPERT_SHAPES, INTERPRET, N_EXPERT
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--minutes", type=float, default=8.0)
+    ap.add_argument("--quick", action="store_true", help="base configurations only")
+    ap.add_argument("--only", default="q8_0,experts,norms")
+    a = ap.parse_args()
+    t0 = time.time()
+    left = lambda: a.minutes * 60 - (time.time() - t0)
+    card = jax.devices()[0].device_kind
+    if jax.default_backend() == "cpu":
+        Q8_SHAPES = [(nm, o // 32, k // 8, g) for nm, o, k, g in Q8_SHAPES[1:3] + Q8_SHAPES[6:7]]
+        EXPERT_SHAPES = [(nm, q, o // 64, k // 8) for nm, q, o, k in EXPERT_SHAPES]
+        INTERPRET, N_EXPERT = True, 8
+        copy_bw = 1e11
+    else:
+        copy_bw = copy_bandwidth()
+    print(f"{card}: torch device copy {copy_bw / 1e12:.2f} TB/s", flush=True)
+    rec = Recorder(a.out, card, copy_bw)
+    only = a.only.split(",")
+    q8b, exb = Q8Bench(rec), ExpertBench(rec)
+    # 1. every shape at its base configuration
+    if "q8_0" in only:
+        for name, out, k, g in Q8_SHAPES:
+            for n in TOKENS:
+                if left() > 0:
+                    q8b.run(name, out, k, g, n, q8_0.choose_config(out, k, g))
+    if "experts" in only:
+        for name, qt, out, k in EXPERT_SHAPES:
+            for n in TOKENS:
+                if left() > 0:
+                    exb.run(name, qt, out, k, n, 16, 4)
+    if "norms" in only and left() > 0:
+        bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))
+    # 2. variants while time is left: all at N=1, then the N=1 winner at N=2 and 4
+    if not a.quick:
+        if "q8_0" in only:
+            for name, out, k, g in Q8_SHAPES:
+                for cfg in q8_variants(out, k, g):
+                    if left() > 60:
+                        q8b.run(name, out, k, g, 1, cfg)
+                if (name, 1) in q8b.best:
+                    win = q8b.best[(name, 1)][1]
+                    for n in TOKENS[1:]:
+                        if left() > 60 and win != q8_0.choose_config(out, k, g):
+                            q8b.run(name, out, k, g, n, win)
+        if "experts" in only:
+            for name, qt, out, k in EXPERT_SHAPES:
+                for br, nw in ((32, 4), (16, 2), (32, 8)):
+                    for n in TOKENS:
+                        if left() > 60:
+                            exb.run(name, qt, out, k, n, br, nw)
+    for (name, n), (s, cfg, nbytes, ref_s) in q8b.best.items():
+        rec.best(f"q8_0 r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}", n, name, s, nbytes, ref_s)
+    for (name, n), (s, (br, nw), nbytes, ref_s) in exb.best.items():
+        rec.best(f"experts r{br}w{nw}", n, name, s, nbytes, ref_s)
+    print(f"\ncopy {copy_bw / 1e9:.0f} GB/s on {card}")
+    print(f"{'kernel':22s} {'N':>2s} {'shape':28s} {'us':>9s} {'GB/s':>6s} {'%copy':>6s} {'xla us':>9s}")
+    for r in rec.rows:
+        print(f"{r[1]:22s} {r[2]:2d} {r[3]:28s} {r[4]:>9s} {r[5]:>6s} {r[6]:>6s} {r[7]:>9s}")
+
+
+if __name__ == "__main__":
+    main()
