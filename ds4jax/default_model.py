@@ -36,3 +36,8 @@ def default_model_paths(quiet: bool = False) -> tuple[Path, Path]:
             print(f"ds4jax: generating the default model into {out} (first run) ...", file=sys.stderr, flush=True)
         generate_model(DEFAULT_PRESET, out)
     return base, mtp
+
+
+def base_path_or_default(path: str | None) -> str:
+    """``path``, or the embedded default model's base GGUF (generated on first use)."""
+    return path if path is not None else str(default_model_paths()[0])

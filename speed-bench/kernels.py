@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pallas_kernels import experts, norms, q8_0
+from pallas_kernels.testing import expert_planes
 
 L2_BYTES = 50 << 20
 INTERPRET = False
@@ -242,27 +243,6 @@ class Q8Bench:
 
 
 # ---- routed experts -------------------------------------------------------------------------
-def expert_planes(key, qtype, E, out, nb):
-    ks = iter(jax.random.split(key, 8))
-    u8 = lambda *s, hi=256: jax.random.randint(next(ks), s, 0, hi, jnp.int32).astype(jnp.uint8)
-    f16 = lambda *s: jax.random.uniform(next(ks), s, jnp.float32, 1e-4, 1e-2).astype(jnp.float16)
-    if qtype == experts.Q4_K:
-        return {
-            "qs": u8(E, out, nb, 128),
-            "sc": u8(E, out, nb, 8, hi=64),
-            "m": u8(E, out, nb, 8, hi=64),
-            "d": f16(E, out, nb),
-            "dmin": f16(E, out, nb),
-        }
-    if qtype == experts.Q2_K:
-        return {"qs": u8(E, out, nb, 64), "sc": u8(E, out, nb, 16), "d": f16(E, out, nb), "dmin": f16(E, out, nb)}
-    return {
-        "grid": u8(E, out, nb, 32),
-        "aux": jax.random.bits(next(ks), (E, out, nb, 8), jnp.uint32),
-        "d": f16(E, out, nb),
-    }
-
-
 class ExpertBench:
     def __init__(self, rec: Recorder):
         self.rec, self.best, self.cases = rec, {}, {}

@@ -85,15 +85,11 @@ def main() -> None:
     a = ap.parse_args()
     import jax
 
+    from ds4jax.default_model import base_path_or_default
     from ds4jax.engine import Engine
     from ds4jax.model_file import open_model
 
-    path = a.model
-    if path is None:
-        from ds4jax.default_model import default_model_paths
-
-        path = str(default_model_paths()[0])
-    mf = open_model(path)
+    mf = open_model(base_path_or_default(a.model))
     if jax.default_backend() != "gpu":
         print("(not a GPU: these are the CPU backend's thunks, not GPU kernel launches)")
     for mode in ("all", "auto", "off"):

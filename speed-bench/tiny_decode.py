@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from ds4jax.default_model import base_path_or_default
 from ds4jax.engine import Engine
 from ds4jax.model_file import open_model
 from ds4jax.sampling import SamplingParams
@@ -32,11 +33,7 @@ def main() -> None:
     ap.add_argument("--prompt_len", type=int, default=256)
     ap.add_argument("--n", type=int, default=128)
     a = ap.parse_args()
-    path = a.model
-    if path is None:
-        from ds4jax.default_model import default_model_paths
-
-        path = str(default_model_paths()[0])
+    path = base_path_or_default(a.model)
     mf = open_model(path)
     eng = Engine(mf, ctx=a.ctx, chunk=a.chunk)
     prompt = np.random.default_rng(0).integers(0, mf.config.n_vocab, a.prompt_len).tolist()

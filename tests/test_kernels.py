@@ -14,6 +14,7 @@ import pytest
 from ds4jax.engine import Engine
 from ds4jax.sampling import SamplingParams
 from pallas_kernels import dispatch, experts, norms, q8_0
+from pallas_kernels.testing import expert_planes
 
 INTERPRET = jax.default_backend() != "gpu"
 RNG = np.random.default_rng(7)
@@ -54,27 +55,10 @@ def test_q8_0_kernel_reads_the_selected_matrix_of_a_stack():
     assert np.array_equal(got, q8_0.reference(xq, dx, qs[2], d[2]))
 
 
-def expert_planes(qtype, E, out, nb):
-    u8 = lambda *s, hi=256: jnp.asarray(RNG.integers(0, hi, s, dtype=np.uint8))
-    f16 = lambda *s: jnp.asarray(RNG.uniform(1e-4, 1e-2, s).astype(np.float16))
-    if qtype == experts.Q4_K:
-        return {
-            "qs": u8(E, out, nb, 128),
-            "sc": u8(E, out, nb, 8, hi=64),
-            "m": u8(E, out, nb, 8, hi=64),
-            "d": f16(E, out, nb),
-            "dmin": f16(E, out, nb),
-        }
-    if qtype == experts.Q2_K:
-        return {"qs": u8(E, out, nb, 64), "sc": u8(E, out, nb, 16), "d": f16(E, out, nb), "dmin": f16(E, out, nb)}
-    aux = jnp.asarray(RNG.integers(0, 2**32, (E, out, nb, 8), dtype=np.uint32))
-    return {"grid": u8(E, out, nb, 32), "aux": aux, "d": f16(E, out, nb)}
-
-
 @pytest.mark.parametrize("qtype", [experts.IQ2_XXS, experts.Q2_K, experts.Q4_K], ids=["iq2_xxs", "q2_k", "q4_k"])
 def test_expert_kernel_is_the_reference(qtype):
     E, out, nb = 6, 48, 2  # 48 rows: three 16-row tiles
-    planes = expert_planes(qtype, E, out, nb)
+    planes = expert_planes(jax.random.PRNGKey(qtype), qtype, E, out, nb)
     ids = jnp.asarray([[5, 0, 3], [3, 1, 5]], jnp.int32)  # 2 tokens x 3 experts, shared experts across tokens
     xq = jnp.asarray(RNG.integers(-128, 128, (6, nb * 256), dtype=np.int8))
     dx = jnp.asarray(RNG.uniform(1e-3, 1e-1, (6, nb)).astype(np.float32))
