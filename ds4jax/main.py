@@ -103,6 +103,7 @@ def _runner(mf, ctx: int, eos: int | None, weights=None):
     """(engine, run(ids, on_token, keep_logits) -> generation, mode) for the flags given."""
     from ds4jax.engine import Engine
     from ds4jax.sampling import SamplingParams
+    from pallas_kernels import dispatch as kernels
 
     seed = FLAGS.seed if FLAGS.seed != 0 else int(time.time_ns() & 0x7FFFFFFF)
     sampling = SamplingParams(FLAGS.temp, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p, seed).validate()
@@ -110,6 +111,7 @@ def _runner(mf, ctx: int, eos: int | None, weights=None):
         raise DS4Error(f"--n_predict must be >= 0, got {FLAGS.n_predict}")
     if FLAGS.mtp_draft not in (0, 2):
         raise DS4Error(f"--mtp_draft must be 0 or 2 (the N=2 combined verifier), got {FLAGS.mtp_draft}")
+    kernels.mode()  # a bad DS4JAX_KERNELS is one line here, not an error inside a compile
     engine = Engine(mf, ctx=ctx, chunk=FLAGS.chunk, act_quant=FLAGS.act_quant, weights=weights)
     strict = FLAGS.quality or os.environ.get("DS4JAX_MTP_STRICT", "") not in ("", "0")
     spec = None
@@ -174,7 +176,7 @@ def _generate(mf) -> None:
     ids = _prompt_ids(mf, tokenizer)
     check_prompt(ids, FLAGS.ctx, mf.config.n_vocab)  # before any warning or compile
     eos = tokenizer.eos_id if tokenizer is not None else None
-    engine, run, mode = _runner(mf, FLAGS.ctx, eos)
+    _engine, run, mode = _runner(mf, FLAGS.ctx, eos)
     stream = StreamDecoder(tokenizer) if tokenizer is not None else None
 
     def on_token(t: int) -> None:

@@ -24,6 +24,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from ds4jax.errors import DS4Error
 from pallas_kernels import experts, norms, q8_0
 
 MAX_TOKENS = 4  # share-weight kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
@@ -32,7 +33,7 @@ MAX_TOKENS = 4  # share-weight kernels serve decode (N=1) and the verifier (N=2.
 def mode() -> str:
     m = os.environ.get("DS4JAX_KERNELS", "auto").strip().lower()
     if m not in ("auto", "all", "off", "interpret"):
-        raise ValueError(f"DS4JAX_KERNELS must be auto, all, off or interpret, not {m!r}")
+        raise DS4Error(f"DS4JAX_KERNELS must be auto, all, off or interpret, not {m!r}")
     return m
 
 

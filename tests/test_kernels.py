@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ds4jax.engine import Engine
+from ds4jax.errors import DS4Error
 from ds4jax.sampling import SamplingParams
 from pallas_kernels import dispatch, experts, norms, q8_0
 from pallas_kernels.testing import expert_planes
@@ -92,7 +93,7 @@ def test_dispatch_modes(monkeypatch):
         monkeypatch.setenv("DS4JAX_KERNELS", m)
         assert np.array_equal(dispatch.q8_0_matmul(xq, dx, qs, d), want)
     monkeypatch.setenv("DS4JAX_KERNELS", "fast")
-    with pytest.raises(ValueError, match="DS4JAX_KERNELS"):
+    with pytest.raises(DS4Error, match="DS4JAX_KERNELS"):
         dispatch.q8_0_matmul(xq, dx, qs, d)
 
 
