@@ -23,7 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.config import ModelConfig
+from ds4jax.errors import DS4Error
 from ds4jax.model.forward import commit, forward_hidden, head
+from ds4jax.mtp import draft_margin, draft_step, init_mtp_state
+from ds4jax.sampling import SamplingParams
 
 
 def verify(cfg: ModelConfig, weights, state, tokens):
@@ -109,10 +112,14 @@ class SpeculativeDecoder:
         self.engine = engine
         self._verify = jax.jit(partial(verify, engine.cfg), donate_argnums=(1,))
 
-    def generate(self, prompt: list[int], n_predict: int, drafter: Drafter, eos_id: int | None = None,
-                 on_token: Callable[[int], None] | None = None) -> SpecGeneration:
-        from ds4jax.sampling import SamplingParams
-
+    def generate(
+        self,
+        prompt: list[int],
+        n_predict: int,
+        drafter: Drafter,
+        eos_id: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> SpecGeneration:
         eng = self.engine
         eng.check_prompt(prompt)
         params = SamplingParams(temperature=0.0).arrays()
@@ -164,34 +171,29 @@ def oracle_drafter(reference: list[int], wrong_every: int = 0) -> Drafter:
 
 
 # ---- with the MTP drafter: every step is one compiled program ---------------------------
+def first_draft(cfg: ModelConfig, weights, mtp_state, prev_hc, token, pos):
+    """The MTP's draft for the token after ``token`` (at ``pos``), from the hidden ``prev_hc``
+    of the token before it (seed pairing): (draft, top-two margin, mtp_state)."""
+    d_logits, _, mtp_state = draft_step(cfg, weights, mtp_state, prev_hc, token, pos)
+    return jnp.argmax(d_logits).astype(jnp.int32), draft_margin(d_logits), mtp_state
+
+
 def combined_step(cfg: ModelConfig, weights, state, mtp_state, tokens):
     """Verify [token, draft], commit, and draft the next token from the last committed
-    hidden and the chosen next token (seed pairing). Returns
-    (n, next, next_draft, margin, state, mtp_state)."""
-    from ds4jax.mtp import draft_margin, draft_step
-
+    hidden and the chosen next token. Returns (n, next, next_draft, margin, state, mtp_state)."""
     n, nxt, _, H, state = verify(cfg, weights, state, tokens)
     prev = jax.lax.dynamic_index_in_dim(H, n - 1, axis=0, keepdims=False)
-    d_logits, _, mtp_state = draft_step(cfg, weights, mtp_state, prev, nxt, state["n_tokens"])
-    return n, nxt, jnp.argmax(d_logits).astype(jnp.int32), draft_margin(d_logits), state, mtp_state
+    draft, margin, mtp_state = first_draft(cfg, weights, mtp_state, prev, nxt, state["n_tokens"])
+    return n, nxt, draft, margin, state, mtp_state
 
 
 def plain_draft_step(cfg: ModelConfig, weights, state, mtp_state, token):
     """One plain greedy token (the N=1 program) plus the draft for the token after it."""
-    from ds4jax.mtp import draft_margin, draft_step
-
     H, pending = forward_hidden(cfg, weights, state, token[None])
     state = commit(cfg, state, pending, jnp.int32(1))
     nxt = jnp.argmax(head(cfg, weights, H[0])).astype(jnp.int32)
-    d_logits, _, mtp_state = draft_step(cfg, weights, mtp_state, H[0], nxt, state["n_tokens"])
-    return nxt, jnp.argmax(d_logits).astype(jnp.int32), draft_margin(d_logits), state, mtp_state
-
-
-def first_draft(cfg: ModelConfig, weights, mtp_state, prev_hc, token, pos):
-    from ds4jax.mtp import draft_margin, draft_step
-
-    d_logits, _, mtp_state = draft_step(cfg, weights, mtp_state, prev_hc, token, pos)
-    return jnp.argmax(d_logits).astype(jnp.int32), draft_margin(d_logits), mtp_state
+    draft, margin, mtp_state = first_draft(cfg, weights, mtp_state, H[0], nxt, state["n_tokens"])
+    return nxt, draft, margin, state, mtp_state
 
 
 class MTPSpeculativeDecoder:
@@ -201,8 +203,6 @@ class MTPSpeculativeDecoder:
     --mtp-margin, default 3.0); otherwise the step runs the plain N=1 program."""
 
     def __init__(self, engine, margin: float = 3.0):
-        from ds4jax.errors import DS4Error
-
         if engine.weights.get("mtp") is None:
             raise DS4Error("MTP speculative decoding needs an MTP GGUF (--mtp)")
         cfg = engine.cfg
@@ -211,11 +211,13 @@ class MTPSpeculativeDecoder:
         self._plain = jax.jit(partial(plain_draft_step, cfg), donate_argnums=(1, 2))
         self._first = jax.jit(partial(first_draft, cfg), donate_argnums=(1,))
 
-    def generate(self, prompt: list[int], n_predict: int, eos_id: int | None = None,
-                 on_token: Callable[[int], None] | None = None) -> SpecGeneration:
-        from ds4jax.mtp import init_mtp_state
-        from ds4jax.sampling import SamplingParams
-
+    def generate(
+        self,
+        prompt: list[int],
+        n_predict: int,
+        eos_id: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> SpecGeneration:
         eng = self.engine
         w = eng.weights
         eng.check_prompt(prompt)
@@ -229,8 +231,10 @@ class MTPSpeculativeDecoder:
         t1 = time.perf_counter()
         if not hasattr(self, "_programs"):  # compile both step programs outside the timings
             pair, one = jnp.zeros(2, jnp.int32), jnp.zeros((), jnp.int32)
-            self._programs = (self._combined.lower(w, state, mtp_state, pair).compile(),
-                              self._plain.lower(w, state, mtp_state, one).compile())
+            self._programs = (
+                self._combined.lower(w, state, mtp_state, pair).compile(),
+                self._plain.lower(w, state, mtp_state, one).compile(),
+            )
             self.compile_s = time.perf_counter() - t1
             t1 = time.perf_counter()
         combined, plain = self._programs

@@ -1,6 +1,6 @@
 """Pieces every kernel shares: the double-float accumulator and the FMA barrier.
 
-The model's plain-jnp path sums block products with ``numerics.asum`` (TwoSum in a
+The model's plain-jnp path sums block products with ``numerics.asum`` (``dd_add`` in a
 variadic reduce), which gives the correctly rounded sum almost always, whatever the
 order. The kernels accumulate the same rounded products with the same TwoSum, in a
 fixed order per output; so a row's value is the same at N=1..4 tokens (same order),
@@ -15,6 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from ds4jax.model.numerics import dd_add
 
 F32 = jnp.float32
 
@@ -35,14 +37,6 @@ def two_sum_add(s: jax.Array, e: jax.Array, p: jax.Array) -> tuple[jax.Array, ja
     return t, e + err
 
 
-def combine(a, b):
-    """(s1, e1) + (s2, e2) as double-floats (TwoSum on the heads)."""
-    (s1, e1), (s2, e2) = a, b
-    s = s1 + s2
-    bb = s - s1
-    return s, e1 + e2 + ((s1 - (s - bb)) + (s2 - bb))
-
-
 def finish(s: jax.Array, e: jax.Array) -> jax.Array:
     """Combine partial double-float sums [P, ...] in order p = 0, 1, ... and round once.
 
@@ -51,7 +45,7 @@ def finish(s: jax.Array, e: jax.Array) -> jax.Array:
     arithmetic for every element whatever N is."""
     acc = (s[0], e[0])
     for p in range(1, s.shape[0]):
-        acc = combine(acc, (s[p], e[p]))
+        acc = dd_add(acc, (s[p], e[p]))
     return acc[0] + acc[1]
 
 
@@ -91,39 +85,11 @@ def pow2_at_least(n: int, lo: int = 1) -> int:
     return p
 
 
-# ---- in-kernel versions of ds4jax.model.numerics (no optimization barriers inside kernels) ----
-def split12(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x = hi + lo, hi = the top 12 significand bits (a bit mask, as ``numerics._split``)."""
-    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-4096), F32)
-    return hi, x - hi
-
-
-def two_prod(a, b, zero):
-    """p + e = a * b exactly (Dekker with mask splitting; the partial products are exact)."""
-    p = opaque(a * b, zero)
-    ah, al = split12(a)
-    bh, bl = split12(b)
-    e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
-    return p, e
-
-
-def div(a, b, zero):
-    """a / b correctly rounded (one residual correction, as ``numerics.div``)."""
-    q = a / b
-    p, e = two_prod(q, b, zero)
-    return q + ((a - p) - e) / b
-
-
-def sqrt(v, zero):
-    """sqrt(v) correctly rounded, v ≥ 0 (as ``numerics.sqrt``)."""
-    s = jnp.sqrt(v)
-    p, e = two_prod(s, s, zero)
-    return jnp.where(s > 0, s + ((v - p) - e) / (2.0 * s), s)
-
-
+# ---- helpers for register tiles (Triton cannot slice them) -------------------------------------
 def pick(a: jax.Array, axis: int, i: int) -> jax.Array:
     """a[..., i, ...] along ``axis`` as a masked sum (Triton cannot slice a register tile): exact."""
-    idx = lax.broadcasted_iota(jnp.int32, a.shape, axis % a.ndim)
+    axis %= a.ndim
+    idx = lax.broadcasted_iota(jnp.int32, tuple(n if d == axis else 1 for d, n in enumerate(a.shape)), axis)
     return jnp.sum(jnp.where(idx == i, a, jnp.zeros_like(a)), axis=axis)
 
 
@@ -132,5 +98,5 @@ def tree_sum(s: jax.Array, e: jax.Array) -> jax.Array:
     while s.shape[-1] > 1:
         half = (*s.shape[:-1], s.shape[-1] // 2, 2)
         s3, e3 = s.reshape(half), e.reshape(half)
-        s, e = combine((pick(s3, -1, 0), pick(e3, -1, 0)), (pick(s3, -1, 1), pick(e3, -1, 1)))
+        s, e = dd_add((pick(s3, -1, 0), pick(e3, -1, 0)), (pick(s3, -1, 1), pick(e3, -1, 1)))
     return (s + e)[..., 0]

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from ds4jax.errors import DS4Error
 from pallas_kernels import experts, norms, q8_0
 
-MAX_TOKENS = 4  # share-weight kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
+MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
 
 
 def mode() -> str:
@@ -72,8 +72,7 @@ def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes: dict, ids: j
     out = planes["d"].shape[1]
     use, interpret = _use(T, auto_tokens=())
     if not use or not experts.supported(qtype, out):
-        gathered = {name: jnp.take(p, ids, axis=0) for name, p in planes.items()}
-        return experts.reference(xq, dx, qtype, gathered)
+        return experts.reference(xq, dx, qtype, planes, ids)
     y = experts.matmul(
         xq.reshape(T * k, -1), dx.reshape(T * k, -1), ids.reshape(-1), qtype, planes, interpret=interpret
     )

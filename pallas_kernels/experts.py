@@ -25,19 +25,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import F32, opaque, runtime_zero, two_sum_add
+from ds4jax.model.numerics import asum, rounded
+from ds4jax.quant.formats import QType
+from ds4jax.quant.tables import IQ2XXS_GRID
+from pallas_kernels.common import F32, opaque, pick, runtime_zero, two_sum_add
 
 I32 = jnp.int32
 QK_K = 256
-# GGML type ids (the planes' qtype)
-Q2_K, Q4_K, IQ2_XXS = 10, 12, 16
+Q2_K, Q4_K, IQ2_XXS = QType.Q2_K, QType.Q4_K, QType.IQ2_XXS  # the planes' qtype (GGML ids)
 TYPES = (Q2_K, Q4_K, IQ2_XXS)
-
-
-def _grid_table() -> np.ndarray:
-    from ds4jax.quant.tables import IQ2XXS_GRID
-
-    return np.asarray(IQ2XXS_GRID, np.int8).reshape(-1)  # [256 * 8] magnitudes, row = grid index
+GRID = np.asarray(IQ2XXS_GRID, np.int8).reshape(256, 8)  # IQ2_XXS magnitudes, row = grid index
 
 
 # ---- reference --------------------------------------------------------------------
@@ -62,18 +59,19 @@ def _int_weights(qtype: int, p: dict):
         s7 = (aux[..., None] >> jnp.array([0, 7, 14, 21], jnp.uint32)) & 127  # [.., nb, 8, 4]
         sbyte = s7 | ((lax.population_count(s7) & 1) << 7)  # 8th sign bit = parity
         neg = ((sbyte[..., None] >> jnp.arange(8, dtype=jnp.uint32)) & 1) != 0  # [.., nb, 8, 4, 8]
-        mag = jnp.asarray(_grid_table().reshape(256, 8))[p["grid"].astype(I32)]  # [.., nb, 32, 8]
+        mag = jnp.asarray(GRID)[p["grid"].astype(I32)]  # [.., nb, 32, 8]
         mag = mag.reshape(lead + (8, 4, 8))
         vals = jnp.where(neg, -mag, mag).reshape(lead + (8, 32))
         return vals, 2 * ls + 1, None
     raise NotImplementedError(f"expert matmul for GGML type {qtype}")
 
 
-def reference(xq, dx, qtype: int, planes: dict):
+def reference(xq, dx, qtype: int, planes: dict, ids=None):
     """Σ_i W[..., o, i] x[..., i]: xq int8 [..., n], dx [..., n/256]; planes [..., out, nb, ...]
-    with the same leading dims as x (after broadcasting), e.g. gathered experts [T, k, out, ...]."""
-    from ds4jax.model.numerics import asum, rounded
-
+    with the same leading dims as x (after broadcasting), e.g. gathered experts [T, k, out, ...].
+    With ``ids`` the planes hold all experts [E, out, ...] and the experts ``ids`` are gathered."""
+    if ids is not None:
+        planes = {name: jnp.take(p, ids, axis=0) for name, p in planes.items()}
     vals, sc, mn = _int_weights(qtype, planes)  # vals [..., out, nb, S, L]
     S, L = vals.shape[-2:]
     nb = vals.shape[-3]
@@ -104,9 +102,8 @@ def _isum_q4k(x_ref, p, b, planes, sel):
     sub_o = jnp.sum((q >> 4) * xo[None], axis=-1)
     sc = sc_ref[e, rows, b, :].reshape(-1, 4, 2).astype(I32)  # [BO, 4, 2]: (h, parity)
     mn = m_ref[e, rows, b, :].reshape(-1, 4, 2).astype(I32)
-    pe = (lax.broadcasted_iota(I32, (1, 4, 2), 2) == 0).astype(I32)
-    sce, sco = jnp.sum(sc * pe, -1), jnp.sum(sc * (1 - pe), -1)  # exact picks
-    mne, mno = jnp.sum(mn * pe, -1), jnp.sum(mn * (1 - pe), -1)
+    sce, sco = pick(sc, 2, 0), pick(sc, 2, 1)
+    mne, mno = pick(mn, 2, 0), pick(mn, 2, 1)
     isum = jnp.sum(sub_e * sce + sub_o * sco, axis=-1)
     msum = jnp.sum(jnp.sum(xe, -1)[None] * mne + jnp.sum(xo, -1)[None] * mno, axis=-1)
     return isum, msum
@@ -120,11 +117,10 @@ def _isum_q2k(x_ref, p, b, planes, sel):
     sc = sc_ref[e, rows, b, :].reshape(-1, 2, 4, 2).astype(I32)  # [BO, h, j, half]
     isum = 0
     msum = 0
-    jsel = lax.broadcasted_iota(I32, (1, 1, 4, 1), 2)
     for j in range(4):
         xj = x_ref[p, b, :, j, :].reshape(2, 2, 16).astype(I32)  # x viewed [P, nb, 2, 4, 32]
         sub = jnp.sum(((q >> (2 * j)) & 3) * xj[None], axis=-1)  # [BO, 2, 2]
-        scj = jnp.sum(jnp.where(jsel == j, sc, 0), axis=2)  # [BO, 2, 2] exact pick
+        scj = pick(sc, 2, j)  # [BO, 2, 2]
         isum = isum + jnp.sum(jnp.sum(sub * (scj & 15), -1), -1)
         msum = msum + jnp.sum(jnp.sum(jnp.sum(xj, -1)[None] * (scj >> 4), -1), -1)
     return isum, msum
@@ -175,7 +171,7 @@ def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, BO):
             dmin = planes["dmin"][e, sel[1], b].astype(F32)
             hi = opaque((d * dxb) * isum.astype(F32), zero)
             lo = opaque((dmin * dxb) * msum.astype(F32), zero)
-            blk = opaque(hi - lo, zero)
+            blk = hi - lo
         return two_sum_add(s, err, blk)
 
     zeros = jnp.zeros((BO,), F32)
@@ -205,7 +201,7 @@ def matmul(xq, dx, ids, qtype: int, planes: dict, block_rows: int = 16, num_warp
     whole = lambda a: pl.BlockSpec(a.shape, lambda p, i: (0,) * a.ndim)
     args = [runtime_zero(dx), ids.astype(I32), xv, dx, *(planes[k] for k in names)]
     if qtype == IQ2_XXS:
-        args.append(jnp.asarray(_grid_table()))
+        args.append(jnp.asarray(GRID.reshape(-1)))
     return pl.pallas_call(
         functools.partial(_kernel, qtype=qtype, names=names, nb=nb, BO=BO),
         grid=(P, out // BO),

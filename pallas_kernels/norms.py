@@ -21,7 +21,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import F32, div, opaque, pick, runtime_zero, split12, sqrt, tree_sum, two_sum_add
+from ds4jax.model.numerics import div, rms_norm, split12, sqrt
+from ds4jax.model.rope import apply_rope_tail
+from pallas_kernels.common import F32, opaque, pick, runtime_zero, tree_sum, two_sum_add
 
 
 def _pow2(n: int) -> bool:
@@ -34,13 +36,12 @@ def _rms_scale(x, eps, zero):
     s, e = two_sum_add(hi * hi, jnp.zeros_like(x), 2.0 * hi * lo)  # the three exact squares' terms
     s, e = two_sum_add(s, e, lo * lo)
     ms = tree_sum(s, e) * F32(1.0 / x.shape[-1])  # a power of two: exact
-    return div(jnp.ones_like(ms), sqrt(ms + F32(eps), zero), zero)[:, None]
+    rnd = functools.partial(opaque, zero=zero)  # numerics' barrier cannot live inside a kernel
+    return div(jnp.ones_like(ms), sqrt(ms + F32(eps), rnd), rnd)[:, None]
 
 
 # ---- pair-fused norm -------------------------------------------------------------------------
 def rms_norm_pair_reference(a, wa, b, wb, eps: float):
-    from ds4jax.model.numerics import rms_norm
-
     return rms_norm(a, wa, eps), rms_norm(b, wb, eps)
 
 
@@ -77,9 +78,6 @@ def rms_norm_pair(a, wa, b, wb, eps: float, interpret: bool = False):
 # ---- head norm + tail RoPE ---------------------------------------------------------------------
 def head_norm_rope_reference(q, cos, sin, eps: float):
     """q [T, H, hd]; cos/sin [T, n_rot/2]."""
-    from ds4jax.model.numerics import rms_norm
-    from ds4jax.model.rope import apply_rope_tail
-
     return apply_rope_tail(rms_norm(q, None, eps), cos[:, None, :], sin[:, None, :])
 
 

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import F32, TileConfig, combine, finish, opaque, pow2_at_least, runtime_zero, two_sum_add
+from ds4jax.model.numerics import asum, dd_add, rounded
+from pallas_kernels.common import F32, TileConfig, finish, opaque, pick, pow2_at_least, runtime_zero, two_sum_add
 
 I32 = jnp.int32
 QK = 32  # Q8_0 block
@@ -35,8 +36,6 @@ MAX_TOKENS = 4
 
 def reference(xq, dx, qs, d, groups: int = 1):
     """Plain-jnp Q8_0 matmul: xq [..., G*K] int8, dx [..., G*K/32] f32, qs [G*r, K] int8, d [G*r, K/32] f16."""
-    from ds4jax.model.numerics import asum, rounded
-
     out, k = qs.shape
     r, nb = out // groups, k // QK
     lead = xq.shape[:-1]
@@ -98,11 +97,9 @@ def _kernel(z_ref, sel_ref, xq_ref, dx_ref, qs_ref, d_ref, *out_refs, cfg: TileC
     s, e = jax.lax.fori_loop(j * steps, (j + 1) * steps, body, (zeros, zeros))
     # Combine each token's U partial chains in order u = 0..U-1 (a masked sum picks one row: exact).
     s3, e3 = s.reshape(np_, U, BO), e.reshape(np_, U, BO)
-    u_idx = jax.lax.broadcasted_iota(I32, (1, U, 1), 1)
-    pick = lambda a, u: jnp.sum(jnp.where(u_idx == u, a, 0.0), axis=1)
-    acc = (pick(s3, 0), pick(e3, 0))
+    acc = (pick(s3, 1, 0), pick(e3, 1, 0))
     for u in range(1, U):
-        acc = combine(acc, (pick(s3, u), pick(e3, u)))
+        acc = dd_add(acc, (pick(s3, 1, u), pick(e3, 1, u)))
     if len(out_refs) == 1:  # no K split: round here
         out_refs[0][...] = acc[0] + acc[1]
     else:

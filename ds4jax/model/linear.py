@@ -16,15 +16,12 @@ path's arithmetic; ``pallas_kernels.dispatch`` runs the Pallas kernels instead o
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from ds4jax.model.numerics import adot, asum, quantize_q8_0, quantize_q8_k, rounded
 from ds4jax.quant import QTensor, dequantize
 from ds4jax.quant.formats import QType
 from ds4jax.quant.jnp_decode import take
 from pallas_kernels import dispatch as kernels
-
-I32 = jnp.int32
 
 
 def dense(x: jax.Array, w: QTensor, act_quant: bool = True) -> jax.Array:

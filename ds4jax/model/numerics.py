@@ -59,7 +59,8 @@ def divide_by(x: jax.Array, c: float) -> jax.Array:
 
 
 # ---- accurate sums ---------------------------------------------------------------
-def _two_sum(a, b):
+def dd_add(a, b):
+    """(s1, e1) + (s2, e2) as double-floats: Knuth's TwoSum on the heads, errors added."""
     (s1, e1), (s2, e2) = a, b
     s = s1 + s2
     bb = s - s1
@@ -67,22 +68,24 @@ def _two_sum(a, b):
     return s, e1 + e2 + err
 
 
-def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def split12(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x = hi + lo with hi holding the top 12 significand bits (bit mask, so no FMA can blur it)."""
-    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFF000), F32)
+    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-4096), F32)  # 0xFFFFF000
     return hi, x - hi
 
 
-def two_prod(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """p + e = a * b exactly (Dekker, with mask splitting: no FMA needed)."""
-    p = rounded(a * b)
-    ah, al = _split(a)
-    bh, bl = _split(b)
-    e = ((rounded(ah * bh) - p) + rounded(ah * bl) + rounded(al * bh)) + rounded(al * bl)
+def two_prod(a: jax.Array, b: jax.Array, rnd=rounded) -> tuple[jax.Array, jax.Array]:
+    """p + e = a * b exactly (Dekker, with mask splitting: no FMA needed).
+
+    ``rnd`` forces a product's rounding (``rounded``; inside a Pallas kernel, its own barrier)."""
+    p = rnd(a * b)
+    ah, al = split12(a)
+    bh, bl = split12(b)
+    e = ((rnd(ah * bh) - p) + rnd(ah * bl) + rnd(al * bh)) + rnd(al * bl)
     return p, e
 
 
-def div(a, b) -> jax.Array:
+def div(a, b, rnd=rounded) -> jax.Array:
     """a / b correctly rounded (to within rare midpoint cases) on every backend.
 
     XLA's GPU division is not IEEE (about a quarter of quotients are off by an ulp);
@@ -90,15 +93,15 @@ def div(a, b) -> jax.Array:
     a = jnp.asarray(a, F32)
     b = jnp.asarray(b, F32)
     q = a / b
-    p, e = two_prod(q, b)
+    p, e = two_prod(q, b, rnd)
     r = (a - p) - e
     return q + r / b
 
 
-def sqrt(v: jax.Array) -> jax.Array:
+def sqrt(v: jax.Array, rnd=rounded) -> jax.Array:
     """sqrt(v) correctly rounded (XLA's GPU sqrt is approximate); v >= 0."""
     s = jnp.sqrt(v)
-    p, e = two_prod(s, s)
+    p, e = two_prod(s, s, rnd)
     r = (v - p) - e
     return jnp.where(s > 0, s + r / (2.0 * s), s)
 
@@ -115,7 +118,7 @@ def asum(x: jax.Array, axis: int = -1) -> jax.Array:
     """
     x = x.astype(F32)
     axis = axis % x.ndim
-    s, e = lax.reduce((x, jnp.zeros_like(x)), (F32(0), F32(0)), _two_sum, (axis,))
+    s, e = lax.reduce((x, jnp.zeros_like(x)), (F32(0), F32(0)), dd_add, (axis,))
     return s + e
 
 
@@ -127,7 +130,7 @@ def adot(x: jax.Array, w: jax.Array) -> jax.Array:
 def sum_squares(x: jax.Array) -> jax.Array:
     """Σ x² over the last axis as ds4 does it in double: x² is split into three exactly
     representable f32 products, then summed with ``asum``."""
-    hi, lo = _split(x.astype(F32))
+    hi, lo = split12(x.astype(F32))
     return asum(jnp.concatenate([hi * hi, 2.0 * hi * lo, lo * lo], axis=-1))
 
 
