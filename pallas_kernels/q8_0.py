@@ -54,14 +54,16 @@ def supported(out: int, k: int, groups: int = 1) -> bool:
     return k % QK == 0 and out % groups == 0 and (out // groups) % 16 == 0
 
 
-def choose_config(out: int, k: int, groups: int = 1, n_sm: int = 132) -> TileConfig:
+def choose_config(
+    out: int, k: int, groups: int = 1, n_sm: int = 132, blocks_per_step: int = 16, block_rows: int | None = None
+) -> TileConfig:
     """A launch shape from the weight's shape alone (never from N: see the module doc)."""
     nb = k // QK
-    U = 16  # 512 contiguous bytes per row per step, and a 16-row dot at N=1
+    U = blocks_per_step  # 16: 512 contiguous bytes per row per step, and a 16-row dot at N=1
     while nb % U:
         U //= 2
     r = out // groups
-    rows = 64 if out >= 4096 else 32
+    rows = block_rows or (64 if out >= 4096 else 32)
     while r % rows:
         rows //= 2
     tiles = out // rows

@@ -34,6 +34,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import devtime
+
 from pallas_kernels import experts, norms, q8_0
 from pallas_kernels.testing import expert_planes
 
@@ -73,7 +75,7 @@ class Recorder:
         self.var_w.writerow(["card", "kernel", "n_tok", "shape", "config", "exact", "us", "gbps", "ref_us"])
 
     def variant(self, kernel, n_tok, shape, config, ok, s, nbytes, ref_s):
-        gbps = nbytes / s / 1e9
+        gbps = nbytes / max(s, 1e-12) / 1e9
         self.var_w.writerow(
             [self.card, kernel, n_tok, shape, config, ok, f"{s * 1e6:.2f}", f"{gbps:.0f}", f"{ref_s * 1e6:.2f}"]
         )
@@ -85,7 +87,7 @@ class Recorder:
         )
 
     def best(self, kernel, n_tok, shape, s, nbytes, ref_s):
-        gbps = nbytes / s / 1e9
+        gbps = nbytes / max(s, 1e-12) / 1e9
         row = [
             self.card,
             kernel,
@@ -125,42 +127,17 @@ def copy_bandwidth() -> float:
     return 2 * n / float(np.median(ts))
 
 
-def median_time(run, *args):
-    """(median seconds of run(*args) over 3 timed runs after a warm-up, run's output)."""
-    res = jax.block_until_ready(run(*args))
-    ts = []
-    for _ in range(3):
-        t = time.perf_counter()
-        jax.block_until_ready(run(*args))
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)), res
+def time_steps(fn, steps: int, *args, show: bool = False):
+    """(device seconds per call, fn(steps - 1, *args)) with fn(i, *args) called for i < steps in
+    one fori_loop; the time is the calls' kernel durations from the profiler (devtime.py)."""
+    s, _, last = devtime.per_call(fn, steps, *args, show=show)
+    return s, np.asarray(last)
 
 
-def time_steps(fn, steps: int, *args):
-    """(seconds per call, fn(0, *args)) with fn(i, *args) called for i < steps in one fori_loop."""
-
-    @jax.jit
-    def run(*args):
-        body = lambda i, acc: acc + fn(i, *args).reshape(-1)[0]
-        return jax.lax.fori_loop(0, steps, body, jnp.float32(0)), fn(jnp.int32(0), *args)
-
-    s, (_, first) = median_time(run, *args)
-    return s / steps, np.asarray(first)
-
-
-def time_xla_copies(fn, copies, rounds: int) -> float:
-    """Seconds per call of an XLA function over C unrolled copies, ``rounds`` times."""
-
-    @jax.jit
-    def run(copies):
-        def body(i, acc):
-            for c in copies:
-                acc = acc + fn(*c).reshape(-1)[0]
-            return acc
-
-        return jax.lax.fori_loop(0, rounds, body, jnp.float32(0))
-
-    return median_time(run, copies)[0] / (rounds * len(copies))
+def time_xla_copies(fn, copies, rounds: int, show: bool = False) -> float:
+    """Device seconds per call of an XLA function, called on C weight copies (unrolled) per step."""
+    s, _, _ = devtime.per_call(lambda i, copies: tuple(fn(*c) for c in copies), rounds, copies, show=show)
+    return s / len(copies)
 
 
 # ---- Q8_0 ---------------------------------------------------------------------------------
@@ -173,21 +150,20 @@ def q8_case(key, n_tok, out, k, groups):
     return xq, dx, qs, d
 
 
-def q8_variants(out, k, groups):
-    """Launch-shape variants of the shape's config. Rows, warps and stages keep the bits; other
-    K splits change the summation order, so they can only inform the heuristic (by shape)."""
+def q8_variants(out, k, groups, us=(4, 8, 16)):
+    """Launch-shape variants: blocks per step U (which, with the K split it implies, sets the
+    summation order, so one U serves every N) by rows per program, then more warps and more
+    stages (which keep the bits) around the first U's default."""
     base = q8_0.choose_config(out, k, groups)
     vs = [
-        dataclasses.replace(base, block_rows=r)
-        for r in (16, 32, 64, 128)
-        if r != base.block_rows and (out // groups) % r == 0
+        q8_0.choose_config(out, k, groups, blocks_per_step=u, block_rows=r)
+        for u in us
+        for r in (32, 64, 128)
+        if (out // groups) % r == 0
     ]
-    vs += [dataclasses.replace(base, num_warps=w) for w in (2, 8)]
-    vs += [dataclasses.replace(base, num_stages=s) for s in (2, 4)]
-    if (k // 32 // base.blocks_per_step) % (base.k_splits * 2) == 0:
-        vs.append(dataclasses.replace(base, k_splits=base.k_splits * 2))
-    if base.k_splits > 1:
-        vs.append(dataclasses.replace(base, k_splits=base.k_splits // 2))
+    vs = [v for v in vs if v != base]
+    around = q8_0.choose_config(out, k, groups, blocks_per_step=us[0])
+    vs += [dataclasses.replace(around, num_stages=s) for s in (4,)]
     return vs
 
 
@@ -196,6 +172,7 @@ class Q8Bench:
         self.rec = rec
         self.cases = {}
         self.best: dict = {}  # (shape, N) -> (seconds, cfg, bytes, XLA seconds)
+        self.shown = False  # the first run prints its kernels (what the profiler counted)
 
     def _case(self, name, out, k, groups):
         if name not in self.cases:
@@ -204,12 +181,16 @@ class Q8Bench:
             keys = jax.random.split(jax.random.PRNGKey(len(self.cases)), C)
             copies = [q8_case(kk, 4, out, k, groups) for kk in keys]
             stacks = (jnp.stack([c[2] for c in copies]), jnp.stack([c[3] for c in copies]))
-            rounds = max(2, min(200, int(2e9 // (wbytes * C))))
+            rounds = max(3, min(50, int(2e9 // (wbytes * C))))
             refs = {}
             for n in TOKENS:
                 cs = [(x[:n], dx[:n], qs, d) for x, dx, qs, d in copies[:16]]
-                want = np.asarray(jax.jit(lambda *a, g=groups: q8_0.reference(*a, groups=g))(*cs[0]))
-                ref_s = time_xla_copies(lambda *a, g=groups: q8_0.reference(*a, groups=g), cs, rounds)
+                # the timed loop's last call (i = rounds*C - 1) reads copy C-1 with copy 0's tokens
+                last = (copies[0][0][:n], copies[0][1][:n], copies[-1][2], copies[-1][3])
+                want = np.asarray(jax.jit(lambda *a, g=groups: q8_0.reference(*a, groups=g))(*last))
+                ref_s = time_xla_copies(
+                    lambda *a, g=groups: q8_0.reference(*a, groups=g), cs, rounds, show=not self.cases
+                )
                 refs[n] = (want, ref_s)
             self.cases[name] = (wbytes, copies, stacks, C, rounds, refs, {})
         return self.cases[name]
@@ -223,7 +204,8 @@ class Q8Bench:
             return q8_0.matmul(xq, dx, qs, d, groups=groups, cfg=cfg, interpret=INTERPRET, mat=i % C)
 
         try:
-            s, got = time_steps(fn, rounds * C, xq, dx, *stacks)
+            s, got = time_steps(fn, rounds * C, xq, dx, *stacks, show=not self.shown)
+            self.shown = True
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
             print(f"  q8_0 {name} N={n_tok} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             return
@@ -292,7 +274,7 @@ class ExpertBench:
 
 
 # ---- fused norms ------------------------------------------------------------------------------
-def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, rounds=500):
+def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, rounds=200):
     """The fused norms against XLA's chain of fusions (activations: L2-resident in both, as in a step)."""
     eps = 1e-6
     for n_tok in TOKENS:
@@ -307,23 +289,23 @@ def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, r
                 "rms_norm_pair",
                 f"q_a {q_rank} + kv {head_dim}",
                 (a, wa, b, wb),
-                lambda i, a, wa, b, wb: norms.rms_norm_pair(a + i * 0, wa, b, wb, eps, interpret=INTERPRET)[0],
-                lambda i, a, wa, b, wb: norms.rms_norm_pair_reference(a + i * 0, wa, b, wb, eps)[0],
+                lambda i, a, wa, b, wb: norms.rms_norm_pair(a, wa, b, wb, eps, interpret=INTERPRET)[0],
+                lambda i, a, wa, b, wb: norms.rms_norm_pair_reference(a, wa, b, wb, eps)[0],
                 (a.size + b.size) * 8 + (wa.size + wb.size) * 4,
             ),
             (
                 "head_norm_rope",
                 f"q {n_head}x{head_dim}",
                 (q, jnp.cos(ang), jnp.sin(ang)),
-                lambda i, q, c, s: norms.head_norm_rope(q + i * 0, c, s, eps, interpret=INTERPRET),
-                lambda i, q, c, s: norms.head_norm_rope_reference(q + i * 0, c, s, eps),
+                lambda i, q, c, s: norms.head_norm_rope(q, c, s, eps, interpret=INTERPRET),
+                lambda i, q, c, s: norms.head_norm_rope_reference(q, c, s, eps),
                 q.size * 8 + ang.size * 8,
             ),
         ]
         for kernel, shape, args, fn, ref, nbytes in cases:
-            ref_s, want = time_steps(ref, rounds, *args)
+            ref_s, want = time_steps(ref, rounds, *args, show=n_tok == 1)
             try:
-                s, got = time_steps(fn, rounds, *args)
+                s, got = time_steps(fn, rounds, *args, show=n_tok == 1)
             except Exception as e:  # noqa: BLE001  (a kernel that does not build is reported, not fatal)
                 print(f"  {kernel} N={n_tok}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -340,6 +322,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
     ap.add_argument("--only", default="q8_0,experts,norms")
+    ap.add_argument("--sweep-u", default="4,8,16", help="blocks per step U to sweep (with rows 32/64/128)")
+    ap.add_argument("--sweep-n", default="1,4", help="token counts of the sweep")
+    ap.add_argument("--shapes", default="", help="comma-separated name parts: sweep only these Q8_0 shapes")
     a = ap.parse_args()
     t0 = time.time()
     left = lambda: a.minutes * 60 - (time.time() - t0)
@@ -368,18 +353,16 @@ def main() -> None:
                     exb.run(name, qt, out, k, n, 16, 4)
     if "norms" in only and left() > 0:
         bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))
-    # 2. variants while time is left: all at N=1, then the N=1 winner at N=2 and 4
+    # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:
-            for name, out, k, g in Q8_SHAPES:
-                for cfg in q8_variants(out, k, g):
-                    if left() > 60:
-                        q8b.run(name, out, k, g, 1, cfg)
-                if (name, 1) in q8b.best:
-                    win = q8b.best[(name, 1)][1]
-                    for n in TOKENS[1:]:
-                        if left() > 60 and win != q8_0.choose_config(out, k, g):
-                            q8b.run(name, out, k, g, n, win)
+            for name, out, k, g in sorted(Q8_SHAPES, key=lambda t: -t[1] * t[2]):  # largest first
+                if a.shapes and not any(t in name for t in a.shapes.split(",")):
+                    continue
+                for cfg in q8_variants(out, k, g, us=tuple(int(u) for u in a.sweep_u.split(","))):
+                    for n in (int(t) for t in a.sweep_n.split(",")):
+                        if left() > 30:
+                            q8b.run(name, out, k, g, n, cfg)
         if "experts" in only:
             for name, qt, out, k in EXPERT_SHAPES:
                 for br, nw in ((32, 4), (16, 2), (32, 8)):
@@ -387,7 +370,14 @@ def main() -> None:
                         if left() > 60:
                             exb.run(name, qt, out, k, n, br, nw)
     for (name, n), (s, cfg, nbytes, ref_s) in q8b.best.items():
-        rec.best(f"q8_0 r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}", n, name, s, nbytes, ref_s)
+        rec.best(
+            f"q8_0 U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}",
+            n,
+            name,
+            s,
+            nbytes,
+            ref_s,
+        )
     for (name, n), (s, (br, nw), nbytes, ref_s) in exb.best.items():
         rec.best(f"experts r{br}w{nw}", n, name, s, nbytes, ref_s)
     print(f"\ncopy {copy_bw / 1e9:.0f} GB/s on {card}")

@@ -1,0 +1,87 @@
+"""Device time of a jitted program, read from the profiler: the sum of its GPU kernels' durations.
+
+Wall-clock timing of a ``fori_loop`` of calls over-counts small kernels: on the GPU each loop
+iteration also pays the while loop's predicate copy to the host (~10 µs), and one call's dispatch
+(65–145 µs) is spread over the iterations. The kernels' own durations (CUPTI, through
+``jax.profiler``) have neither, so ``per_call`` reports what a call adds to a compiled step's
+device time: Σ kernel durations of a loop of calls, minus the same loop with an empty body.
+Off GPU it falls back to wall clock (the CPU smoke mode only checks that the script runs).
+"""
+
+from __future__ import annotations
+
+import glob
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+_LAYOUT_SHOWN = False
+
+
+def _kernel_events(path: str):
+    """(name, duration ns) of every kernel on the GPU's stream lines of one trace."""
+    global _LAYOUT_SHOWN
+    pd = jax.profiler.ProfileData.from_file(path)
+    out = []
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        names = [ln.name for ln in plane.lines]
+        if not _LAYOUT_SHOWN:
+            print(f"  [profiler] {plane.name}: lines {names}", flush=True)
+            _LAYOUT_SHOWN = True
+        # Stream lines hold the kernels; 'XLA Ops' / 'XLA Modules' lines are derived spans of them.
+        streams = [ln for ln in plane.lines if ln.name.startswith("Stream")]
+        for ln in streams or [ln for ln in plane.lines if "XLA" not in ln.name]:
+            out += [(ev.name, ev.duration_ns) for ev in ln.events]
+    return out
+
+
+def kernel_ns(run, *args) -> tuple[float, dict, object]:
+    """(Σ kernel ns, {name: (count, ns)}, output) of one call of the jitted ``run`` (compiled
+    and warmed first)."""
+    jax.block_until_ready(run(*args))
+    d = tempfile.mkdtemp(prefix="ds4trace")
+    with jax.profiler.trace(d):
+        res = jax.block_until_ready(run(*args))
+    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    by: dict = {}
+    for name, ns in _kernel_events(files[0]) if files else []:
+        c, t = by.get(name, (0, 0))
+        by[name] = (c + 1, t + ns)
+    return float(sum(t for _, t in by.values())), by, res
+
+
+def per_call(fn, steps: int, *args, show: bool = False) -> tuple[float, float, object]:
+    """(device seconds per call of fn(i, *args), kernels per call, fn(steps - 1, *args)) for fn
+    called at i < steps in one fori_loop (one call site): Σ kernel durations less those of the
+    same loop with an empty body (its counter, predicate and initial zeros), over steps."""
+
+    def loop(body):
+        @jax.jit
+        def run(*args):
+            out = jax.eval_shape(lambda: fn(jnp.int32(0), *args))
+            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+            return jax.lax.fori_loop(0, steps, lambda i, c: body(i, c, args), zero)
+
+        return run
+
+    # The barrier ties the arguments to i without a kernel, so XLA cannot hoist a call that
+    # does not use i out of the loop; in the empty loop it keeps the loop itself.
+    run = loop(lambda i, c, args: fn(i, *jax.lax.optimization_barrier((i, args))[1]))
+    empty = loop(lambda i, c, args: jax.lax.optimization_barrier((i, c))[1])
+    if jax.default_backend() != "gpu":
+        jax.block_until_ready(run(*args))
+        t = time.perf_counter()
+        res = jax.block_until_ready(run(*args))
+        return (time.perf_counter() - t) / steps, float("nan"), res
+    ns, by, res = kernel_ns(run, *args)
+    ns0, by0, _ = kernel_ns(empty, *args)
+    if show:
+        for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:8]:
+            print(f"    [kernels] {c:6d} x {t / max(c, 1) / 1e3:9.2f} us  {name[:90]}", flush=True)
+        print(f"    [empty loop] {sum(c for c, _ in by0.values())} kernels, {ns0 / 1e3:.1f} us", flush=True)
+    n = sum(c for c, _ in by.values()) - sum(c for c, _ in by0.values())
+    return max(ns - ns0, 0.0) / steps * 1e-9, n / steps, res

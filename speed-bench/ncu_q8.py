@@ -1,0 +1,39 @@
+"""Runs the Q8_0 kernel a few times on one shape for Nsight Compute to profile.
+
+    ncu --clock-control none -k regex:q8_0 --launch-skip 1 --launch-count 1 \
+        --section SpeedOfLight python speed-bench/ncu_q8.py --out 129280 --k 4096 --n 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pallas_kernels import q8_0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=int, default=129280)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--groups", type=int, default=1)
+    ap.add_argument("--n", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=3)
+    a = ap.parse_args()
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    qs = jax.random.randint(k1, (a.out, a.k), -127, 128, jnp.int8)
+    d = (jax.random.uniform(k2, (a.out, a.k // 32)) * 1e-2).astype(jnp.float16)
+    xq = jax.random.randint(k3, (a.n, a.k * a.groups // a.groups), -127, 128, jnp.int8)
+    dx = jax.random.uniform(k4, (a.n, a.k // 32)) * 1e-2
+    for _ in range(a.calls):
+        q8_0.matmul(xq, dx, qs, d, groups=a.groups).block_until_ready()
+
+
+if __name__ == "__main__":
+    main()
