@@ -73,7 +73,7 @@ class TileConfig:
 
     block_rows: int = 64
     k_splits: int = 1
-    blocks_per_step: int = 16
+    blocks_per_step: int = 4
     num_warps: int = 4
     num_stages: int = 3
 

@@ -6,11 +6,11 @@ data at every DeepSeek V4 Flash shape on an H100), so the choice is only about s
 made at trace time from static shapes and the environment:
 
     DS4JAX_KERNELS=auto       on GPU, the kernels where they measured faster than XLA (default):
-                              the Q8_0 share-weight kernel for the verifier's 2..3-token batches.
-                              At N=1 XLA's own fused int8 dot was faster at every shape, and at
-                              N=4 only the LM head gained (speed-bench/KERNELS.md).
-    DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4: also the routed-expert and fused
-                              norm kernels, which are checked in interpret mode only so far
+                              the Q8_0 kernel for the verifier's 2..4-token batches at every
+                              shape and at N=1 on weights of 64 MB and more (the LM head); the
+                              routed-expert kernels at every N (2-3x XLA's gather + dot). The
+                              fused norms lost to XLA's fusions and stay off.
+    DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
     DS4JAX_KERNELS=off        the reference everywhere
     DS4JAX_KERNELS=interpret  every kernel at N = 1..4, interpreted off GPU (the CPU tests)
     DS4JAX_NO_Q8_SHARE_BATCH=1  Q8_0 batches of 2..4 tokens take the reference path
@@ -37,23 +37,26 @@ def mode() -> str:
     return m
 
 
-def _use(n_tok: int, auto_tokens: tuple[int, ...]) -> tuple[bool, bool]:
-    """(use the kernel, interpret it) for a batch of n_tok rows; ``auto_tokens``: the batch
-    sizes at which ``auto`` takes this kernel on GPU."""
+def _use(n_tok: int, auto: bool) -> tuple[bool, bool]:
+    """(use the kernel, interpret it) for a batch of n_tok rows; ``auto``: whether ``auto``
+    takes the kernel on GPU for this call."""
     m = mode()
     if m == "off" or n_tok > MAX_TOKENS:
         return False, False
     if m == "interpret":
         return True, jax.default_backend() != "gpu"
     on_gpu = jax.default_backend() == "gpu"
-    return on_gpu and (m == "all" or n_tok in auto_tokens), False
+    return on_gpu and (m == "all" or auto), False
+
+
+Q8_AUTO_N1_BYTES = 64 << 20  # at N=1 XLA's fused int8 dot wins below this (KERNELS.md, v4)
 
 
 def q8_0_matmul(xq: jax.Array, dx: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> jax.Array:
     """xq [..., G*K] int8, dx [..., G*K/32] f32 against Q8_0 planes qs [G*r, K], d [G*r, K/32] → [..., G*r]."""
     lead = xq.shape[:-1]
     n = math.prod(lead)
-    use, interpret = _use(n, auto_tokens=(2, 3))
+    use, interpret = _use(n, auto=n >= 2 or qs.size >= Q8_AUTO_N1_BYTES)
     if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
         use = False
     if not use or not q8_0.supported(qs.shape[0], qs.shape[1], groups):
@@ -70,7 +73,7 @@ def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes: dict, ids: j
     xq = jnp.broadcast_to(xq, (T, k, xq.shape[-1]))
     dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
     out = planes["d"].shape[1]
-    use, interpret = _use(T, auto_tokens=())
+    use, interpret = _use(T, auto=True)
     if not use or not experts.supported(qtype, out):
         return experts.reference(xq, dx, qtype, planes, ids)
     y = experts.matmul(
@@ -81,7 +84,7 @@ def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes: dict, ids: j
 
 def rms_norm_pair(a: jax.Array, wa: jax.Array, b: jax.Array, wb: jax.Array, eps: float):
     """(rms_norm(a, wa), rms_norm(b, wb)) for a [T, n1], b [T, n2]: one launch for both."""
-    use, interpret = _use(a.shape[0], auto_tokens=())
+    use, interpret = _use(a.shape[0], auto=False)
     if not use or not norms.pair_supported(a, b):
         return norms.rms_norm_pair_reference(a, wa, b, wb, eps)
     return tuple(norms.rms_norm_pair(a, wa, b, wb, eps, interpret=interpret))
@@ -89,7 +92,7 @@ def rms_norm_pair(a: jax.Array, wa: jax.Array, b: jax.Array, wb: jax.Array, eps:
 
 def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> jax.Array:
     """Per-head weightless RMS norm of q [T, H, hd], then the tail RoPE (cos/sin [T, n_rot/2])."""
-    use, interpret = _use(q.shape[0], auto_tokens=())
+    use, interpret = _use(q.shape[0], auto=False)
     if not use or not norms.head_supported(q, cos):
         return norms.head_norm_rope_reference(q, cos, sin, eps)
     return norms.head_norm_rope(q, cos, sin, eps, interpret=interpret)

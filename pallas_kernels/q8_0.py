@@ -4,14 +4,17 @@ Numerics (ds4's W8A8 path, MODEL.md §3.2): y[t, o] = Σ_b rnd(isum[t,o,b] · rn
 with isum the exact int32 dot of the 32-element int8 blocks, summed in double-float (TwoSum)
 and rounded once. ``reference`` is that formula in plain jnp (the model's XLA path).
 
-The kernel: one program per (block of output rows, K split); each loop step reads U = 16
-consecutive Q8_0 blocks of its rows (512 contiguous bytes per row) once for all tokens. The
-U block dots of a step come from one int8 tensor-core dot: the activations are laid out
-block-diagonally (row t*U + u of ``xd`` keeps only the blocks b ≡ u mod U of token t), so
-``xd_tile @ w_tileᵀ`` is [N*U, rows] of per-block int32 dots, exact. Each (t, u) row then
-runs its own TwoSum chain over the blocks u, u+U, ...; the partial sums are combined in a
-fixed elementwise order outside. U and the K split depend only on the weight's shape, so a
-row's arithmetic is identical at N = 1..4: the N=2 verifier reproduces N=1 bit for bit.
+The kernel: one program per (block of output rows, K split); each loop step reads U = 4
+consecutive Q8_0 blocks of its rows (128 contiguous bytes per row: one cache line) once for
+all tokens. The U block dots of a step come from one int8 tensor-core dot: the activations
+are laid out block-diagonally (row t*U + u of ``xd`` keeps only the blocks b ≡ u mod U of
+token t), so ``xd_tile @ w_tileᵀ`` is [4*U, rows] of per-block int32 dots, exact. Each (t, u)
+row then runs its own TwoSum chain over the blocks u, u+U, ...; the U chains are combined in
+order at the end. The tokens are always padded to 4 (the dot needs 16 rows = 4 tokens × U),
+so a step costs the same at N = 1..4 and one weight read serves all of them; U and the K
+split depend only on the weight's shape, so a row's arithmetic is identical at N = 1..4: the
+N=2 verifier reproduces N=1 bit for bit. (U = 16 with 512-byte rows, the v3 layout, made the
+dot and the live accumulators grow with N: N=4 cost 1.9× N=1; speed-bench/KERNELS.md.)
 
 Grouped (block-diagonal) weights use the same kernel: with ``groups = G`` the weight has
 G*r rows over one group's K inputs, x holds the G input slices side by side.
@@ -55,15 +58,18 @@ def supported(out: int, k: int, groups: int = 1) -> bool:
 
 
 def choose_config(
-    out: int, k: int, groups: int = 1, n_sm: int = 132, blocks_per_step: int = 16, block_rows: int | None = None
+    out: int, k: int, groups: int = 1, n_sm: int = 132, blocks_per_step: int = 4, block_rows: int | None = None
 ) -> TileConfig:
-    """A launch shape from the weight's shape alone (never from N: see the module doc)."""
+    """A launch shape from the weight's shape alone (never from N: see the module doc).
+
+    Rows per program, measured (speed-bench/KERNELS.md, v4): 128 for the LM head's 129280 rows,
+    64 for the 16–64 MB matrices, 32 below; then the K split doubles until ≥ 2 programs per SM."""
     nb = k // QK
-    U = blocks_per_step  # 16: 512 contiguous bytes per row per step, and a 16-row dot at N=1
+    U = blocks_per_step
     while nb % U:
         U //= 2
     r = out // groups
-    rows = block_rows or (64 if out >= 4096 else 32)
+    rows = block_rows or (128 if out >= 65536 else 64 if out * k >= (16 << 20) else 32)
     while r % rows:
         rows //= 2
     tiles = out // rows

@@ -1,6 +1,6 @@
 """How many kernels one compiled decode step launches, read from the optimized HLO.
 
-    python speed-bench/launches.py [--model M.gguf] [--ctx 256]
+    python speed-bench/launches.py [--model M.gguf] [--ctx 256] [--modes all,auto,off]
 
 Counts the top-level thunks of the compiled decode program (fusions, custom calls such as
 the Pallas kernels and cuBLAS/cuDNN calls, copies, sorts...), with while-loop bodies
@@ -82,6 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
     ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--modes", default="all,auto,off", help="DS4JAX_KERNELS values to count")
     a = ap.parse_args()
     import jax
 
@@ -92,7 +93,7 @@ def main() -> None:
     mf = open_model(base_path_or_default(a.model))
     if jax.default_backend() != "gpu":
         print("(not a GPU: these are the CPU backend's thunks, not GPU kernel launches)")
-    for mode in ("all", "auto", "off"):
+    for mode in a.modes.split(","):
         os.environ["DS4JAX_KERNELS"] = mode
         eng = Engine(mf, ctx=a.ctx, chunk=16)
         hlo = eng.program("decode").as_text()

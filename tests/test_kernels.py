@@ -31,13 +31,13 @@ def q8_inputs(n, out, k, groups=1, copies=None):
 
 
 @pytest.mark.parametrize(
-    "out,k,groups",
-    [(96, 512, 1), (48, 96, 1), (112, 320, 1), (64, 2048, 1), (128, 256, 4)],
+    "out,k,groups,u",
+    [(96, 512, 1, 16), (48, 96, 1, 4), (112, 320, 1, 4), (64, 2048, 1, 4), (128, 256, 4, 4)],
     ids=["16-block-steps", "3-blocks", "10-blocks", "k-split", "grouped"],
 )
-def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups):
+def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u):
     xq, dx, qs, d = q8_inputs(4, out, k, groups)
-    cfg = q8_0.choose_config(out, k, groups)
+    cfg = q8_0.choose_config(out, k, groups, blocks_per_step=u)
     if k == 2048:
         cfg = dataclasses.replace(cfg, k_splits=2)  # exercise the split-K partial sums
     rows = {}
