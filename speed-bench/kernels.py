@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,experts] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_mosaic,experts,norms] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import devtime
 
-from pallas_kernels import experts, norms, q8_0
+from pallas_kernels import experts, norms, q8_0, q8_0_mosaic
 from pallas_kernels.testing import expert_planes
 
 L2_BYTES = 50 << 20
@@ -223,6 +223,41 @@ class Q8Bench:
         if ok and (key not in self.best or s < self.best[key][0]):
             self.best[key] = (s, cfg, nbytes, ref_s)
 
+    def run_mosaic(self, name, out, k, groups, n_tok, mcfg):
+        """The Mosaic GPU variant on the same copies (repacked once, outside the timing)."""
+        wbytes, copies, stacks, C, rounds, refs, _ = self._case(name, out, k, groups)
+        if not q8_0_mosaic.supported(out, k, groups, mcfg):
+            return
+        if (name, "mosaic") not in self.cases:
+            self.cases[(name, "mosaic")] = q8_0_mosaic.repack(*stacks)
+        qb, dT = self.cases[(name, "mosaic")]
+        xq, dx = copies[0][0][:n_tok], copies[0][1][:n_tok]
+        want, ref_s = refs[n_tok]
+
+        def fn(i, xq, dx, qb, dT):
+            return q8_0_mosaic.matmul(xq, dx, qb, dT, groups, mcfg, INTERPRET, mat=i % C)
+
+        config = f"r{mcfg.block_rows} U{mcfg.blocks_per_step} st{mcfg.stages}"
+        try:
+            s, got = time_steps(fn, rounds * C, xq, dx, qb, dT)
+        except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
+            print(f"  q8_0_mosaic {name} N={n_tok} {config}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
+            return
+        ok = bool(np.array_equal(got, want))
+        nbytes = wbytes + n_tok * (groups * k * 5 // 4 + out * 4)
+        self.rec.variant("q8_0_mosaic", n_tok, name, config, ok, s, nbytes, ref_s)
+        key = (name, n_tok, "mosaic")
+        if ok and (key not in self.best or s < self.best[key][0]):
+            self.best[key] = (s, mcfg, nbytes, ref_s)
+
+
+MOSAIC_CONFIGS = [
+    q8_0_mosaic.MosaicConfig(64, 16, 3),
+    q8_0_mosaic.MosaicConfig(64, 8, 4),
+    q8_0_mosaic.MosaicConfig(128, 8, 3),
+    q8_0_mosaic.MosaicConfig(64, 16, 2),
+]
+
 
 # ---- routed experts -------------------------------------------------------------------------
 class ExpertBench:
@@ -321,7 +356,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
-    ap.add_argument("--only", default="q8_0,experts,norms")
+    ap.add_argument("--only", default="q8_0,q8_0_mosaic,experts,norms")
     ap.add_argument("--sweep-u", default="4,8,16", help="blocks per step U to sweep (with rows 32/64/128)")
     ap.add_argument("--sweep-n", default="1,4", help="token counts of the sweep")
     ap.add_argument("--shapes", default="", help="comma-separated name parts: sweep only these Q8_0 shapes")
@@ -346,6 +381,14 @@ def main() -> None:
             for n in TOKENS:
                 if left() > 0:
                     q8b.run(name, out, k, g, n, q8_0.choose_config(out, k, g))
+    if "q8_0_mosaic" in only:  # the Triton-vs-Mosaic comparison: every config, largest shapes first
+        for name, out, k, g in sorted(Q8_SHAPES, key=lambda t: -t[1] * t[2]):
+            if a.shapes and not any(t in name for t in a.shapes.split(",")):
+                continue
+            for mcfg in MOSAIC_CONFIGS[: 1 if INTERPRET else None]:
+                for n in TOKENS[: 1 if INTERPRET else None]:  # interpreted, Mosaic is slow
+                    if left() > 0:
+                        q8b.run_mosaic(name, out, k, g, n, mcfg)
     if "experts" in only:
         for name, qt, out, k in EXPERT_SHAPES:
             for n in TOKENS:
@@ -369,7 +412,11 @@ def main() -> None:
                     for n in TOKENS:
                         if left() > 60:
                             exb.run(name, qt, out, k, n, br, nw)
-    for (name, n), (s, cfg, nbytes, ref_s) in q8b.best.items():
+    for key, (s, cfg, nbytes, ref_s) in q8b.best.items():
+        name, n = key[:2]
+        if len(key) == 3:
+            rec.best(f"q8_0_mosaic r{cfg.block_rows}U{cfg.blocks_per_step}st{cfg.stages}", n, name, s, nbytes, ref_s)
+            continue
         rec.best(
             f"q8_0 U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}",
             n,

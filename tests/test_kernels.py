@@ -14,7 +14,7 @@ import pytest
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
 from ds4jax.sampling import SamplingParams
-from pallas_kernels import dispatch, experts, norms, q8_0
+from pallas_kernels import dispatch, experts, norms, q8_0, q8_0_mosaic
 from pallas_kernels.testing import expert_planes
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -48,6 +48,18 @@ def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u):
         rows[n] = got
     for n in (2, 3, 4):  # the share-weight property: a token's row does not depend on N
         assert np.array_equal(rows[n][: n - 1], rows[4][: n - 1]) and np.array_equal(rows[n][0], rows[1][0])
+
+
+def test_q8_0_mosaic_kernel_is_the_reference_at_every_n():
+    """The Mosaic GPU variant (kept for the Triton-vs-Mosaic comparison): same bits as the
+    reference at N = 1, 2, 4, grouped, and reading matrix ``mat`` of a stack."""
+    cfg = q8_0_mosaic.MosaicConfig(block_rows=64, blocks_per_step=4, stages=2)
+    for out, k, groups in ((128, 256, 1), (128, 128, 2)):
+        xq, dx, qs, d = q8_inputs(4, out, k, groups, copies=2)
+        qb, dT = q8_0_mosaic.repack(qs, d)
+        for n in (1, 2, 4):
+            got = np.asarray(q8_0_mosaic.matmul(xq[:n], dx[:n], qb, dT, groups, cfg, INTERPRET, mat=jnp.int32(1)))
+            assert np.array_equal(got, q8_0.reference(xq[:n], dx[:n], qs[1], d[1], groups))
 
 
 def test_q8_0_kernel_reads_the_selected_matrix_of_a_stack():
