@@ -179,6 +179,83 @@ def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, BO):
     o_ref[...] = s + err
 
 
+# ---- kernel v2: weights decoded to int8 tiles, sub-block dots on the tensor cores ----------
+_SUBS = {Q4_K: 8, Q2_K: 16, IQ2_XXS: 8}  # sub-blocks per 256-element super-block
+GRID32 = GRID.view(np.int32).reshape(-1)  # the table as 2 little-endian words per entry
+
+
+def _decode_tile(qtype, planes, sel, b, tab_ref):
+    """The [BO, 256] int8 weights of super-block b in element order (what ``_int_weights`` gives)."""
+    e, rows = sel
+    if qtype == Q4_K:  # element 32s + l, s = 2h + nibble: nibble of byte 32h + l
+        q = planes["qs"][e, rows, b, :].reshape(-1, 4, 1, 32).astype(I32)
+        sh = lax.broadcasted_iota(I32, (1, 1, 2, 1), 2) * 4
+        return ((q >> sh) & 15).reshape(-1, QK_K).astype(jnp.int8)
+    if qtype == Q2_K:  # element 128h + 32j + l: bits 2j of byte 32h + l
+        q = planes["qs"][e, rows, b, :].reshape(-1, 2, 1, 32).astype(I32)
+        sh = lax.broadcasted_iota(I32, (1, 1, 4, 1), 2) * 2
+        return ((q >> sh) & 3).reshape(-1, QK_K).astype(jnp.int8)
+    # IQ2_XXS: element 32s + 8q + l = ±GRID[grid[4s + q]][l]; two table words per 8-element group
+    g = planes["grid"][e, rows, b, :].astype(I32).reshape(-1, 32, 1)
+    words = tab_ref[g * 2 + lax.broadcasted_iota(I32, (1, 1, 2), 2)]  # [BO, 32, 2] int32
+    byte = lax.broadcasted_iota(I32, (1, 1, 1, 4), 3) * 8
+    mag = ((words[..., None] >> byte) & 255).reshape(-1, 8, 4, 8)  # [BO, s, q, l]
+    aux = planes["aux"][e, rows, b, :]  # [BO, 8] u32
+    s7 = (aux[:, :, None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7)) & 127
+    sbyte = s7 | (_parity7(s7) << 7)
+    neg = (sbyte[..., None] >> lax.broadcasted_iota(jnp.uint32, (1, 1, 1, 8), 3)) & 1
+    return jnp.where(neg != 0, -mag, mag).reshape(-1, QK_K).astype(jnp.int8)
+
+
+def _kernel_v2(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, BO):
+    *plane_refs, tab_ref, o_ref = refs if qtype == IQ2_XXS else (*refs[:-1], None, refs[-1])
+    planes = dict(zip(names, plane_refs))
+    p, i = pl.program_id(0), pl.program_id(1)
+    zero = z_ref[0]
+    e = ids_ref[p]
+    sel = (e, pl.ds(i * BO, BO))
+    S = _SUBS[qtype]
+    L = QK_K // S
+    # column c of the block-diagonal activations keeps sub-block c (16 columns: the dot's minimum)
+    sub_of_row = lax.broadcasted_iota(I32, (QK_K, 16), 0) // L
+    col = lax.broadcasted_iota(I32, (QK_K, 16), 1)
+
+    def body(b, carry):
+        s, err = carry
+        x = x_ref[p, pl.ds(b * QK_K, QK_K)]  # [256] int8
+        xbd = jnp.where(sub_of_row == col, x[:, None], jnp.int8(0))  # [256, 16]
+        w = _decode_tile(qtype, planes, sel, b, tab_ref)
+        sub = lax.dot_general(w, xbd, (((1,), (0,)), ((), ())), preferred_element_type=I32)  # [BO, 16] exact
+        if S == 8:
+            sub = jnp.sum(sub.reshape(-1, 2, 8), axis=1)  # columns 8..15 are zero
+        dxb = dx_ref[p, b]
+        d = planes["d"][e, sel[1], b].astype(F32)
+        if qtype == IQ2_XXS:
+            ls = (planes["aux"][e, sel[1], b, :] >> 28).astype(I32)  # [BO, 8]
+            isum = jnp.sum(sub * (2 * ls + 1), axis=1)
+            blk = opaque((d * dxb) * F32(0.125) * isum.astype(F32), zero)
+        else:
+            sc = planes["sc"][e, sel[1], b, :].astype(I32)  # [BO, S]
+            bsum = jnp.sum(xbd.astype(I32), axis=0)  # [16] activation sub-block sums
+            if S == 8:
+                bsum = jnp.sum(bsum.reshape(2, 8), axis=0)
+            if qtype == Q2_K:
+                isum = jnp.sum(sub * (sc & 15), axis=1)
+                msum = jnp.sum(bsum[None, :] * (sc >> 4), axis=1)
+            else:
+                isum = jnp.sum(sub * sc, axis=1)
+                msum = jnp.sum(bsum[None, :] * planes["m"][e, sel[1], b, :].astype(I32), axis=1)
+            dmin = planes["dmin"][e, sel[1], b].astype(F32)
+            hi = opaque((d * dxb) * isum.astype(F32), zero)
+            lo = opaque((dmin * dxb) * msum.astype(F32), zero)
+            blk = hi - lo
+        return two_sum_add(s, err, blk)
+
+    zeros = jnp.zeros((BO,), F32)
+    s, err = lax.fori_loop(0, nb, body, (zeros, zeros))
+    o_ref[...] = s + err
+
+
 _X_VIEW = {Q4_K: (4, 2, 32), Q2_K: (2, 4, 32), IQ2_XXS: (8, 4, 8)}
 
 
@@ -186,10 +263,17 @@ def supported(qtype: int, out: int) -> bool:
     return qtype in TYPES and out % 16 == 0
 
 
-@functools.partial(jax.jit, static_argnames=("qtype", "block_rows", "num_warps", "interpret"))
-def matmul(xq, dx, ids, qtype: int, planes: dict, block_rows: int = 16, num_warps: int = 4, interpret=False):
+@functools.partial(jax.jit, static_argnames=("qtype", "block_rows", "num_warps", "interpret", "version"))
+def matmul(
+    xq, dx, ids, qtype: int, planes: dict, block_rows: int = 16, num_warps: int = 4, interpret=False, version: int = 1
+):
     """y[p, o] = Σ_i W[ids[p], o, i] x[p, i] for P pairs: xq [P, n] int8, dx [P, n/256] f32,
-    ids [P] int32; planes of all experts [E, out, nb, ...] (only the selected are read)."""
+    ids [P] int32; planes of all experts [E, out, nb, ...] (only the selected are read).
+
+    ``version`` 1: integer dots on CUDA cores; 2: the weights decoded to an int8 tile per
+    super-block and the sub-block dots taken on the tensor cores against block-diagonal
+    activations (block_rows ≥ 16). Both give the reference's bits (exact integer sub-block
+    dots, the same TwoSum order over super-blocks)."""
     P, n = xq.shape
     nb = n // QK_K
     out = planes["d"].shape[1]
@@ -197,13 +281,13 @@ def matmul(xq, dx, ids, qtype: int, planes: dict, block_rows: int = 16, num_warp
     if not supported(qtype, out) or out % BO:
         raise ValueError(f"expert kernel: unsupported type {qtype} / {out} rows / block {BO}")
     names = tuple(sorted(planes))
-    xv = xq.reshape(P, nb, *_X_VIEW[qtype])
+    xv = xq.reshape(P, nb, *_X_VIEW[qtype]) if version == 1 else xq
     whole = lambda a: pl.BlockSpec(a.shape, lambda p, i: (0,) * a.ndim)
     args = [runtime_zero(dx), ids.astype(I32), xv, dx, *(planes[k] for k in names)]
     if qtype == IQ2_XXS:
-        args.append(jnp.asarray(GRID.reshape(-1)))
+        args.append(jnp.asarray(GRID.reshape(-1) if version == 1 else GRID32))
     return pl.pallas_call(
-        functools.partial(_kernel, qtype=qtype, names=names, nb=nb, BO=BO),
+        functools.partial(_kernel if version == 1 else _kernel_v2, qtype=qtype, names=names, nb=nb, BO=BO),
         grid=(P, out // BO),
         in_specs=[whole(a) for a in args],
         out_specs=pl.BlockSpec((None, BO), lambda p, i: (p, i)),

@@ -68,18 +68,20 @@ def test_q8_0_kernel_reads_the_selected_matrix_of_a_stack():
     assert np.array_equal(got, q8_0.reference(xq, dx, qs[2], d[2]))
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("qtype", [experts.IQ2_XXS, experts.Q2_K, experts.Q4_K], ids=["iq2_xxs", "q2_k", "q4_k"])
-def test_expert_kernel_is_the_reference(qtype):
+def test_expert_kernel_is_the_reference(qtype, version):
     E, out, nb = 6, 48, 2  # 48 rows: three 16-row tiles
     planes = expert_planes(jax.random.PRNGKey(qtype), qtype, E, out, nb)
     ids = jnp.asarray([[5, 0, 3], [3, 1, 5]], jnp.int32)  # 2 tokens x 3 experts, shared experts across tokens
     xq = jnp.asarray(RNG.integers(-128, 128, (6, nb * 256), dtype=np.int8))
     dx = jnp.asarray(RNG.uniform(1e-3, 1e-1, (6, nb)).astype(np.float32))
-    got = np.asarray(experts.matmul(xq, dx, ids.reshape(-1), qtype, planes, interpret=INTERPRET))
+    got = np.asarray(experts.matmul(xq, dx, ids.reshape(-1), qtype, planes, interpret=INTERPRET, version=version))
     want = np.asarray(experts.reference(xq, dx, qtype, planes, ids.reshape(-1)))
     assert np.isfinite(got).all() and np.array_equal(got, want), np.abs(got - want).max()
     # a pair's result does not depend on which other pairs share the launch
-    one = np.asarray(experts.matmul(xq[3:4], dx[3:4], ids.reshape(-1)[3:4], qtype, planes, interpret=INTERPRET))
+    one = experts.matmul(xq[3:4], dx[3:4], ids.reshape(-1)[3:4], qtype, planes, interpret=INTERPRET, version=version)
+    one = np.asarray(one)
     assert np.array_equal(one[0], got[3])
 
 
