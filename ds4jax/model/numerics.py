@@ -44,6 +44,8 @@ def rounded(x: jax.Array) -> jax.Array:
     fused into a following add (e.g. a reduce). Whether that happens depends on
     fusion and vectorisation, so on the program's shapes. XOR-ing the bits with a
     zero the compiler cannot see makes the rounded product a value it must produce.
+    Known gap: inside a while loop on XLA:CPU this was seen to lose one rounding (an FMA
+    again); the engine's programs contain no loops (speed-bench/KERNELS.md, "Not done yet").
     """
     zero = lax.optimization_barrier(jnp.zeros((), jnp.uint32))
     return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) ^ zero, x.dtype)
