@@ -10,7 +10,8 @@ made at trace time from static shapes and the environment:
                               shape and at N=1 on weights of 64 MB and more (the LM head); the
                               routed-expert kernels at every N (2-3x XLA's gather + dot). The
                               fused norms lost to XLA's fusions and stay off.
-    DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
+    DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4 (also the hyper-connection
+                              Sinkhorn kernel, not yet measured on a GPU)
     DS4JAX_KERNELS=off        the reference everywhere
     DS4JAX_KERNELS=interpret  every kernel at N = 1..4, interpreted off GPU (the CPU tests)
     DS4JAX_NO_Q8_SHARE_BATCH=1  Q8_0 batches of 2..4 tokens take the reference path
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
 from pallas_kernels import experts, norms, q8_0
+from pallas_kernels import sinkhorn as sinkhorn_kernel
 
 MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
 
@@ -96,3 +98,13 @@ def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> 
     if not use or not norms.head_supported(q, cos):
         return norms.head_norm_rope_reference(q, cos, sin, eps)
     return norms.head_norm_rope(q, cos, sin, eps, interpret=interpret)
+
+
+def sinkhorn(c: jax.Array, n_iter: int, hc_eps: float) -> jax.Array:
+    """The hyper-connection Sinkhorn of c [..., n, n]: one launch instead of dozens of fusions."""
+    use, interpret = _use(math.prod(c.shape[:-2]), auto=False)
+    # Interpreted, its 40 unrolled normalisations take ~20 s to compile per call site, too slow
+    # for the whole-model CPU test; its own test checks it against the reference.
+    if not use or interpret or not sinkhorn_kernel.supported(c.shape[-1]):
+        return sinkhorn_kernel.reference(c, n_iter, hc_eps)
+    return sinkhorn_kernel.sinkhorn(c, n_iter, hc_eps, interpret=interpret)

@@ -14,7 +14,7 @@ import pytest
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
 from ds4jax.sampling import SamplingParams
-from pallas_kernels import dispatch, experts, norms, q8_0, q8_0_mosaic
+from pallas_kernels import dispatch, experts, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.testing import expert_planes
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -98,6 +98,12 @@ def test_fused_norm_kernels_are_the_reference(T):
     cos, sin = jnp.asarray(np.cos(ang)), jnp.asarray(np.sin(ang))
     got = norms.head_norm_rope(q, cos, sin, 1e-6, heads_per_program=4, interpret=INTERPRET)
     assert np.array_equal(got, norms.head_norm_rope_reference(q, cos, sin, 1e-6))
+
+
+def test_sinkhorn_kernel_is_the_reference():
+    c = jnp.asarray(RNG.standard_normal((3, 4, 4)).astype(np.float32) * 3)
+    got = np.asarray(sinkhorn.sinkhorn(c, 20, 1e-6, interpret=INTERPRET))
+    assert np.array_equal(got, sinkhorn.reference(c, 20, 1e-6))
 
 
 def test_dispatch_modes(monkeypatch):

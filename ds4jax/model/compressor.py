@@ -113,4 +113,3 @@ def frontier_after(cfg: ModelConfig, layer: int, buffers, pos0, n):
 def visible_rows(pos: jax.Array, ratio: int) -> jax.Array:
     """Compressed rows visible to the token at ``pos``: those completed by it or earlier."""
     return (pos + 1) // ratio
-

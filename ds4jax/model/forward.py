@@ -27,18 +27,28 @@ def embed(weights: dict, tokens: jax.Array, n_hc: int) -> jax.Array:
 def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, rope: dict, raw_mask=None):
     """One block on the HC state H [T, n_hc, n_embd]: (H', pending layer state)."""
     it, eps, heps = cfg.hc_sinkhorn_iter, cfg.rms_eps, cfg.hc_eps
-    x, post, comb = hc_pre(H, w["hc_attn_fn"], w["hc_attn_scale"].planes["w"], w["hc_attn_base"].planes["w"], it, eps, heps)
+    x, post, comb = hc_pre(
+        H, w["hc_attn_fn"], w["hc_attn_scale"].planes["w"], w["hc_attn_base"].planes["w"], it, eps, heps
+    )
     y, pending = attention_sublayer(cfg, L, w, st, x, pos0, rope, raw_mask)
     H = hc_post(H, y, post, comb)
-    x, post, comb = hc_pre(H, w["hc_ffn_fn"], w["hc_ffn_scale"].planes["w"], w["hc_ffn_base"].planes["w"], it, eps, heps)
+    x, post, comb = hc_pre(
+        H, w["hc_ffn_fn"], w["hc_ffn_scale"].planes["w"], w["hc_ffn_base"].planes["w"], it, eps, heps
+    )
     z = rms_norm(x, w["ffn_norm"].planes["w"], eps)
     H = hc_post(H, ffn_sublayer(cfg, L, w, z, tokens), post, comb)
     return H, pending
 
 
 def head(cfg: ModelConfig, weights: dict, H) -> jax.Array:
-    h = hc_head(H, weights["output_hc_fn"], weights["output_hc_scale"].planes["w"],
-                weights["output_hc_base"].planes["w"], cfg.rms_eps, cfg.hc_eps)
+    h = hc_head(
+        H,
+        weights["output_hc_fn"],
+        weights["output_hc_scale"].planes["w"],
+        weights["output_hc_base"].planes["w"],
+        cfg.rms_eps,
+        cfg.hc_eps,
+    )
     return dense(rms_norm(h, weights["output_norm"].planes["w"], cfg.rms_eps), weights["output"], cfg.act_quant)
 
 

@@ -9,10 +9,10 @@ Sinkhorn-normalised n_hc x n_hc stream mix). Mixer layout: [pre | post | comb ro
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from ds4jax.model.linear import dense
-from ds4jax.model.numerics import F32, asum, div, exp, rms_norm, rounded, sigmoid
+from ds4jax.model.numerics import F32, asum, rms_norm, rounded, sigmoid
+from pallas_kernels import dispatch as kernels
 
 
 def _mixer(H: jax.Array, fn, eps: float) -> jax.Array:
@@ -28,15 +28,7 @@ def hc_pre(H: jax.Array, fn, scale: jax.Array, base: jax.Array, n_iter: int, rms
     pre = sigmoid(rounded(mix[..., :n] * scale[0]) + base[:n]) + F32(hc_eps)
     post = 2.0 * sigmoid(rounded(mix[..., n : 2 * n] * scale[1]) + base[n : 2 * n])
     c = (rounded(mix[..., 2 * n :] * scale[2]) + base[2 * n :]).reshape(*mix.shape[:-1], n, n)
-    # Sinkhorn: softmax rows (+eps), normalise columns; then (rows, columns) n_iter-1 times.
-    # ds4 multiplies by reciprocals throughout; eps goes after the first softmax.
-    eps = F32(hc_eps)
-    c = exp(c - jnp.max(c, axis=-1, keepdims=True))
-    c = rounded(c * div(1.0, asum(c, -1))[..., :, None]) + eps
-    c = c * div(1.0, asum(c, -2) + eps)[..., None, :]
-    for _ in range(n_iter - 1):
-        c = c * div(1.0, asum(c, -1) + eps)[..., :, None]
-        c = c * div(1.0, asum(c, -2) + eps)[..., None, :]
+    c = kernels.sinkhorn(c, n_iter, hc_eps)
     x = asum(rounded(pre[..., :, None] * H), -2)
     return x, post, c
 

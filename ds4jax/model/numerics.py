@@ -124,6 +124,26 @@ def asum(x: jax.Array, axis: int = -1) -> jax.Array:
     return s + e
 
 
+def take(x: jax.Array, axis: int, i: int) -> jax.Array:
+    """x[..., i, ...] along ``axis`` (a kernel passes its own: Triton cannot slice values)."""
+    return lax.index_in_dim(x, i, axis, keepdims=False)
+
+
+def chain_sum(x: jax.Array, axis: int = -1, take=take) -> jax.Array:
+    """``asum`` over a short axis (a few elements) as an unrolled TwoSum chain of elementwise ops.
+
+    Same value as ``asum`` (the correctly rounded sum, almost always), but no reduction: XLA
+    can fuse a chain of these, where each reduce is a kernel of its own (the
+    hyper-connection Sinkhorn is 40 such sums of 4 elements per sublayer)."""
+    x = x.astype(F32)
+    axis = axis % x.ndim
+    acc = (take(x, axis, 0), jnp.zeros_like(take(x, axis, 0)))
+    for i in range(1, x.shape[axis]):
+        xi = take(x, axis, i)
+        acc = dd_add(acc, (xi, jnp.zeros_like(xi)))
+    return acc[0] + acc[1]
+
+
 def adot(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., K] · w [O, K] -> [..., O] with ``asum`` over K (each product rounded once)."""
     return asum(rounded(x[..., None, :].astype(F32) * w.astype(F32)), axis=-1)
@@ -161,15 +181,17 @@ _LN2_LO = np.float32(1.4286068203094172e-06)
 _EXP_POLY = [np.float32(1.0 / math.factorial(k)) for k in range(8, -1, -1)]
 
 
-def exp(x: jax.Array) -> jax.Array:
-    """e^x for float32 x (0 below -87.3, where ds4's expf is subnormal or 0)."""
+def exp(x: jax.Array, rnd=rounded) -> jax.Array:
+    """e^x for float32 x (0 below -87.3, where ds4's expf is subnormal or 0).
+
+    ``rnd`` forces a product's rounding (``rounded``; inside a Pallas kernel, its own barrier)."""
     x = x.astype(F32)
     xc = jnp.clip(x, -87.0, 88.5)
     n = jnp.round(xc * F32(1.4426950408889634))
-    r = (xc - n * _LN2_HI) - rounded(n * _LN2_LO)  # |r| <= ln2/2
+    r = (xc - n * _LN2_HI) - rnd(n * _LN2_LO)  # |r| <= ln2/2
     p = jnp.full_like(r, _EXP_POLY[0])
     for c in _EXP_POLY[1:]:  # Horner, Taylor to degree 8
-        p = rounded(p * r) + c
+        p = rnd(p * r) + c
     scale = lax.bitcast_convert_type(((n.astype(jnp.int32) + 127) << 23), F32)  # 2^n
     y = p * scale
     return jnp.where(x < -87.3, F32(0.0), jnp.where(x > 88.7, F32(np.inf), y))
