@@ -151,34 +151,6 @@ def _isum_iq2xxs(x_ref, p, b, planes, sel, tab_ref):
     return jnp.sum(sub * (2 * ls + 1), axis=-1), None
 
 
-def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, BO):
-    *plane_refs, tab_ref, o_ref = refs if qtype == IQ2_XXS else (*refs[:-1], None, refs[-1])
-    planes = dict(zip(names, plane_refs))
-    p, i = pl.program_id(0), pl.program_id(1)
-    zero = z_ref[0]
-    e = ids_ref[p]
-    sel = (e, pl.ds(i * BO, BO))
-
-    def body(b, carry):
-        s, err = carry
-        dxb = dx_ref[p, b]
-        d = planes["d"][e, sel[1], b].astype(F32)
-        if qtype == IQ2_XXS:
-            isum, _ = _isum_iq2xxs(x_ref, p, b, planes, sel, tab_ref)
-            blk = opaque((d * dxb) * F32(0.125) * isum.astype(F32), zero)
-        else:
-            isum, msum = (_isum_q2k if qtype == Q2_K else _isum_q4k)(x_ref, p, b, planes, sel)
-            dmin = planes["dmin"][e, sel[1], b].astype(F32)
-            hi = opaque((d * dxb) * isum.astype(F32), zero)
-            lo = opaque((dmin * dxb) * msum.astype(F32), zero)
-            blk = hi - lo
-        return two_sum_add(s, err, blk)
-
-    zeros = jnp.zeros((BO,), F32)
-    s, err = lax.fori_loop(0, nb, body, (zeros, zeros))
-    o_ref[...] = s + err
-
-
 # ---- kernel v2: weights decoded to int8 tiles, sub-block dots on the tensor cores ----------
 _SUBS = {Q4_K: 8, Q2_K: 16, IQ2_XXS: 8}  # sub-blocks per 256-element super-block
 GRID32 = GRID.view(np.int32).reshape(-1)  # the table as 2 little-endian words per entry
@@ -207,44 +179,55 @@ def _decode_tile(qtype, planes, sel, b, tab_ref):
     return jnp.where(neg != 0, -mag, mag).reshape(-1, QK_K).astype(jnp.int8)
 
 
-def _kernel_v2(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, BO):
+def _isums_v2(qtype, x_ref, p, b, planes, sel, tab_ref):
+    """(Σ_s sub·scale, Σ_s bsum·min or None) of super-block b: sub-block dots on the tensor cores."""
+    e, rows = sel
+    S = _SUBS[qtype]
+    # column c of the block-diagonal activations keeps sub-block c (16 columns: the dot's minimum)
+    sub_of_row = lax.broadcasted_iota(I32, (QK_K, 16), 0) // (QK_K // S)
+    col = lax.broadcasted_iota(I32, (QK_K, 16), 1)
+    x = x_ref[p, pl.ds(b * QK_K, QK_K)]  # [256] int8
+    xbd = jnp.where(sub_of_row == col, x[:, None], jnp.int8(0))  # [256, 16]
+    w = _decode_tile(qtype, planes, sel, b, tab_ref)
+    sub = lax.dot_general(w, xbd, (((1,), (0,)), ((), ())), preferred_element_type=I32)  # [BO, 16] exact
+    if S == 8:
+        sub = jnp.sum(sub.reshape(-1, 2, 8), axis=1)  # columns 8..15 are zero
+    if qtype == IQ2_XXS:
+        ls = (planes["aux"][e, rows, b, :] >> 28).astype(I32)  # [BO, 8]
+        return jnp.sum(sub * (2 * ls + 1), axis=1), None
+    sc = planes["sc"][e, rows, b, :].astype(I32)  # [BO, S]
+    bsum = jnp.sum(xbd.astype(I32), axis=0)  # [16] activation sub-block sums
+    if S == 8:
+        bsum = jnp.sum(bsum.reshape(2, 8), axis=0)
+    if qtype == Q2_K:
+        return jnp.sum(sub * (sc & 15), axis=1), jnp.sum(bsum[None, :] * (sc >> 4), axis=1)
+    mn = planes["m"][e, rows, b, :].astype(I32)
+    return jnp.sum(sub * sc, axis=1), jnp.sum(bsum[None, :] * mn, axis=1)
+
+
+def _isums_v1(qtype, x_ref, p, b, planes, sel, tab_ref):
+    if qtype == IQ2_XXS:
+        return _isum_iq2xxs(x_ref, p, b, planes, sel, tab_ref)
+    return (_isum_q2k if qtype == Q2_K else _isum_q4k)(x_ref, p, b, planes, sel)
+
+
+def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, BO, version):
     *plane_refs, tab_ref, o_ref = refs if qtype == IQ2_XXS else (*refs[:-1], None, refs[-1])
     planes = dict(zip(names, plane_refs))
     p, i = pl.program_id(0), pl.program_id(1)
     zero = z_ref[0]
     e = ids_ref[p]
     sel = (e, pl.ds(i * BO, BO))
-    S = _SUBS[qtype]
-    L = QK_K // S
-    # column c of the block-diagonal activations keeps sub-block c (16 columns: the dot's minimum)
-    sub_of_row = lax.broadcasted_iota(I32, (QK_K, 16), 0) // L
-    col = lax.broadcasted_iota(I32, (QK_K, 16), 1)
+    isums = _isums_v1 if version == 1 else _isums_v2
 
     def body(b, carry):
         s, err = carry
-        x = x_ref[p, pl.ds(b * QK_K, QK_K)]  # [256] int8
-        xbd = jnp.where(sub_of_row == col, x[:, None], jnp.int8(0))  # [256, 16]
-        w = _decode_tile(qtype, planes, sel, b, tab_ref)
-        sub = lax.dot_general(w, xbd, (((1,), (0,)), ((), ())), preferred_element_type=I32)  # [BO, 16] exact
-        if S == 8:
-            sub = jnp.sum(sub.reshape(-1, 2, 8), axis=1)  # columns 8..15 are zero
+        isum, msum = isums(qtype, x_ref, p, b, planes, sel, tab_ref)
         dxb = dx_ref[p, b]
         d = planes["d"][e, sel[1], b].astype(F32)
-        if qtype == IQ2_XXS:
-            ls = (planes["aux"][e, sel[1], b, :] >> 28).astype(I32)  # [BO, 8]
-            isum = jnp.sum(sub * (2 * ls + 1), axis=1)
+        if qtype == IQ2_XXS:  # w = d (2 ls + 1) / 8 · grid · sign
             blk = opaque((d * dxb) * F32(0.125) * isum.astype(F32), zero)
-        else:
-            sc = planes["sc"][e, sel[1], b, :].astype(I32)  # [BO, S]
-            bsum = jnp.sum(xbd.astype(I32), axis=0)  # [16] activation sub-block sums
-            if S == 8:
-                bsum = jnp.sum(bsum.reshape(2, 8), axis=0)
-            if qtype == Q2_K:
-                isum = jnp.sum(sub * (sc & 15), axis=1)
-                msum = jnp.sum(bsum[None, :] * (sc >> 4), axis=1)
-            else:
-                isum = jnp.sum(sub * sc, axis=1)
-                msum = jnp.sum(bsum[None, :] * planes["m"][e, sel[1], b, :].astype(I32), axis=1)
+        else:  # w = d sc q - dmin m: the min term from the activation sub-block sums
             dmin = planes["dmin"][e, sel[1], b].astype(F32)
             hi = opaque((d * dxb) * isum.astype(F32), zero)
             lo = opaque((dmin * dxb) * msum.astype(F32), zero)
@@ -287,7 +270,7 @@ def matmul(
     if qtype == IQ2_XXS:
         args.append(jnp.asarray(GRID.reshape(-1) if version == 1 else GRID32))
     return pl.pallas_call(
-        functools.partial(_kernel if version == 1 else _kernel_v2, qtype=qtype, names=names, nb=nb, BO=BO),
+        functools.partial(_kernel, qtype=qtype, names=names, nb=nb, BO=BO, version=version),
         grid=(P, out // BO),
         in_specs=[whole(a) for a in args],
         out_specs=pl.BlockSpec((None, BO), lambda p, i: (p, i)),
