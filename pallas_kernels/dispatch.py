@@ -107,4 +107,4 @@ def sinkhorn(c: jax.Array, n_iter: int, hc_eps: float) -> jax.Array:
     # for the whole-model CPU test; its own test checks it against the reference.
     if not use or interpret or not sinkhorn_kernel.supported(c.shape[-1]):
         return sinkhorn_kernel.reference(c, n_iter, hc_eps)
-    return sinkhorn_kernel.sinkhorn(c, n_iter, hc_eps, interpret=interpret)
+    return sinkhorn_kernel.sinkhorn(c, n_iter, hc_eps)

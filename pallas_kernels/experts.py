@@ -133,6 +133,14 @@ def _parity7(v):
     return (v ^ (v >> 1)) & 1
 
 
+def _iq2xxs_negative(aux):
+    """[BO, 8, 4, 8] sign bits of IQ2_XXS weights from aux [BO, 8] u32: per 8-element group a
+    7-bit field, the 8th bit its parity."""
+    s7 = (aux[:, :, None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7)) & 127  # [BO, 8, 4]
+    sbyte = s7 | (_parity7(s7) << 7)
+    return (sbyte[..., None] >> lax.broadcasted_iota(jnp.uint32, (1, 1, 1, 8), 3)) & 1
+
+
 def _isum_iq2xxs(x_ref, p, b, planes, sel, tab_ref):
     grid_ref, aux_ref = planes["grid"], planes["aux"]
     e, rows = sel
@@ -141,11 +149,7 @@ def _isum_iq2xxs(x_ref, p, b, planes, sel, tab_ref):
     k = lax.broadcasted_iota(I32, (1, 1, 1, 8), 3)
     mag = tab_ref[g * 8 + k].astype(I32)  # [BO, 8, 4, 8] magnitudes (a 2 KB table: L1 hits)
     aux = aux_ref[e, rows, b, :]  # [BO, 8] u32
-    shift = (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7).astype(jnp.uint32)
-    s7 = (aux[:, :, None] >> shift) & 127  # [BO, 8, 4]
-    sbyte = s7 | (_parity7(s7) << 7)
-    neg = (sbyte[..., None] >> k.astype(jnp.uint32)) & 1  # [BO, 8, 4, 8]
-    val = jnp.where(neg != 0, -mag, mag)
+    val = jnp.where(_iq2xxs_negative(aux) != 0, -mag, mag)
     sub = jnp.sum(jnp.sum(val * x[None], axis=-1), axis=-1)  # [BO, 8]
     ls = (aux >> 28).astype(I32)
     return jnp.sum(sub * (2 * ls + 1), axis=-1), None
@@ -172,10 +176,7 @@ def _decode_tile(qtype, planes, sel, b, tab_ref):
     words = tab_ref[g * 2 + lax.broadcasted_iota(I32, (1, 1, 2), 2)]  # [BO, 32, 2] int32
     byte = lax.broadcasted_iota(I32, (1, 1, 1, 4), 3) * 8
     mag = ((words[..., None] >> byte) & 255).reshape(-1, 8, 4, 8)  # [BO, s, q, l]
-    aux = planes["aux"][e, rows, b, :]  # [BO, 8] u32
-    s7 = (aux[:, :, None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7)) & 127
-    sbyte = s7 | (_parity7(s7) << 7)
-    neg = (sbyte[..., None] >> lax.broadcasted_iota(jnp.uint32, (1, 1, 1, 8), 3)) & 1
+    neg = _iq2xxs_negative(planes["aux"][e, rows, b, :])
     return jnp.where(neg != 0, -mag, mag).reshape(-1, QK_K).astype(jnp.int8)
 
 

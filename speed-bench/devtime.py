@@ -54,10 +54,10 @@ def kernel_ns(run, *args) -> tuple[float, dict, object]:
     return float(sum(t for _, t in by.values())), by, res
 
 
-def per_call(fn, steps: int, *args, show: bool = False) -> tuple[float, float, object]:
-    """(device seconds per call of fn(i, *args), kernels per call, fn(steps - 1, *args)) for fn
-    called at i < steps in one fori_loop (one call site): Σ kernel durations less those of the
-    same loop with an empty body (its counter, predicate and initial zeros), over steps."""
+def per_call(fn, steps: int, *args, show: bool = False) -> tuple[float, object]:
+    """(device seconds per call of fn(i, *args), fn(steps - 1, *args)) for fn called at
+    i < steps in one fori_loop (one call site): Σ kernel durations less those of the same loop
+    with an empty body (its counter, predicate and initial zeros), over steps."""
 
     def loop(body):
         @jax.jit
@@ -76,12 +76,11 @@ def per_call(fn, steps: int, *args, show: bool = False) -> tuple[float, float, o
         jax.block_until_ready(run(*args))
         t = time.perf_counter()
         res = jax.block_until_ready(run(*args))
-        return (time.perf_counter() - t) / steps, float("nan"), res
+        return (time.perf_counter() - t) / steps, res
     ns, by, res = kernel_ns(run, *args)
     ns0, by0, _ = kernel_ns(empty, *args)
     if show:
         for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:8]:
             print(f"    [kernels] {c:6d} x {t / max(c, 1) / 1e3:9.2f} us  {name[:90]}", flush=True)
         print(f"    [empty loop] {sum(c for c, _ in by0.values())} kernels, {ns0 / 1e3:.1f} us", flush=True)
-    n = sum(c for c, _ in by.values()) - sum(c for c, _ in by0.values())
-    return max(ns - ns0, 0.0) / steps * 1e-9, n / steps, res
+    return max(ns - ns0, 0.0) / steps * 1e-9, res

@@ -130,13 +130,13 @@ def copy_bandwidth() -> float:
 def time_steps(fn, steps: int, *args, show: bool = False):
     """(device seconds per call, fn(steps - 1, *args)) with fn(i, *args) called for i < steps in
     one fori_loop; the time is the calls' kernel durations from the profiler (devtime.py)."""
-    s, _, last = devtime.per_call(fn, steps, *args, show=show)
+    s, last = devtime.per_call(fn, steps, *args, show=show)
     return s, np.asarray(last)
 
 
 def time_xla_copies(fn, copies, rounds: int, show: bool = False) -> float:
     """Device seconds per call of an XLA function, called on C weight copies (unrolled) per step."""
-    s, _, _ = devtime.per_call(lambda i, copies: tuple(fn(*c) for c in copies), rounds, copies, show=show)
+    s, _ = devtime.per_call(lambda i, copies: tuple(fn(*c) for c in copies), rounds, copies, show=show)
     return s / len(copies)
 
 
@@ -150,10 +150,22 @@ def q8_case(key, n_tok, out, k, groups):
     return xq, dx, qs, d
 
 
+def q8_bytes(out, k, groups, n_tok):
+    """Bytes one call moves: the Q8_0 weight (int8 + f16 scale per 32), the tokens' int8 + f32
+    block scale, the f32 outputs."""
+    return out * k + out * (k // 32) * 2 + n_tok * (groups * k * 5 // 4 + out * 4)
+
+
+def sweep_shapes(only: str):
+    """The Q8_0 shapes whose name contains one of the comma-separated parts, largest first."""
+    keep = [(nm, o, k, g) for nm, o, k, g in Q8_SHAPES if not only or any(t in nm for t in only.split(","))]
+    return sorted(keep, key=lambda t: -t[1] * t[2])
+
+
 def q8_variants(out, k, groups, us=(4, 8, 16)):
     """Launch-shape variants: blocks per step U (which, with the K split it implies, sets the
-    summation order, so one U serves every N) by rows per program, then more warps and more
-    stages (which keep the bits) around the first U's default."""
+    summation order, so one U serves every N) by rows per program, then 4 stages (which keep
+    the bits) around the first U's default."""
     base = q8_0.choose_config(out, k, groups)
     vs = [
         q8_0.choose_config(out, k, groups, blocks_per_step=u, block_rows=r)
@@ -162,8 +174,7 @@ def q8_variants(out, k, groups, us=(4, 8, 16)):
         if (out // groups) % r == 0
     ]
     vs = [v for v in vs if v != base]
-    around = q8_0.choose_config(out, k, groups, blocks_per_step=us[0])
-    vs += [dataclasses.replace(around, num_stages=s) for s in (4,)]
+    vs.append(dataclasses.replace(q8_0.choose_config(out, k, groups, blocks_per_step=us[0]), num_stages=4))
     return vs
 
 
@@ -171,12 +182,14 @@ class Q8Bench:
     def __init__(self, rec: Recorder):
         self.rec = rec
         self.cases = {}
+        self.repacked = {}  # shape -> the Mosaic kernel's planes of the weight copies
         self.best: dict = {}  # (shape, N) -> (seconds, cfg, bytes, XLA seconds)
+        self.best_mosaic: dict = {}  # the same for the Mosaic variant
         self.shown = False  # the first run prints its kernels (what the profiler counted)
 
     def _case(self, name, out, k, groups):
         if name not in self.cases:
-            wbytes = out * k + out * (k // 32) * 2
+            wbytes = q8_bytes(out, k, groups, 0)
             C = max(1, min(32, -(-4 * L2_BYTES // wbytes)))
             keys = jax.random.split(jax.random.PRNGKey(len(self.cases)), C)
             copies = [q8_case(kk, 4, out, k, groups) for kk in keys]
@@ -192,11 +205,11 @@ class Q8Bench:
                     lambda *a, g=groups: q8_0.reference(*a, groups=g), cs, rounds, show=not self.cases
                 )
                 refs[n] = (want, ref_s)
-            self.cases[name] = (wbytes, copies, stacks, C, rounds, refs, {})
+            self.cases[name] = (copies, stacks, C, rounds, refs, {})
         return self.cases[name]
 
     def run(self, name, out, k, groups, n_tok, cfg):
-        wbytes, copies, stacks, C, rounds, refs, rows1 = self._case(name, out, k, groups)
+        copies, stacks, C, rounds, refs, rows1 = self._case(name, out, k, groups)
         xq, dx = copies[0][0][:n_tok], copies[0][1][:n_tok]
         want, ref_s = refs[n_tok]
 
@@ -216,7 +229,7 @@ class Q8Bench:
         elif order in rows1 and not np.array_equal(got[0], rows1[order]):
             print(f"    N={n_tok}: row 0 differs from N=1", flush=True)
             ok = False
-        nbytes = wbytes + n_tok * (groups * k * 5 // 4 + out * 4)  # int8 + f32 scale per 32, f32 out
+        nbytes = q8_bytes(out, k, groups, n_tok)
         config = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
         self.rec.variant("q8_0", n_tok, name, config, ok, s, nbytes, ref_s)
         key = (name, n_tok)
@@ -225,12 +238,12 @@ class Q8Bench:
 
     def run_mosaic(self, name, out, k, groups, n_tok, mcfg):
         """The Mosaic GPU variant on the same copies (repacked once, outside the timing)."""
-        wbytes, copies, stacks, C, rounds, refs, _ = self._case(name, out, k, groups)
         if not q8_0_mosaic.supported(out, k, groups, mcfg):
             return
-        if (name, "mosaic") not in self.cases:
-            self.cases[(name, "mosaic")] = q8_0_mosaic.repack(*stacks)
-        qb, dT = self.cases[(name, "mosaic")]
+        copies, stacks, C, rounds, refs, _ = self._case(name, out, k, groups)
+        if name not in self.repacked:
+            self.repacked[name] = q8_0_mosaic.repack(*stacks)
+        qb, dT = self.repacked[name]
         xq, dx = copies[0][0][:n_tok], copies[0][1][:n_tok]
         want, ref_s = refs[n_tok]
 
@@ -244,11 +257,11 @@ class Q8Bench:
             print(f"  q8_0_mosaic {name} N={n_tok} {config}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
             return
         ok = bool(np.array_equal(got, want))
-        nbytes = wbytes + n_tok * (groups * k * 5 // 4 + out * 4)
+        nbytes = q8_bytes(out, k, groups, n_tok)
         self.rec.variant("q8_0_mosaic", n_tok, name, config, ok, s, nbytes, ref_s)
-        key = (name, n_tok, "mosaic")
-        if ok and (key not in self.best or s < self.best[key][0]):
-            self.best[key] = (s, mcfg, nbytes, ref_s)
+        key = (name, n_tok)
+        if ok and (key not in self.best_mosaic or s < self.best_mosaic[key][0]):
+            self.best_mosaic[key] = (s, mcfg, nbytes, ref_s)
 
 
 MOSAIC_CONFIGS = [
@@ -387,9 +400,7 @@ def main() -> None:
                 if left() > 0:
                     q8b.run(name, out, k, g, n, q8_0.choose_config(out, k, g))
     if "q8_0_mosaic" in only:  # the Triton-vs-Mosaic comparison: every config, largest shapes first
-        for name, out, k, g in sorted(Q8_SHAPES, key=lambda t: -t[1] * t[2]):
-            if a.shapes and not any(t in name for t in a.shapes.split(",")):
-                continue
+        for name, out, k, g in sweep_shapes(a.shapes):
             for mcfg in MOSAIC_CONFIGS[: 1 if INTERPRET else None]:
                 for n in TOKENS[: 1 if INTERPRET else None]:  # interpreted, Mosaic is slow
                     if left() > 0:
@@ -405,9 +416,7 @@ def main() -> None:
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:
-            for name, out, k, g in sorted(Q8_SHAPES, key=lambda t: -t[1] * t[2]):  # largest first
-                if a.shapes and not any(t in name for t in a.shapes.split(",")):
-                    continue
+            for name, out, k, g in sweep_shapes(a.shapes):
                 for cfg in q8_variants(out, k, g, us=tuple(int(u) for u in a.sweep_u.split(","))):
                     for n in (int(t) for t in a.sweep_n.split(",")):
                         if left() > 30:
@@ -418,11 +427,9 @@ def main() -> None:
                     for n in TOKENS:
                         if left() > 60:
                             exb.run(name, qt, out, k, n, br, nw, v)
-    for key, (s, cfg, nbytes, ref_s) in q8b.best.items():
-        name, n = key[:2]
-        if len(key) == 3:
-            rec.best(f"q8_0_mosaic r{cfg.block_rows}U{cfg.blocks_per_step}st{cfg.stages}", n, name, s, nbytes, ref_s)
-            continue
+    for (name, n), (s, cfg, nbytes, ref_s) in q8b.best_mosaic.items():
+        rec.best(f"q8_0_mosaic r{cfg.block_rows}U{cfg.blocks_per_step}st{cfg.stages}", n, name, s, nbytes, ref_s)
+    for (name, n), (s, cfg, nbytes, ref_s) in q8b.best.items():
         rec.best(
             f"q8_0 U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}",
             n,

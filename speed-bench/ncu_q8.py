@@ -11,9 +11,10 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels import q8_case  # speed-bench/kernels.py, beside this script
 
 from pallas_kernels import q8_0
 
@@ -26,11 +27,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--calls", type=int, default=3)
     a = ap.parse_args()
-    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
-    qs = jax.random.randint(k1, (a.out, a.k), -127, 128, jnp.int8)
-    d = (jax.random.uniform(k2, (a.out, a.k // 32)) * 1e-2).astype(jnp.float16)
-    xq = jax.random.randint(k3, (a.n, a.k * a.groups // a.groups), -127, 128, jnp.int8)
-    dx = jax.random.uniform(k4, (a.n, a.k // 32)) * 1e-2
+    xq, dx, qs, d = q8_case(jax.random.key(0), a.n, a.out, a.k, a.groups)
     for _ in range(a.calls):
         q8_0.matmul(xq, dx, qs, d, groups=a.groups).block_until_ready()
 

@@ -132,9 +132,8 @@ def take(x: jax.Array, axis: int, i: int) -> jax.Array:
 def chain_sum(x: jax.Array, axis: int = -1, take=take) -> jax.Array:
     """``asum`` over a short axis (a few elements) as an unrolled TwoSum chain of elementwise ops.
 
-    Same value as ``asum`` (the correctly rounded sum, almost always), but no reduction: XLA
-    can fuse a chain of these, where each reduce is a kernel of its own (the
-    hyper-connection Sinkhorn is 40 such sums of 4 elements per sublayer)."""
+    Same value as ``asum`` (the correctly rounded sum, almost always) without a reduction, for
+    kernels that cannot reduce or slice a register tile (they pass their own ``take``)."""
     x = x.astype(F32)
     axis = axis % x.ndim
     acc = (take(x, axis, 0), jnp.zeros_like(take(x, axis, 0)))
