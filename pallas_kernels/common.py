@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import triton as pltriton
 
 from ds4jax.model.numerics import dd_add
 
@@ -60,6 +61,38 @@ def runtime_zero(x: jax.Array) -> jax.Array:
     materialized behind a barrier so that no consumer fusion sees how it was made."""
     v = lax.bitcast_convert_type(x.reshape(-1)[:1].astype(F32), jnp.int32)
     return lax.optimization_barrier(lax.shift_right_logical(lax.clz(v), jnp.int32(6)))
+
+
+def kernel_zero(x: jax.Array, interpret: bool) -> jax.Array:
+    """The [1] int32 zero a kernel feeds ``opaque``.
+
+    Compiled for a GPU, a constant operand is a buffer the kernel loads at run time: Triton
+    cannot fold it, and it costs no launch (``runtime_zero`` is two small XLA kernels per
+    call: 1.5 µs, run 9 in speed-bench/KERNELS.md). Interpreted, the kernel body is XLA ops
+    that would fold a constant, so the zero is computed from data."""
+    return runtime_zero(x) if interpret else jnp.zeros((1,), jnp.int32)
+
+
+def dp4a(a: jax.Array, b: jax.Array, c: jax.Array, interpret: bool) -> jax.Array:
+    """c + Σ_k a_k b_k over the four signed bytes k of int32 words a and b (PTX ``dp4a``): one
+    instruction for four int8 products and their sum, exact. Interpreted, the same in jnp."""
+    a, b, c = jnp.broadcast_arrays(a, b, c)
+    if interpret:
+        byte = lambda w, k: lax.shift_right_arithmetic(lax.shift_left(w, jnp.int32(24 - 8 * k)), jnp.int32(24))
+        return c + sum(byte(a, k) * byte(b, k) for k in range(4))
+    return pltriton.elementwise_inline_asm(
+        "dp4a.s32.s32 $0, $1, $2, $3;",
+        args=[a, b, c],
+        constraints="=r,r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)],
+    )[0]
+
+
+def byte_words(q: jax.Array) -> jax.Array:
+    """[..., 4m] bytes → [..., m] int32 little-endian words (disjoint bits: a shifted sum)."""
+    q = q.reshape(*q.shape[:-1], q.shape[-1] // 4, 4).astype(jnp.int32)
+    return jnp.sum(q << (lax.broadcasted_iota(jnp.int32, (1,) * (q.ndim - 1) + (4,), q.ndim - 1) * 8), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)

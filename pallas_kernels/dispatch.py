@@ -8,10 +8,10 @@ made at trace time from static shapes and the environment:
     DS4JAX_KERNELS=auto       on GPU, the kernels where they measured faster than XLA (default):
                               the Q8_0 kernel for the verifier's 2..4-token batches at every
                               shape and at N=1 on weights of 64 MB and more (the LM head); the
-                              routed-expert kernels at every N (2-3x XLA's gather + dot). The
-                              fused norms lost to XLA's fusions and stay off.
-    DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4 (also the hyper-connection
-                              Sinkhorn kernel, not yet measured on a GPU)
+                              routed-expert kernels at every N (v3: 3-6x XLA's gather + dot);
+                              the hyper-connection Sinkhorn (one launch for ~40 per sublayer).
+                              The fused norms lost to XLA's fusions and stay off.
+    DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
     DS4JAX_KERNELS=off        the reference everywhere
     DS4JAX_KERNELS=interpret  every kernel at N = 1..4, interpreted off GPU (the CPU tests)
     DS4JAX_NO_Q8_SHARE_BATCH=1  Q8_0 batches of 2..4 tokens take the reference path
@@ -102,7 +102,7 @@ def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> 
 
 def sinkhorn(c: jax.Array, n_iter: int, hc_eps: float) -> jax.Array:
     """The hyper-connection Sinkhorn of c [..., n, n]: one launch instead of dozens of fusions."""
-    use, interpret = _use(math.prod(c.shape[:-2]), auto=False)
+    use, interpret = _use(math.prod(c.shape[:-2]), auto=True)
     # Interpreted, its 40 unrolled normalisations take ~20 s to compile per call site, too slow
     # for the whole-model CPU test; its own test checks it against the reference.
     if not use or interpret or not sinkhorn_kernel.supported(c.shape[-1]):

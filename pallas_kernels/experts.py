@@ -10,8 +10,9 @@ The kernel reads only the selected experts' planes: one program per (pair, block
 output rows), where a pair is (token, expert slot) with its own activation row and expert
 id; the expert id picks the plane rows by computed offsets, so nothing is gathered. The
 weights are decoded to integers in registers (2/4-bit fields; IQ2_XXS grid lookups and
-parity-completed sign bits) and dotted on CUDA cores; each output's TwoSum chain runs
-over the super-blocks in order, so a pair's result is the same whatever N is.
+parity-completed sign bits) and dotted on CUDA cores: v3 (the default) four at a time with
+``dp4a`` on packed int8 words, v1 element by element. Each output's TwoSum chain runs over
+the super-blocks in order, so a pair's result is the same whatever N is.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 from ds4jax.model.numerics import asum, rounded
 from ds4jax.quant.formats import QType
 from ds4jax.quant.tables import IQ2XXS_GRID
-from pallas_kernels.common import F32, opaque, pick, runtime_zero, two_sum_add
+from pallas_kernels.common import F32, byte_words, dp4a, kernel_zero, opaque, pick, two_sum_add
 
 I32 = jnp.int32
 QK_K = 256
@@ -155,55 +156,68 @@ def _isum_iq2xxs(x_ref, p, b, planes, sel, tab_ref):
     return jnp.sum(sub * (2 * ls + 1), axis=-1), None
 
 
-# ---- kernel v2: weights decoded to int8 tiles, sub-block dots on the tensor cores ----------
-_SUBS = {Q4_K: 8, Q2_K: 16, IQ2_XXS: 8}  # sub-blocks per 256-element super-block
-GRID32 = GRID.view(np.int32).reshape(-1)  # the table as 2 little-endian words per entry
+GRID32 = GRID.view(np.int32).reshape(-1)  # the table as 2 little-endian words per entry (v3)
 
 
-def _decode_tile(qtype, planes, sel, b, tab_ref):
-    """The [BO, 256] int8 weights of super-block b in element order (what ``_int_weights`` gives)."""
+# ---- kernel v3: packed int8 words and dp4a (four products and their sum per instruction) ----
+# v1 spends ~8 integer ops per weight (decode, sign, multiply, add) and is ALU-bound at 12–30 %
+# of the copy bandwidth (run 10). Here the activations come as int32 words of 4 int8 and the
+# weights are decoded a word at a time: Q2_K/Q4_K by masking 2/4-bit fields of 4 bytes at
+# once, IQ2_XXS by two table words per 8-element group with the signs applied as byte masks.
+# The integer sums are the same exact values, so the bits are v1's.
+_ONES = 0x01010101
+_X3_VIEW = {Q4_K: (4, 2, 8), Q2_K: (2, 4, 8), IQ2_XXS: (32, 2)}  # x words per super-block
+
+
+def _byte_masks(bits):
+    """4 sign bits → a word of 0x00/0xFF bytes (bit i → byte i): spread by a multiply, widen by 255."""
+    return ((bits * 0x204081) & _ONES) * 255
+
+
+def _isums_v3(qtype, x_ref, p, b, planes, sel, tab_ref, interpret):
     e, rows = sel
-    if qtype == Q4_K:  # element 32s + l, s = 2h + nibble: nibble of byte 32h + l
-        q = planes["qs"][e, rows, b, :].reshape(-1, 4, 1, 32).astype(I32)
-        sh = lax.broadcasted_iota(I32, (1, 1, 2, 1), 2) * 4
-        return ((q >> sh) & 15).reshape(-1, QK_K).astype(jnp.int8)
-    if qtype == Q2_K:  # element 128h + 32j + l: bits 2j of byte 32h + l
-        q = planes["qs"][e, rows, b, :].reshape(-1, 2, 1, 32).astype(I32)
-        sh = lax.broadcasted_iota(I32, (1, 1, 4, 1), 2) * 2
-        return ((q >> sh) & 3).reshape(-1, QK_K).astype(jnp.int8)
-    # IQ2_XXS: element 32s + 8q + l = ±GRID[grid[4s + q]][l]; two table words per 8-element group
-    g = planes["grid"][e, rows, b, :].astype(I32).reshape(-1, 32, 1)
-    words = tab_ref[g * 2 + lax.broadcasted_iota(I32, (1, 1, 2), 2)]  # [BO, 32, 2] int32
-    byte = lax.broadcasted_iota(I32, (1, 1, 1, 4), 3) * 8
-    mag = ((words[..., None] >> byte) & 255).reshape(-1, 8, 4, 8)  # [BO, s, q, l]
-    neg = _iq2xxs_negative(planes["aux"][e, rows, b, :])
-    return jnp.where(neg != 0, -mag, mag).reshape(-1, QK_K).astype(jnp.int8)
-
-
-def _isums_v2(qtype, x_ref, p, b, planes, sel, tab_ref):
-    """(Σ_s sub·scale, Σ_s bsum·min or None) of super-block b: sub-block dots on the tensor cores."""
-    e, rows = sel
-    S = _SUBS[qtype]
-    # column c of the block-diagonal activations keeps sub-block c (16 columns: the dot's minimum)
-    sub_of_row = lax.broadcasted_iota(I32, (QK_K, 16), 0) // (QK_K // S)
-    col = lax.broadcasted_iota(I32, (QK_K, 16), 1)
-    x = x_ref[p, pl.ds(b * QK_K, QK_K)]  # [256] int8
-    xbd = jnp.where(sub_of_row == col, x[:, None], jnp.int8(0))  # [256, 16]
-    w = _decode_tile(qtype, planes, sel, b, tab_ref)
-    sub = lax.dot_general(w, xbd, (((1,), (0,)), ((), ())), preferred_element_type=I32)  # [BO, 16] exact
-    if S == 8:
-        sub = jnp.sum(sub.reshape(-1, 2, 8), axis=1)  # columns 8..15 are zero
-    if qtype == IQ2_XXS:
-        ls = (planes["aux"][e, rows, b, :] >> 28).astype(I32)  # [BO, 8]
-        return jnp.sum(sub * (2 * ls + 1), axis=1), None
-    sc = planes["sc"][e, rows, b, :].astype(I32)  # [BO, S]
-    bsum = jnp.sum(xbd.astype(I32), axis=0)  # [16] activation sub-block sums
-    if S == 8:
-        bsum = jnp.sum(bsum.reshape(2, 8), axis=0)
-    if qtype == Q2_K:
-        return jnp.sum(sub * (sc & 15), axis=1), jnp.sum(bsum[None, :] * (sc >> 4), axis=1)
-    mn = planes["m"][e, rows, b, :].astype(I32)
-    return jnp.sum(sub * sc, axis=1), jnp.sum(bsum[None, :] * mn, axis=1)
+    x = x_ref[p, b]  # packed activation words of super-block b (view _X3_VIEW)
+    mac = functools.partial(dp4a, interpret=interpret)
+    zero = jnp.int32(0)
+    if qtype == IQ2_XXS:  # group g = 4s + q of 8 elements: words 2g, 2g+1 of x and of GRID[grid[g]]
+        g = planes["grid"][e, rows, b, :].astype(I32)  # [BO, 32]
+        # two gathers from the 2 KB table per group (a 512-byte table of 2-bit codes decoded
+        # arithmetically measured slower: 24.2 vs 23.4 µs, run 12)
+        w0, w1 = tab_ref[g * 2], tab_ref[g * 2 + 1]
+        aux = planes["aux"][e, rows, b, :]  # [BO, 8] u32: 4 × 7 sign bits, 4-bit scale
+        s7 = (aux[:, :, None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7)) & 127
+        sbyte = (s7 | (_parity7(s7) << 7)).reshape(-1, 32).astype(I32)
+        m0, m1 = _byte_masks(sbyte & 15), _byte_masks(sbyte >> 4)
+        x0, x1 = pick(x, 1, 0)[None, :], pick(x, 1, 1)[None, :]
+        # signed(m ^ 0xFF) = -m - 1, so Σ ±m·x = dp4a(m ^ M, x) - dp4a(M, x) (M = -1 bytes where negative)
+        pos = mac(w1 ^ m1, x1, mac(w0 ^ m0, x0, zero))
+        neg = mac(m1, x1, mac(m0, x0, zero))
+        sub = jnp.sum((pos - neg).reshape(-1, 8, 4), axis=-1)  # [BO, 8] sub-block dots
+        ls = (aux >> 28).astype(I32)
+        return jnp.sum(sub * (2 * ls + 1), axis=-1), None
+    bsum_w = mac(jnp.int32(_ONES), x, zero)  # per-word sums of the activations
+    if qtype == Q2_K:  # word (h, l4) = bytes 32h + 4l4..+3; bits 2j: elements 128h + 32j + 4l4..+3
+        w = byte_words(planes["qs"][e, rows, b, :])  # [BO, 16] = (h, l4)
+        sc = planes["sc"][e, rows, b, :].reshape(-1, 2, 4, 2).astype(I32)  # (h, j, half)
+        bsum = jnp.sum(bsum_w.reshape(2, 4, 2, 4), axis=-1)  # (h, j, half)
+        isum, msum = 0, 0
+        for j in range(4):
+            xj = pick(x, 1, j).reshape(1, 16)  # x words 32h + 8j + l4
+            dots = mac((w >> (2 * j)) & 0x03030303, xj, zero)
+            sub = jnp.sum(dots.reshape(-1, 2, 2, 4), axis=-1)  # [BO, h, half]
+            scj = pick(sc, 2, j)
+            isum = isum + jnp.sum(jnp.sum(sub * (scj & 15), -1), -1)
+            msum = msum + jnp.sum(jnp.sum(pick(bsum, 1, j)[None] * (scj >> 4), -1), -1)
+        return isum, msum
+    # Q4_K: word (h, l4) = bytes 32h + 4l4..+3; low nibbles sub-block 2h, high nibbles 2h + 1
+    w = byte_words(planes["qs"][e, rows, b, :]).reshape(-1, 4, 8)  # [BO, h, l4]
+    lo = jnp.sum(mac(w & 0x0F0F0F0F, pick(x, 1, 0)[None], zero), axis=-1)  # [BO, 4]
+    hi = jnp.sum(mac((w >> 4) & 0x0F0F0F0F, pick(x, 1, 1)[None], zero), axis=-1)
+    sc = planes["sc"][e, rows, b, :].reshape(-1, 4, 2).astype(I32)
+    mn = planes["m"][e, rows, b, :].reshape(-1, 4, 2).astype(I32)
+    bsum = jnp.sum(bsum_w, axis=-1)  # [4, 2] (h, parity)
+    isum = jnp.sum(lo * pick(sc, 2, 0) + hi * pick(sc, 2, 1), axis=-1)
+    return isum, jnp.sum(jnp.sum(bsum[None] * mn, -1), -1)
 
 
 def _isums_v1(qtype, x_ref, p, b, planes, sel, tab_ref):
@@ -212,14 +226,14 @@ def _isums_v1(qtype, x_ref, p, b, planes, sel, tab_ref):
     return (_isum_q2k if qtype == Q2_K else _isum_q4k)(x_ref, p, b, planes, sel)
 
 
-def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, BO, version):
+def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, BO, version, interpret):
     *plane_refs, tab_ref, o_ref = refs if qtype == IQ2_XXS else (*refs[:-1], None, refs[-1])
     planes = dict(zip(names, plane_refs))
     p, i = pl.program_id(0), pl.program_id(1)
     zero = z_ref[0]
     e = ids_ref[p]
     sel = (e, pl.ds(i * BO, BO))
-    isums = _isums_v1 if version == 1 else _isums_v2
+    isums = _isums_v1 if version == 1 else functools.partial(_isums_v3, interpret=interpret)
 
     def body(b, carry):
         s, err = carry
@@ -249,29 +263,35 @@ def supported(qtype: int, out: int) -> bool:
 
 @functools.partial(jax.jit, static_argnames=("qtype", "block_rows", "num_warps", "interpret", "version"))
 def matmul(
-    xq, dx, ids, qtype: int, planes: dict, block_rows: int = 16, num_warps: int = 4, interpret=False, version: int = 1
+    xq, dx, ids, qtype: int, planes: dict, block_rows: int | None = None, num_warps: int = 4, interpret=False, version=3
 ):
     """y[p, o] = Σ_i W[ids[p], o, i] x[p, i] for P pairs: xq [P, n] int8, dx [P, n/256] f32,
     ids [P] int32; planes of all experts [E, out, nb, ...] (only the selected are read).
 
-    ``version`` 1: integer dots on CUDA cores; 2: the weights decoded to an int8 tile per
-    super-block and the sub-block dots taken on the tensor cores against block-diagonal
-    activations (block_rows ≥ 16). Both give the reference's bits (exact integer sub-block
-    dots, the same TwoSum order over super-blocks)."""
+    ``version`` 3 (default): packed int8 words and dp4a; 1: integer dots element by element on
+    CUDA cores (v2, int8 tiles on the tensor cores, measured 2-5x slower than v1 and was
+    removed: speed-bench/KERNELS.md). Both give the reference's bits
+    (exact integer sub-block dots, the same TwoSum order over super-blocks). Rows per program:
+    32 (run 11: within 6 % of the best of 16/32/64 at N = 1 for every type), else 16."""
     P, n = xq.shape
     nb = n // QK_K
     out = planes["d"].shape[1]
-    BO = block_rows
+    BO = block_rows or (32 if out % 32 == 0 else 16)
     if not supported(qtype, out) or out % BO:
         raise ValueError(f"expert kernel: unsupported type {qtype} / {out} rows / block {BO}")
     names = tuple(sorted(planes))
-    xv = xq.reshape(P, nb, *_X_VIEW[qtype]) if version == 1 else xq
+    if version not in (1, 3):
+        raise ValueError(f"expert kernel: no version {version} (1 or 3; v2 is gone, speed-bench/KERNELS.md)")
+    if version == 1:
+        xv = xq.reshape(P, nb, *_X_VIEW[qtype])
+    else:  # int32 words of 4 int8: a bitcast of the small activation array
+        xv = lax.bitcast_convert_type(xq.reshape(P, n // 4, 4), I32).reshape(P, nb, *_X3_VIEW[qtype])
     whole = lambda a: pl.BlockSpec(a.shape, lambda p, i: (0,) * a.ndim)
-    args = [runtime_zero(dx), ids.astype(I32), xv, dx, *(planes[k] for k in names)]
+    args = [kernel_zero(dx, interpret), ids.astype(I32), xv, dx, *(planes[k] for k in names)]
     if qtype == IQ2_XXS:
         args.append(jnp.asarray(GRID.reshape(-1) if version == 1 else GRID32))
     return pl.pallas_call(
-        functools.partial(_kernel, qtype=qtype, names=names, nb=nb, BO=BO, version=version),
+        functools.partial(_kernel, qtype=qtype, names=names, nb=nb, BO=BO, version=version, interpret=interpret),
         grid=(P, out // BO),
         in_specs=[whole(a) for a in args],
         out_specs=pl.BlockSpec((None, BO), lambda p, i: (p, i)),

@@ -23,7 +23,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import div, rms_norm, split12, sqrt
 from ds4jax.model.rope import apply_rope_tail
-from pallas_kernels.common import F32, opaque, pick, runtime_zero, tree_sum, two_sum_add
+from pallas_kernels.common import F32, kernel_zero, opaque, pick, tree_sum, two_sum_add
 
 
 def _pow2(n: int) -> bool:
@@ -72,7 +72,7 @@ def rms_norm_pair(a, wa, b, wb, eps: float, interpret: bool = False):
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="rms_norm_pair",
-    )(runtime_zero(a), a, wa, b, wb)
+    )(kernel_zero(a, interpret), a, wa, b, wb)
 
 
 # ---- head norm + tail RoPE ---------------------------------------------------------------------
@@ -123,4 +123,4 @@ def head_norm_rope(q, cos, sin, eps: float, heads_per_program: int = 16, interpr
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="head_norm_rope",
-    )(runtime_zero(q), q, pad(cos, 1.0), pad(sin, 0.0))
+    )(kernel_zero(q, interpret), q, pad(cos, 1.0), pad(sin, 0.0))

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import asum, dd_add, rounded
-from pallas_kernels.common import F32, TileConfig, finish, opaque, pick, pow2_at_least, runtime_zero, two_sum_add
+from pallas_kernels.common import F32, TileConfig, finish, kernel_zero, opaque, pick, pow2_at_least, two_sum_add
 
 I32 = jnp.int32
 QK = 32  # Q8_0 block
@@ -132,6 +132,9 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
         raise ValueError(f"q8_0 kernel: unsupported N={n}, weight {out}x{k}/{groups} groups, {cfg}")
     np_ = max(pow2_at_least(n), 16 // U)  # the tensor-core dot needs ≥ 16 rows: pad with zero tokens
     if np_ > n:
+        # A pad, not masked loads/stores: the masked version was exact interpreted but wrong on a
+        # GPU with K splits and with 8-16 padded rows (run 10, speed-bench/KERNELS.md). In the model
+        # the pad fuses into the fusion that quantizes x.
         xq = jnp.pad(xq, ((0, np_ - n), (0, 0)))
         dx = jnp.pad(dx, ((0, np_ - n), (0, 0)))
     steps = nb // U // cfg.k_splits
@@ -156,6 +159,6 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="q8_0_share",
-    )(runtime_zero(dx), mat, xq, dx, qs, d)
+    )(kernel_zero(dx, interpret), mat, xq, dx, qs, d)
     y = res[0][0] if n_out == 1 else finish(*res)
     return y[:n]

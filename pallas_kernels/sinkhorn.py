@@ -17,7 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.sinkhorn import sinkhorn as reference
-from pallas_kernels.common import F32, opaque, pick, pow2_at_least, runtime_zero
+from pallas_kernels.common import F32, kernel_zero, opaque, pick, pow2_at_least
 
 __all__ = ["reference", "sinkhorn", "supported"]
 
@@ -49,5 +49,5 @@ def sinkhorn(c, n_iter: int, hc_eps: float, block_tokens: int = 16, interpret: b
         compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
         interpret=interpret,
         name="hc_sinkhorn",
-    )(runtime_zero(x), x)
+    )(kernel_zero(x, interpret), x)
     return y[:T].reshape(*lead, n, n)

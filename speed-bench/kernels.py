@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import devtime
 
 from pallas_kernels import experts, norms, q8_0, q8_0_mosaic
+from pallas_kernels.common import TileConfig
 from pallas_kernels.testing import expert_planes
 
 L2_BYTES = 50 << 20
@@ -162,20 +163,30 @@ def sweep_shapes(only: str):
     return sorted(keep, key=lambda t: -t[1] * t[2])
 
 
-def q8_variants(out, k, groups, us=(4, 8, 16)):
-    """Launch-shape variants: blocks per step U (which, with the K split it implies, sets the
-    summation order, so one U serves every N) by rows per program, then 4 stages (which keep
-    the bits) around the first U's default."""
+def q8_variants(out, k, groups, us=(4,)):
+    """Launch-shape variants (v5 sweep): rows per program × K splits, for blocks per step U
+    (U and the K split set the summation order; rows do not), keeping 128–2048 programs of
+    ≥ 4 loop steps each; the base configuration excluded."""
     base = q8_0.choose_config(out, k, groups)
-    vs = [
-        q8_0.choose_config(out, k, groups, blocks_per_step=u, block_rows=r)
-        for u in us
-        for r in (32, 64, 128)
-        if (out // groups) % r == 0
+    nb, r = k // 32, out // groups
+    vs = []
+    for u in us:
+        steps = nb // u
+        for rows in (16, 32, 64, 128):
+            if r % rows:
+                continue
+            for splits in (1, 2, 4, 8, 16, 32):
+                if steps % splits or steps // splits < 4 or not 128 <= out // rows * splits <= 2048:
+                    continue
+                vs.append(TileConfig(block_rows=rows, k_splits=splits, blocks_per_step=u))
+    return [v for v in vs if v != base]
+
+
+def q8_tunings(cfg):
+    """Around a winning configuration: the knobs that keep the bits (pipeline stages, warps)."""
+    return [dataclasses.replace(cfg, num_stages=st) for st in (2, 4, 6)] + [
+        dataclasses.replace(cfg, num_warps=w) for w in (2, 8)
     ]
-    vs = [v for v in vs if v != base]
-    vs.append(dataclasses.replace(q8_0.choose_config(out, k, groups, blocks_per_step=us[0]), num_stages=4))
-    return vs
 
 
 class Q8Bench:
@@ -185,7 +196,7 @@ class Q8Bench:
         self.repacked = {}  # shape -> the Mosaic kernel's planes of the weight copies
         self.best: dict = {}  # (shape, N) -> (seconds, cfg, bytes, XLA seconds)
         self.best_mosaic: dict = {}  # the same for the Mosaic variant
-        self.shown = False  # the first run prints its kernels (what the profiler counted)
+        self.shown = set()  # a shape's first run prints its kernels (what the profiler counted)
 
     def _case(self, name, out, k, groups):
         if name not in self.cases:
@@ -217,8 +228,8 @@ class Q8Bench:
             return q8_0.matmul(xq, dx, qs, d, groups=groups, cfg=cfg, interpret=INTERPRET, mat=i % C)
 
         try:
-            s, got = time_steps(fn, rounds * C, xq, dx, *stacks, show=not self.shown)
-            self.shown = True
+            s, got = time_steps(fn, rounds * C, xq, dx, *stacks, show=name not in self.shown)
+            self.shown.add(name)
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
             print(f"  q8_0 {name} N={n_tok} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             return
@@ -375,9 +386,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
     ap.add_argument("--only", default="q8_0,q8_0_mosaic,experts,norms")
-    ap.add_argument("--sweep-u", default="4,8,16", help="blocks per step U to sweep (with rows 32/64/128)")
-    ap.add_argument("--sweep-n", default="1,4", help="token counts of the sweep")
-    ap.add_argument("--shapes", default="", help="comma-separated name parts: sweep only these Q8_0 shapes")
+    ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
+    ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
+    ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
     a = ap.parse_args()
     t0 = time.time()
     left = lambda: a.minutes * 60 - (time.time() - t0)
@@ -390,12 +401,13 @@ def main() -> None:
     else:
         copy_bw = copy_bandwidth()
     print(f"{card}: torch device copy {copy_bw / 1e12:.2f} TB/s", flush=True)
+    os.makedirs(a.out, exist_ok=True)
     rec = Recorder(a.out, card, copy_bw)
     only = a.only.split(",")
     q8b, exb = Q8Bench(rec), ExpertBench(rec)
     # 1. every shape at its base configuration
     if "q8_0" in only:
-        for name, out, k, g in Q8_SHAPES:
+        for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
             for n in TOKENS:
                 if left() > 0:
                     q8b.run(name, out, k, g, n, q8_0.choose_config(out, k, g))
@@ -405,9 +417,9 @@ def main() -> None:
                 for n in TOKENS[: 1 if INTERPRET else None]:  # interpreted, Mosaic is slow
                     if left() > 0:
                         q8b.run_mosaic(name, out, k, g, n, mcfg)
-    if "experts" in only:  # v1 at its base, then v2 (tensor-core sub-block dots) at 64 rows
+    if "experts" in only:  # v1 at its base, then v3 (dp4a on packed words) at 16/32/64 rows
         for name, qt, out, k in EXPERT_SHAPES:
-            for version, br in ((1, 16), (2, 64)):
+            for version, br in ((1, 16), (3, 16), (3, 32), (3, 64)):
                 for n in TOKENS:
                     if left() > 0:
                         exb.run(name, qt, out, k, n, br, 4, version)
@@ -421,9 +433,15 @@ def main() -> None:
                     for n in (int(t) for t in a.sweep_n.split(",")):
                         if left() > 30:
                             q8b.run(name, out, k, g, n, cfg)
+            for name, out, k, g in sweep_shapes(a.shapes):  # then stages/warps around each winner
+                n = int(a.sweep_n.split(",")[0])
+                if (name, n) in q8b.best:
+                    for cfg in q8_tunings(q8b.best[(name, n)][1]):
+                        if left() > 30:
+                            q8b.run(name, out, k, g, n, cfg)
         if "experts" in only:
             for name, qt, out, k in EXPERT_SHAPES:
-                for v, br, nw in ((2, 32, 4), (2, 128, 8), (2, 64, 8), (1, 32, 4), (1, 16, 2)):
+                for v, br, nw in ((3, 128, 4), (3, 32, 2), (3, 64, 8), (1, 32, 4), (1, 16, 2)):
                     for n in TOKENS:
                         if left() > 60:
                             exb.run(name, qt, out, k, n, br, nw, v)

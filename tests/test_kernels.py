@@ -5,6 +5,7 @@ the suite defaults to the CPU) the same tests run the compiled kernels. Shapes i
 counts and K that are not multiples of the tiles."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ def test_q8_0_kernel_reads_the_selected_matrix_of_a_stack():
     assert np.array_equal(got, q8_0.reference(xq, dx, qs[2], d[2]))
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 3])
 @pytest.mark.parametrize("qtype", [experts.IQ2_XXS, experts.Q2_K, experts.Q4_K], ids=["iq2_xxs", "q2_k", "q4_k"])
 def test_expert_kernel_is_the_reference(qtype, version):
     E, out, nb = 6, 48, 2  # 48 rows: three 16-row tiles
@@ -104,6 +105,74 @@ def test_sinkhorn_kernel_is_the_reference():
     c = jnp.asarray(RNG.standard_normal((3, 4, 4)).astype(np.float32) * 3)
     got = np.asarray(sinkhorn.sinkhorn(c, 20, 1e-6, interpret=INTERPRET))
     assert np.array_equal(got, sinkhorn.reference(c, 20, 1e-6))
+
+
+def _lower_for_hopper(fn, *args):
+    """StableHLO of ``fn`` for CUDA on sm_90, on any machine: every Pallas call lowered (to Triton
+    IR, or Mosaic GPU's) as a GPU compile would. The device query is all that needs a GPU."""
+    from jax._src.pallas.triton import gpu_info
+
+    real = gpu_info.get_gpu_info
+    gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    try:
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        gpu_info.get_gpu_info = real
+
+
+def _expert_call(x, dx, ids, planes, qtype, version):
+    return experts.matmul(x, dx, ids, qtype, planes, block_rows=16, version=version)
+
+
+def test_every_kernel_lowers_for_a_gpu():
+    """Catches what interpret mode cannot: a primitive Triton's lowering lacks (jnp.round was
+    one), or a constant captured by a kernel body."""
+    S = jax.ShapeDtypeStruct
+    i8, f32 = jnp.int8, jnp.float32
+    calls = [
+        (lambda c: sinkhorn.sinkhorn(c, 20, 1e-6), S((3, 4, 4), f32)),
+        (
+            lambda x, dx, q, d: q8_0.matmul(x, dx, q, d),
+            S((1, 256), i8),
+            S((1, 8), f32),
+            S((64, 256), i8),
+            S((64, 8), jnp.float16),
+        ),
+        (
+            lambda x, dx, q, d: q8_0.matmul(x, dx, q, d, cfg=q8_0.choose_config(64, 2048, n_sm=132)),
+            S((3, 2048), i8),
+            S((3, 64), f32),
+            S((64, 2048), i8),
+            S((64, 64), jnp.float16),
+        ),
+        (
+            lambda x, dx, q, d: q8_0_mosaic.matmul(x, dx, q, d),
+            S((2, 512), i8),
+            S((2, 16), f32),
+            S((16, 64, 32), i8),
+            S((16, 64), jnp.float16),
+        ),
+        (
+            lambda a, wa, b, wb: norms.rms_norm_pair(a, wa, b, wb, 1e-6),
+            S((2, 128), f32),
+            S((128,), f32),
+            S((2, 64), f32),
+            S((64,), f32),
+        ),
+        (
+            lambda q, c, s: norms.head_norm_rope(q, c, s, 1e-6, heads_per_program=4),
+            S((2, 8, 128), f32),
+            S((2, 32), f32),
+            S((2, 32), f32),
+        ),
+    ]
+    for qtype in experts.TYPES:
+        planes = expert_planes(jax.random.PRNGKey(0), qtype, 4, 32, 2)
+        for version in (1, 3):
+            fn = functools.partial(_expert_call, qtype=qtype, version=version)
+            calls.append((fn, S((3, 512), i8), S((3, 2), f32), S((3,), jnp.int32), planes))
+    for fn, *args in calls:
+        assert "custom_call" in _lower_for_hopper(fn, *args)
 
 
 def test_dispatch_modes(monkeypatch):

@@ -180,13 +180,19 @@ _LN2_LO = np.float32(1.4286068203094172e-06)
 _EXP_POLY = [np.float32(1.0 / math.factorial(k)) for k in range(8, -1, -1)]
 
 
+_ROUND_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
+
+
 def exp(x: jax.Array, rnd=rounded) -> jax.Array:
     """e^x for float32 x (0 below -87.3, where ds4's expf is subnormal or 0).
 
     ``rnd`` forces a product's rounding (``rounded``; inside a Pallas kernel, its own barrier)."""
     x = x.astype(F32)
     xc = jnp.clip(x, -87.0, 88.5)
-    n = jnp.round(xc * F32(1.4426950408889634))
+    # round-half-even to an integer by adding and removing 1.5·2^23 (|t| < 2^22): what
+    # jnp.round gives, written with + and - because Triton cannot lower jnp.round; ``rnd``
+    # rounds the product first (no FMA) and keeps the sum a rounded f32 value.
+    n = rnd(rnd(xc * F32(1.4426950408889634)) + _ROUND_MAGIC) - _ROUND_MAGIC
     r = (xc - n * _LN2_HI) - rnd(n * _LN2_LO)  # |r| <= ln2/2
     p = jnp.full_like(r, _EXP_POLY[0])
     for c in _EXP_POLY[1:]:  # Horner, Taylor to degree 8
