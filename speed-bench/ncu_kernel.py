@@ -1,0 +1,62 @@
+"""Runs one Pallas kernel a few times on one shape for Nsight Compute to profile.
+
+    ncu --clock-control none -k regex:q8_0 --launch-skip 1 --launch-count 1 \
+        --section SpeedOfLight python speed-bench/ncu_kernel.py q8_0 --out 129280 --k 4096 --n 1
+    ncu --clock-control none -k regex:experts --launch-skip 1 --launch-count 1 --set full \
+        python speed-bench/ncu_kernel.py experts --qtype IQ2_XXS --out 2048 --k 4096 --n 1
+
+``experts`` runs 6 routed experts per token out of 256, as the model does (kernels.py's shapes).
+``--interpret`` runs the kernel interpreted (a CPU smoke test of this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels import N_EXPERT, N_USED, q8_case  # speed-bench/kernels.py, beside this script
+
+from pallas_kernels import experts, q8_0
+from pallas_kernels.testing import expert_planes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kernel", choices=("q8_0", "experts"))
+    ap.add_argument("--out", type=int, default=129280)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--groups", type=int, default=1, help="q8_0: block-diagonal groups")
+    ap.add_argument("--qtype", default="IQ2_XXS", choices=("IQ2_XXS", "Q2_K", "Q4_K"), help="experts: plane type")
+    ap.add_argument("--rows", type=int, default=None, help="experts: rows per program (default: the kernel's)")
+    ap.add_argument("--version", type=int, default=3, help="experts: kernel version (1 or 3)")
+    ap.add_argument("--n", type=int, default=1, help="tokens")
+    ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--interpret", action="store_true")
+    a = ap.parse_args()
+    key = jax.random.key(0)
+    if a.kernel == "q8_0":
+        xq, dx, qs, d = q8_case(key, a.n, a.out, a.k, a.groups)
+        run = lambda: q8_0.matmul(xq, dx, qs, d, groups=a.groups, interpret=a.interpret)
+    else:
+        qtype = getattr(experts, a.qtype)
+        n_expert = 8 if a.interpret else N_EXPERT
+        planes = expert_planes(jax.random.PRNGKey(0), qtype, n_expert, a.out, a.k // 256)
+        P = a.n * N_USED
+        xq = jax.random.randint(key, (P, a.k), -128, 128, jnp.int32).astype(jnp.int8)
+        dx = jax.random.uniform(key, (P, a.k // 256), jnp.float32, 1e-3, 1e-1)
+        ids = jnp.arange(P, dtype=jnp.int32) * 37 % n_expert
+        run = lambda: experts.matmul(
+            xq, dx, ids, qtype, planes, block_rows=a.rows, interpret=a.interpret, version=a.version
+        )
+    for _ in range(a.calls):
+        run().block_until_ready()
+
+
+if __name__ == "__main__":
+    main()
