@@ -160,7 +160,7 @@ GRID32 = GRID.view(np.int32).reshape(-1)  # the table as 2 little-endian words p
 
 
 # ---- kernel v3: packed int8 words and dp4a (four products and their sum per instruction) ----
-# v1 spends ~8 integer ops per weight (decode, sign, multiply, add) and is ALU-bound at 12–30 %
+# v1 spends ~8 integer ops per weight (decode, sign, multiply, add) and is ALU-bound at 11–32 %
 # of the copy bandwidth (run 10). Here the activations come as int32 words of 4 int8 and the
 # weights are decoded a word at a time: Q2_K/Q4_K by masking 2/4-bit fields of 4 bytes at
 # once, IQ2_XXS by two table words per 8-element group with the signs applied as byte masks.
