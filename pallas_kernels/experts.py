@@ -134,12 +134,16 @@ def _parity7(v):
     return (v ^ (v >> 1)) & 1
 
 
+def _iq2xxs_sign_bytes(aux):
+    """[BO, 8, 4] u32 sign bytes of IQ2_XXS groups from aux [BO, 8] u32: per 8-element group a
+    7-bit field, the 8th bit its parity (bit l: element l negative)."""
+    s7 = (aux[:, :, None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7)) & 127
+    return s7 | (_parity7(s7) << 7)
+
+
 def _iq2xxs_negative(aux):
-    """[BO, 8, 4, 8] sign bits of IQ2_XXS weights from aux [BO, 8] u32: per 8-element group a
-    7-bit field, the 8th bit its parity."""
-    s7 = (aux[:, :, None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7)) & 127  # [BO, 8, 4]
-    sbyte = s7 | (_parity7(s7) << 7)
-    return (sbyte[..., None] >> lax.broadcasted_iota(jnp.uint32, (1, 1, 1, 8), 3)) & 1
+    """[BO, 8, 4, 8] sign bits of IQ2_XXS weights from aux [BO, 8] u32."""
+    return (_iq2xxs_sign_bytes(aux)[..., None] >> lax.broadcasted_iota(jnp.uint32, (1, 1, 1, 8), 3)) & 1
 
 
 def _isum_iq2xxs(x_ref, p, b, planes, sel, tab_ref):
@@ -185,8 +189,7 @@ def _isums_v3(qtype, x_ref, p, b, planes, sel, tab_ref, interpret):
         # arithmetically measured slower: 24.2 vs 23.4 µs, run 12)
         w0, w1 = tab_ref[g * 2], tab_ref[g * 2 + 1]
         aux = planes["aux"][e, rows, b, :]  # [BO, 8] u32: 4 × 7 sign bits, 4-bit scale
-        s7 = (aux[:, :, None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7)) & 127
-        sbyte = (s7 | (_parity7(s7) << 7)).reshape(-1, 32).astype(I32)
+        sbyte = _iq2xxs_sign_bytes(aux).reshape(-1, 32).astype(I32)
         m0, m1 = _byte_masks(sbyte & 15), _byte_masks(sbyte >> 4)
         x0, x1 = pick(x, 1, 0)[None, :], pick(x, 1, 1)[None, :]
         # signed(m ^ 0xFF) = -m - 1, so Σ ±m·x = dp4a(m ^ M, x) - dp4a(M, x) (M = -1 bytes where negative)

@@ -133,8 +133,9 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
     np_ = max(pow2_at_least(n), 16 // U)  # the tensor-core dot needs ≥ 16 rows: pad with zero tokens
     if np_ > n:
         # A pad, not masked loads/stores: the masked version was exact interpreted but wrong on a
-        # GPU with K splits and with 8-16 padded rows (run 10, speed-bench/KERNELS.md). In the model
-        # the pad fuses into the fusion that quantizes x.
+        # GPU with K splits (run 10); run 13 put it on the masked stores, masked loads alone were
+        # exact (speed-bench/KERNELS.md; branch q8-masked-loads awaits its GPU check). In the
+        # model the pad fuses into the fusion that quantizes x.
         xq = jnp.pad(xq, ((0, np_ - n), (0, 0)))
         dx = jnp.pad(dx, ((0, np_ - n), (0, 0)))
     steps = nb // U // cfg.k_splits

@@ -189,6 +189,13 @@ def q8_tunings(cfg):
     ]
 
 
+def expert_inputs(key, pairs, n, n_expert):
+    """Q8_K activations xq [pairs, n], dx [pairs, n/256] and distinct expert ids [pairs]."""
+    xq = jax.random.randint(key, (pairs, n), -128, 128, jnp.int32).astype(jnp.int8)
+    dx = jax.random.uniform(key, (pairs, n // 256), jnp.float32, 1e-3, 1e-1)
+    return xq, dx, jnp.arange(pairs, dtype=jnp.int32) * 37 % n_expert
+
+
 class Q8Bench:
     def __init__(self, rec: Recorder):
         self.rec = rec
@@ -296,10 +303,7 @@ class ExpertBench:
             self.cases[name] = (expert_planes(jax.random.PRNGKey(len(self.cases)), qtype, N_EXPERT, out, nb), {})
         planes, refs = self.cases[name]
         P = n_tok * N_USED
-        kx = jax.random.PRNGKey(100 + n_tok)
-        xq = jax.random.randint(kx, (P, n), -128, 128, jnp.int32).astype(jnp.int8)
-        dx = jax.random.uniform(kx, (P, nb), jnp.float32, 1e-3, 1e-1)
-        base = jnp.arange(P, dtype=jnp.int32) * 37 % N_EXPERT  # distinct experts
+        xq, dx, base = expert_inputs(jax.random.PRNGKey(100 + n_tok), P, n, N_EXPERT)
 
         def ids_at(i):
             return (base + i * 101) % N_EXPERT  # fresh experts every call: nothing stays in L2
@@ -428,13 +432,14 @@ def main() -> None:
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:
+            sweep_ns = [int(t) for t in a.sweep_n.split(",")]
             for name, out, k, g in sweep_shapes(a.shapes):
                 for cfg in q8_variants(out, k, g, us=tuple(int(u) for u in a.sweep_u.split(","))):
-                    for n in (int(t) for t in a.sweep_n.split(",")):
+                    for n in sweep_ns:
                         if left() > 30:
                             q8b.run(name, out, k, g, n, cfg)
             for name, out, k, g in sweep_shapes(a.shapes):  # then stages/warps around each winner
-                n = int(a.sweep_n.split(",")[0])
+                n = sweep_ns[0]
                 if (name, n) in q8b.best:
                     for cfg in q8_tunings(q8b.best[(name, n)][1]):
                         if left() > 30:

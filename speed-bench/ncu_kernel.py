@@ -16,11 +16,10 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels import N_EXPERT, N_USED, q8_case  # speed-bench/kernels.py, beside this script
+from kernels import N_EXPERT, N_USED, expert_inputs, q8_case  # speed-bench/kernels.py, beside this script
 
 from pallas_kernels import experts, q8_0
 from pallas_kernels.testing import expert_planes
@@ -47,10 +46,7 @@ def main() -> None:
         qtype = getattr(experts, a.qtype)
         n_expert = 8 if a.interpret else N_EXPERT
         planes = expert_planes(jax.random.PRNGKey(0), qtype, n_expert, a.out, a.k // 256)
-        P = a.n * N_USED
-        xq = jax.random.randint(key, (P, a.k), -128, 128, jnp.int32).astype(jnp.int8)
-        dx = jax.random.uniform(key, (P, a.k // 256), jnp.float32, 1e-3, 1e-1)
-        ids = jnp.arange(P, dtype=jnp.int32) * 37 % n_expert
+        xq, dx, ids = expert_inputs(key, a.n * N_USED, a.k, n_expert)
         run = lambda: experts.matmul(
             xq, dx, ids, qtype, planes, block_rows=a.rows, interpret=a.interpret, version=a.version
         )
