@@ -10,8 +10,8 @@ all tokens. The U block dots of a step come from one int8 tensor-core dot: the a
 are laid out block-diagonally (row t*U + u of ``xd`` keeps only the blocks b ≡ u mod U of
 token t), so ``xd_tile @ w_tileᵀ`` is [4*U, rows] of per-block int32 dots, exact. Each (t, u)
 row then runs its own TwoSum chain over the blocks u, u+U, ...; the U chains are combined in
-order at the end. The tokens are always padded to 4 (the dot needs 16 rows = 4 tokens × U),
-so a step costs the same at N = 1..4 and one weight read serves all of them; U and the K
+order at the end. The token block always has 4 rows (the dot needs 16 rows = 4 tokens × U;
+rows past N are masked loads), so a step costs the same at N = 1..4 and one weight read serves all of them; U and the K
 split depend only on the weight's shape, so a row's arithmetic is identical at N = 1..4: the
 N=2 verifier reproduces N=1 bit for bit. (U = 16 with 512-byte rows, the v3 layout, made the
 dot and the live accumulators grow with N: N=4 cost 1.9× N=1; speed-bench/KERNELS.md.)
@@ -130,12 +130,13 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
     U, BO = cfg.blocks_per_step, cfg.block_rows
     if n > MAX_TOKENS or not supported(out, k, groups) or r % BO or nb % (U * cfg.k_splits):
         raise ValueError(f"q8_0 kernel: unsupported N={n}, weight {out}x{k}/{groups} groups, {cfg}")
-    np_ = max(pow2_at_least(n), 16 // U)  # the tensor-core dot needs ≥ 16 rows: pad with zero tokens
-    if np_ > n:
-        # A pad, not masked loads/stores: the masked version was exact interpreted but wrong on a
-        # GPU with K splits (run 10); run 13 put it on the masked stores, masked loads alone were
-        # exact (speed-bench/KERNELS.md; branch q8-masked-loads awaits its GPU check). In the
-        # model the pad fuses into the fusion that quantizes x.
+    np_ = max(pow2_at_least(n), 16 // U)  # the tensor-core dot needs ≥ 16 rows of tokens
+    if np_ > n and U < 4:
+        # K of a few blocks only (tests): pad with zero tokens. At U = 4 (every model shape) the
+        # token block reads past row n as masked loads instead (undefined values, which only meet
+        # their own rows of the dot and the sums): no pad kernels, −2.2 to −2.8 µs a call at
+        # N = 1..3 (run 14, exact on an H200). The outputs keep np_ rows: masked *stores* into
+        # the [splits, N, out] partials gave wrong results on the GPU (run 13, KERNELS.md).
         xq = jnp.pad(xq, ((0, np_ - n), (0, 0)))
         dx = jnp.pad(dx, ((0, np_ - n), (0, 0)))
     steps = nb // U // cfg.k_splits
