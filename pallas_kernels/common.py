@@ -89,6 +89,32 @@ def dp4a(a: jax.Array, b: jax.Array, c: jax.Array, interpret: bool) -> jax.Array
     )[0]
 
 
+def iq2_sign_masks(s7: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """IQ2_XXS signs of 8 elements from their 7-bit field s7 (int32; the 8th sign is the parity
+    of the 7) as two words of 0x00/0xFF bytes: elements 0-3 and 4-7 (0xFF: negative).
+
+    On the GPU, PTX: popc for the parity, then per nibble a multiply that moves bit i to the
+    top of byte i (4-bit copies at bits 7, 14, 21, 28: no carries) and a ``prmt`` that spreads
+    each byte's top bit over the byte (selector 0xBA98). Interpreted, the same in jnp."""
+    if interpret:
+        sb = s7 | ((lax.population_count(s7) & 1) << 7)
+        spread = lambda b: ((b * 0x204081) & 0x01010101) * 255
+        return spread(sb & 15), spread(sb >> 4)
+    sb = _asm("{ .reg .b32 p; popc.b32 p, $1; and.b32 p, p, 1; shl.b32 p, p, 7; or.b32 $0, $1, p; }", s7)
+    spread = "mul.lo.u32 v, v, 0x10204080; prmt.b32 $0, v, 0, 0xBA98; }"
+    return (
+        _asm("{ .reg .b32 v; and.b32 v, $1, 15; " + spread, sb),
+        _asm("{ .reg .b32 v; shr.u32 v, $1, 4; " + spread, sb),
+    )
+
+
+def _asm(code: str, a: jax.Array) -> jax.Array:
+    """One int32 → int32 PTX block per element (one result: the lowering takes no more)."""
+    return pltriton.elementwise_inline_asm(
+        code, args=[a], constraints="=r,r", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)]
+    )[0]
+
+
 def byte_words(q: jax.Array) -> jax.Array:
     """[..., 4m] bytes → [..., m] int32 little-endian words (disjoint bits: a shifted sum)."""
     q = q.reshape(*q.shape[:-1], q.shape[-1] // 4, 4).astype(jnp.int32)

@@ -67,21 +67,27 @@ def q8_0_matmul(xq: jax.Array, dx: jax.Array, qs: jax.Array, d: jax.Array, group
     return y.reshape(*lead, qs.shape[0])
 
 
-def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes: dict, ids: jax.Array) -> jax.Array:
+def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes, ids: jax.Array):
     """Routed experts: xq [T, k|1, n] int8 (Q8_K), dx [T, k|1, n/256], ids [T, k] → [T, k, out].
 
-    A middle dim of 1 (the FFN input, shared by a token's experts) broadcasts over the k."""
+    A middle dim of 1 (the FFN input, shared by a token's experts) broadcasts over the k.
+    ``planes`` may be a tuple of plane dicts of one shape (gate and up): the result is then the
+    tuple of their outputs, from one kernel launch."""
+    if isinstance(planes, (tuple, list)):
+        return _expert_matmul(xq, dx, qtype, tuple(planes), ids)
+    return _expert_matmul(xq, dx, qtype, (planes,), ids)[0]
+
+
+def _expert_matmul(xq, dx, qtype: int, mats: tuple, ids):
     T, k = ids.shape
     xq = jnp.broadcast_to(xq, (T, k, xq.shape[-1]))
     dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
-    out = planes["d"].shape[1]
+    out = mats[0]["d"].shape[1]
     use, interpret = _use(T, auto=True)
     if not use or not experts.supported(qtype, out):
-        return experts.reference(xq, dx, qtype, planes, ids)
-    y = experts.matmul(
-        xq.reshape(T * k, -1), dx.reshape(T * k, -1), ids.reshape(-1), qtype, planes, interpret=interpret
-    )
-    return y.reshape(T, k, out)
+        return tuple(experts.reference(xq, dx, qtype, m, ids) for m in mats)
+    ys = experts.matmul(xq.reshape(T * k, -1), dx.reshape(T * k, -1), ids.reshape(-1), qtype, mats, interpret=interpret)
+    return tuple(y.reshape(T, k, out) for y in ys)
 
 
 def rms_norm_pair(a: jax.Array, wa: jax.Array, b: jax.Array, wb: jax.Array, eps: float):

@@ -17,6 +17,7 @@ the super-blocks in order, so a pair's result is the same whatever N is.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,7 +30,17 @@ from jax.experimental.pallas import triton as plgpu
 from ds4jax.model.numerics import asum, rounded
 from ds4jax.quant.formats import QType
 from ds4jax.quant.tables import IQ2XXS_GRID
-from pallas_kernels.common import F32, byte_words, dp4a, kernel_zero, opaque, pick, two_sum_add
+from pallas_kernels.common import (
+    F32,
+    byte_words,
+    dp4a,
+    finish,
+    iq2_sign_masks,
+    kernel_zero,
+    opaque,
+    pick,
+    two_sum_add,
+)
 
 I32 = jnp.int32
 QK_K = 256
@@ -173,11 +184,6 @@ _ONES = 0x01010101
 _X3_VIEW = {Q4_K: (4, 2, 8), Q2_K: (2, 4, 8), IQ2_XXS: (32, 2)}  # x words per super-block
 
 
-def _byte_masks(bits):
-    """4 sign bits → a word of 0x00/0xFF bytes (bit i → byte i): spread by a multiply, widen by 255."""
-    return ((bits * 0x204081) & _ONES) * 255
-
-
 def _isums_v3(qtype, x_ref, p, b, planes, sel, tab_ref, interpret):
     e, rows = sel
     x = x_ref[p, b]  # packed activation words of super-block b (view _X3_VIEW)
@@ -187,10 +193,12 @@ def _isums_v3(qtype, x_ref, p, b, planes, sel, tab_ref, interpret):
         g = planes["grid"][e, rows, b, :].astype(I32)  # [BO, 32]
         # two gathers from the 2 KB table per group (a 512-byte table of 2-bit codes decoded
         # arithmetically measured slower: 24.2 vs 23.4 µs, run 12)
+        # (one gather of both words, [BO, 32, 2], measured 1-24 % slower: run 15)
         w0, w1 = tab_ref[g * 2], tab_ref[g * 2 + 1]
         aux = planes["aux"][e, rows, b, :]  # [BO, 8] u32: 4 × 7 sign bits, 4-bit scale
-        sbyte = _iq2xxs_sign_bytes(aux).reshape(-1, 32).astype(I32)
-        m0, m1 = _byte_masks(sbyte & 15), _byte_masks(sbyte >> 4)
+        # sign masks by popc/mul/prmt in PTX: 2-10 % faster than the same in jnp ops (run 17)
+        s7 = (aux[:, :, None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7)) & 127
+        m0, m1 = iq2_sign_masks(s7.reshape(-1, 32).astype(I32), interpret)
         x0, x1 = pick(x, 1, 0)[None, :], pick(x, 1, 1)[None, :]
         # signed(m ^ 0xFF) = -m - 1, so Σ ±m·x = dp4a(m ^ M, x) - dp4a(M, x) (M = -1 bytes where negative)
         pos = mac(w1 ^ m1, x1, mac(w0 ^ m0, x0, zero))
@@ -229,32 +237,47 @@ def _isums_v1(qtype, x_ref, p, b, planes, sel, tab_ref):
     return (_isum_q2k if qtype == Q2_K else _isum_q4k)(x_ref, p, b, planes, sel)
 
 
-def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, BO, version, interpret):
-    *plane_refs, tab_ref, o_ref = refs if qtype == IQ2_XXS else (*refs[:-1], None, refs[-1])
-    planes = dict(zip(names, plane_refs))
-    p, i = pl.program_id(0), pl.program_id(1)
+def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, n_mat, tiles, cfg, version, interpret):
+    n_out = 1 if cfg.k_splits == 1 else 2
+    plane_refs, out_refs = refs[:-n_out], refs[-n_out:]
+    tab_ref = plane_refs[-1] if qtype == IQ2_XXS else None
+    mats = [dict(zip(names, plane_refs[m * len(names) : (m + 1) * len(names)])) for m in range(n_mat)]
+    BO = cfg.block_rows
+    p, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     zero = z_ref[0]
     e = ids_ref[p]
-    sel = (e, pl.ds(i * BO, BO))
     isums = _isums_v1 if version == 1 else functools.partial(_isums_v3, interpret=interpret)
+    steps = nb // cfg.k_splits  # this program's super-blocks: split j of the K axis
 
-    def body(b, carry):
-        s, err = carry
-        isum, msum = isums(qtype, x_ref, p, b, planes, sel, tab_ref)
-        dxb = dx_ref[p, b]
-        d = planes["d"][e, sel[1], b].astype(F32)
-        if qtype == IQ2_XXS:  # w = d (2 ls + 1) / 8 · grid · sign
-            blk = opaque((d * dxb) * F32(0.125) * isum.astype(F32), zero)
-        else:  # w = d sc q - dmin m: the min term from the activation sub-block sums
-            dmin = planes["dmin"][e, sel[1], b].astype(F32)
-            hi = opaque((d * dxb) * isum.astype(F32), zero)
-            lo = opaque((dmin * dxb) * msum.astype(F32), zero)
-            blk = hi - lo
-        return two_sum_add(s, err, blk)
+    def run(planes, tile):
+        sel = (e, pl.ds(tile * BO, BO))
 
-    zeros = jnp.zeros((BO,), F32)
-    s, err = lax.fori_loop(0, nb, body, (zeros, zeros))
-    o_ref[...] = s + err
+        def body(b, carry):
+            s, err = carry
+            isum, msum = isums(qtype, x_ref, p, b, planes, sel, tab_ref)
+            dxb = dx_ref[p, b]
+            d = planes["d"][e, sel[1], b].astype(F32)
+            if qtype == IQ2_XXS:  # w = d (2 ls + 1) / 8 · grid · sign
+                blk = opaque((d * dxb) * F32(0.125) * isum.astype(F32), zero)
+            else:  # w = d sc q - dmin m: the min term from the activation sub-block sums
+                dmin = planes["dmin"][e, sel[1], b].astype(F32)
+                hi = opaque((d * dxb) * isum.astype(F32), zero)
+                lo = opaque((dmin * dxb) * msum.astype(F32), zero)
+                blk = hi - lo
+            return two_sum_add(s, err, blk)
+
+        zeros = jnp.zeros((BO,), F32)
+        return lax.fori_loop(j * steps, (j + 1) * steps, body, (zeros, zeros))
+
+    if n_mat == 1:
+        s, err = run(mats[0], i)
+    else:  # gate and up in one launch: row tiles [0, tiles) read the first matrix, the rest the second
+        s, err = lax.cond(i < tiles, lambda: run(mats[0], i), lambda: run(mats[1], i - tiles))
+    if n_out == 1:
+        out_refs[0][...] = s + err
+    else:  # partial double-float sums, combined in split order by ``finish``
+        out_refs[0][...] = s
+        out_refs[1][...] = err
 
 
 _X_VIEW = {Q4_K: (4, 2, 32), Q2_K: (2, 4, 32), IQ2_XXS: (8, 4, 8)}
@@ -264,42 +287,80 @@ def supported(qtype: int, out: int) -> bool:
     return qtype in TYPES and out % 16 == 0
 
 
-@functools.partial(jax.jit, static_argnames=("qtype", "block_rows", "num_warps", "interpret", "version"))
-def matmul(
-    xq, dx, ids, qtype: int, planes: dict, block_rows: int | None = None, num_warps: int = 4, interpret=False, version=3
-):
+@dataclasses.dataclass(frozen=True)
+class ExpertConfig:
+    """Launch shape of the expert kernel. ``k_splits`` (programs per row block along K, their
+    partial sums combined in order after the kernel) decides the summation grouping, so it comes
+    from the weight's shape alone, never from N; the rest only moves time."""
+
+    block_rows: int = 32
+    k_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Super-blocks per program (the K split follows from it): run 15's sweep at N = 1 on an H200
+# (rows 16/32/64 × splits 1/2/4/8): IQ2_XXS and Q4_K best at 4 (2048×4096: 24.7 → 20.1 and
+# 21.4 → 14.7 µs; Q4_K 4096×2048 at 2 of 8 with 4 as good: 14.0 → 12.9), Q2_K at 1 (15.9 → 13.7).
+# Programs of a few super-blocks fill the GPU (one split, 6 pairs × 32 row blocks = 384
+# programs: 18 % occupancy by Nsight Compute, run 14) while staying long enough to amortize.
+_BLOCKS_PER_PROGRAM = {IQ2_XXS: 4, Q4_K: 4, Q2_K: 1}
+
+
+def choose_config(qtype: int, out: int, nb: int) -> ExpertConfig:
+    """From the weight's shape alone (the split sets the summation grouping, so never from N)."""
+    rows = 64 if out % 64 == 0 else 32 if out % 32 == 0 else 16
+    splits = max(1, nb // _BLOCKS_PER_PROGRAM[qtype])
+    while nb % splits:
+        splits -= 1
+    return ExpertConfig(block_rows=rows, k_splits=splits)
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "cfg", "interpret", "version"))
+def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, interpret=False, version=3):
     """y[p, o] = Σ_i W[ids[p], o, i] x[p, i] for P pairs: xq [P, n] int8, dx [P, n/256] f32,
     ids [P] int32; planes of all experts [E, out, nb, ...] (only the selected are read).
 
+    ``planes`` may be a tuple of plane dicts of one shape (gate and up): one launch computes
+    all of them for the same x, and the result is the tuple of their outputs.
     ``version`` 3 (default): packed int8 words and dp4a; 1: integer dots element by element on
     CUDA cores (v2, int8 tiles on the tensor cores, measured 2-5x slower than v1 and was
-    removed: speed-bench/KERNELS.md). Both give the reference's bits
-    (exact integer sub-block dots, the same TwoSum order over super-blocks). Rows per program:
-    32 (run 11: within 6 % of the best of 16/32/64 at N = 1 for every type), else 16."""
+    removed: speed-bench/KERNELS.md). Both give the reference's bits (exact integer sub-block
+    dots, TwoSum over the super-blocks in order, K-split partials combined in order)."""
+    many = isinstance(planes, (tuple, list))
+    mats = tuple(planes) if many else (planes,)
     P, n = xq.shape
     nb = n // QK_K
-    out = planes["d"].shape[1]
-    BO = block_rows or (32 if out % 32 == 0 else 16)
-    if not supported(qtype, out) or out % BO:
-        raise ValueError(f"expert kernel: unsupported type {qtype} / {out} rows / block {BO}")
-    names = tuple(sorted(planes))
+    out = mats[0]["d"].shape[1]
+    cfg = cfg or choose_config(qtype, out, nb)
+    BO, S = cfg.block_rows, cfg.k_splits
+    names = tuple(sorted(mats[0]))
+    same = all(tuple(sorted(m)) == names and all(m[k].shape == mats[0][k].shape for k in names) for m in mats)
+    if not supported(qtype, out) or out % BO or nb % S or not same:
+        raise ValueError(f"expert kernel: unsupported type {qtype} / {out} rows / {nb} super-blocks / {cfg}")
     if version not in (1, 3):
         raise ValueError(f"expert kernel: no version {version} (1 or 3; v2 is gone, speed-bench/KERNELS.md)")
     if version == 1:
         xv = xq.reshape(P, nb, *_X_VIEW[qtype])
     else:  # int32 words of 4 int8: a bitcast of the small activation array
         xv = lax.bitcast_convert_type(xq.reshape(P, n // 4, 4), I32).reshape(P, nb, *_X3_VIEW[qtype])
-    whole = lambda a: pl.BlockSpec(a.shape, lambda p, i: (0,) * a.ndim)
-    args = [kernel_zero(dx, interpret), ids.astype(I32), xv, dx, *(planes[k] for k in names)]
+    whole = lambda a: pl.BlockSpec(a.shape, lambda p, i, j: (0,) * a.ndim)
+    args = [kernel_zero(dx, interpret), ids.astype(I32), xv, dx, *(m[k] for m in mats for k in names)]
     if qtype == IQ2_XXS:
         args.append(jnp.asarray(GRID.reshape(-1) if version == 1 else GRID32))
-    return pl.pallas_call(
-        functools.partial(_kernel, qtype=qtype, names=names, nb=nb, BO=BO, version=version, interpret=interpret),
-        grid=(P, out // BO),
+    n_out, M, tiles = (1 if S == 1 else 2), len(mats), out // BO
+    kernel = functools.partial(
+        _kernel, qtype=qtype, names=names, nb=nb, n_mat=M, tiles=tiles, cfg=cfg, version=version, interpret=interpret
+    )
+    res = pl.pallas_call(
+        kernel,
+        grid=(P, M * tiles, S),
         in_specs=[whole(a) for a in args],
-        out_specs=pl.BlockSpec((None, BO), lambda p, i: (p, i)),
-        out_shape=jax.ShapeDtypeStruct((P, out), F32),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        out_specs=[pl.BlockSpec((None, None, BO), lambda p, i, j: (j, p, i))] * n_out,
+        out_shape=[jax.ShapeDtypeStruct((S, P, M * out), F32)] * n_out,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"experts_{qtype}",
     )(*args)
+    y = res[0][0] if n_out == 1 else finish(*res)
+    return tuple(y[:, m * out : (m + 1) * out] for m in range(M)) if many else y

@@ -295,49 +295,80 @@ class ExpertBench:
     def __init__(self, rec: Recorder):
         self.rec, self.best, self.cases = rec, {}, {}
 
-    def run(self, name, qtype, out, n, n_tok, block_rows, num_warps, version=1):
-        if out % block_rows:
+    def run(self, name, qtype, out, n, n_tok, cfg: experts.ExpertConfig, version=3, pair=False):
+        """One configuration at N = n_tok; ``pair``: two matrices of the shape (gate and up) in one
+        launch, against the two plain calls' references."""
+        if out % cfg.block_rows or (n // 256) % cfg.k_splits:
             return
         nb = n // 256
         if name not in self.cases:
-            self.cases[name] = (expert_planes(jax.random.PRNGKey(len(self.cases)), qtype, N_EXPERT, out, nb), {})
-        planes, refs = self.cases[name]
+            self.cases[name] = [expert_planes(jax.random.PRNGKey(len(self.cases)), qtype, N_EXPERT, out, nb)], {}
+        mats, refs = self.cases[name]
+        if pair and len(mats) == 1:  # a second matrix set: the pair's reads are as cold as the first's
+            mats.append(expert_planes(jax.random.PRNGKey(50 + len(self.cases)), qtype, N_EXPERT, out, nb))
+        use = tuple(mats[:2]) if pair else mats[0]
+        label = name + " (gate+up, one launch)" * pair
         P = n_tok * N_USED
         xq, dx, base = expert_inputs(jax.random.PRNGKey(100 + n_tok), P, n, N_EXPERT)
 
         def ids_at(i):
             return (base + i * 101) % N_EXPERT  # fresh experts every call: nothing stays in L2
 
-        if n_tok not in refs:
+        if (n_tok, pair) not in refs:
 
-            def ref(i, xq, dx, planes):
-                return experts.reference(xq, dx, qtype, planes, ids_at(i))
+            def ref(i, xq, dx, use):
+                if pair:
+                    return tuple(experts.reference(xq, dx, qtype, m, ids_at(i)) for m in use)
+                return experts.reference(xq, dx, qtype, use, ids_at(i))
 
             # the check's reference is a plain call (XLA:CPU can round a reference inside a loop
             # differently: KERNELS.md, "numerics.rounded"); the loop gives only its time
             last = jnp.int32(EXPERT_ROUNDS - 1)
-            want = np.asarray(jax.jit(ref)(last, xq, dx, planes))
-            refs[n_tok] = (time_steps(ref, EXPERT_ROUNDS, xq, dx, planes)[0], want)
-        ref_s, want = refs[n_tok]
+            want = np.asarray(jax.jit(ref)(last, xq, dx, use))
+            refs[(n_tok, pair)] = (time_steps(ref, EXPERT_ROUNDS, xq, dx, use)[0], want)
+        ref_s, want = refs[(n_tok, pair)]
 
-        def fn(i, xq, dx, planes):
-            return experts.matmul(xq, dx, ids_at(i), qtype, planes, block_rows, num_warps, INTERPRET, version)
+        def fn(i, xq, dx, use):
+            return experts.matmul(xq, dx, ids_at(i), qtype, use, cfg, INTERPRET, version)
 
         try:
-            s, got = time_steps(fn, EXPERT_ROUNDS, xq, dx, planes)
+            s, got = time_steps(fn, EXPERT_ROUNDS, xq, dx, use)
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
             print(
-                f"  experts v{version} {name} N={n_tok} r{block_rows} w{num_warps}: FAILED {type(e).__name__}: {str(e)[:300]}",
+                f"  experts v{version} {label} N={n_tok} {expert_label(cfg)}: FAILED {type(e).__name__}: {str(e)[:300]}",
                 flush=True,
             )
             return
         ok = bool(np.array_equal(got, want))
-        per_expert = sum(int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in planes.values())
-        nbytes = P * (per_expert + n + nb * 4 + out * 4)
-        self.rec.variant("experts", n_tok, name, f"v{version} r{block_rows} w{num_warps}", ok, s, nbytes, ref_s)
-        key = (name, n_tok)
+        per_expert = sum(int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in mats[0].values())
+        nbytes = P * ((1 + pair) * (per_expert + out * 4) + n + nb * 4)
+        self.rec.variant("experts", n_tok, label, f"v{version} {expert_label(cfg)}", ok, s, nbytes, ref_s)
+        key = (label, n_tok)
         if ok and (key not in self.best or s < self.best[key][0]):
-            self.best[key] = (s, (version, block_rows, num_warps), nbytes, ref_s)
+            self.best[key] = (s, (version, cfg), nbytes, ref_s)
+
+
+def expert_label(cfg: experts.ExpertConfig) -> str:
+    return f"r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}"
+
+
+def expert_variants(qtype, out, n):
+    """K splits × rows (the splits set the summation grouping: one per shape in the engine),
+    IQ2_XXS with and without pair gathers; the base configuration excluded."""
+    base, nb = experts.choose_config(qtype, out, n // 256), n // 256
+    vs = []
+    for splits in (1, 2, 4, 8):
+        for rows in (32, 64, 128, 16):
+            if nb % splits == 0 and out % rows == 0:
+                vs.append(experts.ExpertConfig(block_rows=rows, k_splits=splits))
+    return [v for v in vs if v != base]
+
+
+def expert_tunings(cfg):
+    """Around a winner: pipeline stages and warps (neither changes a bit)."""
+    return [dataclasses.replace(cfg, num_stages=st) for st in (1, 3, 4)] + [
+        dataclasses.replace(cfg, num_warps=w) for w in (2, 8)
+    ]
 
 
 # ---- fused norms ------------------------------------------------------------------------------
@@ -421,12 +452,12 @@ def main() -> None:
                 for n in TOKENS[: 1 if INTERPRET else None]:  # interpreted, Mosaic is slow
                     if left() > 0:
                         q8b.run_mosaic(name, out, k, g, n, mcfg)
-    if "experts" in only:  # v1 at its base, then v3 (dp4a on packed words) at 16/32/64 rows
+    if "experts" in only:  # v3 (dp4a on packed words) at its base configuration; gate+up in one launch
         for name, qt, out, k in EXPERT_SHAPES:
-            for version, br in ((1, 16), (3, 16), (3, 32), (3, 64)):
+            for pair in (False, True) if name.startswith("gate/up") else (False,):
                 for n in TOKENS:
                     if left() > 0:
-                        exb.run(name, qt, out, k, n, br, 4, version)
+                        exb.run(name, qt, out, k, n, experts.choose_config(qt, out, k // 256), pair=pair)
     if "norms" in only and left() > 0:
         bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))
     # 2. variants while time is left, at --sweep-n (variants.csv)
@@ -445,11 +476,23 @@ def main() -> None:
                         if left() > 30:
                             q8b.run(name, out, k, g, n, cfg)
         if "experts" in only:
+            sweep_ns = [int(t) for t in a.sweep_n.split(",")]
             for name, qt, out, k in EXPERT_SHAPES:
-                for v, br, nw in ((3, 128, 4), (3, 32, 2), (3, 64, 8), (1, 32, 4), (1, 16, 2)):
-                    for n in TOKENS:
-                        if left() > 60:
-                            exb.run(name, qt, out, k, n, br, nw, v)
+                for cfg in expert_variants(qt, out, k):
+                    for n in sweep_ns:
+                        if left() > 30:
+                            exb.run(name, qt, out, k, n, cfg)
+            for name, qt, out, k in EXPERT_SHAPES:  # stages/warps around each winner, then every N
+                n = sweep_ns[0]
+                if (name, n) in exb.best:
+                    win = exb.best[(name, n)][1][1]
+                    for cfg in expert_tunings(win):
+                        if left() > 30:
+                            exb.run(name, qt, out, k, n, cfg)
+                    win = exb.best[(name, n)][1][1]
+                    for m in TOKENS:
+                        if m not in sweep_ns and left() > 20:
+                            exb.run(name, qt, out, k, m, win)
     for (name, n), (s, cfg, nbytes, ref_s) in q8b.best_mosaic.items():
         rec.best(f"q8_0_mosaic r{cfg.block_rows}U{cfg.blocks_per_step}st{cfg.stages}", n, name, s, nbytes, ref_s)
     for (name, n), (s, cfg, nbytes, ref_s) in q8b.best.items():
@@ -461,8 +504,8 @@ def main() -> None:
             nbytes,
             ref_s,
         )
-    for (name, n), (s, (v, br, nw), nbytes, ref_s) in exb.best.items():
-        rec.best(f"experts v{v} r{br}w{nw}", n, name, s, nbytes, ref_s)
+    for (name, n), (s, (v, cfg), nbytes, ref_s) in exb.best.items():
+        rec.best(f"experts v{v} {expert_label(cfg)}", n, name, s, nbytes, ref_s)
     print(f"\ncopy {copy_bw / 1e9:.0f} GB/s on {card}")
     print(f"{'kernel':22s} {'N':>2s} {'shape':28s} {'us':>9s} {'GB/s':>6s} {'%copy':>6s} {'xla us':>9s}")
     for r in rec.rows:

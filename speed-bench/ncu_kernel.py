@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=1, help="q8_0: block-diagonal groups")
     ap.add_argument("--qtype", default="IQ2_XXS", choices=("IQ2_XXS", "Q2_K", "Q4_K"), help="experts: plane type")
     ap.add_argument("--rows", type=int, default=None, help="experts: rows per program (default: the kernel's)")
+    ap.add_argument("--splits", type=int, default=None, help="experts: K splits (default: the kernel's)")
     ap.add_argument("--version", type=int, default=3, help="experts: kernel version (1 or 3)")
     ap.add_argument("--n", type=int, default=1, help="tokens")
     ap.add_argument("--calls", type=int, default=3)
@@ -47,9 +49,9 @@ def main() -> None:
         n_expert = 8 if a.interpret else N_EXPERT
         planes = expert_planes(jax.random.PRNGKey(0), qtype, n_expert, a.out, a.k // 256)
         xq, dx, ids = expert_inputs(key, a.n * N_USED, a.k, n_expert)
-        run = lambda: experts.matmul(
-            xq, dx, ids, qtype, planes, block_rows=a.rows, interpret=a.interpret, version=a.version
-        )
+        cfg = experts.choose_config(qtype, a.out, a.k // 256)
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in (("block_rows", a.rows), ("k_splits", a.splits)) if v})
+        run = lambda: experts.matmul(xq, dx, ids, qtype, planes, cfg, interpret=a.interpret, version=a.version)
     for _ in range(a.calls):
         run().block_until_ready()
 

@@ -60,7 +60,15 @@ def expert_linear(x: jax.Array, w: QTensor, ids: jax.Array, act_quant: bool = Tr
 
     x is [T, k, n], or [T, 1, n] for an input shared by a token's k experts (quantized once).
     With ``act_quant`` x is Q8_K-quantized; only the selected experts' weights are read."""
+    return expert_linears(x, (w,), ids, act_quant)[0]
+
+
+def expert_linears(x: jax.Array, ws: tuple[QTensor, ...], ids: jax.Array, act_quant: bool = True) -> tuple:
+    """``expert_linear`` of one x against several expert tensors (gate and up): x is quantized
+    once, and tensors of one type and shape share one kernel launch."""
     if not act_quant:
-        return asum(rounded(x[..., None, :] * dequantize(take(w, ids))), -1)
+        return tuple(asum(rounded(x[..., None, :] * dequantize(take(w, ids))), -1) for w in ws)
     xq, dx = quantize_q8_k(x)
-    return kernels.expert_matmul(xq, dx, w.qtype, w.planes, ids)
+    if len({(w.qtype, w.shape) for w in ws}) == 1:
+        return kernels.expert_matmul(xq, dx, ws[0].qtype, tuple(w.planes for w in ws), ids)
+    return tuple(kernels.expert_matmul(xq, dx, w.qtype, w.planes, ids) for w in ws)

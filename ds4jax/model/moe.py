@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ds4jax.config import ModelConfig
-from ds4jax.model.linear import dense, expert_linear
+from ds4jax.model.linear import dense, expert_linear, expert_linears
 from ds4jax.model.numerics import F32, asum, div, silu, softplus, sqrt
 
 
@@ -41,8 +41,7 @@ def ffn_sublayer(cfg: ModelConfig, L: int, w: dict, z, tokens):
     sel, wt = route(cfg, L, w, z, tokens)
     aq = cfg.act_quant
     zk = z[:, None]  # [T, 1, n_embd]: broadcast over the k experts (quantized once per token)
-    g = expert_linear(zk, w["ffn_gate_exps"], sel, aq)  # [T, k, n_ff]
-    u = expert_linear(zk, w["ffn_up_exps"], sel, aq)
+    g, u = expert_linears(zk, (w["ffn_gate_exps"], w["ffn_up_exps"]), sel, aq)  # [T, k, n_ff] each
     mid = _swiglu(g, u, clamp) * wt[..., None]
     routed = asum(expert_linear(mid, w["ffn_down_exps"], sel, aq), 1)
 
