@@ -7,12 +7,14 @@ times the activation block scale; blocks are summed in double-float and rounded 
 ``reference`` is that in plain jnp over gathered experts (the model's XLA path).
 
 The kernel reads only the selected experts' planes: one program per (pair, block of
-output rows), where a pair is (token, expert slot) with its own activation row and expert
-id; the expert id picks the plane rows by computed offsets, so nothing is gathered. The
+output rows, K split), where a pair is (token, expert slot) with its own activation row and
+expert id; the expert id picks the plane rows by computed offsets, so nothing is gathered. The
 weights are decoded to integers in registers (2/4-bit fields; IQ2_XXS grid lookups and
 parity-completed sign bits) and dotted on CUDA cores: v3 (the default) four at a time with
-``dp4a`` on packed int8 words, v1 element by element. Each output's TwoSum chain runs over
-the super-blocks in order, so a pair's result is the same whatever N is.
+``dp4a`` on packed int8 words, v1 element by element. Each output's TwoSum chain runs over its
+split's super-blocks in order and the splits' partial sums are combined in order; the split
+comes from the weight's shape, so a pair's result is the same whatever N is. Matrices of one
+shape with the same input (gate and up) share one launch.
 """
 
 from __future__ import annotations
@@ -302,8 +304,8 @@ class ExpertConfig:
 # Super-blocks per program (the K split follows from it): run 15's sweep at N = 1 on an H200
 # (rows 16/32/64 × splits 1/2/4/8): IQ2_XXS and Q4_K best at 4 (2048×4096: 24.7 → 20.1 and
 # 21.4 → 14.7 µs; Q4_K 4096×2048 at 2 of 8 with 4 as good: 14.0 → 12.9), Q2_K at 1 (15.9 → 13.7).
-# Programs of a few super-blocks fill the GPU (one split, 6 pairs × 32 row blocks = 384
-# programs: 18 % occupancy by Nsight Compute, run 14) while staying long enough to amortize.
+# Programs of a few super-blocks fill the GPU (without a split, 6 pairs × 64 blocks of 32 rows
+# = 384 programs: 18 % occupancy by Nsight Compute, run 14) while staying long enough to amortize.
 _BLOCKS_PER_PROGRAM = {IQ2_XXS: 4, Q4_K: 4, Q2_K: 1}
 
 
