@@ -7,7 +7,8 @@ made at trace time from static shapes and the environment:
 
     DS4JAX_KERNELS=auto       on GPU, the kernels where they measured faster than XLA (default):
                               the Q8_0 kernel for the verifier's 2..4-token batches at every
-                              shape and at N=1 on weights of 64 MB and more (the LM head); the
+                              shape and at N=1 on weights of 64 MB and more (the LM head) or of
+                              16 MB and more without a K split (attn_q_b); the
                               routed-expert kernels at every N (v3: 3-6x XLA's gather + dot);
                               the hyper-connection Sinkhorn (one launch for ~40 per sublayer).
                               The fused norms lost to XLA's fusions and stay off.
@@ -51,14 +52,27 @@ def _use(n_tok: int, auto: bool) -> tuple[bool, bool]:
     return on_gpu and (m == "all" or auto), False
 
 
-Q8_AUTO_N1_BYTES = 64 << 20  # at N=1 XLA's fused int8 dot wins below this (KERNELS.md, v4)
+Q8_AUTO_N1_BYTES = 64 << 20  # at N=1 the kernel wins from here (the LM head: 159 vs 173 µs)
+# ... and from here when the kernel needs no K split (no epilogue): attn_q_b, 36 MB, 15.6 vs
+# 18.1 µs at N=1; with a split XLA's one fused kernel is as fast at N=1 (KERNELS.md, run 14)
+Q8_AUTO_N1_NO_SPLIT_BYTES = 16 << 20
+
+
+def _q8_auto(n: int, out: int, k: int, groups: int) -> bool:
+    """Whether ``auto`` takes the Q8_0 kernel for n tokens on this weight (measured, run 14)."""
+    if n >= 2:
+        return True
+    size = out * k
+    return size >= Q8_AUTO_N1_BYTES or (
+        size >= Q8_AUTO_N1_NO_SPLIT_BYTES and q8_0.choose_config(out, k, groups).k_splits == 1
+    )
 
 
 def q8_0_matmul(xq: jax.Array, dx: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> jax.Array:
     """xq [..., G*K] int8, dx [..., G*K/32] f32 against Q8_0 planes qs [G*r, K], d [G*r, K/32] → [..., G*r]."""
     lead = xq.shape[:-1]
     n = math.prod(lead)
-    use, interpret = _use(n, auto=n >= 2 or qs.size >= Q8_AUTO_N1_BYTES)
+    use, interpret = _use(n, auto=_q8_auto(n, qs.shape[0], qs.shape[1], groups))
     if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
         use = False
     if not use or not q8_0.supported(qs.shape[0], qs.shape[1], groups):

@@ -54,10 +54,14 @@ def kernel_ns(run, *args) -> tuple[float, dict, object]:
     return float(sum(t for _, t in by.values())), by, res
 
 
-def per_call(fn, steps: int, *args, show: bool = False) -> tuple[float, object]:
+def per_call(fn, steps: int, *args, show: bool = False, prep=None) -> tuple[float, object]:
     """(device seconds per call of fn(i, *args), fn(steps - 1, *args)) for fn called at
     i < steps in one fori_loop (one call site): Σ kernel durations less those of the same loop
-    with an empty body (its counter, predicate and initial zeros), over steps."""
+    with an empty body (its counter, predicate and initial zeros), over steps.
+
+    ``prep(i)``: the part of fn that only serves the bench (which weight copy or experts step i
+    uses — an XLA kernel per call that the engine does not run); the empty loop computes it too,
+    so its time is subtracted with the loop's."""
 
     def loop(body):
         @jax.jit
@@ -71,7 +75,7 @@ def per_call(fn, steps: int, *args, show: bool = False) -> tuple[float, object]:
     # The barrier ties the arguments to i without a kernel, so XLA cannot hoist a call that
     # does not use i out of the loop; in the empty loop it keeps the loop itself.
     run = loop(lambda i, c, args: fn(i, *jax.lax.optimization_barrier((i, args))[1]))
-    empty = loop(lambda i, c, args: jax.lax.optimization_barrier((i, c))[1])
+    empty = loop(lambda i, c, args: jax.lax.optimization_barrier((i, c, prep and prep(i)))[1])
     if jax.default_backend() != "gpu":
         jax.block_until_ready(run(*args))
         t = time.perf_counter()

@@ -128,10 +128,11 @@ def copy_bandwidth() -> float:
     return 2 * n / float(np.median(ts))
 
 
-def time_steps(fn, steps: int, *args, show: bool = False):
+def time_steps(fn, steps: int, *args, show: bool = False, prep=None):
     """(device seconds per call, fn(steps - 1, *args)) with fn(i, *args) called for i < steps in
-    one fori_loop; the time is the calls' kernel durations from the profiler (devtime.py)."""
-    s, last = devtime.per_call(fn, steps, *args, show=show)
+    one fori_loop; the time is the calls' kernel durations from the profiler (devtime.py), less
+    those of ``prep(i)`` (the bench's own per-step index, which fn computes the same way)."""
+    s, last = devtime.per_call(fn, steps, *args, show=show, prep=prep)
     return s, np.asarray(last)
 
 
@@ -149,6 +150,11 @@ def q8_case(key, n_tok, out, k, groups):
     qs = jax.random.randint(ks[2], (out, k), -128, 128, jnp.int32).astype(jnp.int8)
     d = jax.random.uniform(ks[3], (out, k // 32), jnp.float32, 1e-4, 1e-2).astype(jnp.float16)
     return xq, dx, qs, d
+
+
+def copy_index(C):
+    """Step i's weight copy, as the [1] int32 operand the kernels take (``prep`` of time_steps)."""
+    return lambda i: jnp.asarray(i % C, jnp.int32).reshape(1)
 
 
 def q8_bytes(out, k, groups, n_tok):
@@ -232,10 +238,11 @@ class Q8Bench:
         want, ref_s = refs[n_tok]
 
         def fn(i, xq, dx, qs, d, cfg=cfg):
-            return q8_0.matmul(xq, dx, qs, d, groups=groups, cfg=cfg, interpret=INTERPRET, mat=i % C)
+            return q8_0.matmul(xq, dx, qs, d, groups=groups, cfg=cfg, interpret=INTERPRET, mat=mat_at(i))
 
+        mat_at = copy_index(C)
         try:
-            s, got = time_steps(fn, rounds * C, xq, dx, *stacks, show=name not in self.shown)
+            s, got = time_steps(fn, rounds * C, xq, dx, *stacks, show=name not in self.shown, prep=mat_at)
             self.shown.add(name)
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
             print(f"  q8_0 {name} N={n_tok} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -266,11 +273,12 @@ class Q8Bench:
         want, ref_s = refs[n_tok]
 
         def fn(i, xq, dx, qb, dT):
-            return q8_0_mosaic.matmul(xq, dx, qb, dT, groups, mcfg, INTERPRET, mat=i % C)
+            return q8_0_mosaic.matmul(xq, dx, qb, dT, groups, mcfg, INTERPRET, mat=mat_at(i))
 
+        mat_at = copy_index(C)
         config = f"r{mcfg.block_rows} U{mcfg.blocks_per_step} st{mcfg.stages}"
         try:
-            s, got = time_steps(fn, rounds * C, xq, dx, qb, dT)
+            s, got = time_steps(fn, rounds * C, xq, dx, qb, dT, prep=mat_at)
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
             print(f"  q8_0_mosaic {name} N={n_tok} {config}: FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
             return
@@ -332,7 +340,7 @@ class ExpertBench:
             return experts.matmul(xq, dx, ids_at(i), qtype, use, cfg, INTERPRET, version)
 
         try:
-            s, got = time_steps(fn, EXPERT_ROUNDS, xq, dx, use)
+            s, got = time_steps(fn, EXPERT_ROUNDS, xq, dx, use, prep=ids_at)
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
             print(
                 f"  experts v{version} {label} N={n_tok} {expert_label(cfg)}: FAILED {type(e).__name__}: {str(e)[:300]}",
