@@ -72,6 +72,21 @@ def load_preset(name_or_path: str) -> Preset:
         raise DS4Error(f"{path}: malformed preset ({type(e).__name__}: {e})") from None
 
 
+def with_layers(p: Preset, n_layer: int) -> Preset:
+    """The preset cut to its first ``n_layer`` blocks (the per-layer lists cut to match), for
+    benchmarks that time a few full-size layers where the whole model does not fit."""
+    md = dict(p.metadata)
+    total = int(md["block_count"])
+    if not 1 <= n_layer <= total:
+        raise DS4Error(f"--layers must be 1..{total} for preset {p.name}, got {n_layer}")
+    md["block_count"] = n_layer
+    for k, v in md.items():
+        if isinstance(v, list) and len(v) == total:
+            md[k] = v[:n_layer]
+    md["hash_layer_count"] = min(int(md.get("hash_layer_count", 3)), n_layer)
+    return dataclasses.replace(p, metadata=md)
+
+
 def preset_metadata(p: Preset) -> dict[str, Any]:
     """Full metadata of the preset's base GGUF: general.*, deepseek4.* and tokenizer.*."""
     md: dict[str, Any] = {"general.architecture": C.ARCH, "general.name": p.model_name}
@@ -103,6 +118,20 @@ def preset_metadata(p: Preset) -> dict[str, Any]:
     elif p.vocab != "none":  # "none": ids only (tests), vocab_size from the preset
         raise DS4Error(f"preset {p.name}: unknown vocabulary {p.vocab!r} (known: deepseek-v4, none)")
     return md
+
+
+def tensor_type(name: str, spec: C.TensorSpec, p: Preset, mtp: bool) -> int:
+    """The GGML type the preset gives tensor ``name`` (the spec's only type, or the preset's
+    expert / MTP plain type where ds4 allows several)."""
+    if len(spec.types) == 1:
+        return next(iter(spec.types))
+    if name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")):
+        return p.mtp_gate_up_type if mtp else p.gate_up_type
+    if name.endswith("ffn_down_exps.weight"):
+        return p.mtp_down_type if mtp else p.down_type
+    if mtp and spec.types == C.PLAIN_TYPES:
+        return p.mtp_plain_type
+    raise AssertionError(f"no type rule for {name}")
 
 
 def preset_config(p: Preset) -> C.ModelConfig:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 _LAYOUT_SHOWN = False
 
 
-def _kernel_events(path: str):
+def kernel_events(path: str):
     """(name, duration ns) of every kernel on the GPU's stream lines of one trace."""
     global _LAYOUT_SHOWN
     pd = jax.profiler.ProfileData.from_file(path)
@@ -48,7 +48,7 @@ def kernel_ns(run, *args) -> tuple[float, dict, object]:
         res = jax.block_until_ready(run(*args))
     files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     by: dict = {}
-    for name, ns in _kernel_events(files[0]) if files else []:
+    for name, ns in kernel_events(files[0]) if files else []:
         c, t = by.get(name, (0, 0))
         by[name] = (c + 1, t + ns)
     return float(sum(t for _, t in by.values())), by, res

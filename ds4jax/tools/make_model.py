@@ -19,23 +19,11 @@ import numpy as np
 from ds4jax import config as C
 from ds4jax.errors import DS4Error
 from ds4jax.gguf_write import write_gguf
-from ds4jax.presets import Preset, load_preset, preset_metadata
+from ds4jax.presets import Preset, load_preset, preset_metadata, tensor_type
 from ds4jax.synthetic import synth_values
 
 # Writing more than this needs --force: the full-size presets are ~80-160 GB.
 MAX_BYTES_WITHOUT_FORCE = 2 << 30
-
-
-def _choose_type(name: str, spec: C.TensorSpec, p: Preset, mtp: bool) -> int:
-    if len(spec.types) == 1:
-        return next(iter(spec.types))
-    if name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")):
-        return p.mtp_gate_up_type if mtp else p.gate_up_type
-    if name.endswith("ffn_down_exps.weight"):
-        return p.mtp_down_type if mtp else p.down_type
-    if mtp and spec.types == C.PLAIN_TYPES:
-        return p.mtp_plain_type
-    raise AssertionError(f"no type rule for {name}")
 
 
 def _encode(values: np.ndarray, type_id: int) -> np.ndarray:
@@ -52,7 +40,7 @@ def _encode(values: np.ndarray, type_id: int) -> np.ndarray:
 
 def _tensors(cfg: C.ModelConfig, specs: dict[str, C.TensorSpec], p: Preset, mtp: bool):
     for name, spec in specs.items():
-        t = _choose_type(name, spec, p, mtp)
+        t = tensor_type(name, spec, p, mtp)
         shape = tuple(reversed(spec.ne))
         yield name, _encode(synth_values(cfg, name, shape, p.seed), t), t, spec.ne
 
@@ -60,9 +48,7 @@ def _tensors(cfg: C.ModelConfig, specs: dict[str, C.TensorSpec], p: Preset, mtp:
 def _planned_bytes(specs: dict[str, C.TensorSpec], p: Preset, mtp: bool) -> int:
     from ds4jax.quant import tensor_nbytes
 
-    return sum(
-        tensor_nbytes(_choose_type(n, s, p, mtp), tuple(reversed(s.ne))) for n, s in specs.items()
-    )
+    return sum(tensor_nbytes(tensor_type(n, s, p, mtp), tuple(reversed(s.ne))) for n, s in specs.items())
 
 
 def model_paths(out_dir: str | os.PathLike, preset_name: str) -> tuple[Path, Path]:

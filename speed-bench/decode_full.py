@@ -1,0 +1,203 @@
+"""Decode tokens/s of a full-size model with random weights made on the GPU (no GGUF needed).
+
+    python speed-bench/decode_full.py [--preset flash-q2] [--layers 43] [--ctx 4096] [--fill 512]
+                                      [--steps 64] [--modes auto,off] [--out DIR]
+
+Builds the preset's weights pytree at full size with random contents on the device
+(``ds4jax.random_weights``: the loader's layout, so the engine's own compiled programs run on
+it), fills the KV state with ``--fill`` random prompt tokens by chunked prefill, then times
+``--steps`` greedy decode steps back to back (each step one compiled program, the next token
+fed back on the device, one sync at the end): that is tokens/s as a user sees it. Then the
+profiler traces a few steps for the device time per token (Σ kernel durations), the kernels
+per step and where the time goes. Bandwidth is the weight bytes one step reads
+(``random_weights.bytes_per_token``: dense tensors whole, 6 of 256 routed experts) times
+tokens/s, against torch's device copy measured in the same run. The whole q2 model (81 GB)
+needs an H200; ``--layers N`` keeps the first N blocks (N = 4 covers every kind of layer:
+two uncompressed, one ratio-4 with the indexer, one ratio-128), which fits an H100.
+
+Rows go to ``decode.csv``. Off GPU (``JAX_PLATFORMS=cpu``, e.g. ``--preset tiny``) it checks
+that the script runs and reports wall-clock only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import glob
+import os
+import sys
+import tempfile
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import devtime  # speed-bench/devtime.py, beside this script
+
+from ds4jax.engine import Engine
+from ds4jax.presets import load_preset, preset_config, with_layers
+from ds4jax.random_weights import bytes_per_token, random_weights
+from ds4jax.sampling import SamplingParams
+
+# Kernel name → where its time goes (first match wins; the rest is "other XLA fusions").
+CLASSES = (
+    ("q8_0_share", "Q8_0 kernel"),
+    ("experts_", "expert kernels"),
+    ("sinkhorn", "Sinkhorn kernel"),
+    ("gemm", "XLA dots"),
+    ("cublas", "XLA dots"),
+    ("Memcpy", "copies"),
+    ("copy", "copies"),
+)
+
+
+def classify(name: str) -> str:
+    return next((c for key, c in CLASSES if key in name), "other XLA fusions")
+
+
+def trace_steps(step, n: int):
+    """(Σ kernel ns, {name: (count, ns)}) over n calls of ``step`` under the profiler."""
+    d = tempfile.mkdtemp(prefix="ds4decode")
+    with jax.profiler.trace(d):
+        for _ in range(n):
+            step()
+    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    by: dict = {}
+    for name, ns in devtime.kernel_events(files[0]) if files else []:
+        c, t = by.get(name, (0, 0))
+        by[name] = (c + 1, t + ns)
+    return sum(t for _, t in by.values()), by
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flash-q2")
+    ap.add_argument("--layers", type=int, default=0, help="keep the first N blocks (0: all)")
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--fill", type=int, default=512, help="prompt tokens prefilled before timing")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--modes", default="auto,off", help="DS4JAX_KERNELS values to time")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    on_gpu = jax.default_backend() == "gpu"
+    card = jax.devices()[0].device_kind
+    p = load_preset(a.preset)
+    if a.layers:
+        p = with_layers(p, a.layers)
+    cfg = preset_config(p)
+    copy_bw = 0.0
+    if on_gpu:
+        from kernels import copy_bandwidth  # speed-bench/kernels.py
+
+        copy_bw = copy_bandwidth()
+    t0 = time.perf_counter()
+    weights = jax.block_until_ready(random_weights(cfg, p))
+    nbytes = bytes_per_token(weights, cfg)
+    print(
+        f"{card}: {p.name}, {cfg.n_layer} layers, random weights made in {time.perf_counter() - t0:.1f} s; "
+        f"{nbytes / 1e9:.2f} GB of weights read per token; torch device copy {copy_bw / 1e12:.2f} TB/s",
+        flush=True,
+    )
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "decode.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(
+                [
+                    "card",
+                    "preset",
+                    "layers",
+                    "ctx",
+                    "fill",
+                    "mode",
+                    "compile_s",
+                    "tok_s",
+                    "ms_per_tok",
+                    "device_ms_per_tok",
+                    "kernels_per_tok",
+                    "gb_per_tok",
+                    "gbps",
+                    "pct_copy",
+                    "finite",
+                ]
+            )
+        for mode in a.modes.split(","):
+            os.environ["DS4JAX_KERNELS"] = mode
+            row = run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu)
+            w.writerow([card, p.name, cfg.n_layer, a.ctx, a.fill, mode, *row])
+            f.flush()
+
+
+def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
+    # The engine needs only the config of a model file; the weights come from random_weights.
+    eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=weights)
+    mode = os.environ["DS4JAX_KERNELS"]
+    eng.program("decode")
+    if a.fill:
+        eng.program("prefill")
+    compile_s = sum(eng.compile_s.values())
+    params = SamplingParams(temperature=0.0).arrays()
+    key = jax.random.key(0)
+    rng = np.random.default_rng(0)
+    state = eng.new_state()
+    if a.fill:
+        tok, _, state = eng.prefill(state, rng.integers(0, cfg.n_vocab, a.fill), params, key)
+    else:
+        tok = jnp.int32(1)
+    box = {"state": state, "tok": tok}
+
+    def step():
+        box["tok"], box["logits"], box["state"] = eng.decode(box["state"], box["tok"], params, key)
+
+    for _ in range(2):  # warm
+        step()
+    jax.block_until_ready(box["tok"])
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    jax.block_until_ready(box["tok"])
+    wall = (time.perf_counter() - t0) / a.steps
+    finite = bool(np.isfinite(np.asarray(box["logits"])).all())
+    dev_ms, per_tok = float("nan"), float("nan")
+    if on_gpu:
+        n = 8
+        ns, by = trace_steps(step, n)
+        dev_ms, per_tok = ns / n / 1e6, sum(c for c, _ in by.values()) / n
+        classes: collections.Counter = collections.Counter()
+        for name, (c, t) in by.items():
+            classes[classify(name)] += t
+        print(f"  [{mode}] device time per token by class:", flush=True)
+        for c, t in classes.most_common():
+            print(f"    {c:20s} {t / n / 1e3:9.1f} us  {100 * t / ns:5.1f} %", flush=True)
+        for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:12]:
+            print(f"    {c // n:4d} x {t / c / 1e3:8.2f} us  {name[:80]}", flush=True)
+    tok_s = 1.0 / wall
+    gbps = nbytes * tok_s / 1e9
+    pct = 100 * gbps * 1e9 / copy_bw if copy_bw else float("nan")
+    print(
+        f"  [{mode}] compile {compile_s:.1f} s; {tok_s:.1f} tokens/s ({wall * 1e3:.2f} ms/token, device "
+        f"{dev_ms:.2f} ms, {per_tok:.0f} kernels); {gbps:.0f} GB/s = {pct:.1f} % of copy; finite logits: {finite}",
+        flush=True,
+    )
+    return [
+        f"{compile_s:.1f}",
+        f"{tok_s:.2f}",
+        f"{wall * 1e3:.3f}",
+        f"{dev_ms:.3f}",
+        f"{per_tok:.0f}",
+        f"{nbytes / 1e9:.3f}",
+        f"{gbps:.0f}",
+        f"{pct:.1f}",
+        finite,
+    ]
+
+
+if __name__ == "__main__":
+    main()
