@@ -65,7 +65,8 @@ def trace_steps(step, n: int):
     d = tempfile.mkdtemp(prefix="ds4decode")
     with jax.profiler.trace(d):
         for _ in range(n):
-            step()
+            out = step()
+        jax.block_until_ready(out)  # every kernel inside the trace
     files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     by: dict = {}
     for name, ns in devtime.kernel_events(files[0]) if files else []:
@@ -155,6 +156,7 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
 
     def step():
         box["tok"], box["logits"], box["state"] = eng.decode(box["state"], box["tok"], params, key)
+        return box["tok"]
 
     for _ in range(2):  # warm
         step()
