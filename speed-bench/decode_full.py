@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import devtime  # speed-bench/devtime.py, beside this script
 
 from ds4jax.engine import Engine
+from ds4jax.errors import DS4Error
 from ds4jax.presets import load_preset, preset_config, with_layers
 from ds4jax.random_weights import bytes_per_token, random_weights
 from ds4jax.sampling import SamplingParams
@@ -202,4 +203,7 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DS4Error as e:  # a bad preset or --layers: one line, not a traceback
+        sys.exit(f"decode_full: {e}")
