@@ -22,7 +22,7 @@ from ds4jax import config as C
 from ds4jax.presets import Preset, tensor_type
 from ds4jax.quant import QTensor, pack
 from ds4jax.quant.formats import QType, row_nbytes
-from ds4jax.weights import short_name
+from ds4jax.weights import assemble, short_name
 
 # |dequantized weight| per unit of block scale, roughly: d x the typical integer a block holds
 # (Q8_0: |q| ~ 73; Q2_K: sc·q ~ 11; Q4_K: sc·q ~ 240; IQ2_XXS: (2ls+1)/8 · grid ~ 47).
@@ -83,22 +83,14 @@ def random_weights(cfg: C.ModelConfig, preset: Preset, seed: int = 0, mtp: bool 
     key = jax.random.key(seed)
 
     def make(specs: dict[str, C.TensorSpec], is_mtp: bool):
-        for gguf_name, spec in specs.items():
-            qtype = tensor_type(gguf_name, spec, preset, is_mtp)
-            k = jax.random.fold_in(key, zlib.crc32(gguf_name.encode()))
-            name = short_name(gguf_name)
-            yield gguf_name, name, random_tensor(k, name, qtype, tuple(reversed(spec.ne)), cfg.n_expert)
+        for name, spec in specs.items():
+            qtype = tensor_type(name, spec, preset, is_mtp)
+            k = jax.random.fold_in(key, zlib.crc32(name.encode()))
+            yield name, random_tensor(k, short_name(name), qtype, tuple(reversed(spec.ne)), cfg.n_expert)
 
-    tree: dict = {}
-    layers = [{} for _ in range(cfg.n_layer)]
-    for gguf_name, name, t in make(C.base_tensor_specs(cfg), False):
-        if gguf_name.startswith("blk."):
-            layers[int(gguf_name.split(".")[1])][name] = t
-        else:
-            tree[name] = t
-    tree["layers"] = tuple(layers)
-    tree["mtp"] = {name: t for _, name, t in make(C.mtp_tensor_specs(cfg), True)} if mtp else None
-    return tree
+    return assemble(
+        cfg.n_layer, make(C.base_tensor_specs(cfg), False), make(C.mtp_tensor_specs(cfg), True) if mtp else None
+    )
 
 
 def bytes_per_token(weights: dict, cfg: C.ModelConfig) -> int:

@@ -36,19 +36,27 @@ def _pack(mf: ModelFiles, name: str):
     return pack(t.raw, t.type_id, t.logical_shape)
 
 
+def assemble(n_layer: int, base, mtp=None) -> dict[str, Any]:
+    """The pytree from (GGUF name, tensor) pairs of the base file and, if given, the MTP file."""
+    tree: dict[str, Any] = {}
+    layers = [{} for _ in range(n_layer)]
+    for name, t in base:
+        if name.startswith("blk."):
+            layers[int(name.split(".")[1])][short_name(name)] = t
+        else:
+            tree[short_name(name)] = t
+    tree["layers"] = tuple(layers)
+    tree["mtp"] = {short_name(n): t for n, t in mtp} if mtp is not None else None
+    return tree
+
+
 def load_weights(mf: ModelFiles, to_device: bool = True) -> dict[str, Any]:
     """Repack every tensor of ``mf`` into planes; put them on the default device if asked."""
-    cfg = mf.config
-    tree: dict[str, Any] = {}
-    layers = [dict() for _ in range(cfg.n_layer)]
-    for name in mf.base.tensors:
-        if name.startswith("blk."):
-            L = int(name.split(".")[1])
-            layers[L][short_name(name)] = _pack(mf, name)
-        else:
-            tree[short_name(name)] = _pack(mf, name)
-    tree["layers"] = tuple(layers)
-    tree["mtp"] = {short_name(n): _pack(mf, n) for n in mf.mtp.tensors} if mf.mtp is not None else None
+    tree = assemble(
+        mf.config.n_layer,
+        ((n, _pack(mf, n)) for n in mf.base.tensors),
+        ((n, _pack(mf, n)) for n in mf.mtp.tensors) if mf.mtp is not None else None,
+    )
     if to_device:
         import jax
 

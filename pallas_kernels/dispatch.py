@@ -87,21 +87,21 @@ def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes, ids: jax.Arr
     A middle dim of 1 (the FFN input, shared by a token's experts) broadcasts over the k.
     ``planes`` may be a tuple of plane dicts of one shape (gate and up): the result is then the
     tuple of their outputs, from one kernel launch."""
-    if isinstance(planes, (tuple, list)):
-        return _expert_matmul(xq, dx, qtype, tuple(planes), ids)
-    return _expert_matmul(xq, dx, qtype, (planes,), ids)[0]
-
-
-def _expert_matmul(xq, dx, qtype: int, mats: tuple, ids):
+    many = isinstance(planes, (tuple, list))
+    mats = tuple(planes) if many else (planes,)
     T, k = ids.shape
     xq = jnp.broadcast_to(xq, (T, k, xq.shape[-1]))
     dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
     out = mats[0]["d"].shape[1]
     use, interpret = _use(T, auto=True)
     if not use or not experts.supported(qtype, out):
-        return tuple(experts.reference(xq, dx, qtype, m, ids) for m in mats)
-    ys = experts.matmul(xq.reshape(T * k, -1), dx.reshape(T * k, -1), ids.reshape(-1), qtype, mats, interpret=interpret)
-    return tuple(y.reshape(T, k, out) for y in ys)
+        ys = tuple(experts.reference(xq, dx, qtype, m, ids) for m in mats)
+    else:
+        flat = experts.matmul(
+            xq.reshape(T * k, -1), dx.reshape(T * k, -1), ids.reshape(-1), qtype, mats, interpret=interpret
+        )
+        ys = tuple(y.reshape(T, k, out) for y in flat)
+    return ys if many else ys[0]
 
 
 def rms_norm_pair(a: jax.Array, wa: jax.Array, b: jax.Array, wb: jax.Array, eps: float):

@@ -147,10 +147,15 @@ def _parity7(v):
     return (v ^ (v >> 1)) & 1
 
 
+def _iq2xxs_s7(aux):
+    """[BO, 8, 4] u32 7-bit sign fields of IQ2_XXS groups from aux [BO, 8] u32 (4 a sub-block)."""
+    return (aux[:, :, None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7)) & 127
+
+
 def _iq2xxs_sign_bytes(aux):
     """[BO, 8, 4] u32 sign bytes of IQ2_XXS groups from aux [BO, 8] u32: per 8-element group a
     7-bit field, the 8th bit its parity (bit l: element l negative)."""
-    s7 = (aux[:, :, None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7)) & 127
+    s7 = _iq2xxs_s7(aux)
     return s7 | (_parity7(s7) << 7)
 
 
@@ -199,8 +204,7 @@ def _isums_v3(qtype, x_ref, p, b, planes, sel, tab_ref, interpret):
         w0, w1 = tab_ref[g * 2], tab_ref[g * 2 + 1]
         aux = planes["aux"][e, rows, b, :]  # [BO, 8] u32: 4 × 7 sign bits, 4-bit scale
         # sign masks by popc/mul/prmt in PTX: 2-10 % faster than the same in jnp ops (run 17)
-        s7 = (aux[:, :, None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 4), 2) * 7)) & 127
-        m0, m1 = iq2_sign_masks(s7.reshape(-1, 32).astype(I32), interpret)
+        m0, m1 = iq2_sign_masks(_iq2xxs_s7(aux).reshape(-1, 32).astype(I32), interpret)
         x0, x1 = pick(x, 1, 0)[None, :], pick(x, 1, 1)[None, :]
         # signed(m ^ 0xFF) = -m - 1, so Σ ±m·x = dp4a(m ^ M, x) - dp4a(M, x) (M = -1 bytes where negative)
         pos = mac(w1 ^ m1, x1, mac(w0 ^ m0, x0, zero))
@@ -271,10 +275,13 @@ def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, n_mat, tiles
         zeros = jnp.zeros((BO,), F32)
         return lax.fori_loop(j * steps, (j + 1) * steps, body, (zeros, zeros))
 
-    if n_mat == 1:
-        s, err = run(mats[0], i)
-    else:  # gate and up in one launch: row tiles [0, tiles) read the first matrix, the rest the second
-        s, err = lax.cond(i < tiles, lambda: run(mats[0], i), lambda: run(mats[1], i - tiles))
+    def run_from(m):
+        """Several matrices in one launch (gate and up): row tiles [m·tiles, (m+1)·tiles) read matrix m."""
+        if m == n_mat - 1:
+            return run(mats[m], i - m * tiles)
+        return lax.cond(i < (m + 1) * tiles, lambda: run(mats[m], i - m * tiles), lambda: run_from(m + 1))
+
+    s, err = run_from(0)
     if n_out == 1:
         out_refs[0][...] = s + err
     else:  # partial double-float sums, combined in split order by ``finish``

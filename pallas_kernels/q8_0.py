@@ -11,9 +11,9 @@ are laid out block-diagonally (row t*U + u of ``xd`` keeps only the blocks b ≡
 token t), so ``xd_tile @ w_tileᵀ`` is [4*U, rows] of per-block int32 dots, exact. Each (t, u)
 row then runs its own TwoSum chain over the blocks u, u+U, ...; the U chains are combined in
 order at the end. The token block always has 4 rows (the dot needs 16 rows = 4 tokens × U;
-rows past N are masked loads), so a step costs the same at N = 1..4 and one weight read serves all of them; U and the K
-split depend only on the weight's shape, so a row's arithmetic is identical at N = 1..4: the
-N=2 verifier reproduces N=1 bit for bit. (U = 16 with 512-byte rows, the v3 layout, made the
+rows past N are masked loads), so a step costs the same at N = 1..4 and one weight read
+serves all of them; U and the K split depend only on the weight's shape, so a row's
+arithmetic is identical at N = 1..4: the N=2 verifier reproduces N=1 bit for bit. (U = 16 with 512-byte rows, the v3 layout, made the
 dot and the live accumulators grow with N: N=4 cost 1.9× N=1; speed-bench/KERNELS.md.)
 
 Grouped (block-diagonal) weights use the same kernel: with ``groups = G`` the weight has

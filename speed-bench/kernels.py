@@ -188,9 +188,10 @@ def q8_variants(out, k, groups, us=(4,)):
     return [v for v in vs if v != base]
 
 
-def q8_tunings(cfg):
-    """Around a winning configuration: the knobs that keep the bits (pipeline stages, warps)."""
-    return [dataclasses.replace(cfg, num_stages=st) for st in (2, 4, 6)] + [
+def tunings(cfg, stages):
+    """Around a winning configuration (a Q8_0 TileConfig or an ExpertConfig): the knobs that keep
+    the bits, pipeline stages and warps."""
+    return [dataclasses.replace(cfg, num_stages=st) for st in stages] + [
         dataclasses.replace(cfg, num_warps=w) for w in (2, 8)
     ]
 
@@ -361,8 +362,8 @@ def expert_label(cfg: experts.ExpertConfig) -> str:
 
 
 def expert_variants(qtype, out, n):
-    """K splits × rows (the splits set the summation grouping: one per shape in the engine),
-    IQ2_XXS with and without pair gathers; the base configuration excluded."""
+    """K splits × rows (the splits set the summation grouping: one per shape in the engine);
+    the base configuration excluded."""
     base, nb = experts.choose_config(qtype, out, n // 256), n // 256
     vs = []
     for splits in (1, 2, 4, 8):
@@ -370,13 +371,6 @@ def expert_variants(qtype, out, n):
             if nb % splits == 0 and out % rows == 0:
                 vs.append(experts.ExpertConfig(block_rows=rows, k_splits=splits))
     return [v for v in vs if v != base]
-
-
-def expert_tunings(cfg):
-    """Around a winner: pipeline stages and warps (neither changes a bit)."""
-    return [dataclasses.replace(cfg, num_stages=st) for st in (1, 3, 4)] + [
-        dataclasses.replace(cfg, num_warps=w) for w in (2, 8)
-    ]
 
 
 # ---- fused norms ------------------------------------------------------------------------------
@@ -494,7 +488,7 @@ def main() -> None:
             for name, out, k, g in sweep_shapes(a.shapes):  # then stages/warps around each winner
                 n = sweep_ns[0]
                 if (name, n) in q8b.best:
-                    for cfg in q8_tunings(q8b.best[(name, n)][1]):
+                    for cfg in tunings(q8b.best[(name, n)][1], stages=(2, 4, 6)):
                         if left() > 30:
                             q8b.run(name, out, k, g, n, cfg)
         if "experts" in only:
@@ -508,7 +502,7 @@ def main() -> None:
                 n = sweep_ns[0]
                 if (name, n) in exb.best:
                     win = exb.best[(name, n)][1][1]
-                    for cfg in expert_tunings(win):
+                    for cfg in tunings(win, stages=(1, 3, 4)):
                         if left() > 30:
                             exb.run(name, qt, out, k, n, cfg)
                     win = exb.best[(name, n)][1][1]
