@@ -23,14 +23,14 @@ from ds4jax.errors import DS4Error
 from ds4jax.model.forward import commit, forward_hidden, head
 from ds4jax.model.rope import rope_tables
 from ds4jax.model_file import ModelFiles
-from ds4jax.sampling import SamplingParams, sample
+from ds4jax.sampling import SamplingParams, kind_of, sample
 from ds4jax.state import init_state
 from ds4jax.weights import load_weights
 
 DEFAULT_CHUNK = 64
 
 
-def _prefill(cfg: ModelConfig, logits_rows: str, weights, state, tokens, n_valid, params, key):
+def _prefill(cfg: ModelConfig, logits_rows: str, sampler: str, weights, state, tokens, n_valid, params, key):
     H, pending = forward_hidden(cfg, weights, state, tokens)
     state = commit(cfg, state, pending, n_valid)
     h_last = jax.lax.dynamic_index_in_dim(H, n_valid - 1, axis=0, keepdims=False)
@@ -38,11 +38,11 @@ def _prefill(cfg: ModelConfig, logits_rows: str, weights, state, tokens, n_valid
     last = logits if logits_rows == "last" else logits[n_valid - 1]
     pos = state["n_tokens"]
     # h_last: the final HC state of the last token, which the MTP drafter pairs with the next.
-    return sample(last, params, jax.random.fold_in(key, pos)), logits, state, h_last
+    return sample(last, params, jax.random.fold_in(key, pos), sampler), logits, state, h_last
 
 
-def _decode(cfg: ModelConfig, weights, state, token, params, key):
-    tok, logits, state, h = _prefill(cfg, "last", weights, state, token[None], jnp.int32(1), params, key)
+def _decode(cfg: ModelConfig, sampler: str, weights, state, token, params, key):
+    tok, logits, state, h = _prefill(cfg, "last", sampler, weights, state, token[None], jnp.int32(1), params, key)
     return tok, logits, state, h
 
 
@@ -91,11 +91,6 @@ class Engine:
         self.files = mf
         base = weights if weights is not None else load_weights(mf)
         self.weights = {**base, "rope": jax.device_put(rope_tables(cfg, ctx))}
-        self._jitted = {
-            "prefill": jax.jit(partial(_prefill, cfg, "last"), donate_argnums=(1,)),
-            "prefill_all": jax.jit(partial(_prefill, cfg, "all"), donate_argnums=(1,)),
-            "decode": jax.jit(partial(_decode, cfg), donate_argnums=(1,)),
-        }
         self._compiled: dict = {}
         self.compile_s: dict[str, float] = {}
 
@@ -110,13 +105,26 @@ class Engine:
         tokens = jax.ShapeDtypeStruct((self.chunk,), jnp.int32)
         return (self.weights, state, tokens, sds(np.int32(0)), params, key)
 
-    def program(self, name: str):
-        """The compiled program ``name`` (prefill, prefill_all, decode), compiled on first use."""
-        if name not in self._compiled:
+    def jitted(self, name: str, sampler: str = "greedy"):
+        """The jitted (not yet compiled) program ``name`` with the static sampler ``sampler``."""
+        if name == "decode":
+            fn = partial(_decode, self.cfg, sampler)
+        elif name in ("prefill", "prefill_all"):
+            fn = partial(_prefill, self.cfg, "last" if name == "prefill" else "all", sampler)
+        else:
+            raise ValueError(f"no program {name!r}")
+        return jax.jit(fn, donate_argnums=(1,))
+
+    def program(self, name: str, sampler: str = "greedy"):
+        """The compiled program ``name`` (prefill, prefill_all, decode) for one sampler kind
+        (``sampling.kind_of``), compiled on first use; ``compile_s`` is keyed ``name`` for
+        greedy, ``name:sampler`` otherwise."""
+        key = name if sampler == "greedy" else f"{name}:{sampler}"
+        if key not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[name] = self._jitted[name].lower(*self._abstract_args(name)).compile()
-            self.compile_s[name] = time.perf_counter() - t0
-        return self._compiled[name]
+            self._compiled[key] = self.jitted(name, sampler).lower(*self._abstract_args(name)).compile()
+            self.compile_s[key] = time.perf_counter() - t0
+        return self._compiled[key]
 
     def new_state(self) -> dict:
         return init_state(self.cfg, self.ctx, self.chunk)
@@ -129,7 +137,7 @@ class Engine:
         logits is the last row [V] (device), or every row [n, V] (host) with ``all_logits``.
         The last token's final HC state is left in ``self.last_hidden``."""
         ids = np.asarray(ids, np.int32)
-        fn = self.program("prefill_all" if all_logits else "prefill")
+        fn = self.program("prefill_all" if all_logits else "prefill", kind_of(params))
         rows = []
         tok = logits = None
         for start in range(0, len(ids), self.chunk):
@@ -137,7 +145,9 @@ class Engine:
             n = len(part)
             tokens = np.zeros(self.chunk, np.int32)
             tokens[:n] = part
-            tok, logits, state, self.last_hidden = fn(self.weights, state, jnp.asarray(tokens), jnp.int32(n), params, key)
+            tok, logits, state, self.last_hidden = fn(
+                self.weights, state, jnp.asarray(tokens), jnp.int32(n), params, key
+            )
             if all_logits:
                 rows.append(np.asarray(logits)[:n])
             if progress is not None:
@@ -150,7 +160,7 @@ class Engine:
 
     def decode_hidden(self, state, token, params, key):
         """(next token, logits [V], state, final HC state of ``token``)."""
-        return self.program("decode")(self.weights, state, jnp.asarray(token, jnp.int32), params, key)
+        return self.program("decode", kind_of(params))(self.weights, state, jnp.asarray(token, jnp.int32), params, key)
 
     def generate(
         self,
@@ -166,9 +176,10 @@ class Engine:
         params = sampling.validate().arrays()
         key = jax.random.key(sampling.seed)
         state = self.new_state()
-        self.program("prefill_all" if keep_logits else "prefill")  # compile outside the timings
+        kind = kind_of(params)
+        self.program("prefill_all" if keep_logits else "prefill", kind)  # compile outside the timings
         if n_predict > 1:
-            self.program("decode")
+            self.program("decode", kind)
         t0 = time.perf_counter()
         tok, logits, state = self.prefill(state, prompt, params, key, all_logits=keep_logits, progress=progress)
         tok = int(tok)

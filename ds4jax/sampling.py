@@ -4,7 +4,10 @@ ds4's defaults: temperature 1.0, top_k 0 (off), top_p 1.0 (off), min_p 0.05. Fil
 apply in ds4's order: temperature, top-k, then min-p (relative to the most likely
 token) and top-p (smallest prefix of the sorted distribution reaching p), then one
 draw. Temperature 0 is greedy: the first index of the largest logit.
-All parameters are traced scalars, so one compiled program serves every setting.
+The values are traced scalars; which of three samplers runs (greedy, a plain draw, a draw
+after the sorted top-k/top-p filters) is static (``kind_of``), so a decode program holds no
+conditional: an XLA:GPU conditional copies its predicate to the host every step, which
+stops the host from queueing the next step's kernels ahead of the device.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+import numpy as np
 
 from ds4jax.errors import DS4Error
 
@@ -42,37 +45,47 @@ class SamplingParams:
         return self.temperature <= 0.0
 
     def arrays(self):
-        """The traced parameters of the decode program."""
+        """The traced parameters of the decode program, as host scalars (``kind_of`` reads
+        them without a device round trip)."""
         return (
-            jnp.float32(self.temperature),
-            jnp.int32(self.top_k),
-            jnp.float32(self.top_p),
-            jnp.float32(self.min_p),
+            np.float32(self.temperature),
+            np.int32(self.top_k),
+            np.float32(self.top_p),
+            np.float32(self.min_p),
         )
 
 
-def sample(logits: jax.Array, params, key: jax.Array) -> jax.Array:
-    """One token id (int32) from logits [V] with params = (temperature, top_k, top_p, min_p)."""
+KINDS = ("greedy", "draw", "filtered")
+
+
+def kind_of(params) -> str:
+    """The sampler ``params`` (as from ``SamplingParams.arrays``) need: greedy at temperature 0,
+    the sorted filters only when top-k or top-p is on."""
+    temperature, top_k, top_p, _ = (np.asarray(p) for p in params)
+    if temperature <= 0.0:
+        return "greedy"
+    return "filtered" if top_k > 0 or top_p < 1.0 else "draw"
+
+
+def sample(logits: jax.Array, params, key: jax.Array, kind: str) -> jax.Array:
+    """One token id (int32) from logits [V] with params = (temperature, top_k, top_p, min_p),
+    by the static sampler ``kind`` (``kind_of(params)``)."""
+    if kind not in KINDS:
+        raise ValueError(f"sampler kind {kind!r} is not one of {KINDS}")
     temperature, top_k, top_p, min_p = params
-    greedy_id = jnp.argmax(logits).astype(jnp.int32)
-
-    def draw(_):
-        lg = logits / jnp.maximum(temperature, 1e-6)
-        m = jnp.max(lg)
-        keep = (lg >= m) | (jnp.exp(lg - m) >= min_p)  # min-p relative to the top token, which stays
-
-        def sorted_filters(keep):
-            order = jnp.argsort(-lg, stable=True)
-            s = lg[order]
-            rank_ok = jnp.where(top_k > 0, jnp.arange(s.shape[0]) < top_k, True)
-            p = jnp.where(rank_ok, jnp.exp(s - m), 0.0)
-            p = p / jnp.sum(p)
-            cum_before = jnp.cumsum(p) - p
-            ok = rank_ok & (cum_before < top_p)  # keep until the prefix reaches top_p
-            return keep & jnp.zeros_like(keep).at[order].set(ok)
-
-        keep = lax.cond((top_k > 0) | (top_p < 1.0), sorted_filters, lambda k: k, keep)
-        masked = jnp.where(keep, lg, -jnp.inf)
-        return jax.random.categorical(key, masked).astype(jnp.int32)
-
-    return lax.cond(temperature <= 0.0, lambda _: greedy_id, draw, None)
+    if kind == "greedy":
+        return jnp.argmax(logits).astype(jnp.int32)
+    lg = logits / jnp.maximum(temperature, 1e-6)
+    m = jnp.max(lg)
+    keep = (lg >= m) | (jnp.exp(lg - m) >= min_p)  # min-p relative to the top token, which stays
+    if kind == "filtered":
+        order = jnp.argsort(-lg, stable=True)
+        s = lg[order]
+        rank_ok = jnp.where(top_k > 0, jnp.arange(s.shape[0]) < top_k, True)
+        p = jnp.where(rank_ok, jnp.exp(s - m), 0.0)
+        p = p / jnp.sum(p)
+        cum_before = jnp.cumsum(p) - p
+        ok = rank_ok & (cum_before < top_p)  # keep until the prefix reaches top_p
+        keep = keep & jnp.zeros_like(keep).at[order].set(ok)
+    masked = jnp.where(keep, lg, -jnp.inf)
+    return jax.random.categorical(key, masked).astype(jnp.int32)

@@ -27,10 +27,15 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
+from ds4jax.model.numerics import rounded_in_loop
 from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import sinkhorn as sinkhorn_kernel
 
 MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
+# ... except the routed experts: their kernel's programs are (token, expert) pairs, so a prefill
+# chunk is only more programs, and XLA's gather-then-dot materialises every pair's decoded
+# expert (64 tokens x 6 experts x 2048x4096 at full size: ~120 GB of temporaries).
+REFERENCE_PAIR_ELEMENTS = 1 << 27  # above this many gathered weights, the reference goes in groups
 
 
 def mode() -> str:
@@ -40,11 +45,12 @@ def mode() -> str:
     return m
 
 
-def _use(n_tok: int, auto: bool) -> tuple[bool, bool]:
+def _use(n_tok: int, auto: bool, any_n: bool = False) -> tuple[bool, bool]:
     """(use the kernel, interpret it) for a batch of n_tok rows; ``auto``: whether ``auto``
-    takes the kernel on GPU for this call."""
+    takes the kernel on GPU for this call; ``any_n``: the kernel takes any n_tok on GPU
+    (interpreted, still at most MAX_TOKENS: the CPU tests' prefill stays on the reference)."""
     m = mode()
-    if m == "off" or n_tok > MAX_TOKENS:
+    if m == "off" or (n_tok > MAX_TOKENS and not (any_n and jax.default_backend() == "gpu")):
         return False, False
     if m == "interpret":
         return True, jax.default_backend() != "gpu"
@@ -93,15 +99,31 @@ def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes, ids: jax.Arr
     xq = jnp.broadcast_to(xq, (T, k, xq.shape[-1]))
     dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
     out = mats[0]["d"].shape[1]
-    use, interpret = _use(T, auto=True)
+    use, interpret = _use(T, auto=True, any_n=True)
     if not use or not experts.supported(qtype, out):
-        ys = tuple(experts.reference(xq, dx, qtype, m, ids) for m in mats)
+        ys = tuple(_expert_reference(xq, dx, qtype, m, ids) for m in mats)
     else:
         flat = experts.matmul(
             xq.reshape(T * k, -1), dx.reshape(T * k, -1), ids.reshape(-1), qtype, mats, interpret=interpret
         )
         ys = tuple(y.reshape(T, k, out) for y in flat)
     return ys if many else ys[0]
+
+
+def _expert_reference(xq, dx, qtype: int, planes: dict, ids):
+    """``experts.reference`` for [T, k] pairs, in sequential groups of tokens when the gathered
+    experts would be large (a prefill chunk of a full-size model); decode batches (T <= MAX_TOKENS)
+    stay loop-free. Each pair's value does not depend on the grouping."""
+    T, k = ids.shape
+    per_token = k * planes["d"].shape[1] * xq.shape[-1]
+    g = max(1, REFERENCE_PAIR_ELEMENTS // per_token)
+    if T <= MAX_TOKENS or T <= g:
+        return experts.reference(xq, dx, qtype, planes, ids)
+    n = -(-T // g)
+    pad = lambda a: jnp.pad(a, [(0, n * g - T)] + [(0, 0)] * (a.ndim - 1)).reshape(n, g, *a.shape[1:])
+    body = lambda a: experts.reference(a[0], a[1], qtype, planes, a[2], rnd=rounded_in_loop)
+    ys = jax.lax.map(body, (pad(xq), pad(dx), pad(ids)))
+    return ys.reshape(n * g, *ys.shape[2:])[:T]
 
 
 def rms_norm_pair(a: jax.Array, wa: jax.Array, b: jax.Array, wb: jax.Array, eps: float):

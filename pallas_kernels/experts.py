@@ -80,10 +80,11 @@ def _int_weights(qtype: int, p: dict):
     raise NotImplementedError(f"expert matmul for GGML type {qtype}")
 
 
-def reference(xq, dx, qtype: int, planes: dict, ids=None):
+def reference(xq, dx, qtype: int, planes: dict, ids=None, rnd=rounded):
     """Σ_i W[..., o, i] x[..., i]: xq int8 [..., n], dx [..., n/256]; planes [..., out, nb, ...]
     with the same leading dims as x (after broadcasting), e.g. gathered experts [T, k, out, ...].
-    With ``ids`` the planes hold all experts [E, out, ...] and the experts ``ids`` are gathered."""
+    With ``ids`` the planes hold all experts [E, out, ...] and the experts ``ids`` are gathered.
+    ``rnd`` forces a product's rounding (``numerics.rounded_in_loop`` inside a loop body)."""
     if ids is not None:
         planes = {name: jnp.take(p, ids, axis=0) for name, p in planes.items()}
     vals, sc, mn = _int_weights(qtype, planes)  # vals [..., out, nb, S, L]
@@ -100,8 +101,8 @@ def reference(xq, dx, qtype: int, planes: dict, ids=None):
         bsum = jnp.sum(xb.astype(I32), axis=-1)  # [..., nb, S]
         msum = jnp.sum(bsum[..., None, :, :] * mn, axis=-1)  # [..., out, nb]
         dmin = planes["dmin"].astype(F32)
-        blk = rounded((d * dxb) * isum.astype(F32)) - rounded((dmin * dxb) * msum.astype(F32))
-    return asum(rounded(blk))
+        blk = rnd((d * dxb) * isum.astype(F32)) - rnd((dmin * dxb) * msum.astype(F32))
+    return asum(rnd(blk))
 
 
 # ---- kernel -------------------------------------------------------------------------

@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--modes", default="auto,off", help="DS4JAX_KERNELS values to time")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--top", type=int, default=12, help="kernels listed by device time")
+    ap.add_argument("--hlo", action="store_true", help="write the compiled decode program's HLO (gzip) beside the CSV")
     a = ap.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     card = jax.devices()[0].device_kind
@@ -145,6 +147,18 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
     if a.fill:
         eng.program("prefill")
     compile_s = sum(eng.compile_s.values())
+    if a.hlo:  # which model op each fusion in the profile is (its metadata names the source line)
+        import gzip
+
+        with gzip.open(os.path.join(a.out, f"decode_{mode}.hlo.gz"), "wt") as f:
+            f.write(eng.program("decode").as_text())
+    for name in eng.compile_s:  # the programs' scratch beside the weights and state
+        m = eng.program(name).memory_analysis()
+        if m is not None:
+            print(
+                f"  [{mode}] {name}: compiled in {eng.compile_s[name]:.1f} s, {m.temp_size_in_bytes / 1e9:.2f} GB temporaries",
+                flush=True,
+            )
     params = SamplingParams(temperature=0.0).arrays()
     key = jax.random.key(0)
     rng = np.random.default_rng(0)
@@ -179,7 +193,7 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
         print(f"  [{mode}] device time per token by class:", flush=True)
         for c, t in classes.most_common():
             print(f"    {c:20s} {t / n / 1e3:9.1f} us  {100 * t / ns:5.1f} %", flush=True)
-        for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:12]:
+        for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[: a.top]:
             print(f"    {c // n:4d} x {t / c / 1e3:8.2f} us  {name[:80]}", flush=True)
     tok_s = 1.0 / wall
     gbps = nbytes * tok_s / 1e9

@@ -51,6 +51,15 @@ def rounded(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) ^ zero, x.dtype)
 
 
+def rounded_in_loop(x: jax.Array) -> jax.Array:
+    """``rounded`` for a loop body on XLA:CPU: the zero is tied to x through the barrier, so it
+    cannot be hoisted out of the loop and folded (which let an FMA back in: the K-quant expert
+    reference in ``lax.map`` lost last bits without this). It makes XLA materialise x, so the
+    loop-free programs keep ``rounded``."""
+    zero, x = lax.optimization_barrier((jnp.zeros((), jnp.uint32), x))
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) ^ zero, x.dtype)
+
+
 def divide_by(x: jax.Array, c: float) -> jax.Array:
     """x / c correctly rounded for a literal c.
 

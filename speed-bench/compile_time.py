@@ -1,0 +1,55 @@
+"""Compile time of the engine's programs at full size, by number of layers (no weights made).
+
+    python speed-bench/compile_time.py [--preset flash-q2] [--layers 1,2,4] [--programs decode,prefill]
+
+The programs are compiled against abstract weights (``jax.eval_shape`` of ``random_weights``),
+so this needs no device memory; ``DS4JAX_KERNELS`` and ``XLA_FLAGS`` select what is compiled.
+Prints seconds and temporaries per program; the slope over layers is the per-layer cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+import types
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ds4jax.engine import Engine
+from ds4jax.presets import load_preset, preset_config, with_layers
+from ds4jax.random_weights import random_weights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flash-q2")
+    ap.add_argument("--layers", default="1,2,4")
+    ap.add_argument("--programs", default="decode,prefill")
+    ap.add_argument("--ctx", type=int, default=4096)
+    a = ap.parse_args()
+    tag = f"{jax.devices()[0].device_kind} kernels={os.environ.get('DS4JAX_KERNELS', 'auto')} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    for n in (int(s) for s in a.layers.split(",")):
+        p = with_layers(load_preset(a.preset), n)
+        cfg = preset_config(p)
+        w = jax.eval_shape(functools.partial(random_weights, cfg, p))
+        eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=w)
+        for name in a.programs.split(","):
+            t0 = time.perf_counter()
+            lowered = eng.jitted(name).lower(*eng._abstract_args(name))  # tracing + Pallas lowering
+            t1 = time.perf_counter()
+            m = lowered.compile().memory_analysis()  # XLA (and Triton) compilation
+            t2 = time.perf_counter()
+            temp = m.temp_size_in_bytes / 1e9 if m is not None else float("nan")
+            print(
+                f"{tag}: {n} layers {name}: lower {t1 - t0:.1f} s + compile {t2 - t1:.1f} s, {temp:.2f} GB temporaries",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
