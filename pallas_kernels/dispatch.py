@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
+from ds4jax.model.numerics import quantize_q8_0
 from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import sinkhorn as sinkhorn_kernel
 
@@ -68,16 +69,18 @@ def _q8_auto(n: int, out: int, k: int, groups: int) -> bool:
     )
 
 
-def q8_0_matmul(xq: jax.Array, dx: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> jax.Array:
-    """xq [..., G*K] int8, dx [..., G*K/32] f32 against Q8_0 planes qs [G*r, K], d [G*r, K/32] → [..., G*r]."""
-    lead = xq.shape[:-1]
+def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> jax.Array:
+    """x [..., G*K] f32, quantized per 32 (``numerics.quantize_q8_0``), against Q8_0 planes
+    qs [G*r, K], d [G*r, K/32] → [..., G*r]. On the kernel path the kernel quantizes x itself:
+    one launch instead of a quantization kernel and the matmul."""
+    lead = x.shape[:-1]
     n = math.prod(lead)
     use, interpret = _use(n, auto=_q8_auto(n, qs.shape[0], qs.shape[1], groups))
     if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
         use = False
     if not use or not q8_0.supported(qs.shape[0], qs.shape[1], groups):
-        return q8_0.reference(xq, dx, qs, d, groups)
-    y = q8_0.matmul(xq.reshape(n, -1), dx.reshape(n, -1), qs, d, groups=groups, interpret=interpret)
+        return q8_0.reference(*quantize_q8_0(x), qs, d, groups)
+    y = q8_0.matmul(x.reshape(n, -1), None, qs, d, groups=groups, interpret=interpret)
     return y.reshape(*lead, qs.shape[0])
 
 

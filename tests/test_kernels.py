@@ -14,6 +14,7 @@ import pytest
 
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
+from ds4jax.model.numerics import quantize_q8_0
 from ds4jax.sampling import SamplingParams
 from pallas_kernels import dispatch, experts, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.testing import expert_planes
@@ -49,6 +50,24 @@ def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u):
         rows[n] = got
     for n in (2, 3, 4):  # the share-weight property: a token's row does not depend on N
         assert np.array_equal(rows[n][: n - 1], rows[4][: n - 1]) and np.array_equal(rows[n][0], rows[1][0])
+
+
+@pytest.mark.parametrize(
+    "out,k,groups", [(64, 2048, 1), (48, 96, 1), (128, 256, 4)], ids=["k-split", "3-blocks", "grouped"]
+)
+def test_q8_0_kernel_quantizing_f32_activations_is_the_reference(out, k, groups):
+    """dx=None: the kernel quantizes x itself (numerics.quantize_q8_0 in the kernel), same bits."""
+    _, _, qs, d = q8_inputs(4, out, k, groups)
+    x = RNG.standard_normal((4, groups * k)).astype(np.float32) * 3
+    x[1, 32:64] = 0  # an all-zero block: d = 0, q = 0
+    x = jnp.asarray(x)
+    cfg = q8_0.choose_config(out, k, groups)
+    if k == 2048:
+        cfg = dataclasses.replace(cfg, k_splits=2)
+    for n in (1, 2, 3, 4):
+        got = np.asarray(q8_0.matmul(x[:n], None, qs, d, groups=groups, cfg=cfg, interpret=INTERPRET))
+        want = np.asarray(q8_0.reference(*quantize_q8_0(x[:n]), qs, d, groups))
+        assert np.isfinite(got).all() and np.array_equal(got, want), np.abs(got - want).max()
 
 
 def test_q8_0_mosaic_kernel_is_the_reference_at_every_n():
@@ -143,6 +162,12 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((64, 256), i8),
             S((64, 8), jnp.float16),
         ),
+        (  # f32 activations, quantized in the kernel
+            lambda x, q, d: q8_0.matmul(x, None, q, d, cfg=q8_0.choose_config(64, 2048, n_sm=132)),
+            S((3, 2048), f32),
+            S((64, 2048), i8),
+            S((64, 64), jnp.float16),
+        ),
         (
             lambda x, dx, q, d: q8_0.matmul(x, dx, q, d, cfg=q8_0.choose_config(64, 2048, n_sm=132)),
             S((3, 2048), i8),
@@ -181,14 +206,15 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
 
 
 def test_dispatch_modes(monkeypatch):
-    xq, dx, qs, d = q8_inputs(2, 64, 256)
-    want = np.asarray(q8_0.reference(xq, dx, qs, d))
+    _, _, qs, d = q8_inputs(2, 64, 256)
+    x = jnp.asarray(RNG.standard_normal((2, 256)).astype(np.float32))
+    want = np.asarray(q8_0.reference(*quantize_q8_0(x), qs, d))
     for m in ("off", "interpret", "auto", "all"):
         monkeypatch.setenv("DS4JAX_KERNELS", m)
-        assert np.array_equal(dispatch.q8_0_matmul(xq, dx, qs, d), want)
+        assert np.array_equal(dispatch.q8_0_matmul(x, qs, d), want)
     monkeypatch.setenv("DS4JAX_KERNELS", "fast")
     with pytest.raises(DS4Error, match="DS4JAX_KERNELS"):
-        dispatch.q8_0_matmul(xq, dx, qs, d)
+        dispatch.q8_0_matmul(x, qs, d)
 
 
 def test_decode_through_kernels_equals_prefill_bit_for_bit(tiny_files, monkeypatch):

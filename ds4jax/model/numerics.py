@@ -51,13 +51,13 @@ def rounded(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) ^ zero, x.dtype)
 
 
-def divide_by(x: jax.Array, c: float) -> jax.Array:
+def divide_by(x: jax.Array, c: float, rnd=rounded) -> jax.Array:
     """x / c correctly rounded for a literal c.
 
     XLA rewrites division by a constant into multiplication by the rounded reciprocal,
     off by an ulp for ~5% of inputs, which moves int8/FP8 codes on ties; ``div``'s
     correction step undoes that."""
-    return div(x, jnp.full(x.shape, c, F32))
+    return div(x, jnp.full(x.shape, c, F32), rnd)
 
 
 # ---- accurate sums ---------------------------------------------------------------
@@ -233,17 +233,22 @@ def softplus(x):
 
 
 # ---- activation quantization (ds4's CPU path) -------------------------------------
-def quantize_q8_0(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def quantize_q8_0(x: jax.Array, rnd=rounded) -> tuple[jax.Array, jax.Array]:
     """Per-32 int8 blocks: d = amax/127 (kept f32), q = clamp(rne(x * (1/d))); d = 0 gives q = 0.
 
-    Returns (q int8 [..., n], d float32 [..., n/32]).
+    Returns (q int8 [..., n], d float32 [..., n/32]). ``rnd`` forces a product's rounding
+    (``rounded``; inside a Pallas kernel, its own barrier: the Q8_0 kernel quantizes its
+    activations with this function).
     """
     n = x.shape[-1]
     xb = x.reshape(*x.shape[:-1], n // 32, 32)
     amax = jnp.max(jnp.abs(xb), axis=-1)
-    d = divide_by(amax, 127.0)
-    inv = jnp.where(d > 0, div(1.0, jnp.where(d > 0, d, F32(1.0))), F32(0.0))
-    q = jnp.clip(jnp.round(xb * inv[..., None]), -128, 127)
+    d = divide_by(amax, 127.0, rnd)
+    inv = jnp.where(d > 0, div(1.0, jnp.where(d > 0, d, F32(1.0)), rnd), F32(0.0))
+    # |x · inv| ≤ 127 (plus rounding): round half to even by adding and removing 1.5·2^23,
+    # jnp.round's value, in ops a Triton kernel can lower (as in ``exp``)
+    t = rnd(rnd(xb * inv[..., None]) + _ROUND_MAGIC) - _ROUND_MAGIC
+    q = jnp.clip(t, -128, 127)
     return q.astype(jnp.int8).reshape(x.shape), d
 
 
