@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
-from ds4jax.model.numerics import quantize_q8_0
+from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import sinkhorn as sinkhorn_kernel
 
@@ -84,8 +84,9 @@ def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> j
     return y.reshape(*lead, qs.shape[0])
 
 
-def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes, ids: jax.Array):
-    """Routed experts: xq [T, k|1, n] int8 (Q8_K), dx [T, k|1, n/256], ids [T, k] → [T, k, out].
+def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array):
+    """Routed experts: x [T, k|1, n] f32, quantized per 256 (Q8_K, ``numerics.quantize_q8_k``),
+    ids [T, k] → [T, k, out]. On the kernel path the kernel quantizes x itself.
 
     A middle dim of 1 (the FFN input, shared by a token's experts) broadcasts over the k.
     ``planes`` may be a tuple of plane dicts of one shape (gate and up): the result is then the
@@ -93,17 +94,18 @@ def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes, ids: jax.Arr
     many = isinstance(planes, (tuple, list))
     mats = tuple(planes) if many else (planes,)
     T, k = ids.shape
-    xq = jnp.broadcast_to(xq, (T, k, xq.shape[-1]))
-    dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
     out = mats[0]["d"].shape[1]
     use, interpret = _use(T, auto=True)
     if not use or not experts.supported(qtype, out):
+        xq, dx = quantize_q8_k(x)  # once per token where x is shared by its experts
+        xq = jnp.broadcast_to(xq, (T, k, xq.shape[-1]))
+        dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
         ys = tuple(experts.reference(xq, dx, qtype, m, ids) for m in mats)
     else:
-        flat = experts.matmul(
-            xq.reshape(T * k, -1), dx.reshape(T * k, -1), ids.reshape(-1), qtype, mats, interpret=interpret
+        x = jnp.broadcast_to(x, (T, k, x.shape[-1])).reshape(T * k, -1)
+        ys = tuple(
+            y.reshape(T, k, out) for y in experts.matmul(x, None, ids.reshape(-1), qtype, mats, interpret=interpret)
         )
-        ys = tuple(y.reshape(T, k, out) for y in flat)
     return ys if many else ys[0]
 
 

@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,experts,norms] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import devtime
 
-from ds4jax.model.numerics import quantize_q8_0
+from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from pallas_kernels import experts, norms, q8_0, q8_0_mosaic
 from pallas_kernels.common import TileConfig
 from pallas_kernels.testing import expert_planes
@@ -338,9 +338,10 @@ class ExpertBench:
     def __init__(self, rec: Recorder):
         self.rec, self.best, self.cases = rec, {}, {}
 
-    def run(self, name, qtype, out, n, n_tok, cfg: experts.ExpertConfig, version=3, pair=False):
+    def run(self, name, qtype, out, n, n_tok, cfg: experts.ExpertConfig, version=3, pair=False, quant=False):
         """One configuration at N = n_tok; ``pair``: two matrices of the shape (gate and up) in one
-        launch, against the two plain calls' references."""
+        launch, against the two plain calls' references; ``quant``: f32 activations that the kernel
+        quantizes itself, against XLA's Q8_K quantization + reference."""
         if out % cfg.block_rows or (n // 256) % cfg.k_splits:
             return
         nb = n // 256
@@ -350,16 +351,20 @@ class ExpertBench:
         if pair and len(mats) == 1:  # a second matrix set: the pair's reads are as cold as the first's
             mats.append(expert_planes(jax.random.PRNGKey(50 + len(self.cases)), qtype, N_EXPERT, out, nb))
         use = tuple(mats[:2]) if pair else mats[0]
-        label = name + " (gate+up, one launch)" * pair
+        label = name + " (gate+up, one launch)" * pair + " (f32 in, quantized in the kernel)" * quant
         P = n_tok * N_USED
         xq, dx, base = expert_inputs(jax.random.PRNGKey(100 + n_tok), P, n, N_EXPERT)
+        if quant:
+            xq, dx = jax.random.normal(jax.random.PRNGKey(200 + n_tok), (P, n), jnp.float32) * 2, None
 
         def ids_at(i):
             return (base + i * 101) % N_EXPERT  # fresh experts every call: nothing stays in L2
 
-        if (n_tok, pair) not in refs:
+        if (n_tok, pair, quant) not in refs:
 
             def ref(i, xq, dx, use):
+                if quant:
+                    xq, dx = quantize_q8_k(xq)
                 if pair:
                     return tuple(experts.reference(xq, dx, qtype, m, ids_at(i)) for m in use)
                 return experts.reference(xq, dx, qtype, use, ids_at(i))
@@ -368,8 +373,8 @@ class ExpertBench:
             # differently: KERNELS.md, "numerics.rounded"); the loop gives only its time
             last = jnp.int32(EXPERT_ROUNDS - 1)
             want = np.asarray(jax.jit(ref)(last, xq, dx, use))
-            refs[(n_tok, pair)] = (time_steps(ref, EXPERT_ROUNDS, xq, dx, use)[0], want)
-        ref_s, want = refs[(n_tok, pair)]
+            refs[(n_tok, pair, quant)] = (time_steps(ref, EXPERT_ROUNDS, xq, dx, use)[0], want)
+        ref_s, want = refs[(n_tok, pair, quant)]
 
         def fn(i, xq, dx, use):
             return experts.matmul(xq, dx, ids_at(i), qtype, use, cfg, INTERPRET, version)
@@ -384,7 +389,7 @@ class ExpertBench:
             return
         ok = bool(np.array_equal(got, want))
         per_expert = sum(int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in mats[0].values())
-        nbytes = P * ((1 + pair) * (per_expert + out * 4) + n + nb * 4)
+        nbytes = P * ((1 + pair) * (per_expert + out * 4) + (4 * n if quant else n + nb * 4))
         self.rec.variant("experts", n_tok, label, f"v{version} {expert_label(cfg)}", ok, s, nbytes, ref_s)
         key = (label, n_tok)
         if ok and (key not in self.best or s < self.best[key][0]):
@@ -470,7 +475,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
-    ap.add_argument("--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,norms")
+    ap.add_argument("--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms")
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
     ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
@@ -513,6 +518,12 @@ def main() -> None:
                 for n in TOKENS:
                     if left() > 0:
                         exb.run(name, qt, out, k, n, experts.choose_config(qt, out, k // 256), pair=pair)
+    if "experts_quant" in only:  # the engine's calls: f32 in, quantized in the kernel (gate+up as a pair)
+        for name, qt, out, k in EXPERT_SHAPES:
+            for n in TOKENS:
+                if left() > 0:
+                    cfg = experts.choose_config(qt, out, k // 256)
+                    exb.run(name, qt, out, k, n, cfg, pair=name.startswith("gate/up"), quant=True)
     if "norms" in only and left() > 0:
         bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))
     # 2. variants while time is left, at --sweep-n (variants.csv)

@@ -14,7 +14,7 @@ import pytest
 
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
-from ds4jax.model.numerics import quantize_q8_0
+from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from ds4jax.sampling import SamplingParams
 from pallas_kernels import dispatch, experts, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.testing import expert_planes
@@ -111,6 +111,14 @@ def test_expert_kernel_is_the_reference(qtype, version):
         ya, yb = experts.matmul(xq, dx, ids.reshape(-1), qtype, (planes, other), cfg, interpret=INTERPRET)
         assert np.array_equal(np.asarray(ya), want)
         assert np.array_equal(np.asarray(yb), experts.reference(xq, dx, qtype, other, ids.reshape(-1)))
+        # f32 activations quantized in the kernel (Q8_K per super-block), gate+up pair and split
+        x = RNG.standard_normal((6, nb * 256)).astype(np.float32) * 2
+        x[2, :256] = 0  # an all-zero super-block: d = 0
+        x = jnp.asarray(x)
+        fa, fb = experts.matmul(x, None, ids.reshape(-1), qtype, (planes, other), cfg, interpret=INTERPRET)
+        xq8, dx8 = quantize_q8_k(x)
+        assert np.array_equal(np.asarray(fa), experts.reference(xq8, dx8, qtype, planes, ids.reshape(-1)))
+        assert np.array_equal(np.asarray(fb), experts.reference(xq8, dx8, qtype, other, ids.reshape(-1)))
 
 
 @pytest.mark.parametrize("T", [1, 3])
@@ -142,7 +150,12 @@ def _lower_for_cuda(fn, *args):
 
 def _expert_call(x, dx, ids, planes, qtype, version):
     cfg = experts.ExpertConfig(block_rows=16, k_splits=2 if version == 3 else 1)
-    return experts.matmul(x, dx, ids, qtype, (planes, planes) if version == 3 else planes, cfg, version=version)
+    if version == 3:  # also with f32 activations, quantized in the kernel
+        xf = dx.reshape(-1)[:1] + x.astype(jnp.float32)
+        return experts.matmul(x, dx, ids, qtype, (planes, planes), cfg), experts.matmul(
+            xf, None, ids, qtype, planes, cfg
+        )
+    return experts.matmul(x, dx, ids, qtype, planes, cfg, version=version)
 
 
 def test_every_kernel_lowers_for_a_gpu(monkeypatch):

@@ -252,20 +252,29 @@ def quantize_q8_0(x: jax.Array, rnd=rounded) -> tuple[jax.Array, jax.Array]:
     return q.astype(jnp.int8).reshape(x.shape), d
 
 
-def quantize_q8_k(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def quantize_q8_k(x: jax.Array, rnd=rounded, in_kernel: bool = False) -> tuple[jax.Array, jax.Array]:
     """Per-256 Q8_K blocks: m = the element of largest |x| (first on ties), iscale = -127/m,
     q = clamp(rne(iscale*x), -128, 127), d = 1/iscale. All-zero block gives d = 0, q = 0.
 
     Returns (q int8 [..., n], d float32 [..., n/256]). (bsums are recomputed where needed.)
+    ``rnd``/``in_kernel``: inside a Pallas kernel (the expert kernel quantizes its activations
+    with this function), its own rounding barrier, and m picked by a masked sum (Triton has
+    no gather; one nonzero term, so exact).
     """
     n = x.shape[-1]
     xb = x.reshape(*x.shape[:-1], n // 256, 256)
     idx = jnp.argmax(jnp.abs(xb), axis=-1)  # first maximum on ties
-    m = jnp.take_along_axis(xb, idx[..., None], axis=-1)[..., 0]
+    if in_kernel:
+        at = lax.broadcasted_iota(jnp.int32, xb.shape, xb.ndim - 1) == idx[..., None].astype(jnp.int32)
+        m = jnp.sum(jnp.where(at, xb, F32(0.0)), axis=-1)
+    else:
+        m = jnp.take_along_axis(xb, idx[..., None], axis=-1)[..., 0]
     nz = m != 0
-    iscale = jnp.where(nz, div(-127.0, jnp.where(nz, m, F32(1.0))), F32(0.0))
-    q = jnp.clip(jnp.round(iscale[..., None] * xb), -128, 127)
-    d = jnp.where(nz, div(1.0, jnp.where(nz, iscale, F32(1.0))), F32(0.0))
+    iscale = jnp.where(nz, div(-127.0, jnp.where(nz, m, F32(1.0)), rnd), F32(0.0))
+    # round half to even as in ``quantize_q8_0`` (|iscale·x| ≤ 127)
+    t = rnd(rnd(iscale[..., None] * xb) + _ROUND_MAGIC) - _ROUND_MAGIC
+    q = jnp.clip(t, -128, 127)
+    d = jnp.where(nz, div(1.0, jnp.where(nz, iscale, F32(1.0)), rnd), F32(0.0))
     return q.astype(jnp.int8).reshape(x.shape), d
 
 
