@@ -94,7 +94,7 @@ def _kernel(z_ref, sel_ref, x_ref, *refs, cfg: TileConfig, steps: int, np_: int,
     def body(step, carry):
         s, e = carry
         if quantize:  # f32 activations: this step's U blocks quantized here, by the model's own function
-            x, dx = quantize_q8_0(x_ref[:, pl.ds(step * U * QK, U * QK)], lambda v: opaque(v, zero))
+            x, dx = quantize_q8_0(x_ref[:, pl.ds(step * U * QK, U * QK)], lambda v: opaque(v, zero), in_kernel=True)
             dxs = dx.reshape(np_ * U, 1)
         else:
             x = x_ref[:, pl.ds(step * U * QK, U * QK)]  # [N, U*32] int8

@@ -233,22 +233,28 @@ def softplus(x):
 
 
 # ---- activation quantization (ds4's CPU path) -------------------------------------
-def quantize_q8_0(x: jax.Array, rnd=rounded) -> tuple[jax.Array, jax.Array]:
+def _round_even(v: jax.Array, rnd, in_kernel: bool) -> jax.Array:
+    """v rounded half to even to an integer (|v| < 2^22). jnp.round on the XLA path; in a
+    kernel, adding and removing 1.5·2^23 with forced roundings (Triton cannot lower jnp.round):
+    the same integers (as in ``exp``)."""
+    if not in_kernel:
+        return jnp.round(v)
+    return rnd(rnd(v) + _ROUND_MAGIC) - _ROUND_MAGIC
+
+
+def quantize_q8_0(x: jax.Array, rnd=rounded, in_kernel: bool = False) -> tuple[jax.Array, jax.Array]:
     """Per-32 int8 blocks: d = amax/127 (kept f32), q = clamp(rne(x * (1/d))); d = 0 gives q = 0.
 
-    Returns (q int8 [..., n], d float32 [..., n/32]). ``rnd`` forces a product's rounding
-    (``rounded``; inside a Pallas kernel, its own barrier: the Q8_0 kernel quantizes its
-    activations with this function).
+    Returns (q int8 [..., n], d float32 [..., n/32]). ``rnd``/``in_kernel``: inside a Pallas
+    kernel (the Q8_0 kernel quantizes its activations with this function), its own rounding
+    barrier, and the round written in ops Triton can lower.
     """
     n = x.shape[-1]
     xb = x.reshape(*x.shape[:-1], n // 32, 32)
     amax = jnp.max(jnp.abs(xb), axis=-1)
     d = divide_by(amax, 127.0, rnd)
     inv = jnp.where(d > 0, div(1.0, jnp.where(d > 0, d, F32(1.0)), rnd), F32(0.0))
-    # |x · inv| ≤ 127 (plus rounding): round half to even by adding and removing 1.5·2^23,
-    # jnp.round's value, in ops a Triton kernel can lower (as in ``exp``)
-    t = rnd(rnd(xb * inv[..., None]) + _ROUND_MAGIC) - _ROUND_MAGIC
-    q = jnp.clip(t, -128, 127)
+    q = jnp.clip(_round_even(xb * inv[..., None], rnd, in_kernel), -128, 127)
     return q.astype(jnp.int8).reshape(x.shape), d
 
 
@@ -271,9 +277,7 @@ def quantize_q8_k(x: jax.Array, rnd=rounded, in_kernel: bool = False) -> tuple[j
         m = jnp.take_along_axis(xb, idx[..., None], axis=-1)[..., 0]
     nz = m != 0
     iscale = jnp.where(nz, div(-127.0, jnp.where(nz, m, F32(1.0)), rnd), F32(0.0))
-    # round half to even as in ``quantize_q8_0`` (|iscale·x| ≤ 127)
-    t = rnd(rnd(iscale[..., None] * xb) + _ROUND_MAGIC) - _ROUND_MAGIC
-    q = jnp.clip(t, -128, 127)
+    q = jnp.clip(_round_even(iscale[..., None] * xb, rnd, in_kernel), -128, 127)
     d = jnp.where(nz, div(1.0, jnp.where(nz, iscale, F32(1.0)), rnd), F32(0.0))
     return q.astype(jnp.int8).reshape(x.shape), d
 
