@@ -7,9 +7,10 @@ made at trace time from static shapes and the environment:
 
     DS4JAX_KERNELS=auto       on GPU, the kernels where they measured faster than XLA (default):
                               the Q8_0 kernel for the verifier's 2..4-token batches at every
-                              shape and at N=1 on weights of 64 MB and more (the LM head) or of
-                              16 MB and more without a K split (attn_q_b); the
-                              routed-expert kernels at every N (v3: 3-6x XLA's gather + dot);
+                              shape and at N=1 on weights of 64 MB and more (the LM head) or
+                              ungrouped ones of 16 MB and more (attn_q_b, attn_output_b); the
+                              routed-expert kernels at every N, prefill chunks too (v3: 3-6x
+                              XLA's gather + dot);
                               the hyper-connection Sinkhorn (one launch for ~40 per sublayer).
                               The fused norms lost to XLA's fusions and stay off.
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
-from ds4jax.model.numerics import rounded_in_loop
+from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rounded_in_loop
 from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import sinkhorn as sinkhorn_kernel
 
@@ -59,36 +60,39 @@ def _use(n_tok: int, auto: bool, any_n: bool = False) -> tuple[bool, bool]:
 
 
 Q8_AUTO_N1_BYTES = 64 << 20  # at N=1 the kernel wins from here (the LM head: 159 vs 173 µs)
-# ... and from here when the kernel needs no K split (no epilogue): attn_q_b, 36 MB, 15.6 vs
-# 18.1 µs at N=1; with a split XLA's one fused kernel is as fast at N=1 (KERNELS.md, run 14)
-Q8_AUTO_N1_NO_SPLIT_BYTES = 16 << 20
+# ... and from here on ungrouped weights. In the decode program (profile of 4 full-size layers,
+# H200, session 11) XLA's N=1 attn_output_b (32 MB) took 27.6 µs, a two-stage reduce, where the
+# kernel measured 16.9 µs (run 14); the grouped attn_output_a took 11.3 µs there against the
+# kernel's 16.8, so grouped weights stay on XLA; attn_q_b: 15.6 vs 18.1 µs (run 14).
+Q8_AUTO_N1_UNGROUPED_BYTES = 16 << 20
 
 
 def _q8_auto(n: int, out: int, k: int, groups: int) -> bool:
-    """Whether ``auto`` takes the Q8_0 kernel for n tokens on this weight (measured, run 14)."""
+    """Whether ``auto`` takes the Q8_0 kernel for n tokens on this weight (measured above)."""
     if n >= 2:
         return True
     size = out * k
-    return size >= Q8_AUTO_N1_BYTES or (
-        size >= Q8_AUTO_N1_NO_SPLIT_BYTES and q8_0.choose_config(out, k, groups).k_splits == 1
-    )
+    return size >= Q8_AUTO_N1_BYTES or (size >= Q8_AUTO_N1_UNGROUPED_BYTES and groups == 1)
 
 
-def q8_0_matmul(xq: jax.Array, dx: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> jax.Array:
-    """xq [..., G*K] int8, dx [..., G*K/32] f32 against Q8_0 planes qs [G*r, K], d [G*r, K/32] → [..., G*r]."""
-    lead = xq.shape[:-1]
+def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> jax.Array:
+    """x [..., G*K] f32, quantized per 32 (``numerics.quantize_q8_0``), against Q8_0 planes
+    qs [G*r, K], d [G*r, K/32] → [..., G*r]. On the kernel path the kernel quantizes x itself:
+    one launch instead of a quantization kernel and the matmul."""
+    lead = x.shape[:-1]
     n = math.prod(lead)
     use, interpret = _use(n, auto=_q8_auto(n, qs.shape[0], qs.shape[1], groups))
     if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
         use = False
     if not use or not q8_0.supported(qs.shape[0], qs.shape[1], groups):
-        return q8_0.reference(xq, dx, qs, d, groups)
-    y = q8_0.matmul(xq.reshape(n, -1), dx.reshape(n, -1), qs, d, groups=groups, interpret=interpret)
+        return q8_0.reference(*quantize_q8_0(x), qs, d, groups)
+    y = q8_0.matmul(x.reshape(n, -1), None, qs, d, groups=groups, interpret=interpret)
     return y.reshape(*lead, qs.shape[0])
 
 
-def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes, ids: jax.Array):
-    """Routed experts: xq [T, k|1, n] int8 (Q8_K), dx [T, k|1, n/256], ids [T, k] → [T, k, out].
+def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array):
+    """Routed experts: x [T, k|1, n] f32, quantized per 256 (Q8_K, ``numerics.quantize_q8_k``),
+    ids [T, k] → [T, k, out]. On the kernel path the kernel quantizes x itself.
 
     A middle dim of 1 (the FFN input, shared by a token's experts) broadcasts over the k.
     ``planes`` may be a tuple of plane dicts of one shape (gate and up): the result is then the
@@ -96,17 +100,18 @@ def expert_matmul(xq: jax.Array, dx: jax.Array, qtype: int, planes, ids: jax.Arr
     many = isinstance(planes, (tuple, list))
     mats = tuple(planes) if many else (planes,)
     T, k = ids.shape
-    xq = jnp.broadcast_to(xq, (T, k, xq.shape[-1]))
-    dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
     out = mats[0]["d"].shape[1]
     use, interpret = _use(T, auto=True, any_n=True)
     if not use or not experts.supported(qtype, out):
+        xq, dx = quantize_q8_k(x)  # once per token where x is shared by its experts
+        xq = jnp.broadcast_to(xq, (T, k, xq.shape[-1]))
+        dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
         ys = tuple(_expert_reference(xq, dx, qtype, m, ids) for m in mats)
     else:
-        flat = experts.matmul(
-            xq.reshape(T * k, -1), dx.reshape(T * k, -1), ids.reshape(-1), qtype, mats, interpret=interpret
+        x = jnp.broadcast_to(x, (T, k, x.shape[-1])).reshape(T * k, -1)
+        ys = tuple(
+            y.reshape(T, k, out) for y in experts.matmul(x, None, ids.reshape(-1), qtype, mats, interpret=interpret)
         )
-        ys = tuple(y.reshape(T, k, out) for y in flat)
     return ys if many else ys[0]
 
 

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import asum, rounded
+from ds4jax.model.numerics import asum, quantize_q8_k, rounded
 from ds4jax.quant.formats import QType
 from ds4jax.quant.tables import IQ2XXS_GRID
 from pallas_kernels.common import (
@@ -192,9 +192,9 @@ _ONES = 0x01010101
 _X3_VIEW = {Q4_K: (4, 2, 8), Q2_K: (2, 4, 8), IQ2_XXS: (32, 2)}  # x words per super-block
 
 
-def _isums_v3(qtype, x_ref, p, b, planes, sel, tab_ref, interpret):
+def _isums_v3(qtype, x, b, planes, sel, tab_ref, interpret):
+    """x: the packed activation words of super-block b (view _X3_VIEW)."""
     e, rows = sel
-    x = x_ref[p, b]  # packed activation words of super-block b (view _X3_VIEW)
     mac = functools.partial(dp4a, interpret=interpret)
     zero = jnp.int32(0)
     if qtype == IQ2_XXS:  # group g = 4s + q of 8 elements: words 2g, 2g+1 of x and of GRID[grid[g]]
@@ -244,7 +244,8 @@ def _isums_v1(qtype, x_ref, p, b, planes, sel, tab_ref):
     return (_isum_q2k if qtype == Q2_K else _isum_q4k)(x_ref, p, b, planes, sel)
 
 
-def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, n_mat, tiles, cfg, version, interpret):
+def _kernel(z_ref, ids_ref, x_ref, *refs, qtype, names, nb, n_mat, tiles, cfg, version, interpret, quantize):
+    dx_ref, refs = (None, refs) if quantize else (refs[0], refs[1:])
     n_out = 1 if cfg.k_splits == 1 else 2
     plane_refs, out_refs = refs[:-n_out], refs[-n_out:]
     tab_ref = plane_refs[-1] if qtype == IQ2_XXS else None
@@ -253,16 +254,26 @@ def _kernel(z_ref, ids_ref, x_ref, dx_ref, *refs, qtype, names, nb, n_mat, tiles
     p, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     zero = z_ref[0]
     e = ids_ref[p]
-    isums = _isums_v1 if version == 1 else functools.partial(_isums_v3, interpret=interpret)
     steps = nb // cfg.k_splits  # this program's super-blocks: split j of the K axis
+
+    def isums(b, planes, sel):
+        """(isum, msum, dx) of super-block b: the integer dots and the activation block scale."""
+        if version == 1:
+            return *_isums_v1(qtype, x_ref, p, b, planes, sel, tab_ref), dx_ref[p, b]
+        if quantize:  # f32 activations: this super-block quantized here, by the model's own function
+            q, dq = quantize_q8_k(x_ref[p, b].reshape(1, QK_K), lambda v: opaque(v, zero), in_kernel=True)
+            x = byte_words(q.reshape(QK_K).astype(I32) & 255).reshape(_X3_VIEW[qtype])
+            dxb = jnp.sum(dq)  # the one block's scale (a register tile cannot be indexed)
+        else:
+            x, dxb = x_ref[p, b], dx_ref[p, b]
+        return *_isums_v3(qtype, x, b, planes, sel, tab_ref, interpret), dxb
 
     def run(planes, tile):
         sel = (e, pl.ds(tile * BO, BO))
 
         def body(b, carry):
             s, err = carry
-            isum, msum = isums(qtype, x_ref, p, b, planes, sel, tab_ref)
-            dxb = dx_ref[p, b]
+            isum, msum, dxb = isums(b, planes, sel)
             d = planes["d"][e, sel[1], b].astype(F32)
             if qtype == IQ2_XXS:  # w = d (2 ls + 1) / 8 · grid · sign
                 blk = opaque((d * dxb) * F32(0.125) * isum.astype(F32), zero)
@@ -332,11 +343,14 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
     ids [P] int32; planes of all experts [E, out, nb, ...] (only the selected are read).
 
     ``planes`` may be a tuple of plane dicts of one shape (gate and up): one launch computes
-    all of them for the same x, and the result is the tuple of their outputs.
+    all of them for the same x, and the result is the tuple of their outputs. ``dx=None``
+    (v3): ``xq`` is the f32 activation [P, n] and the kernel quantizes it per super-block
+    (``numerics.quantize_q8_k``, the same bits), saving the separate quantization kernels.
     ``version`` 3 (default): packed int8 words and dp4a; 1: integer dots element by element on
     CUDA cores (v2, int8 tiles on the tensor cores, measured 2-5x slower than v1 and was
     removed: speed-bench/KERNELS.md). Both give the reference's bits (exact integer sub-block
     dots, TwoSum over the super-blocks in order, K-split partials combined in order)."""
+    quantize = dx is None
     many = isinstance(planes, (tuple, list))
     mats = tuple(planes) if many else (planes,)
     P, n = xq.shape
@@ -348,19 +362,37 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
     same = all(tuple(sorted(m)) == names and all(m[k].shape == mats[0][k].shape for k in names) for m in mats)
     if not supported(qtype, out) or out % BO or nb % S or not same:
         raise ValueError(f"expert kernel: unsupported type {qtype} / {out} rows / {nb} super-blocks / {cfg}")
-    if version not in (1, 3):
-        raise ValueError(f"expert kernel: no version {version} (1 or 3; v2 is gone, speed-bench/KERNELS.md)")
-    if version == 1:
+    if version not in (1, 3) or (quantize and version != 3):
+        raise ValueError(f"expert kernel: no version {version} (1 or 3; v2 is gone; f32 input: v3 only)")
+    if quantize:  # f32 activations, quantized per super-block in the kernel
+        xv = xq.reshape(P, nb, QK_K)
+    elif version == 1:
         xv = xq.reshape(P, nb, *_X_VIEW[qtype])
     else:  # int32 words of 4 int8: a bitcast of the small activation array
         xv = lax.bitcast_convert_type(xq.reshape(P, n // 4, 4), I32).reshape(P, nb, *_X3_VIEW[qtype])
     whole = lambda a: pl.BlockSpec(a.shape, lambda p, i, j: (0,) * a.ndim)
-    args = [kernel_zero(dx, interpret), ids.astype(I32), xv, dx, *(m[k] for m in mats for k in names)]
+    dxs = [] if quantize else [dx]
+    args = [
+        kernel_zero(xq if quantize else dx, interpret),
+        ids.astype(I32),
+        xv,
+        *dxs,
+        *(m[k] for m in mats for k in names),
+    ]
     if qtype == IQ2_XXS:
         args.append(jnp.asarray(GRID.reshape(-1) if version == 1 else GRID32))
     n_out, M, tiles = (1 if S == 1 else 2), len(mats), out // BO
     kernel = functools.partial(
-        _kernel, qtype=qtype, names=names, nb=nb, n_mat=M, tiles=tiles, cfg=cfg, version=version, interpret=interpret
+        _kernel,
+        qtype=qtype,
+        names=names,
+        nb=nb,
+        n_mat=M,
+        tiles=tiles,
+        cfg=cfg,
+        version=version,
+        interpret=interpret,
+        quantize=quantize,
     )
     res = pl.pallas_call(
         kernel,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import asum, dd_add, rounded
+from ds4jax.model.numerics import asum, dd_add, quantize_q8_0, rounded
 from pallas_kernels.common import F32, TileConfig, finish, kernel_zero, opaque, pick, pow2_at_least, two_sum_add
 
 I32 = jnp.int32
@@ -80,7 +80,8 @@ def choose_config(
     return TileConfig(block_rows=rows, k_splits=splits, blocks_per_step=U)
 
 
-def _kernel(z_ref, sel_ref, xq_ref, dx_ref, qs_ref, d_ref, *out_refs, cfg: TileConfig, steps: int, np_: int):
+def _kernel(z_ref, sel_ref, x_ref, *refs, cfg: TileConfig, steps: int, np_: int, quantize: bool):
+    dx_ref, (qs_ref, d_ref, *out_refs) = (None, refs) if quantize else (refs[0], refs[1:])
     U, BO = cfg.blocks_per_step, cfg.block_rows
     i, j = pl.program_id(0), pl.program_id(1)
     zero = z_ref[0]
@@ -92,13 +93,17 @@ def _kernel(z_ref, sel_ref, xq_ref, dx_ref, qs_ref, d_ref, *out_refs, cfg: TileC
 
     def body(step, carry):
         s, e = carry
-        x = xq_ref[:, pl.ds(step * U * QK, U * QK)]  # [N, U*32] int8
+        if quantize:  # f32 activations: this step's U blocks quantized here, by the model's own function
+            x, dx = quantize_q8_0(x_ref[:, pl.ds(step * U * QK, U * QK)], lambda v: opaque(v, zero), in_kernel=True)
+            dxs = dx.reshape(np_ * U, 1)
+        else:
+            x = x_ref[:, pl.ds(step * U * QK, U * QK)]  # [N, U*32] int8
+            dxs = dx_ref[:, pl.ds(step * U, U)].reshape(np_ * U, 1)
         xd = jnp.where(blk_of_col == u_of_row, x[:, None, :], jnp.int8(0)).reshape(np_ * U, U * QK)
         w = qs_ref[mat, rows, pl.ds(step * U * QK, U * QK)]  # [rows, U*32] int8: 512 B per row
         isum = jax.lax.dot_general(xd, w, (((1,), (1,)), ((), ())), preferred_element_type=I32)  # [N*U, rows]
         dt = d_ref[mat, rows, pl.ds(step * U, U)].astype(F32).T  # [U, rows]
         dw = jnp.broadcast_to(dt[None], (np_, U, BO)).reshape(np_ * U, BO)
-        dxs = dx_ref[:, pl.ds(step * U, U)].reshape(np_ * U, 1)
         return two_sum_add(s, e, opaque(isum.astype(F32) * (dw * dxs), zero))
 
     zeros = jnp.zeros((np_ * U, BO), F32)
@@ -120,7 +125,10 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
     """The kernel: xq [N, G*K] int8, dx [N, G*K/32] f32 (N ≤ 4) → y [N, G*r] f32.
 
     ``qs``/``d`` may be a stack [C, G*r, K] / [C, G*r, K/32] with ``mat`` the (traced)
-    index of the matrix to use; only that matrix is read."""
+    index of the matrix to use; only that matrix is read. ``dx=None``: ``xq`` is the f32
+    activation [N, G*K] and the kernel quantizes it (``numerics.quantize_q8_0``, the same
+    bits), saving the separate quantization kernel."""
+    quantize = dx is None
     n = xq.shape[0]
     if qs.ndim == 2:
         qs, d = qs[None], d[None]
@@ -138,21 +146,21 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
         # N = 1..3 (run 14, exact on an H200). The outputs keep np_ rows: masked *stores* into
         # the [splits, N, out] partials gave wrong results on the GPU (run 13, KERNELS.md).
         xq = jnp.pad(xq, ((0, np_ - n), (0, 0)))
-        dx = jnp.pad(dx, ((0, np_ - n), (0, 0)))
+        dx = None if quantize else jnp.pad(dx, ((0, np_ - n), (0, 0)))
     steps = nb // U // cfg.k_splits
     tiles_per_group = r // BO
     group_of = lambda i, j: (0, i // tiles_per_group)
     mat = jnp.zeros((1,), I32) if mat is None else jnp.asarray(mat, I32).reshape(1)
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
     n_out = 1 if cfg.k_splits == 1 else 2
+    x_specs = [pl.BlockSpec((np_, k), group_of)] + ([] if quantize else [pl.BlockSpec((np_, nb), group_of)])
     res = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg, steps=steps, np_=np_),
+        functools.partial(_kernel, cfg=cfg, steps=steps, np_=np_, quantize=quantize),
         grid=(out // BO, cfg.k_splits),
         in_specs=[
             pl.BlockSpec((1,), lambda i, j: (0,)),
             pl.BlockSpec((1,), lambda i, j: (0,)),
-            pl.BlockSpec((np_, k), group_of),
-            pl.BlockSpec((np_, nb), group_of),
+            *x_specs,
             whole(qs),
             whole(d),
         ],
@@ -161,6 +169,6 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="q8_0_share",
-    )(kernel_zero(dx, interpret), mat, xq, dx, qs, d)
+    )(kernel_zero(xq if quantize else dx, interpret), mat, xq, *([] if quantize else [dx]), qs, d)
     y = res[0][0] if n_out == 1 else finish(*res)
     return y[:n]

@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_mosaic,experts,norms] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import devtime
 
+from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from pallas_kernels import experts, norms, q8_0, q8_0_mosaic
 from pallas_kernels.common import TileConfig
 from pallas_kernels.testing import expert_planes
@@ -211,6 +212,8 @@ class Q8Bench:
         self.best: dict = {}  # (shape, N) -> (seconds, cfg, bytes, XLA seconds)
         self.best_mosaic: dict = {}  # the same for the Mosaic variant
         self.shown = set()  # a shape's first run prints its kernels (what the profiler counted)
+        self.quant_refs: dict = {}  # (shape, N) -> (expected, XLA seconds) of the f32-input call
+        self.best_quant: dict = {}
 
     def _case(self, name, out, k, groups):
         if name not in self.cases:
@@ -232,6 +235,37 @@ class Q8Bench:
                 refs[n] = (want, ref_s)
             self.cases[name] = (copies, stacks, C, rounds, refs, {})
         return self.cases[name]
+
+    def run_quantizing(self, name, out, k, groups, n_tok, cfg):
+        """The kernel on f32 activations, quantizing them itself (``dx=None``), against XLA's
+        quantization + reference matmul: the engine's whole Q8_0 call either way."""
+        copies, stacks, C, rounds, _, _ = self._case(name, out, k, groups)
+        x = jax.random.normal(jax.random.PRNGKey(3), (4, groups * k), jnp.float32)[:n_tok] * 3
+
+        def ref(x, qs, d):
+            return q8_0.reference(*quantize_q8_0(x), qs, d, groups)
+
+        if (name, n_tok) not in self.quant_refs:
+            want = np.asarray(jax.jit(ref)(x, copies[-1][2], copies[-1][3]))  # the loop's last call: copy C-1
+            ref_s = time_xla_copies(ref, [(x, c[2], c[3]) for c in copies[:16]], rounds)
+            self.quant_refs[(name, n_tok)] = (want, ref_s)
+        want, ref_s = self.quant_refs[(name, n_tok)]
+
+        def fn(i, x, qs, d, cfg=cfg):
+            return q8_0.matmul(x, None, qs, d, groups=groups, cfg=cfg, interpret=INTERPRET, mat=mat_at(i))
+
+        mat_at = copy_index(C)
+        config = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
+        try:
+            s, got = time_steps(fn, rounds * C, x, *stacks, prep=mat_at)
+        except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
+            print(f"  q8_0_quant {name} N={n_tok} {config}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            return
+        ok = bool(np.array_equal(got, want))
+        nbytes = q8_bytes(out, k, groups, n_tok) + n_tok * groups * k * 3  # f32 x in, not int8 + scales
+        self.rec.variant("q8_0_quant", n_tok, name, config, ok, s, nbytes, ref_s)
+        if ok:
+            self.best_quant[(name, n_tok)] = (s, cfg, nbytes, ref_s)
 
     def run(self, name, out, k, groups, n_tok, cfg):
         copies, stacks, C, rounds, refs, rows1 = self._case(name, out, k, groups)
@@ -304,9 +338,10 @@ class ExpertBench:
     def __init__(self, rec: Recorder):
         self.rec, self.best, self.cases = rec, {}, {}
 
-    def run(self, name, qtype, out, n, n_tok, cfg: experts.ExpertConfig, version=3, pair=False):
+    def run(self, name, qtype, out, n, n_tok, cfg: experts.ExpertConfig, version=3, pair=False, quant=False):
         """One configuration at N = n_tok; ``pair``: two matrices of the shape (gate and up) in one
-        launch, against the two plain calls' references."""
+        launch, against the two plain calls' references; ``quant``: f32 activations that the kernel
+        quantizes itself, against XLA's Q8_K quantization + reference."""
         if out % cfg.block_rows or (n // 256) % cfg.k_splits:
             return
         nb = n // 256
@@ -316,16 +351,20 @@ class ExpertBench:
         if pair and len(mats) == 1:  # a second matrix set: the pair's reads are as cold as the first's
             mats.append(expert_planes(jax.random.PRNGKey(50 + len(self.cases)), qtype, N_EXPERT, out, nb))
         use = tuple(mats[:2]) if pair else mats[0]
-        label = name + " (gate+up, one launch)" * pair
+        label = name + " (gate+up, one launch)" * pair + " (f32 in, quantized in the kernel)" * quant
         P = n_tok * N_USED
         xq, dx, base = expert_inputs(jax.random.PRNGKey(100 + n_tok), P, n, N_EXPERT)
+        if quant:
+            xq, dx = jax.random.normal(jax.random.PRNGKey(200 + n_tok), (P, n), jnp.float32) * 2, None
 
         def ids_at(i):
             return (base + i * 101) % N_EXPERT  # fresh experts every call: nothing stays in L2
 
-        if (n_tok, pair) not in refs:
+        if (n_tok, pair, quant) not in refs:
 
             def ref(i, xq, dx, use):
+                if quant:
+                    xq, dx = quantize_q8_k(xq)
                 if pair:
                     return tuple(experts.reference(xq, dx, qtype, m, ids_at(i)) for m in use)
                 return experts.reference(xq, dx, qtype, use, ids_at(i))
@@ -334,8 +373,8 @@ class ExpertBench:
             # differently: KERNELS.md, "numerics.rounded"); the loop gives only its time
             last = jnp.int32(EXPERT_ROUNDS - 1)
             want = np.asarray(jax.jit(ref)(last, xq, dx, use))
-            refs[(n_tok, pair)] = (time_steps(ref, EXPERT_ROUNDS, xq, dx, use)[0], want)
-        ref_s, want = refs[(n_tok, pair)]
+            refs[(n_tok, pair, quant)] = (time_steps(ref, EXPERT_ROUNDS, xq, dx, use)[0], want)
+        ref_s, want = refs[(n_tok, pair, quant)]
 
         def fn(i, xq, dx, use):
             return experts.matmul(xq, dx, ids_at(i), qtype, use, cfg, INTERPRET, version)
@@ -350,7 +389,7 @@ class ExpertBench:
             return
         ok = bool(np.array_equal(got, want))
         per_expert = sum(int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in mats[0].values())
-        nbytes = P * ((1 + pair) * (per_expert + out * 4) + n + nb * 4)
+        nbytes = P * ((1 + pair) * (per_expert + out * 4) + (4 * n if quant else n + nb * 4))
         self.rec.variant("experts", n_tok, label, f"v{version} {expert_label(cfg)}", ok, s, nbytes, ref_s)
         key = (label, n_tok)
         if ok and (key not in self.best or s < self.best[key][0]):
@@ -436,7 +475,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
-    ap.add_argument("--only", default="q8_0,q8_0_mosaic,experts,norms")
+    ap.add_argument("--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms")
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
     ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
@@ -462,6 +501,11 @@ def main() -> None:
             for n in TOKENS:
                 if left() > 0:
                     q8b.run(name, out, k, g, n, q8_0.choose_config(out, k, g))
+    if "q8_0_quant" in only:  # the kernel quantizing its f32 activations itself, base configurations
+        for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
+            for n in TOKENS:
+                if left() > 0:
+                    q8b.run_quantizing(name, out, k, g, n, q8_0.choose_config(out, k, g))
     if "q8_0_mosaic" in only:  # the Triton-vs-Mosaic comparison: every config, largest shapes first
         for name, out, k, g in sweep_shapes(a.shapes):
             for mcfg in MOSAIC_CONFIGS[: 1 if INTERPRET else None]:
@@ -474,6 +518,12 @@ def main() -> None:
                 for n in TOKENS:
                     if left() > 0:
                         exb.run(name, qt, out, k, n, experts.choose_config(qt, out, k // 256), pair=pair)
+    if "experts_quant" in only:  # the engine's calls: f32 in, quantized in the kernel (gate+up as a pair)
+        for name, qt, out, k in EXPERT_SHAPES:
+            for n in TOKENS:
+                if left() > 0:
+                    cfg = experts.choose_config(qt, out, k // 256)
+                    exb.run(name, qt, out, k, n, cfg, pair=name.startswith("gate/up"), quant=True)
     if "norms" in only and left() > 0:
         bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))
     # 2. variants while time is left, at --sweep-n (variants.csv)
@@ -511,6 +561,8 @@ def main() -> None:
                             exb.run(name, qt, out, k, m, win)
     for (name, n), (s, cfg, nbytes, ref_s) in q8b.best_mosaic.items():
         rec.best(f"q8_0_mosaic r{cfg.block_rows}U{cfg.blocks_per_step}st{cfg.stages}", n, name, s, nbytes, ref_s)
+    for (name, n), (s, cfg, nbytes, ref_s) in q8b.best_quant.items():
+        rec.best(f"q8_0 quantizing U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}", n, name, s, nbytes, ref_s)
     for (name, n), (s, cfg, nbytes, ref_s) in q8b.best.items():
         rec.best(
             f"q8_0 U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}",

@@ -14,6 +14,7 @@ import pytest
 
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
+from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from ds4jax.sampling import SamplingParams
 from pallas_kernels import dispatch, experts, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.testing import expert_planes
@@ -49,6 +50,24 @@ def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u):
         rows[n] = got
     for n in (2, 3, 4):  # the share-weight property: a token's row does not depend on N
         assert np.array_equal(rows[n][: n - 1], rows[4][: n - 1]) and np.array_equal(rows[n][0], rows[1][0])
+
+
+@pytest.mark.parametrize(
+    "out,k,groups", [(64, 2048, 1), (48, 96, 1), (128, 256, 4)], ids=["k-split", "3-blocks", "grouped"]
+)
+def test_q8_0_kernel_quantizing_f32_activations_is_the_reference(out, k, groups):
+    """dx=None: the kernel quantizes x itself (numerics.quantize_q8_0 in the kernel), same bits."""
+    _, _, qs, d = q8_inputs(4, out, k, groups)
+    x = RNG.standard_normal((4, groups * k)).astype(np.float32) * 3
+    x[1, 32:64] = 0  # an all-zero block: d = 0, q = 0
+    x = jnp.asarray(x)
+    cfg = q8_0.choose_config(out, k, groups)
+    if k == 2048:
+        cfg = dataclasses.replace(cfg, k_splits=2)
+    for n in (1, 2, 3, 4):
+        got = np.asarray(q8_0.matmul(x[:n], None, qs, d, groups=groups, cfg=cfg, interpret=INTERPRET))
+        want = np.asarray(q8_0.reference(*quantize_q8_0(x[:n]), qs, d, groups))
+        assert np.isfinite(got).all() and np.array_equal(got, want), np.abs(got - want).max()
 
 
 def test_q8_0_mosaic_kernel_is_the_reference_at_every_n():
@@ -92,6 +111,45 @@ def test_expert_kernel_is_the_reference(qtype, version):
         ya, yb = experts.matmul(xq, dx, ids.reshape(-1), qtype, (planes, other), cfg, interpret=INTERPRET)
         assert np.array_equal(np.asarray(ya), want)
         assert np.array_equal(np.asarray(yb), experts.reference(xq, dx, qtype, other, ids.reshape(-1)))
+        # f32 activations quantized in the kernel (Q8_K per super-block), gate+up pair and split
+        x = RNG.standard_normal((6, nb * 256)).astype(np.float32) * 2
+        x[2, :256] = 0  # an all-zero super-block: d = 0
+        x = jnp.asarray(x)
+        fa, fb = experts.matmul(x, None, ids.reshape(-1), qtype, (planes, other), cfg, interpret=INTERPRET)
+        xq8, dx8 = quantize_q8_k(x)
+        assert np.array_equal(np.asarray(fa), experts.reference(xq8, dx8, qtype, planes, ids.reshape(-1)))
+        assert np.array_equal(np.asarray(fb), experts.reference(xq8, dx8, qtype, other, ids.reshape(-1)))
+
+
+@pytest.mark.parametrize("qtype", [experts.IQ2_XXS, experts.Q2_K, experts.Q4_K], ids=["iq2_xxs", "q2_k", "q4_k"])
+def test_prefill_expert_reference_in_token_groups(qtype, monkeypatch):
+    """A prefill chunk's routed experts go through the reference in sequential groups of tokens
+    when the gathered weights would be large (at full size: ~120 GB of temporaries at once);
+    the bits are the ungrouped reference's, also for the K-quants, whose rounding barrier a
+    loop body on XLA:CPU would otherwise lose (``numerics.rounded_in_loop``)."""
+    E, out, nb, T, k = 8, 32, 2, 11, 3  # 11 tokens: groups of 2, the last one padded
+    planes = expert_planes(jax.random.PRNGKey(qtype), qtype, E, out, nb)
+    x = jnp.asarray(RNG.standard_normal((T, 1, nb * 256)).astype(np.float32) * 3)
+    ids = jnp.asarray(RNG.integers(0, E, (T, k)), jnp.int32)
+    xq, dx = quantize_q8_k(x)
+    xq, dx = jnp.broadcast_to(xq, (T, k, nb * 256)), jnp.broadcast_to(dx, (T, k, nb))
+    want = np.asarray(jax.jit(lambda a, b, c: experts.reference(a, b, qtype, planes, c))(xq, dx, ids))
+    monkeypatch.setattr(dispatch, "REFERENCE_PAIR_ELEMENTS", 2 * k * out * nb * 256)
+    monkeypatch.setenv("DS4JAX_KERNELS", "off")
+    grouped = jax.jit(lambda a, c: dispatch.expert_matmul(a, qtype, planes, c))
+    assert "while" in grouped.lower(x, ids).as_text()  # the grouped path was taken
+    assert np.array_equal(np.asarray(grouped(x, ids)), want)
+
+
+def test_q8_0_auto_policy_at_one_token():
+    """``auto`` at N=1: the kernel on the LM head and on ungrouped weights of 16 MB and more,
+    XLA on the small and the grouped ones (in-model profile, KERNELS.md)."""
+    assert dispatch._q8_auto(1, 129280, 4096, 1)  # LM head
+    assert dispatch._q8_auto(1, 32768, 1024, 1)  # attn_q_b
+    assert dispatch._q8_auto(1, 4096, 8192, 1)  # attn_output_b
+    assert not dispatch._q8_auto(1, 8192, 4096, 8)  # attn_output_a, grouped
+    assert not dispatch._q8_auto(1, 2048, 4096, 1)  # shared expert gate
+    assert all(dispatch._q8_auto(n, 512, 4096, 1) for n in (2, 3, 4))
 
 
 @pytest.mark.parametrize("T", [1, 3])
@@ -123,7 +181,12 @@ def _lower_for_cuda(fn, *args):
 
 def _expert_call(x, dx, ids, planes, qtype, version):
     cfg = experts.ExpertConfig(block_rows=16, k_splits=2 if version == 3 else 1)
-    return experts.matmul(x, dx, ids, qtype, (planes, planes) if version == 3 else planes, cfg, version=version)
+    if version == 3:  # also with f32 activations, quantized in the kernel
+        xf = dx.reshape(-1)[:1] + x.astype(jnp.float32)
+        return experts.matmul(x, dx, ids, qtype, (planes, planes), cfg), experts.matmul(
+            xf, None, ids, qtype, planes, cfg
+        )
+    return experts.matmul(x, dx, ids, qtype, planes, cfg, version=version)
 
 
 def test_every_kernel_lowers_for_a_gpu(monkeypatch):
@@ -142,6 +205,12 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((1, 8), f32),
             S((64, 256), i8),
             S((64, 8), jnp.float16),
+        ),
+        (  # f32 activations, quantized in the kernel
+            lambda x, q, d: q8_0.matmul(x, None, q, d, cfg=q8_0.choose_config(64, 2048, n_sm=132)),
+            S((3, 2048), f32),
+            S((64, 2048), i8),
+            S((64, 64), jnp.float16),
         ),
         (
             lambda x, dx, q, d: q8_0.matmul(x, dx, q, d, cfg=q8_0.choose_config(64, 2048, n_sm=132)),
@@ -181,14 +250,15 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
 
 
 def test_dispatch_modes(monkeypatch):
-    xq, dx, qs, d = q8_inputs(2, 64, 256)
-    want = np.asarray(q8_0.reference(xq, dx, qs, d))
+    _, _, qs, d = q8_inputs(2, 64, 256)
+    x = jnp.asarray(RNG.standard_normal((2, 256)).astype(np.float32))
+    want = np.asarray(q8_0.reference(*quantize_q8_0(x), qs, d))
     for m in ("off", "interpret", "auto", "all"):
         monkeypatch.setenv("DS4JAX_KERNELS", m)
-        assert np.array_equal(dispatch.q8_0_matmul(xq, dx, qs, d), want)
+        assert np.array_equal(dispatch.q8_0_matmul(x, qs, d), want)
     monkeypatch.setenv("DS4JAX_KERNELS", "fast")
     with pytest.raises(DS4Error, match="DS4JAX_KERNELS"):
-        dispatch.q8_0_matmul(xq, dx, qs, d)
+        dispatch.q8_0_matmul(x, qs, d)
 
 
 def test_decode_through_kernels_equals_prefill_bit_for_bit(tiny_files, monkeypatch):

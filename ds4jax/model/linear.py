@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import jax
 
-from ds4jax.model.numerics import adot, asum, quantize_q8_0, quantize_q8_k, rounded
+from ds4jax.model.numerics import adot, asum, rounded
 from ds4jax.quant import QTensor, dequantize
 from ds4jax.quant.formats import QType
 from ds4jax.quant.jnp_decode import take
@@ -37,8 +37,7 @@ def dense(x: jax.Array, w: QTensor, act_quant: bool = True) -> jax.Array:
 
 
 def q8_0_matmul(x: jax.Array, w: QTensor) -> jax.Array:
-    xq, dx = quantize_q8_0(x)
-    return kernels.q8_0_matmul(xq, dx, w.planes["qs"], w.planes["d"])
+    return kernels.q8_0_matmul(x, w.planes["qs"], w.planes["d"])  # quantizes x per 32 first
 
 
 def q8_0_grouped_matmul(x: jax.Array, w: QTensor, groups: int, act_quant: bool = True) -> jax.Array:
@@ -48,9 +47,8 @@ def q8_0_grouped_matmul(x: jax.Array, w: QTensor, groups: int, act_quant: bool =
     if not act_quant:
         wd = dequantize(w).reshape(groups, r, n)
         return asum(rounded(x[..., :, None, :] * wd), -1)
-    xq, dx = quantize_q8_0(x)  # per-32 blocks never straddle a group
-    lead = x.shape[:-2]
-    y = kernels.q8_0_matmul(xq.reshape(*lead, groups * n), dx.reshape(*lead, -1), w.planes["qs"], w.planes["d"], groups)
+    lead = x.shape[:-2]  # the per-32 quantization blocks never straddle a group
+    y = kernels.q8_0_matmul(x.reshape(*lead, groups * n), w.planes["qs"], w.planes["d"], groups)
     return y.reshape(*lead, groups, r)
 
 
@@ -64,11 +62,10 @@ def expert_linear(x: jax.Array, w: QTensor, ids: jax.Array, act_quant: bool = Tr
 
 
 def expert_linears(x: jax.Array, ws: tuple[QTensor, ...], ids: jax.Array, act_quant: bool = True) -> tuple:
-    """``expert_linear`` of one x against several expert tensors (gate and up): x is quantized
-    once, and tensors of one type and shape share one kernel launch."""
+    """``expert_linear`` of one x against several expert tensors (gate and up): tensors of one
+    type and shape share one kernel launch (and one quantization of x)."""
     if not act_quant:
         return tuple(asum(rounded(x[..., None, :] * dequantize(take(w, ids))), -1) for w in ws)
-    xq, dx = quantize_q8_k(x)
-    if len({(w.qtype, w.shape) for w in ws}) == 1:
-        return kernels.expert_matmul(xq, dx, ws[0].qtype, tuple(w.planes for w in ws), ids)
-    return tuple(kernels.expert_matmul(xq, dx, w.qtype, w.planes, ids) for w in ws)
+    if len({(w.qtype, w.shape) for w in ws}) == 1:  # x is quantized per 256 (Q8_K) in there
+        return kernels.expert_matmul(x, ws[0].qtype, tuple(w.planes for w in ws), ids)
+    return tuple(kernels.expert_matmul(x, w.qtype, w.planes, ids) for w in ws)

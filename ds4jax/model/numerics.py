@@ -44,8 +44,8 @@ def rounded(x: jax.Array) -> jax.Array:
     fused into a following add (e.g. a reduce). Whether that happens depends on
     fusion and vectorisation, so on the program's shapes. XOR-ing the bits with a
     zero the compiler cannot see makes the rounded product a value it must produce.
-    Known gap: inside a while loop on XLA:CPU this was seen to lose one rounding (an FMA
-    again); the engine's programs contain no loops (speed-bench/KERNELS.md, "Not done yet").
+    Inside a while loop on XLA:CPU this was seen to lose one rounding (an FMA again): loop
+    bodies use ``rounded_in_loop`` (the prefill's grouped expert reference is the one).
     """
     zero = lax.optimization_barrier(jnp.zeros((), jnp.uint32))
     return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) ^ zero, x.dtype)
@@ -60,13 +60,13 @@ def rounded_in_loop(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) ^ zero, x.dtype)
 
 
-def divide_by(x: jax.Array, c: float) -> jax.Array:
+def divide_by(x: jax.Array, c: float, rnd=rounded) -> jax.Array:
     """x / c correctly rounded for a literal c.
 
     XLA rewrites division by a constant into multiplication by the rounded reciprocal,
     off by an ulp for ~5% of inputs, which moves int8/FP8 codes on ties; ``div``'s
     correction step undoes that."""
-    return div(x, jnp.full(x.shape, c, F32))
+    return div(x, jnp.full(x.shape, c, F32), rnd)
 
 
 # ---- accurate sums ---------------------------------------------------------------
@@ -242,34 +242,52 @@ def softplus(x):
 
 
 # ---- activation quantization (ds4's CPU path) -------------------------------------
-def quantize_q8_0(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _round_even(v: jax.Array, rnd, in_kernel: bool) -> jax.Array:
+    """v rounded half to even to an integer (|v| < 2^22). jnp.round on the XLA path; in a
+    kernel, adding and removing 1.5·2^23 with forced roundings (Triton cannot lower jnp.round):
+    the same integers (as in ``exp``)."""
+    if not in_kernel:
+        return jnp.round(v)
+    return rnd(rnd(v) + _ROUND_MAGIC) - _ROUND_MAGIC
+
+
+def quantize_q8_0(x: jax.Array, rnd=rounded, in_kernel: bool = False) -> tuple[jax.Array, jax.Array]:
     """Per-32 int8 blocks: d = amax/127 (kept f32), q = clamp(rne(x * (1/d))); d = 0 gives q = 0.
 
-    Returns (q int8 [..., n], d float32 [..., n/32]).
+    Returns (q int8 [..., n], d float32 [..., n/32]). ``rnd``/``in_kernel``: inside a Pallas
+    kernel (the Q8_0 kernel quantizes its activations with this function), its own rounding
+    barrier, and the round written in ops Triton can lower.
     """
     n = x.shape[-1]
     xb = x.reshape(*x.shape[:-1], n // 32, 32)
     amax = jnp.max(jnp.abs(xb), axis=-1)
-    d = divide_by(amax, 127.0)
-    inv = jnp.where(d > 0, div(1.0, jnp.where(d > 0, d, F32(1.0))), F32(0.0))
-    q = jnp.clip(jnp.round(xb * inv[..., None]), -128, 127)
+    d = divide_by(amax, 127.0, rnd)
+    inv = jnp.where(d > 0, div(1.0, jnp.where(d > 0, d, F32(1.0)), rnd), F32(0.0))
+    q = jnp.clip(_round_even(xb * inv[..., None], rnd, in_kernel), -128, 127)
     return q.astype(jnp.int8).reshape(x.shape), d
 
 
-def quantize_q8_k(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def quantize_q8_k(x: jax.Array, rnd=rounded, in_kernel: bool = False) -> tuple[jax.Array, jax.Array]:
     """Per-256 Q8_K blocks: m = the element of largest |x| (first on ties), iscale = -127/m,
     q = clamp(rne(iscale*x), -128, 127), d = 1/iscale. All-zero block gives d = 0, q = 0.
 
     Returns (q int8 [..., n], d float32 [..., n/256]). (bsums are recomputed where needed.)
+    ``rnd``/``in_kernel``: inside a Pallas kernel (the expert kernel quantizes its activations
+    with this function), its own rounding barrier, and m picked by a masked sum (Triton has
+    no gather; one nonzero term, so exact).
     """
     n = x.shape[-1]
     xb = x.reshape(*x.shape[:-1], n // 256, 256)
     idx = jnp.argmax(jnp.abs(xb), axis=-1)  # first maximum on ties
-    m = jnp.take_along_axis(xb, idx[..., None], axis=-1)[..., 0]
+    if in_kernel:
+        at = lax.broadcasted_iota(jnp.int32, xb.shape, xb.ndim - 1) == idx[..., None].astype(jnp.int32)
+        m = jnp.sum(jnp.where(at, xb, F32(0.0)), axis=-1)
+    else:
+        m = jnp.take_along_axis(xb, idx[..., None], axis=-1)[..., 0]
     nz = m != 0
-    iscale = jnp.where(nz, div(-127.0, jnp.where(nz, m, F32(1.0))), F32(0.0))
-    q = jnp.clip(jnp.round(iscale[..., None] * xb), -128, 127)
-    d = jnp.where(nz, div(1.0, jnp.where(nz, iscale, F32(1.0))), F32(0.0))
+    iscale = jnp.where(nz, div(-127.0, jnp.where(nz, m, F32(1.0)), rnd), F32(0.0))
+    q = jnp.clip(_round_even(iscale[..., None] * xb, rnd, in_kernel), -128, 127)
+    d = jnp.where(nz, div(1.0, jnp.where(nz, iscale, F32(1.0)), rnd), F32(0.0))
     return q.astype(jnp.int8).reshape(x.shape), d
 
 
