@@ -45,6 +45,12 @@ flags.DEFINE_float("mtp_margin", 3.0, "draft only when the MTP's top-two logit m
 flags.DEFINE_bool("quality", False, "strict mode: the N=1 program token by token (also DS4JAX_MTP_STRICT=1)")
 flags.DEFINE_bool("summary", False, "print the model summary and exit")
 flags.DEFINE_bool("load", True, "with --summary: also repack all tensors into quant planes on the device")
+flags.DEFINE_string(
+    "compile_cache",
+    "",
+    "directory that keeps compiled programs across runs (default: $JAX_COMPILATION_CACHE_DIR, else "
+    "the ds4jax cache dir's xla/); 'off' = compile every run",
+)
 
 FLAGS = flags.FLAGS
 
@@ -226,9 +232,23 @@ def _chat(mf) -> None:
     ChatSession(tokenizer, system, FLAGS.think, FLAGS.ctx, make).run()
 
 
+def _compile_cache() -> None:
+    """Keep compiled programs on disk: the full model's decode program alone takes ~4.5 minutes
+    to compile on an H200 (speed-bench/NOTES.md), a second start reads it back."""
+    if FLAGS.compile_cache == "off":
+        return
+    import jax
+
+    from ds4jax.presets import default_cache_dir
+
+    path = FLAGS.compile_cache or jax.config.jax_compilation_cache_dir or str(default_cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parse_flags(list(argv if argv is not None else sys.argv), PROG)
     try:
+        _compile_cache()
         from ds4jax.model_file import open_model
 
         mf = open_model(*_model_paths())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import jax
@@ -231,10 +232,13 @@ class MTPSpeculativeDecoder:
         t1 = time.perf_counter()
         if not hasattr(self, "_programs"):  # compile both step programs outside the timings
             pair, one = jnp.zeros(2, jnp.int32), jnp.zeros((), jnp.int32)
-            self._programs = (
-                self._combined.lower(w, state, mtp_state, pair).compile(),
-                self._plain.lower(w, state, mtp_state, one).compile(),
-            )
+            with ThreadPoolExecutor(2) as pool:  # side by side, as Engine.compile
+                self._programs = tuple(
+                    pool.map(
+                        lambda fn_tok: fn_tok[0].lower(w, state, mtp_state, fn_tok[1]).compile(),
+                        ((self._combined, pair), (self._plain, one)),
+                    )
+                )
             self.compile_s = time.perf_counter() - t1
             t1 = time.perf_counter()
         combined, plain = self._programs

@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--modes", default="auto,off", help="DS4JAX_KERNELS values to time")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--note", default="", help="free text for the CSV row (what this run changes)")
     ap.add_argument("--top", type=int, default=12, help="kernels listed by device time")
     ap.add_argument("--hlo", action="store_true", help="write the compiled decode program's HLO (gzip) beside the CSV")
     a = ap.parse_args()
@@ -130,12 +131,14 @@ def main() -> None:
                     "gbps",
                     "pct_copy",
                     "finite",
+                    "xla_flags",
+                    "note",
                 ]
             )
         for mode in a.modes.split(","):
             os.environ["DS4JAX_KERNELS"] = mode
             row = run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu)
-            w.writerow([card, p.name, cfg.n_layer, a.ctx, a.fill, mode, *row])
+            w.writerow([card, p.name, cfg.n_layer, a.ctx, a.fill, mode, *row, os.environ.get("XLA_FLAGS", ""), a.note])
             f.flush()
 
 
@@ -143,9 +146,7 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
     # The engine needs only the config of a model file; the weights come from random_weights.
     eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=weights)
     mode = os.environ["DS4JAX_KERNELS"]
-    eng.program("decode")
-    if a.fill:
-        eng.program("prefill")
+    eng.compile(["decode"] + (["prefill"] if a.fill else []))  # side by side
     compile_s = sum(eng.compile_s.values())
     if a.hlo:  # which model op each fusion in the profile is (its metadata names the source line)
         import gzip

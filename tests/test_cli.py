@@ -32,3 +32,25 @@ def test_chat_reads_turns_and_commands_from_stdin(tiny_paths):
     assert len([ln for ln in out.splitlines() if ln.strip() and not ln.startswith(("  /", "commands", "thinking",
                                                                                    "context", "usage", "unknown"))]) >= 2
     assert r.stderr.count("plain: prompt") == 0  # chat answers carry no per-turn report
+
+
+def test_compile_cache_flag(tmp_path):
+    """--compile_cache points JAX's persistent cache at a directory (before anything compiles);
+    'off' leaves it alone; with no flag an already configured directory is kept."""
+    import jax
+
+    from ds4jax import main as M
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        for flag, want in ((str(tmp_path / "xla"), str(tmp_path / "xla")), ("off", str(tmp_path / "xla")), ("", None)):
+            M.FLAGS.unparse_flags()
+            M.FLAGS(["ds4jax.main", f"--compile_cache={flag}"])
+            M._compile_cache()
+            assert jax.config.jax_compilation_cache_dir == (want or str(tmp_path / "xla"))
+        jax.config.update("jax_compilation_cache_dir", None)
+        M._compile_cache()  # nothing configured, no flag: the ds4jax cache dir
+        assert jax.config.jax_compilation_cache_dir.endswith("xla")
+    finally:
+        M.FLAGS.unparse_flags()
+        jax.config.update("jax_compilation_cache_dir", before)

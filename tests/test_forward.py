@@ -148,9 +148,10 @@ def test_compiles_a_handful_of_programs_and_greedy_is_deterministic(tiny_files, 
 
 
 def test_sampling_settings(tiny_files, engine):
+    # (each sampler kind is its own pair of programs; the sorted top-k/top-p filters are
+    # checked inside jit in test_sampling.py, so this compiles only greedy and plain draws)
     prompt = [0, 100, 200, 300]
     greedy = engine.generate(prompt, 6, GREEDY).tokens
-    assert engine.generate(prompt, 6, SamplingParams(temperature=1.0, top_k=1, seed=5)).tokens == greedy
     assert engine.generate(prompt, 6, SamplingParams(temperature=0.7, min_p=1.0, seed=5)).tokens == greedy
     a = engine.generate(prompt, 12, SamplingParams(temperature=2.0, min_p=0.0, seed=1)).tokens
     b = engine.generate(prompt, 12, SamplingParams(temperature=2.0, min_p=0.0, seed=1)).tokens
