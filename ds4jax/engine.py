@@ -97,6 +97,7 @@ class Engine:
         base = weights if weights is not None else load_weights(mf)
         self.weights = {**base, "rope": jax.device_put(rope_tables(cfg, ctx))}
         self._compiled: dict = {}
+        self._params: dict = {}  # sampling values -> (sampler kind, their device copies)
         self.compile_s: dict[str, float] = {}
 
     def _abstract_args(self, name: str):
@@ -158,7 +159,8 @@ class Engine:
         logits is the last row [V] (device), or every row [n, V] (host) with ``all_logits``.
         The last token's final HC state is left in ``self.last_hidden``."""
         ids = np.asarray(ids, np.int32)
-        fn = self.program("prefill_all" if all_logits else "prefill", kind_of(params))
+        kind, params = self._sampling(params)
+        fn = self.program("prefill_all" if all_logits else "prefill", kind)
         rows = []
         tok = logits = None
         for start in range(0, len(ids), self.chunk):
@@ -181,7 +183,18 @@ class Engine:
 
     def decode_hidden(self, state, token, params, key):
         """(next token, logits [V], state, final HC state of ``token``)."""
-        return self.program("decode", kind_of(params))(self.weights, state, jnp.asarray(token, jnp.int32), params, key)
+        kind, params = self._sampling(params)
+        return self.program("decode", kind)(self.weights, state, jnp.asarray(token, jnp.int32), params, key)
+
+    def _sampling(self, params):
+        """(sampler kind, params on the device) for ``SamplingParams.arrays()``: the kind is read
+        from the host values and the device copies are kept, so a decode step sends nothing
+        (device arrays work too, at the cost of reading them back)."""
+        host = tuple(np.asarray(p) for p in params)
+        k = tuple((h.dtype.str, h.item()) for h in host)
+        if k not in self._params:
+            self._params[k] = (kind_of(host), jax.device_put(host))
+        return self._params[k]
 
     def generate(
         self,
