@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,16 @@ def _prefill(cfg: ModelConfig, logits_rows: str, sampler: str, weights, state, t
 def _decode(cfg: ModelConfig, sampler: str, weights, state, token, params, key):
     tok, logits, state, h = _prefill(cfg, "last", sampler, weights, state, token[None], jnp.int32(1), params, key)
     return tok, logits, state, h
+
+
+def compile_together(builds: list[Callable[[], Any]]) -> list:
+    """The results of ``builds`` (each lowers and compiles a program), run in threads: XLA
+    compiles in C++ without the GIL, and a full-size program takes minutes (decode ~4.5 min on
+    an H200's host), so a many-core host builds several in the time of one."""
+    if len(builds) <= 1:
+        return [b() for b in builds]
+    with ThreadPoolExecutor(len(builds)) as pool:
+        return list(pool.map(lambda b: b(), builds))
 
 
 def _key(name: str, sampler: str) -> str:
@@ -111,40 +122,33 @@ class Engine:
         tokens = jax.ShapeDtypeStruct((self.chunk,), jnp.int32)
         return (self.weights, state, tokens, sds(np.int32(0)), params, key)
 
-    def jitted(self, name: str, sampler: str = "greedy"):
-        """The jitted (not yet compiled) program ``name`` with the static sampler ``sampler``."""
+    def lower(self, name: str, sampler: str = "greedy"):
+        """The program ``name`` (prefill, prefill_all, decode) with the static sampler ``sampler``,
+        traced and lowered for this engine's shapes, not yet compiled."""
         if name == "decode":
             fn = partial(_decode, self.cfg, sampler)
         elif name in ("prefill", "prefill_all"):
             fn = partial(_prefill, self.cfg, "last" if name == "prefill" else "all", sampler)
         else:
             raise ValueError(f"no program {name!r}")
-        return jax.jit(fn, donate_argnums=(1,))
+        return jax.jit(fn, donate_argnums=(1,)).lower(*self._abstract_args(name))
 
     def program(self, name: str, sampler: str = "greedy"):
-        """The compiled program ``name`` (prefill, prefill_all, decode) for one sampler kind
-        (``sampling.kind_of``), compiled on first use; ``compile_s`` is keyed ``name`` for
-        greedy, ``name:sampler`` otherwise."""
+        """The compiled program ``name`` for one sampler kind (``sampling.kind_of``), compiled on
+        first use; ``compile_s`` is keyed ``name`` for greedy, ``name:sampler`` otherwise."""
         self.compile([name], sampler)
         return self._compiled[_key(name, sampler)]
 
     def compile(self, names, sampler: str = "greedy") -> None:
-        """Compile the programs ``names`` not compiled yet, side by side: XLA compiles in C++
-        without the GIL, and the full-size model's programs take minutes each (decode ~4.5 min
-        on an H200's host), so a many-core host builds prefill and decode in the time of one."""
+        """Compile the programs ``names`` not compiled yet, side by side (``compile_together``)."""
         todo = [n for n in dict.fromkeys(names) if _key(n, sampler) not in self._compiled]
 
         def build(name):
             t0 = time.perf_counter()
-            exe = self.jitted(name, sampler).lower(*self._abstract_args(name)).compile()
+            exe = self.lower(name, sampler).compile()
             return exe, time.perf_counter() - t0
 
-        if len(todo) > 1:
-            with ThreadPoolExecutor(len(todo)) as pool:
-                built = list(pool.map(build, todo))
-        else:
-            built = [build(n) for n in todo]
-        for name, (exe, secs) in zip(todo, built):
+        for name, (exe, secs) in zip(todo, compile_together([partial(build, n) for n in todo])):
             self._compiled[_key(name, sampler)] = exe
             self.compile_s[_key(name, sampler)] = secs
 
@@ -210,7 +214,7 @@ class Engine:
         params = sampling.validate().arrays()
         key = jax.random.key(sampling.seed)
         state = self.new_state()
-        kind = kind_of(params)  # compile outside the timings
+        kind, _ = self._sampling(params)  # compile outside the timings
         self.compile(["prefill_all" if keep_logits else "prefill"] + (["decode"] if n_predict > 1 else []), kind)
         t0 = time.perf_counter()
         tok, logits, state = self.prefill(state, prompt, params, key, all_logits=keep_logits, progress=progress)

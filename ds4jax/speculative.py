@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
 from ds4jax.config import ModelConfig
+from ds4jax.engine import compile_together
 from ds4jax.errors import DS4Error
 from ds4jax.model.forward import commit, forward_hidden, head
 from ds4jax.mtp import draft_margin, draft_step, init_mtp_state
@@ -232,13 +232,14 @@ class MTPSpeculativeDecoder:
         t1 = time.perf_counter()
         if not hasattr(self, "_programs"):  # compile both step programs outside the timings
             pair, one = jnp.zeros(2, jnp.int32), jnp.zeros((), jnp.int32)
-            with ThreadPoolExecutor(2) as pool:  # side by side, as Engine.compile
-                self._programs = tuple(
-                    pool.map(
-                        lambda fn_tok: fn_tok[0].lower(w, state, mtp_state, fn_tok[1]).compile(),
-                        ((self._combined, pair), (self._plain, one)),
-                    )
+            self._programs = tuple(
+                compile_together(
+                    [
+                        lambda: self._combined.lower(w, state, mtp_state, pair).compile(),
+                        lambda: self._plain.lower(w, state, mtp_state, one).compile(),
+                    ]
                 )
+            )
             self.compile_s = time.perf_counter() - t1
             t1 = time.perf_counter()
         combined, plain = self._programs

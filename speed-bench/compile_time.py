@@ -40,7 +40,7 @@ def main() -> None:
         eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=w)
         for name in a.programs.split(","):
             t0 = time.perf_counter()
-            lowered = eng.jitted(name).lower(*eng._abstract_args(name))  # tracing + Pallas lowering
+            lowered = eng.lower(name)  # tracing + Pallas lowering
             t1 = time.perf_counter()
             m = lowered.compile().memory_analysis()  # XLA (and Triton) compilation
             t2 = time.perf_counter()

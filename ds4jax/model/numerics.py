@@ -47,7 +47,10 @@ def rounded(x: jax.Array) -> jax.Array:
     Inside a while loop on XLA:CPU this was seen to lose one rounding (an FMA again): loop
     bodies use ``rounded_in_loop`` (the prefill's grouped expert reference is the one).
     """
-    zero = lax.optimization_barrier(jnp.zeros((), jnp.uint32))
+    return _xor_bits(x, lax.optimization_barrier(jnp.zeros((), jnp.uint32)))
+
+
+def _xor_bits(x: jax.Array, zero: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) ^ zero, x.dtype)
 
 
@@ -57,7 +60,7 @@ def rounded_in_loop(x: jax.Array) -> jax.Array:
     reference in ``lax.map`` lost last bits without this). It makes XLA materialise x, so the
     loop-free programs keep ``rounded``."""
     zero, x = lax.optimization_barrier((jnp.zeros((), jnp.uint32), x))
-    return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) ^ zero, x.dtype)
+    return _xor_bits(x, zero)
 
 
 def divide_by(x: jax.Array, c: float, rnd=rounded) -> jax.Array:
