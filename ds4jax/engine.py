@@ -95,7 +95,17 @@ class Generation:
 class Engine:
     """A loaded model with its compiled prefill and decode programs for one context size."""
 
-    def __init__(self, mf: ModelFiles, ctx: int, chunk: int = DEFAULT_CHUNK, act_quant: bool = True, weights=None):
+    def __init__(
+        self,
+        mf: ModelFiles,
+        ctx: int,
+        chunk: int = DEFAULT_CHUNK,
+        act_quant: bool = True,
+        weights=None,
+        compiler_options: dict | None = None,
+    ):
+        """``compiler_options``: XLA options (``xla_*`` names, as ``Lowered.compile`` takes them)
+        for this engine's programs, e.g. to A/B an option inside one process."""
         cfg = dataclasses.replace(mf.config, act_quant=act_quant)
         if ctx < 1:
             raise DS4Error(f"--ctx must be positive, got {ctx}")
@@ -110,6 +120,7 @@ class Engine:
         self._compiled: dict = {}
         self._params: dict = {}  # sampling values -> (sampler kind, their device copies)
         self.compile_s: dict[str, float] = {}
+        self.compiler_options = dict(compiler_options or {})
 
     def _abstract_args(self, name: str):
         sds = lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype)
@@ -145,7 +156,7 @@ class Engine:
 
         def build(name):
             t0 = time.perf_counter()
-            exe = self.lower(name, sampler).compile()
+            exe = self.lower(name, sampler).compile(compiler_options=self.compiler_options or None)
             return exe, time.perf_counter() - t0
 
         for name, (exe, secs) in zip(todo, compile_together([partial(build, n) for n in todo])):

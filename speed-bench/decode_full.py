@@ -50,6 +50,8 @@ CLASSES = (
     ("q8_0_share", "Q8_0 kernel"),
     ("experts_", "expert kernels"),
     ("sinkhorn", "Sinkhorn kernel"),
+    ("hadamard", "Hadamard kernel"),
+    ("fdot", "F32/F16 kernel"),
     ("gemm", "XLA dots"),
     ("cublas", "XLA dots"),
     ("Memcpy", "copies"),
@@ -61,7 +63,7 @@ def classify(name: str) -> str:
     return next((c for key, c in CLASSES if key in name), "other XLA fusions")
 
 
-def trace_steps(step, n: int):
+def trace_steps(step, n: int, timeline: bool = False):
     """(Σ kernel ns, {name: (count, ns)}) over n calls of ``step`` under the profiler."""
     d = tempfile.mkdtemp(prefix="ds4decode")
     with jax.profiler.trace(d):
@@ -70,6 +72,8 @@ def trace_steps(step, n: int):
         jax.block_until_ready(out)  # every kernel inside the trace
     files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     by: dict = {}
+    if timeline and files:
+        devtime.timeline_report(files[0], n, classify)
     for name, ns in devtime.kernel_events(files[0]) if files else []:
         c, t = by.get(name, (0, 0))
         by[name] = (c + 1, t + ns)
@@ -87,6 +91,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--note", default="", help="free text for the CSV row (what this run changes)")
     ap.add_argument("--top", type=int, default=12, help="kernels listed by device time")
+    ap.add_argument(
+        "--timeline",
+        action="store_true",
+        help="GPU idle time by the kernel that follows, and the host's runtime calls a step",
+    )
     ap.add_argument("--hlo", action="store_true", help="write the compiled decode program's HLO (gzip) beside the CSV")
     a = ap.parse_args()
     on_gpu = jax.default_backend() == "gpu"
@@ -188,7 +197,7 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
     dev_ms, per_tok = float("nan"), float("nan")
     if on_gpu:
         n = 8
-        ns, by = trace_steps(step, n)
+        ns, by = trace_steps(step, n, a.timeline)
         dev_ms, per_tok = ns / n / 1e6, sum(c for c, _ in by.values()) / n
         classes: collections.Counter = collections.Counter()
         for name, (c, t) in by.items():

@@ -1,0 +1,145 @@
+"""A/B of decode-step variants inside one process, timed interleaved.
+
+Why: on the H200 machine the same 4-layer decode program measured 381.6 tokens/s in one process
+and 642.6 in another (session 12, `decode_full.py`, same flags); host and clock state move a
+step's wall time by ±30 % between processes. Here every variant is compiled in one process over
+one set of weights, then timed in rounds (variant A, B, C, A, B, C, ...; ``--steps`` back-to-back
+decode steps each), so slow and fast spells hit all of them alike; the median round is reported.
+
+A variant is ``label`` or ``label:key=value,key=value``. Keys:
+  kernels=auto|all|off      DS4JAX_KERNELS while the variant's program is traced
+  xla_...=value             an XLA option for its compile (``Engine(compiler_options=...)``)
+
+    python speed-bench/ab_decode.py --layers 4 \\
+        --variants "base;graph1:xla_gpu_graph_min_graph_size=1;xla:kernels=off"
+
+Results are appended to ``$OUT/ab.csv`` (card, preset, layers, label, options, median / min / max
+ms a token, tokens/s at the median, note).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ds4jax.engine import Engine
+from ds4jax.errors import DS4Error
+from ds4jax.presets import load_preset, preset_config, with_layers
+from ds4jax.random_weights import random_weights
+from ds4jax.sampling import SamplingParams
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """'label:key=value,...' -> (label, DS4JAX_KERNELS value, XLA options)."""
+    label, _, rest = text.strip().partition(":")
+    if not label:
+        raise DS4Error(f"variant {text!r} has no label")
+    kernels, opts = os.environ.get("DS4JAX_KERNELS", "auto"), {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise DS4Error(f"variant {label!r}: {item!r} is not key=value")
+        if key == "kernels":
+            kernels = value
+        elif key.startswith("xla_"):
+            low = value.lower()
+            opts[key] = (
+                int(value) if value.lstrip("-").isdigit() else (low == "true" if low in ("true", "false") else value)
+            )
+        else:
+            raise DS4Error(f"variant {label!r}: unknown key {key!r} (kernels=... or an xla_... option)")
+    return label, kernels, opts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flash-q2")
+    ap.add_argument("--layers", type=int, default=4, help="keep the first N blocks (0: all)")
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--variants", default="base", help="';'-separated variants (see the module docstring)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=64, help="decode steps a variant per round")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--note", default="")
+    a = ap.parse_args()
+    variants = [parse_variant(v) for v in a.variants.split(";") if v.strip()]
+    if len({v[0] for v in variants}) != len(variants):
+        raise DS4Error("variant labels must differ")
+    p = load_preset(a.preset)
+    if a.layers:
+        p = with_layers(p, a.layers)
+    cfg = preset_config(p)
+    card = jax.devices()[0].device_kind
+    weights = jax.block_until_ready(random_weights(cfg, p))
+    engines = {}
+    for label, kernels, opts in variants:
+        os.environ["DS4JAX_KERNELS"] = kernels  # read while the program is traced
+        eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=weights, compiler_options=opts)
+        t0 = time.perf_counter()
+        eng.compile(["decode"])
+        print(f"{label}: compiled in {time.perf_counter() - t0:.1f} s (kernels={kernels}, {opts})", flush=True)
+        engines[label] = eng
+    params = SamplingParams(temperature=0.0).arrays()
+    key = jax.random.key(0)
+    box = {label: [eng.new_state(), jnp.int32(1)] for label, eng in engines.items()}
+
+    def run(label: str, n: int) -> None:
+        eng, b = engines[label], box[label]
+        for _ in range(n):
+            b[1], _, b[0] = eng.decode(b[0], b[1], params, key)
+        jax.block_until_ready(b[1])
+
+    for label in engines:  # warm
+        run(label, 4)
+    ms: dict = {label: [] for label in engines}
+    for _ in range(a.rounds):
+        for label in engines:
+            t0 = time.perf_counter()
+            run(label, a.steps)
+            ms[label].append((time.perf_counter() - t0) / a.steps * 1e3)
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "ab.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(
+                ["card", "preset", "layers", "label", "options", "ms_median", "ms_min", "ms_max", "tok_s", "note"]
+            )
+        for label, kernels, opts in variants:
+            t = sorted(ms[label])
+            med = t[len(t) // 2]
+            print(
+                f"{label:12s} {med:7.3f} ms/token median (min {t[0]:.3f}, max {t[-1]:.3f}) = {1e3 / med:7.1f} tokens/s",
+                flush=True,
+            )
+            w.writerow(
+                [
+                    card,
+                    p.name,
+                    cfg.n_layer,
+                    label,
+                    f"kernels={kernels} {opts}",
+                    f"{med:.3f}",
+                    f"{t[0]:.3f}",
+                    f"{t[-1]:.3f}",
+                    f"{1e3 / med:.1f}",
+                    a.note,
+                ]
+            )
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DS4Error as e:
+        sys.exit(f"ab_decode: {e}")
