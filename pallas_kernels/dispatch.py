@@ -59,6 +59,13 @@ def _use(n_tok: int, auto: bool, any_n: bool = False) -> tuple[bool, bool]:
     return on_gpu and (m == "all" or auto), False
 
 
+# The Q8_0 and expert kernels quantize their own f32 activations (one launch, not two). It costs
+# GPU time: 2.2-4.2 µs a call more than the int8-input kernel on the small Q8_0 shapes (H200,
+# session 12: shexp_up 12.38 against 8.17 µs), since every program quantizes the K range it
+# reads. Whether a launch less is worth that in a step bound by its kernel count is an A/B
+# (speed-bench/ab_decode.py sets this per variant); False quantizes in XLA first (same bits).
+QUANTIZE_IN_KERNEL = True
+
 Q8_AUTO_N1_BYTES = 64 << 20  # at N=1 the kernel wins from here (the LM head: 159 vs 173 µs)
 # ... and from here on ungrouped weights. In the decode program (profile of 4 full-size layers,
 # H200, session 11) XLA's N=1 attn_output_b (32 MB) took 27.6 µs, a two-stage reduce, where the
@@ -86,7 +93,9 @@ def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> j
         use = False
     if not use or not q8_0.supported(qs.shape[0], qs.shape[1], groups):
         return q8_0.reference(*quantize_q8_0(x), qs, d, groups)
-    y = q8_0.matmul(x.reshape(n, -1), None, qs, d, groups=groups, interpret=interpret)
+    x2 = x.reshape(n, -1)
+    xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else quantize_q8_0(x2)
+    y = q8_0.matmul(xq, dx, qs, d, groups=groups, interpret=interpret)
     return y.reshape(*lead, qs.shape[0])
 
 
@@ -108,9 +117,10 @@ def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array):
         dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
         ys = tuple(_expert_reference(xq, dx, qtype, m, ids) for m in mats)
     else:
-        x = jnp.broadcast_to(x, (T, k, x.shape[-1])).reshape(T * k, -1)
+        rows = lambda a: jnp.broadcast_to(a, (T, k, a.shape[-1])).reshape(T * k, -1)
+        xq, dx = (rows(x), None) if QUANTIZE_IN_KERNEL else tuple(rows(a) for a in quantize_q8_k(x))
         ys = tuple(
-            y.reshape(T, k, out) for y in experts.matmul(x, None, ids.reshape(-1), qtype, mats, interpret=interpret)
+            y.reshape(T, k, out) for y in experts.matmul(xq, dx, ids.reshape(-1), qtype, mats, interpret=interpret)
         )
     return ys if many else ys[0]
 

@@ -35,6 +35,7 @@ from pallas_kernels.common import F32, TileConfig, finish, kernel_zero, opaque, 
 I32 = jnp.int32
 QK = 32  # Q8_0 block
 MAX_TOKENS = 4
+PAD_TOKENS_FROM_BYTES = 64 << 20  # weights this large take zero-padded tokens, not masked loads
 
 
 def reference(xq, dx, qs, d, groups: int = 1):
@@ -139,12 +140,14 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
     if n > MAX_TOKENS or not supported(out, k, groups) or r % BO or nb % (U * cfg.k_splits):
         raise ValueError(f"q8_0 kernel: unsupported N={n}, weight {out}x{k}/{groups} groups, {cfg}")
     np_ = max(pow2_at_least(n), 16 // U)  # the tensor-core dot needs ≥ 16 rows of tokens
-    if np_ > n and U < 4:
+    if np_ > n and (U < 4 or out * k >= PAD_TOKENS_FROM_BYTES):
         # K of a few blocks only (tests): pad with zero tokens. At U = 4 (every model shape) the
         # token block reads past row n as masked loads instead (undefined values, which only meet
         # their own rows of the dot and the sums): no pad kernels, −2.2 to −2.8 µs a call at
         # N = 1..3 (run 14, exact on an H200). The outputs keep np_ rows: masked *stores* into
         # the [splits, N, out] partials gave wrong results on the GPU (run 13, KERNELS.md).
+        # The LM head pads all the same: masked loads cost it 181.0 µs at N=1 (session 12)
+        # against 159.4 with pads (run 14), while the other shapes kept run 14's times.
         xq = jnp.pad(xq, ((0, np_ - n), (0, 0)))
         dx = None if quantize else jnp.pad(dx, ((0, np_ - n), (0, 0)))
     steps = nb // U // cfg.k_splits

@@ -9,6 +9,8 @@ decode steps each), so slow and fast spells hit all of them alike; the median ro
 A variant is ``label`` or ``label:key=value,key=value``. Keys:
   kernels=auto|all|off      DS4JAX_KERNELS while the variant's program is traced
   xla_...=value             an XLA option for its compile (``Engine(compiler_options=...)``)
+  package.module.NAME=value a module constant while the program is traced (e.g.
+                            pallas_kernels.dispatch.QUANTIZE_IN_KERNEL=false), restored after
 
     python speed-bench/ab_decode.py --layers 4 \\
         --variants "base;graph1:xla_gpu_graph_min_graph_size=1;xla:kernels=off"
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import os
 import sys
 import time
@@ -38,12 +41,24 @@ from ds4jax.random_weights import random_weights
 from ds4jax.sampling import SamplingParams
 
 
-def parse_variant(text: str) -> tuple[str, str, dict]:
-    """'label:key=value,...' -> (label, DS4JAX_KERNELS value, XLA options)."""
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_variant(text: str) -> tuple[str, str, dict, dict]:
+    """'label:key=value,...' -> (label, DS4JAX_KERNELS value, XLA options, module constants)."""
     label, _, rest = text.strip().partition(":")
     if not label:
         raise DS4Error(f"variant {text!r} has no label")
-    kernels, opts = os.environ.get("DS4JAX_KERNELS", "auto"), {}
+    kernels, opts, consts = os.environ.get("DS4JAX_KERNELS", "auto"), {}, {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
@@ -51,13 +66,23 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
         if key == "kernels":
             kernels = value
         elif key.startswith("xla_"):
-            low = value.lower()
-            opts[key] = (
-                int(value) if value.lstrip("-").isdigit() else (low == "true" if low in ("true", "false") else value)
-            )
+            opts[key] = _value(value)
+        elif "." in key:
+            module, _, name = key.rpartition(".")
+            try:
+                mod = importlib.import_module(module)
+            except ImportError as e:
+                raise DS4Error(f"variant {label!r}: no module {module!r}") from e
+            if not hasattr(mod, name):
+                raise DS4Error(f"variant {label!r}: {module} has no {name}")
+            consts[(mod, name)] = _value(value)
         else:
-            raise DS4Error(f"variant {label!r}: unknown key {key!r} (kernels=... or an xla_... option)")
-    return label, kernels, opts
+            raise DS4Error(f"variant {label!r}: unknown key {key!r} (kernels=..., xla_..., or module.NAME)")
+    return label, kernels, opts, consts
+
+
+def _names(consts: dict) -> dict:
+    return {f"{mod.__name__}.{name}": v for (mod, name), v in consts.items()}
 
 
 def main() -> None:
@@ -81,12 +106,23 @@ def main() -> None:
     card = jax.devices()[0].device_kind
     weights = jax.block_until_ready(random_weights(cfg, p))
     engines = {}
-    for label, kernels, opts in variants:
+    for label, kernels, opts, consts in variants:
         os.environ["DS4JAX_KERNELS"] = kernels  # read while the program is traced
-        eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=weights, compiler_options=opts)
-        t0 = time.perf_counter()
-        eng.compile(["decode"])
-        print(f"{label}: compiled in {time.perf_counter() - t0:.1f} s (kernels={kernels}, {opts})", flush=True)
+        saved = {k: getattr(*k) for k in consts}
+        for (mod, name), value in consts.items():
+            setattr(mod, name, value)
+        jax.clear_caches()  # inner jitted kernels' traces do not key on module constants
+        try:
+            eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=weights, compiler_options=opts)
+            t0 = time.perf_counter()
+            eng.compile(["decode"])
+        finally:
+            for (mod, name), value in saved.items():
+                setattr(mod, name, value)
+        print(
+            f"{label}: compiled in {time.perf_counter() - t0:.1f} s (kernels={kernels}, {opts}, {_names(consts)})",
+            flush=True,
+        )
         engines[label] = eng
     params = SamplingParams(temperature=0.0).arrays()
     key = jax.random.key(0)
@@ -115,7 +151,7 @@ def main() -> None:
             w.writerow(
                 ["card", "preset", "layers", "label", "options", "ms_median", "ms_min", "ms_max", "tok_s", "note"]
             )
-        for label, kernels, opts in variants:
+        for label, kernels, opts, consts in variants:
             t = sorted(ms[label])
             med = t[len(t) // 2]
             print(
@@ -128,7 +164,7 @@ def main() -> None:
                     p.name,
                     cfg.n_layer,
                     label,
-                    f"kernels={kernels} {opts}",
+                    f"kernels={kernels} {opts} {_names(consts)}",
                     f"{med:.3f}",
                     f"{t[0]:.3f}",
                     f"{t[-1]:.3f}",

@@ -52,6 +52,20 @@ def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u):
         assert np.array_equal(rows[n][: n - 1], rows[4][: n - 1]) and np.array_equal(rows[n][0], rows[1][0])
 
 
+def test_q8_0_kernel_with_padded_tokens_at_four_blocks_a_step(monkeypatch):
+    """Weights from ``PAD_TOKENS_FROM_BYTES`` on (the LM head) take zero-padded tokens instead
+    of masked loads at U = 4: the same bits at N = 1..3."""
+    monkeypatch.setattr(q8_0, "PAD_TOKENS_FROM_BYTES", 0)
+    xq, dx, qs, d = q8_inputs(4, 80, 384)  # a shape no other test traces (jit caches by shape)
+    cfg = q8_0.choose_config(80, 384, 1, blocks_per_step=4)
+    for n in (1, 2, 3):
+        got = np.asarray(q8_0.matmul(xq[:n], dx[:n], qs, d, cfg=cfg, interpret=INTERPRET))
+        assert np.array_equal(got, q8_0.reference(xq[:n], dx[:n], qs, d, 1))
+    jaxpr = jax.make_jaxpr(lambda a, b: q8_0.matmul(a, b, qs, d, cfg=cfg, interpret=INTERPRET))(xq[:1], dx[:1])
+    x_in = [e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call"][0].invars[2]
+    assert x_in.aval.shape == (4, 384)  # the tokens were padded to the block's 4 rows
+
+
 @pytest.mark.parametrize(
     "out,k,groups", [(64, 2048, 1), (48, 96, 1), (128, 256, 4)], ids=["k-split", "3-blocks", "grouped"]
 )
@@ -139,6 +153,25 @@ def test_prefill_expert_reference_in_token_groups(qtype, monkeypatch):
     grouped = jax.jit(lambda a, c: dispatch.expert_matmul(a, qtype, planes, c))
     assert "while" in grouped.lower(x, ids).as_text()  # the grouped path was taken
     assert np.array_equal(np.asarray(grouped(x, ids)), want)
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["quantize-in-kernel", "quantize-in-xla"])
+def test_dispatch_quantizes_either_side_with_the_same_bits(in_kernel, monkeypatch):
+    """``QUANTIZE_IN_KERNEL`` (an A/B switch for the bench) moves the activations' quantization
+    between the kernels and XLA; the Q8_0 and expert results keep the reference's bits."""
+    monkeypatch.setattr(dispatch, "QUANTIZE_IN_KERNEL", in_kernel)
+    monkeypatch.setenv("DS4JAX_KERNELS", "interpret")
+    _, _, qs, d = q8_inputs(2, 64, 256)
+    x = jnp.asarray(RNG.standard_normal((2, 256)).astype(np.float32))
+    assert np.array_equal(dispatch.q8_0_matmul(x, qs, d), q8_0.reference(*quantize_q8_0(x), qs, d))
+    E, out, nb, T, k = 4, 32, 2, 2, 3
+    planes = expert_planes(jax.random.PRNGKey(1), experts.Q2_K, E, out, nb)
+    xe = jnp.asarray(RNG.standard_normal((T, 1, nb * 256)).astype(np.float32) * 3)
+    ids = jnp.asarray(RNG.integers(0, E, (T, k)), jnp.int32)
+    xq, dx = quantize_q8_k(xe)
+    xq, dx = jnp.broadcast_to(xq, (T, k, nb * 256)), jnp.broadcast_to(dx, (T, k, nb))
+    want = experts.reference(xq, dx, experts.Q2_K, planes, ids)
+    assert np.array_equal(dispatch.expert_matmul(xe, experts.Q2_K, planes, ids), want)
 
 
 def test_q8_0_auto_policy_at_one_token():
