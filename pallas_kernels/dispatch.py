@@ -11,9 +11,9 @@ made at trace time from static shapes and the environment:
                               ungrouped ones of 16 MB and more (attn_q_b, attn_output_b); the
                               routed-expert kernels at every N, prefill chunks too (v3: 3-6x
                               XLA's gather + dot);
-                              the hyper-connection Sinkhorn (one launch for ~40 per sublayer);
-                              the indexer's Walsh–Hadamard transforms (one launch each).
-                              The fused norms lost to XLA's fusions and stay off.
+                              the hyper-connection Sinkhorn (one launch for ~40 per sublayer).
+                              The fused norms lost to XLA's fusions and stay off; the Hadamard
+                              kernel saves GPU time but no wall time yet, and stays off.
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
     DS4JAX_KERNELS=off        the reference everywhere
     DS4JAX_KERNELS=interpret  every kernel at N = 1..4, interpreted off GPU (the CPU tests)
@@ -151,8 +151,11 @@ def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> 
 
 def hadamard(x: jax.Array) -> jax.Array:
     """The scaled Walsh–Hadamard transform of x [..., n] over its last axis (the indexer's q and
-    compressed rows). Its rows are independent, so any number of them takes the kernel."""
-    use, interpret = _use(1, auto=True)
+    compressed rows). Its rows are independent, so any number of them takes the kernel.
+    Not in ``auto``: exact on the H200, −21 µs of GPU time over 4 full-size layers, but no faster a
+    step in wall time (4 layers timed interleaved in one process, session 12: 1.736 against
+    1.668 ms a token without it), since the step is bound by its kernel count, not GPU time."""
+    use, interpret = _use(1, auto=False)
     if not use or not hadamard_kernel.supported(x.shape[-1]):
         return hadamard_kernel.reference(x)
     return hadamard_kernel.hadamard(x, interpret=interpret)
