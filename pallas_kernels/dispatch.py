@@ -12,7 +12,8 @@ made at trace time from static shapes and the environment:
                               routed-expert kernels at every N, prefill chunks too (v3: 3-6x
                               XLA's gather + dot);
                               the hyper-connection Sinkhorn (one launch for ~40 per sublayer).
-                              The fused norms lost to XLA's fusions and stay off.
+                              The fused norms lost to XLA's fusions and stay off; the Hadamard
+                              kernel saves GPU time but no wall time yet, and stays off.
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
     DS4JAX_KERNELS=off        the reference everywhere
     DS4JAX_KERNELS=interpret  every kernel at N = 1..4, interpreted off GPU (the CPU tests)
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 from ds4jax.errors import DS4Error
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rounded_in_loop
 from pallas_kernels import experts, norms, q8_0
+from pallas_kernels import hadamard as hadamard_kernel
 from pallas_kernels import sinkhorn as sinkhorn_kernel
 
 MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
@@ -155,6 +157,18 @@ def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> 
     if not use or not norms.head_supported(q, cos):
         return norms.head_norm_rope_reference(q, cos, sin, eps)
     return norms.head_norm_rope(q, cos, sin, eps, interpret=interpret)
+
+
+def hadamard(x: jax.Array) -> jax.Array:
+    """The scaled Walsh–Hadamard transform of x [..., n] over its last axis (the indexer's q and
+    compressed rows). Its rows are independent, so any number of them takes the kernel.
+    Not in ``auto``: exact on the H200, −21 µs of GPU time over 4 full-size layers, but no faster a
+    step in wall time (4 layers timed interleaved in one process, session 12: 1.736 against
+    1.668 ms a token without it), since the step is bound by its kernel count, not GPU time."""
+    use, interpret = _use(1, auto=False)
+    if not use or not hadamard_kernel.supported(x.shape[-1]):
+        return hadamard_kernel.reference(x)
+    return hadamard_kernel.hadamard(x, interpret=interpret)
 
 
 def sinkhorn(c: jax.Array, n_iter: int, hc_eps: float) -> jax.Array:

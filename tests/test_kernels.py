@@ -16,7 +16,7 @@ from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from ds4jax.sampling import SamplingParams
-from pallas_kernels import dispatch, experts, norms, q8_0, q8_0_mosaic, sinkhorn
+from pallas_kernels import dispatch, experts, hadamard, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.testing import expert_planes
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -185,6 +185,17 @@ def test_q8_0_auto_policy_at_one_token():
     assert all(dispatch._q8_auto(n, 512, 4096, 1) for n in (2, 3, 4))
 
 
+@pytest.mark.parametrize("shape", [(1, 64, 128), (3, 5, 128), (2, 256), (7, 8)], ids=["q", "odd-rows", "n256", "n8"])
+def test_hadamard_kernel_is_the_reference(shape):
+    """Every butterfly stage in the reference's order, so the same bits (random data; rows that
+    are not a multiple of the block)."""
+    x = jnp.asarray(RNG.standard_normal(shape).astype(np.float32) * 3)
+    got = np.asarray(hadamard.hadamard(x, block_rows=4, interpret=INTERPRET))
+    want = np.asarray(hadamard.reference(x))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(np.asarray(dispatch.hadamard(x)), want)
+
+
 @pytest.mark.parametrize("T", [1, 3])
 def test_fused_norm_kernels_are_the_reference(T):
     a = jnp.asarray(RNG.standard_normal((T, 1024)).astype(np.float32) * 3)
@@ -266,6 +277,7 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((2, 64), f32),
             S((64,), f32),
         ),
+        (lambda x: hadamard.hadamard(x), S((1, 64, 128), f32)),
         (
             lambda q, c, s: norms.head_norm_rope(q, c, s, 1e-6, heads_per_program=4),
             S((2, 8, 128), f32),

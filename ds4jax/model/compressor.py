@@ -24,12 +24,12 @@ from ds4jax.model.numerics import (
     f16_round,
     fp4_e2m1_round_trip,
     fp8_e4m3_round_trip,
-    hadamard,
     rms_norm,
     rounded,
 )
 from ds4jax.model.rope import apply_rope_tail, rope_angles
 from ds4jax.state import window_slots
+from pallas_kernels import dispatch as kernels
 
 
 def _pool(buf_kv, buf_sc, ratio: int, coff: int, hd: int, n_slots: int):
@@ -82,7 +82,7 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
     cos, sin = rope_angles(start, cfg, layer, rope)
     rows = apply_rope_tail(rows, cos, sin)
     if indexer:
-        rows = fp4_e2m1_round_trip(hadamard(rows), cfg.fp4_block)
+        rows = fp4_e2m1_round_trip(kernels.hadamard(rows), cfg.fp4_block)
     else:
         nope = fp8_e4m3_round_trip(rows[:, : cfg.n_nope], cfg.fp8_block)
         rows = jnp.concatenate([nope, rows[:, cfg.n_nope :]], axis=-1)

@@ -14,8 +14,9 @@ from jax import lax
 
 from ds4jax.config import ModelConfig
 from ds4jax.model.linear import dense
-from ds4jax.model.numerics import F32, asum, fp4_e2m1_round_trip, hadamard, rounded
+from ds4jax.model.numerics import F32, asum, fp4_e2m1_round_trip, rounded
 from ds4jax.model.rope import apply_rope_tail
+from pallas_kernels import dispatch as kernels
 
 
 def select_rows(cfg: ModelConfig, w: dict, qrn, xn, cos, sin, idx_cache, n_visible):
@@ -27,7 +28,7 @@ def select_rows(cfg: ModelConfig, w: dict, qrn, xn, cos, sin, idx_cache, n_visib
     T = qrn.shape[0]
     q = dense(qrn, w["indexer_attn_q_b"]).reshape(T, cfg.n_idx_head, cfg.idx_head_dim)
     q = apply_rope_tail(q, cos[:, None, :], sin[:, None, :])
-    q = fp4_e2m1_round_trip(hadamard(q), cfg.fp4_block)
+    q = fp4_e2m1_round_trip(kernels.hadamard(q), cfg.fp4_block)
     wh = dense(xn, w["indexer_proj"]) * F32(1.0 / math.sqrt(cfg.idx_head_dim * cfg.n_idx_head))
     k = idx_cache.astype(F32)  # [cap, ihd]
     dots = jnp.maximum(asum(rounded(q[:, :, None, :] * k[None, None]), -1), 0.0)  # [T, H, cap]
