@@ -164,6 +164,8 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
 
         with gzip.open(os.path.join(a.out, f"decode_{mode}.hlo.gz"), "wt") as f:
             f.write(eng.program("decode").as_text())
+    if a.timeline:
+        devtime.entry_summary(eng.program("decode").as_text())
     for name in names:  # the programs' scratch beside the weights and state
         m = eng.program(name).memory_analysis()
         if m is not None:

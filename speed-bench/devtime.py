@@ -10,8 +10,10 @@ Off GPU it falls back to wall clock (the CPU smoke mode only checks that the scr
 
 from __future__ import annotations
 
+import collections
 import glob
 import itertools
+import re
 import tempfile
 import time
 
@@ -84,6 +86,40 @@ def timeline_report(path: str, steps: int, classify, top: int = 12) -> None:
     print("  [timeline] host events a step (count, us):", flush=True)
     for name, (c, t) in sorted(host.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"    {c / steps:8.1f} x {t / c / 1e3:8.2f} us  {name[:90]}", flush=True)
+
+
+_OPCODE = re.compile(r"([a-z][a-z0-9-]*)\(")
+
+
+def entry_summary(hlo_text: str, top: int = 12) -> None:
+    """What the host launches a step: the compiled program's ENTRY instructions by opcode. On GPU,
+    XLA wraps runs of kernels into command buffers (CUDA graphs, ``call`` to a
+    ``command_buffer`` computation); every other ENTRY fusion, custom call (a Pallas kernel),
+    sort or loop is launched on its own."""
+    lines, inside = [], False
+    for ln in hlo_text.splitlines():
+        if ln.startswith("ENTRY "):
+            inside = True
+        elif inside and ln.startswith("}"):
+            break
+        elif inside and " = " in ln:
+            lines.append(ln)
+    ops: collections.Counter = collections.Counter()
+    graphs = 0
+    for ln in lines:
+        m = _OPCODE.search(ln.split(" = ", 1)[1])
+        op = m.group(1) if m else "?"
+        if op == "call" and "command_buffer" in ln:
+            graphs += 1
+            continue
+        if op == "custom-call":
+            t = re.search(r'custom_call_target="([^"]+)"', ln)
+            op = f"custom-call {t.group(1) if t else '?'}"
+        if op not in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
+            ops[op] += 1
+    print(f"  [entry] {graphs} command buffers; {sum(ops.values())} other ENTRY instructions:", flush=True)
+    for op, c in ops.most_common(top):
+        print(f"    {c:6d}  {op}", flush=True)
 
 
 def kernel_ns(run, *args) -> tuple[float, dict, object]:
