@@ -58,9 +58,12 @@ def test_q8_0_kernel_with_padded_tokens_at_four_blocks_a_step(monkeypatch):
     monkeypatch.setattr(q8_0, "PAD_TOKENS_FROM_BYTES", 0)
     xq, dx, qs, d = q8_inputs(4, 80, 384)  # a shape no other test traces (jit caches by shape)
     cfg = q8_0.choose_config(80, 384, 1, blocks_per_step=4)
+    x = jnp.asarray(RNG.standard_normal((4, 384)).astype(np.float32))
     for n in (1, 2, 3):
         got = np.asarray(q8_0.matmul(xq[:n], dx[:n], qs, d, cfg=cfg, interpret=INTERPRET))
         assert np.array_equal(got, q8_0.reference(xq[:n], dx[:n], qs, d, 1))
+        got = np.asarray(q8_0.matmul(x[:n], None, qs, d, cfg=cfg, interpret=INTERPRET))  # zero rows quantized too
+        assert np.array_equal(got, q8_0.reference(*quantize_q8_0(x[:n]), qs, d, 1))
     jaxpr = jax.make_jaxpr(lambda a, b: q8_0.matmul(a, b, qs, d, cfg=cfg, interpret=INTERPRET))(xq[:1], dx[:1])
     x_in = [e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call"][0].invars[2]
     assert x_in.aval.shape == (4, 384)  # the tokens were padded to the block's 4 rows
