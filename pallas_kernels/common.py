@@ -14,6 +14,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental.pallas import triton as pltriton
 
@@ -106,6 +107,22 @@ def iq2_sign_masks(s7: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array
         _asm("{ .reg .b32 v; and.b32 v, $1, 15; " + spread, sb),
         _asm("{ .reg .b32 v; shr.u32 v, $1, 4; " + spread, sb),
     )
+
+
+def nib_bytes(sel: jax.Array, table: tuple[int, int], interpret: bool) -> jax.Array:
+    """A word of 4 bytes picked from the 8-byte ``table`` (two little-endian u32 words: bytes
+    0-3, 4-7) by the 4 low nibbles of ``sel`` (int32; byte i by nibble i, whose bit 3 must be
+    0): PTX ``prmt`` in default mode, one instruction. Interpreted, the same in jnp."""
+    if interpret:  # scalar constants only: a kernel may not capture arrays
+        tab = [int(v) for v in np.frombuffer(np.asarray(table, "<u4").tobytes(), np.uint8)]
+        out = jnp.zeros_like(sel)
+        for i in range(4):
+            k = (sel >> (4 * i)) & 7
+            byte = sum(jnp.where(k == j, jnp.int32(t), jnp.int32(0)) for j, t in enumerate(tab))
+            out = out | (byte << (8 * i))
+        return out
+    a, b = table
+    return _asm(f"{{ .reg .b32 ta, tb; mov.b32 ta, {a:#x}; mov.b32 tb, {b:#x}; prmt.b32 $0, ta, tb, $1; }}", sel)
 
 
 def _asm(code: str, a: jax.Array) -> jax.Array:

@@ -39,6 +39,7 @@ from pallas_kernels.common import (
     finish,
     iq2_sign_masks,
     kernel_zero,
+    nib_bytes,
     opaque,
     pick,
     two_sum_add,
@@ -49,6 +50,28 @@ QK_K = 256
 Q2_K, Q4_K, IQ2_XXS = QType.Q2_K, QType.Q4_K, QType.IQ2_XXS  # the planes' qtype (GGML ids)
 TYPES = (Q2_K, Q4_K, IQ2_XXS)
 GRID = np.asarray(IQ2XXS_GRID, np.int8).reshape(256, 8)  # IQ2_XXS magnitudes, row = grid index
+
+# IQ2_XXS repacked at load time (``repack_iq2_nib``; a layout of this module, not a GGML type):
+# every weight a nibble c + 4·negative, c = 0, 1, 2 for the magnitudes 8, 25, 43 (8 nibbles a u32
+# word, element l at bits 4l), and the sub-block scales 2·ls + 1 as bytes. 4.3 bits a weight
+# against IQ2_XXS's 2.06, but a word of 4 weights decodes in one ``prmt`` (a byte select from an
+# 8-byte table by 4 nibble selectors): no table gathers, no parity, no sign masks. IQ2_XXS is
+# issue-bound at 16-18 % of the copy bandwidth (~25 integer ops and 2 gathers a group of 8).
+IQ2_NIB = 0x1000 | int(IQ2_XXS)
+LAYOUTS = (IQ2_NIB,)
+_NIB_TABLE = (0x002B1908, 0x00D5E7F8)  # bytes 8, 25, 43, 0 | -8, -25, -43, 0 (prmt's a, b)
+_IQ2 = (IQ2_XXS, IQ2_NIB)  # w = d (2 ls + 1) / 8 · magnitude · sign: no min term
+
+
+def repack_iq2_nib(p: dict) -> dict:
+    """IQ2_XXS planes {grid, aux, d} [..., nb, ...] → IQ2_NIB planes {nib u32 [..., nb, 32],
+    sc u8 [..., nb, 8], d}: the same integer weights and scales."""
+    vals, sc, _ = _int_weights(IQ2_XXS, p)  # [..., nb, 8, 32] int8, [..., nb, 8]
+    mag = jnp.abs(vals.astype(I32))
+    nib = ((mag - 8) // 17 + 4 * (vals < 0)).astype(jnp.uint32)  # 8, 25, 43 -> 0, 1, 2
+    nib = nib.reshape(*nib.shape[:-2], 32, 8)  # groups of 8 elements, in element order
+    word = jnp.sum(nib << (4 * jnp.arange(8, dtype=jnp.uint32)), axis=-1, dtype=jnp.uint32)
+    return {"nib": word, "sc": sc.astype(jnp.uint8), "d": p["d"]}
 
 
 # ---- reference --------------------------------------------------------------------
@@ -77,6 +100,14 @@ def _int_weights(qtype: int, p: dict):
         mag = mag.reshape(lead + (8, 4, 8))
         vals = jnp.where(neg, -mag, mag).reshape(lead + (8, 32))
         return vals, 2 * ls + 1, None
+    if qtype == IQ2_NIB:
+        w = p["nib"]  # [.., nb, 32] u32
+        lead = w.shape[:-1]
+        nib = ((w[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15).astype(I32)  # [.., nb, 32, 8]
+        c = nib & 3
+        mag = 8 + 17 * c + (c == 2)
+        vals = jnp.where(nib >= 4, -mag, mag).astype(jnp.int8).reshape(lead + (8, 32))
+        return vals, p["sc"].astype(I32), None
     raise NotImplementedError(f"expert matmul for GGML type {qtype}")
 
 
@@ -95,7 +126,7 @@ def reference(xq, dx, qtype: int, planes: dict, ids=None, rnd=rounded):
     isum = jnp.sum(sub * sc, axis=-1)  # [..., out, nb]
     d = planes["d"].astype(F32)
     dxb = dx[..., None, :]
-    if mn is None:  # IQ2_XXS: w = d * (2 ls + 1) / 8 * grid * sign
+    if mn is None:  # IQ2_XXS (and its nibble layout): w = d * (2 ls + 1) / 8 * grid * sign
         blk = (d * dxb) * F32(0.125) * isum.astype(F32)
     else:  # K-quants: w = d * sc * q - dmin * m; the min term uses the activation block sums
         bsum = jnp.sum(xb.astype(I32), axis=-1)  # [..., nb, S]
@@ -189,7 +220,7 @@ GRID32 = GRID.view(np.int32).reshape(-1)  # the table as 2 little-endian words p
 # once, IQ2_XXS by two table words per 8-element group with the signs applied as byte masks.
 # The integer sums are the same exact values, so the bits are v1's.
 _ONES = 0x01010101
-_X3_VIEW = {Q4_K: (4, 2, 8), Q2_K: (2, 4, 8), IQ2_XXS: (32, 2)}  # x words per super-block
+_X3_VIEW = {Q4_K: (4, 2, 8), Q2_K: (2, 4, 8), IQ2_XXS: (32, 2), IQ2_NIB: (32, 2)}  # x words per super-block
 
 
 def _isums_v3(qtype, x, b, planes, sel, tab_ref, interpret):
@@ -213,6 +244,13 @@ def _isums_v3(qtype, x, b, planes, sel, tab_ref, interpret):
         sub = jnp.sum((pos - neg).reshape(-1, 8, 4), axis=-1)  # [BO, 8] sub-block dots
         ls = (aux >> 28).astype(I32)
         return jnp.sum(sub * (2 * ls + 1), axis=-1), None
+    if qtype == IQ2_NIB:  # word g: the nibbles of group g's 8 elements; x words 2g, 2g + 1
+        w = planes["nib"][e, rows, b, :].astype(I32)  # [BO, 32]
+        v0 = nib_bytes(w, _NIB_TABLE, interpret)  # elements 0-3: the low 16 bits select
+        v1 = nib_bytes(lax.shift_right_logical(w, 16), _NIB_TABLE, interpret)
+        x0, x1 = pick(x, 1, 0)[None, :], pick(x, 1, 1)[None, :]
+        sub = jnp.sum(mac(v1, x1, mac(v0, x0, zero)).reshape(-1, 8, 4), axis=-1)  # [BO, 8]
+        return jnp.sum(sub * planes["sc"][e, rows, b, :].astype(I32), axis=-1), None
     bsum_w = mac(jnp.int32(_ONES), x, zero)  # per-word sums of the activations
     if qtype == Q2_K:  # word (h, l4) = bytes 32h + 4l4..+3; bits 2j: elements 128h + 32j + 4l4..+3
         w = byte_words(planes["qs"][e, rows, b, :])  # [BO, 16] = (h, l4)
@@ -275,7 +313,7 @@ def _kernel(z_ref, ids_ref, x_ref, *refs, qtype, names, nb, n_mat, tiles, cfg, v
             s, err = carry
             isum, msum, dxb = isums(b, planes, sel)
             d = planes["d"][e, sel[1], b].astype(F32)
-            if qtype == IQ2_XXS:  # w = d (2 ls + 1) / 8 · grid · sign
+            if qtype in _IQ2:  # w = d (2 ls + 1) / 8 · grid · sign
                 blk = opaque((d * dxb) * F32(0.125) * isum.astype(F32), zero)
             else:  # w = d sc q - dmin m: the min term from the activation sub-block sums
                 dmin = planes["dmin"][e, sel[1], b].astype(F32)
@@ -305,7 +343,7 @@ _X_VIEW = {Q4_K: (4, 2, 32), Q2_K: (2, 4, 32), IQ2_XXS: (8, 4, 8)}
 
 
 def supported(qtype: int, out: int) -> bool:
-    return qtype in TYPES and out % 16 == 0
+    return (qtype in TYPES or qtype in LAYOUTS) and out % 16 == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,7 +363,7 @@ class ExpertConfig:
 # 21.4 → 14.7 µs; Q4_K 4096×2048 at 2 of 8 with 4 as good: 14.0 → 12.9), Q2_K at 1 (15.9 → 13.7).
 # Programs of a few super-blocks fill the GPU (without a split, 6 pairs × 64 blocks of 32 rows
 # = 384 programs: 18 % occupancy by Nsight Compute, run 14) while staying long enough to amortize.
-_BLOCKS_PER_PROGRAM = {IQ2_XXS: 4, Q4_K: 4, Q2_K: 1}
+_BLOCKS_PER_PROGRAM = {IQ2_XXS: 4, Q4_K: 4, Q2_K: 1, IQ2_NIB: 4}  # IQ2_NIB: IQ2_XXS's, not swept yet
 
 
 def choose_config(qtype: int, out: int, nb: int) -> ExpertConfig:
@@ -362,8 +400,8 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
     same = all(tuple(sorted(m)) == names and all(m[k].shape == mats[0][k].shape for k in names) for m in mats)
     if not supported(qtype, out) or out % BO or nb % S or not same:
         raise ValueError(f"expert kernel: unsupported type {qtype} / {out} rows / {nb} super-blocks / {cfg}")
-    if version not in (1, 3) or (quantize and version != 3):
-        raise ValueError(f"expert kernel: no version {version} (1 or 3; v2 is gone; f32 input: v3 only)")
+    if version not in (1, 3) or (version != 3 and (quantize or qtype in LAYOUTS)):
+        raise ValueError(f"expert kernel: no version {version} (1 or 3; v2 is gone; f32 input and IQ2_NIB: v3 only)")
     if quantize:  # f32 activations, quantized per super-block in the kernel
         xv = xq.reshape(P, nb, QK_K)
     elif version == 1:

@@ -57,6 +57,7 @@ Q8_SHAPES = [  # name, out, k, groups (k per group)
 ]
 EXPERT_SHAPES = [  # name, qtype, out, n (256 experts, 6 routed per token)
     ("gate/up IQ2_XXS 4096->2048", experts.IQ2_XXS, 2048, 4096),
+    ("gate/up IQ2_XXS as nibbles 4096->2048", experts.IQ2_NIB, 2048, 4096),  # 2.1x the bytes
     ("down Q2_K 2048->4096", experts.Q2_K, 4096, 2048),
     ("gate/up Q4_K 4096->2048", experts.Q4_K, 2048, 4096),
     ("down Q4_K 2048->4096", experts.Q4_K, 4096, 2048),
@@ -479,7 +480,10 @@ def main() -> None:
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
     ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
+    ap.add_argument("--expert-shapes", default="", help="comma-separated name parts: only these expert shapes")
     a = ap.parse_args()
+    if a.expert_shapes:
+        EXPERT_SHAPES = [e for e in EXPERT_SHAPES if any(part in e[0] for part in a.expert_shapes.split(","))]
     t0 = time.time()
     left = lambda: a.minutes * 60 - (time.time() - t0)
     card = jax.devices()[0].device_kind

@@ -105,8 +105,27 @@ def test_q8_0_kernel_reads_the_selected_matrix_of_a_stack():
     assert np.array_equal(got, q8_0.reference(xq, dx, qs[2], d[2]))
 
 
-@pytest.mark.parametrize("version", [1, 3])
-@pytest.mark.parametrize("qtype", [experts.IQ2_XXS, experts.Q2_K, experts.Q4_K], ids=["iq2_xxs", "q2_k", "q4_k"])
+def test_iq2_nibble_layout_holds_the_same_weights():
+    """IQ2_XXS repacked to nibbles (``repack_iq2_nib``): the same integer weights and sub-block
+    scales, so the reference gives the same bits; the kernel is checked below like the GGML types."""
+    p = expert_planes(jax.random.PRNGKey(7), experts.IQ2_XXS, 3, 16, 2)
+    nib = experts.repack_iq2_nib(p)
+    v0, s0, _ = experts._int_weights(experts.IQ2_XXS, p)
+    v1, s1, _ = experts._int_weights(experts.IQ2_NIB, nib)
+    assert np.array_equal(v0, v1) and np.array_equal(s0, s1)
+    assert {np.abs(np.asarray(v0)).min(), np.abs(np.asarray(v0)).max()} == {8, 43}
+    xq = jnp.asarray(RNG.integers(-128, 128, (4, 512), dtype=np.int8))
+    dx = jnp.asarray(RNG.uniform(1e-3, 1e-1, (4, 2)).astype(np.float32))
+    ids = jnp.asarray([2, 0, 1, 2], jnp.int32)
+    want = experts.reference(xq, dx, experts.IQ2_XXS, p, ids)
+    assert np.array_equal(experts.reference(xq, dx, experts.IQ2_NIB, nib, ids), want)
+
+
+@pytest.mark.parametrize(
+    "qtype,version",
+    [(q, v) for q in (experts.IQ2_XXS, experts.Q2_K, experts.Q4_K) for v in (1, 3)] + [(experts.IQ2_NIB, 3)],
+    ids=["iq2_xxs-v1", "iq2_xxs-v3", "q2_k-v1", "q2_k-v3", "q4_k-v1", "q4_k-v3", "iq2_nib-v3"],
+)
 def test_expert_kernel_is_the_reference(qtype, version):
     E, out, nb = 6, 48, 2  # 48 rows: three 16-row tiles
     planes = expert_planes(jax.random.PRNGKey(qtype), qtype, E, out, nb)
@@ -288,9 +307,9 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((2, 32), f32),
         ),
     ]
-    for qtype in experts.TYPES:
+    for qtype in (*experts.TYPES, *experts.LAYOUTS):
         planes = expert_planes(jax.random.PRNGKey(0), qtype, 4, 32, 2)
-        for version in (1, 3):
+        for version in (1, 3) if qtype in experts.TYPES else (3,):
             fn = functools.partial(_expert_call, qtype=qtype, version=version)
             calls.append((fn, S((3, 512), i8), S((3, 2), f32), S((3,), jnp.int32), planes))
     for fn, *args in calls:
