@@ -25,6 +25,7 @@ from ds4jax.errors import DS4Error
 from ds4jax.model.forward import commit, forward_hidden, head
 from ds4jax.model.rope import rope_tables
 from ds4jax.model_file import ModelFiles
+from ds4jax.quant.layouts import with_expert_layout
 from ds4jax.sampling import SamplingParams, kind_of, sample
 from ds4jax.state import init_state
 from ds4jax.weights import load_weights
@@ -103,9 +104,13 @@ class Engine:
         act_quant: bool = True,
         weights=None,
         compiler_options: dict | None = None,
+        expert_layout: str = "gguf",
     ):
         """``compiler_options``: XLA options (``xla_*`` names, as ``Lowered.compile`` takes them)
-        for this engine's programs, e.g. to A/B an option inside one process."""
+        for this engine's programs, e.g. to A/B an option inside one process. ``expert_layout``:
+        the routed experts' gate/up planes as stored (``gguf``) or IQ2_XXS repacked to nibbles
+        (``nib``, ``quant/layouts.py``: the same bits, 2.1x their memory); weights the engine
+        loads itself are converted in place, ``weights`` given to it are copied."""
         cfg = dataclasses.replace(mf.config, act_quant=act_quant)
         if ctx < 1:
             raise DS4Error(f"--ctx must be positive, got {ctx}")
@@ -116,6 +121,7 @@ class Engine:
         self.cfg, self.ctx, self.chunk = cfg, ctx, min(chunk, ctx)
         self.files = mf
         base = weights if weights is not None else load_weights(mf)
+        base = with_expert_layout(base, expert_layout, donate=weights is None)
         self.weights = {**base, "rope": jax.device_put(rope_tables(cfg, ctx))}
         self._compiled: dict = {}
         self._params: dict = {}  # sampling values -> (sampler kind, their device copies)

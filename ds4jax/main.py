@@ -43,6 +43,13 @@ flags.DEFINE_bool("act_quant", True, "quantize activations to int8 blocks before
 flags.DEFINE_integer("mtp_draft", 2, "MTP speculative decoding: 2 = verify [token, draft] in one N=2 forward; 0 = off")
 flags.DEFINE_float("mtp_margin", 3.0, "draft only when the MTP's top-two logit margin is at least this")
 flags.DEFINE_bool("quality", False, "strict mode: the N=1 program token by token (also DS4JAX_MTP_STRICT=1)")
+flags.DEFINE_enum(
+    "expert_layout",
+    "gguf",
+    ["gguf", "nib"],
+    "routed experts' gate/up planes: as stored, or IQ2_XXS repacked to nibbles (the same results, 2.1x "
+    "their memory, decoded on a GPU without table lookups: speed-bench/KERNELS.md)",
+)
 flags.DEFINE_bool("summary", False, "print the model summary and exit")
 flags.DEFINE_bool("load", True, "with --summary: also repack all tensors into quant planes on the device")
 flags.DEFINE_string(
@@ -118,7 +125,9 @@ def _runner(mf, ctx: int, eos: int | None, weights=None):
     if FLAGS.mtp_draft not in (0, 2):
         raise DS4Error(f"--mtp_draft must be 0 or 2 (the N=2 combined verifier), got {FLAGS.mtp_draft}")
     kernels.mode()  # a bad DS4JAX_KERNELS is one line here, not an error inside a compile
-    engine = Engine(mf, ctx=ctx, chunk=FLAGS.chunk, act_quant=FLAGS.act_quant, weights=weights)
+    engine = Engine(
+        mf, ctx=ctx, chunk=FLAGS.chunk, act_quant=FLAGS.act_quant, weights=weights, expert_layout=FLAGS.expert_layout
+    )
     strict = FLAGS.quality or os.environ.get("DS4JAX_MTP_STRICT", "") not in ("", "0")
     spec = None
     if mf.mtp is not None and FLAGS.mtp_draft == 2 and not strict and FLAGS.dump_logits is None:
@@ -127,8 +136,10 @@ def _runner(mf, ctx: int, eos: int | None, weights=None):
 
             spec = MTPSpeculativeDecoder(engine, margin=FLAGS.mtp_margin)
         else:
-            print(f"{PROG}: warning: MTP speculative decoding needs greedy decoding (--temp 0); "
-                  "decoding without it", file=sys.stderr)
+            print(
+                f"{PROG}: warning: MTP speculative decoding needs greedy decoding (--temp 0); decoding without it",
+                file=sys.stderr,
+            )
     mode = "speculative (MTP, N=2 verifier)" if spec is not None else ("strict N=1" if strict else "plain")
 
     def progress(done: int, total: int) -> None:
@@ -144,8 +155,9 @@ def _runner(mf, ctx: int, eos: int | None, weights=None):
         engine.check_prompt(ids)
         if spec is not None:
             return spec.generate(ids, FLAGS.n_predict, eos_id=eos, on_token=on_token)
-        return engine.generate(ids, FLAGS.n_predict, sampling, eos_id=eos, on_token=on_token,
-                               keep_logits=keep_logits, progress=progress)
+        return engine.generate(
+            ids, FLAGS.n_predict, sampling, eos_id=eos, on_token=on_token, keep_logits=keep_logits, progress=progress
+        )
 
     return engine, run, mode
 
@@ -161,9 +173,11 @@ def _report(g, n_prompt: int, mode: str) -> None:
     )
     stats = getattr(g, "stats", None)
     if stats is not None:
-        print(f"mtp: drafts proposed {stats.proposed}, accepted {stats.accepted} ({100 * stats.acceptance:.1f}%), "
-              f"{g.tokens_per_step:.2f} tokens per step ({stats.verify_steps} verify, {stats.plain_steps} plain)",
-              file=sys.stderr)
+        print(
+            f"mtp: drafts proposed {stats.proposed}, accepted {stats.accepted} ({100 * stats.acceptance:.1f}%), "
+            f"{g.tokens_per_step:.2f} tokens per step ({stats.verify_steps} verify, {stats.plain_steps} plain)",
+            file=sys.stderr,
+        )
 
 
 def _tokenizer(mf):
@@ -222,7 +236,10 @@ def _chat(mf) -> None:
     tokenizer = _tokenizer(mf)
     if tokenizer is None:
         raise DS4Error(f"{mf.base.path} has no tokenizer metadata: chat needs one (use --prompt_ids)")
-    weights = load_weights(mf)
+    from ds4jax.quant.layouts import with_expert_layout
+
+    # converted once here (in place): the engines made per context size then find it done
+    weights = with_expert_layout(load_weights(mf), FLAGS.expert_layout, donate=True)
 
     def make(ctx: int):
         _, run, _ = _runner(mf, ctx, tokenizer.eos_id, weights=weights)

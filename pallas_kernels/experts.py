@@ -31,6 +31,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import asum, quantize_q8_k, rounded
 from ds4jax.quant.formats import QType
+from ds4jax.quant.layouts import IQ2_NIB, iq2_nib_ints, iq2_xxs_ints
 from ds4jax.quant.tables import IQ2XXS_GRID
 from pallas_kernels.common import (
     F32,
@@ -51,27 +52,13 @@ Q2_K, Q4_K, IQ2_XXS = QType.Q2_K, QType.Q4_K, QType.IQ2_XXS  # the planes' qtype
 TYPES = (Q2_K, Q4_K, IQ2_XXS)
 GRID = np.asarray(IQ2XXS_GRID, np.int8).reshape(256, 8)  # IQ2_XXS magnitudes, row = grid index
 
-# IQ2_XXS repacked at load time (``repack_iq2_nib``; a layout of this module, not a GGML type):
-# every weight a nibble c + 4·negative, c = 0, 1, 2 for the magnitudes 8, 25, 43 (8 nibbles a u32
-# word, element l at bits 4l), and the sub-block scales 2·ls + 1 as bytes. 4.3 bits a weight
-# against IQ2_XXS's 2.06, but a word of 4 weights decodes in one ``prmt`` (a byte select from an
-# 8-byte table by 4 nibble selectors): no table gathers, no parity, no sign masks. IQ2_XXS is
-# issue-bound at 16-18 % of the copy bandwidth (~25 integer ops and 2 gathers a group of 8).
-IQ2_NIB = 0x1000 | int(IQ2_XXS)
+# IQ2_XXS repacked at load time (``ds4jax.quant.layouts``): a word of 4 weights decodes in one
+# ``prmt`` (a byte select from an 8-byte table by 4 nibble selectors): no table gathers, no
+# parity, no sign masks. IQ2_XXS is issue-bound at 16-18 % of the copy bandwidth (~25 integer ops
+# and 2 gathers a group of 8).
 LAYOUTS = (IQ2_NIB,)
 _NIB_TABLE = (0x002B1908, 0x00D5E7F8)  # bytes 8, 25, 43, 0 | -8, -25, -43, 0 (prmt's a, b)
 _IQ2 = (IQ2_XXS, IQ2_NIB)  # w = d (2 ls + 1) / 8 · magnitude · sign: no min term
-
-
-def repack_iq2_nib(p: dict) -> dict:
-    """IQ2_XXS planes {grid, aux, d} [..., nb, ...] → IQ2_NIB planes {nib u32 [..., nb, 32],
-    sc u8 [..., nb, 8], d}: the same integer weights and scales."""
-    vals, sc, _ = _int_weights(IQ2_XXS, p)  # [..., nb, 8, 32] int8, [..., nb, 8]
-    mag = jnp.abs(vals.astype(I32))
-    nib = ((mag - 8) // 17 + 4 * (vals < 0)).astype(jnp.uint32)  # 8, 25, 43 -> 0, 1, 2
-    nib = nib.reshape(*nib.shape[:-2], 32, 8)  # groups of 8 elements, in element order
-    word = jnp.sum(nib << (4 * jnp.arange(8, dtype=jnp.uint32)), axis=-1, dtype=jnp.uint32)
-    return {"nib": word, "sc": sc.astype(jnp.uint8), "d": p["d"]}
 
 
 # ---- reference --------------------------------------------------------------------
@@ -90,24 +77,11 @@ def _int_weights(qtype: int, p: dict):
         vals = ((qs.reshape(lead + (4, 1, 32)) >> shift) & 15).reshape(lead + (8, 32))
         return vals.astype(jnp.int8), p["sc"].astype(I32), p["m"].astype(I32)
     if qtype == IQ2_XXS:
-        aux = p["aux"]  # [.., nb, 8] u32
-        lead = aux.shape[:-1]
-        ls = (aux >> 28).astype(I32)
-        s7 = (aux[..., None] >> jnp.array([0, 7, 14, 21], jnp.uint32)) & 127  # [.., nb, 8, 4]
-        sbyte = s7 | ((lax.population_count(s7) & 1) << 7)  # 8th sign bit = parity
-        neg = ((sbyte[..., None] >> jnp.arange(8, dtype=jnp.uint32)) & 1) != 0  # [.., nb, 8, 4, 8]
-        mag = jnp.asarray(GRID)[p["grid"].astype(I32)]  # [.., nb, 32, 8]
-        mag = mag.reshape(lead + (8, 4, 8))
-        vals = jnp.where(neg, -mag, mag).reshape(lead + (8, 32))
-        return vals, 2 * ls + 1, None
+        vals, sc = iq2_xxs_ints(p)
+        return vals, sc, None
     if qtype == IQ2_NIB:
-        w = p["nib"]  # [.., nb, 32] u32
-        lead = w.shape[:-1]
-        nib = ((w[..., None] >> (4 * jnp.arange(8, dtype=jnp.uint32))) & 15).astype(I32)  # [.., nb, 32, 8]
-        c = nib & 3
-        mag = 8 + 17 * c + (c == 2)
-        vals = jnp.where(nib >= 4, -mag, mag).astype(jnp.int8).reshape(lead + (8, 32))
-        return vals, p["sc"].astype(I32), None
+        vals, sc = iq2_nib_ints(p)
+        return vals, sc, None
     raise NotImplementedError(f"expert matmul for GGML type {qtype}")
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ds4jax.quant.layouts import iq2_nib_planes
 from pallas_kernels import experts
 
 
 def expert_planes(key: jax.Array, qtype: int, E: int, out: int, nb: int) -> dict:
     """Planes of E random experts [E, out, nb super-blocks] of ``qtype`` (scales in [1e-4, 1e-2])."""
     if qtype in experts.LAYOUTS:  # a load-time layout: random IQ2_XXS planes, repacked
-        return experts.repack_iq2_nib(expert_planes(key, experts.IQ2_XXS, E, out, nb))
+        return iq2_nib_planes(expert_planes(key, experts.IQ2_XXS, E, out, nb))
     ks = iter(jax.random.split(key, 8))
 
     def u8(*shape, hi=256):

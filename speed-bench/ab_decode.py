@@ -8,6 +8,7 @@ decode steps each), so slow and fast spells hit all of them alike; the median ro
 
 A variant is ``label`` or ``label:key=value,key=value``. Keys:
   kernels=auto|all|off      DS4JAX_KERNELS while the variant's program is traced
+  layout=gguf|nib           the routed experts' gate/up layout (a converted copy of the weights)
   xla_...=value             an XLA option for its compile (``Engine(compiler_options=...)``)
   package.module.NAME=value a module constant while the program is traced (e.g.
                             pallas_kernels.dispatch.QUANTIZE_IN_KERNEL=false), restored after
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib
 import os
 import sys
@@ -37,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
 from ds4jax.presets import load_preset, preset_config, with_layers
+from ds4jax.quant.layouts import EXPERT_LAYOUTS, with_expert_layout
 from ds4jax.random_weights import random_weights
 from ds4jax.sampling import SamplingParams
 
@@ -53,20 +56,40 @@ def _value(text: str):
     return text
 
 
-def parse_variant(text: str) -> tuple[str, str, dict, dict]:
-    """'label:key=value,...' -> (label, DS4JAX_KERNELS value, XLA options, module constants)."""
+@dataclasses.dataclass
+class Variant:
+    label: str
+    kernels: str  # DS4JAX_KERNELS while the program is traced
+    layout: str = "gguf"  # the routed experts' gate/up layout
+    xla: dict = dataclasses.field(default_factory=dict)  # XLA compile options
+    consts: dict = dataclasses.field(default_factory=dict)  # (module, name) -> value while traced
+
+    def describe(self) -> str:
+        named = {f"{mod.__name__}.{name}": v for (mod, name), v in self.consts.items()}
+        return " ".join(
+            f"{k}={v}"
+            for k, v in [("kernels", self.kernels), ("layout", self.layout), *self.xla.items(), *named.items()]
+        )
+
+
+def parse_variant(text: str) -> Variant:
+    """'label:key=value,...' -> a Variant (module docstring for the keys)."""
     label, _, rest = text.strip().partition(":")
     if not label:
         raise DS4Error(f"variant {text!r} has no label")
-    kernels, opts, consts = os.environ.get("DS4JAX_KERNELS", "auto"), {}, {}
+    v = Variant(label, os.environ.get("DS4JAX_KERNELS", "auto"))
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise DS4Error(f"variant {label!r}: {item!r} is not key=value")
         if key == "kernels":
-            kernels = value
+            v.kernels = value
+        elif key == "layout":
+            if value not in EXPERT_LAYOUTS:
+                raise DS4Error(f"variant {label!r}: layout must be one of {', '.join(EXPERT_LAYOUTS)}")
+            v.layout = value
         elif key.startswith("xla_"):
-            opts[key] = _value(value)
+            v.xla[key] = _value(value)
         elif "." in key:
             module, _, name = key.rpartition(".")
             try:
@@ -75,14 +98,10 @@ def parse_variant(text: str) -> tuple[str, str, dict, dict]:
                 raise DS4Error(f"variant {label!r}: no module {module!r}") from e
             if not hasattr(mod, name):
                 raise DS4Error(f"variant {label!r}: {module} has no {name}")
-            consts[(mod, name)] = _value(value)
+            v.consts[(mod, name)] = _value(value)
         else:
-            raise DS4Error(f"variant {label!r}: unknown key {key!r} (kernels=..., xla_..., or module.NAME)")
-    return label, kernels, opts, consts
-
-
-def _names(consts: dict) -> dict:
-    return {f"{mod.__name__}.{name}": v for (mod, name), v in consts.items()}
+            raise DS4Error(f"variant {label!r}: unknown key {key!r} (kernels=, layout=, xla_..., or module.NAME)")
+    return v
 
 
 def main() -> None:
@@ -97,33 +116,38 @@ def main() -> None:
     ap.add_argument("--note", default="")
     a = ap.parse_args()
     variants = [parse_variant(v) for v in a.variants.split(";") if v.strip()]
-    if len({v[0] for v in variants}) != len(variants):
+    if len({v.label for v in variants}) != len(variants):
         raise DS4Error("variant labels must differ")
     p = load_preset(a.preset)
     if a.layers:
         p = with_layers(p, a.layers)
     cfg = preset_config(p)
     card = jax.devices()[0].device_kind
-    weights = jax.block_until_ready(random_weights(cfg, p))
+    weights = {"gguf": jax.block_until_ready(random_weights(cfg, p))}
     engines = {}
-    for label, kernels, opts, consts in variants:
-        os.environ["DS4JAX_KERNELS"] = kernels  # read while the program is traced
-        saved = {k: getattr(*k) for k in consts}
-        for (mod, name), value in consts.items():
+    for v in variants:
+        if v.layout not in weights:  # a converted copy beside the stored layout: both stay in memory
+            weights[v.layout] = jax.block_until_ready(with_expert_layout(weights["gguf"], v.layout))
+        os.environ["DS4JAX_KERNELS"] = v.kernels  # read while the program is traced
+        saved = {k: getattr(*k) for k in v.consts}
+        for (mod, name), value in v.consts.items():
             setattr(mod, name, value)
         jax.clear_caches()  # inner jitted kernels' traces do not key on module constants
         try:
-            eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=weights, compiler_options=opts)
+            eng = Engine(
+                types.SimpleNamespace(config=cfg),
+                ctx=a.ctx,
+                chunk=64,
+                weights=weights[v.layout],
+                compiler_options=v.xla,
+            )
             t0 = time.perf_counter()
             eng.compile(["decode"])
         finally:
             for (mod, name), value in saved.items():
                 setattr(mod, name, value)
-        print(
-            f"{label}: compiled in {time.perf_counter() - t0:.1f} s (kernels={kernels}, {opts}, {_names(consts)})",
-            flush=True,
-        )
-        engines[label] = eng
+        print(f"{v.label}: compiled in {time.perf_counter() - t0:.1f} s ({v.describe()})", flush=True)
+        engines[v.label] = eng
     params = SamplingParams(temperature=0.0).arrays()
     key = jax.random.key(0)
     box = {label: [eng.new_state(), jnp.int32(1)] for label, eng in engines.items()}
@@ -151,7 +175,8 @@ def main() -> None:
             w.writerow(
                 ["card", "preset", "layers", "label", "options", "ms_median", "ms_min", "ms_max", "tok_s", "note"]
             )
-        for label, kernels, opts, consts in variants:
+        for v in variants:
+            label = v.label
             t = sorted(ms[label])
             med = t[len(t) // 2]
             print(
@@ -164,7 +189,7 @@ def main() -> None:
                     p.name,
                     cfg.n_layer,
                     label,
-                    f"kernels={kernels} {opts} {_names(consts)}",
+                    v.describe(),
                     f"{med:.3f}",
                     f"{t[0]:.3f}",
                     f"{t[-1]:.3f}",

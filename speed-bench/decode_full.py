@@ -42,6 +42,7 @@ import devtime  # speed-bench/devtime.py, beside this script
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
 from ds4jax.presets import load_preset, preset_config, with_layers
+from ds4jax.quant.layouts import with_expert_layout
 from ds4jax.random_weights import bytes_per_token, random_weights
 from ds4jax.sampling import SamplingParams
 
@@ -90,6 +91,7 @@ def main() -> None:
     ap.add_argument("--modes", default="auto,off", help="DS4JAX_KERNELS values to time")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--note", default="", help="free text for the CSV row (what this run changes)")
+    ap.add_argument("--expert_layout", default="gguf", help="gguf, or nib: IQ2_XXS gate/up experts as nibbles")
     ap.add_argument("--top", type=int, default=12, help="kernels listed by device time")
     ap.add_argument(
         "--timeline",
@@ -110,7 +112,9 @@ def main() -> None:
 
         copy_bw = copy_bandwidth()
     t0 = time.perf_counter()
-    weights = jax.block_until_ready(random_weights(cfg, p))
+    weights = jax.block_until_ready(with_expert_layout(random_weights(cfg, p), a.expert_layout, donate=True))
+    if a.expert_layout != "gguf":
+        a.note = f"{a.note} [experts {a.expert_layout}]".strip()
     nbytes = bytes_per_token(weights, cfg)
     print(
         f"{card}: {p.name}, {cfg.n_layer} layers, random weights made in {time.perf_counter() - t0:.1f} s; "

@@ -15,6 +15,7 @@ import pytest
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
+from ds4jax.quant.layouts import iq2_nib_planes
 from ds4jax.sampling import SamplingParams
 from pallas_kernels import dispatch, experts, hadamard, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.testing import expert_planes
@@ -106,10 +107,10 @@ def test_q8_0_kernel_reads_the_selected_matrix_of_a_stack():
 
 
 def test_iq2_nibble_layout_holds_the_same_weights():
-    """IQ2_XXS repacked to nibbles (``repack_iq2_nib``): the same integer weights and sub-block
+    """IQ2_XXS repacked to nibbles (``layouts.iq2_nib_planes``): the same integer weights and sub-block
     scales, so the reference gives the same bits; the kernel is checked below like the GGML types."""
     p = expert_planes(jax.random.PRNGKey(7), experts.IQ2_XXS, 3, 16, 2)
-    nib = experts.repack_iq2_nib(p)
+    nib = iq2_nib_planes(p)
     v0, s0, _ = experts._int_weights(experts.IQ2_XXS, p)
     v1, s1, _ = experts._int_weights(experts.IQ2_NIB, nib)
     assert np.array_equal(v0, v1) and np.array_equal(s0, s1)

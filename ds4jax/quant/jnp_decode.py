@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ds4jax.quant.formats import QType
+from ds4jax.quant.layouts import IQ2_NIB, dequantize_iq2_nib
 from ds4jax.quant.planes import QTensor
 from ds4jax.quant.tables import IQ2XXS_GRID_F32
 
@@ -74,8 +75,10 @@ _DEQ = {
 
 def dequantize(qt: QTensor) -> jax.Array:
     """All of ``qt`` as ``float32 [*qt.shape]`` (``int32`` for I32)."""
-    q = QType(qt.qtype)
     p = {k: jnp.asarray(v) for k, v in qt.planes.items()}
+    if qt.qtype == IQ2_NIB:  # a load-time layout (quant/layouts.py), not a GGML type
+        return dequantize_iq2_nib(p, tuple(qt.shape))
+    q = QType(qt.qtype)
     if q == QType.I32:
         return p["w"].astype(jnp.int32)
     if "w" in p:

@@ -84,7 +84,8 @@ class QTensor:
 
     def __repr__(self) -> str:
         planes = ", ".join(f"{k}={p.dtype}{list(p.shape)}" for k, p in self.planes.items())
-        return f"QTensor({QType(self.qtype).name}, shape={self.shape}, {planes})"
+        name = QType(self.qtype).name if self.qtype in QType._value2member_map_ else f"layout {self.qtype:#x}"
+        return f"QTensor({name}, shape={self.shape}, {planes})"
 
 
 jax.tree_util.register_dataclass(QTensor, data_fields=["planes"], meta_fields=["qtype", "shape"])
@@ -125,9 +126,7 @@ def pack(raw: np.ndarray, qtype: QType | int | str, shape: Sequence[int]) -> QTe
     rb = row_nbytes(q, n)
     raw = np.asarray(raw)
     if raw.dtype != np.uint8 or raw.size != prod(lead) * rb:
-        raise DS4Error(
-            f"{q.name} tensor of shape {shape} needs {prod(lead) * rb} bytes, got {raw.dtype} {raw.shape}"
-        )
+        raise DS4Error(f"{q.name} tensor of shape {shape} needs {prod(lead) * rb} bytes, got {raw.dtype} {raw.shape}")
     if q in _PLAIN_DTYPES:
         w = np.ascontiguousarray(raw).reshape(-1).view(_PLAIN_DTYPES[q]).reshape(shape)
         return QTensor(int(q), shape, {"w": w})

@@ -1,0 +1,102 @@
+"""Load-time layouts: GGUF tensors repacked into planes that decode faster on the GPU.
+
+A layout keeps a tensor's integer weights and scales, so every result keeps its bits; only the
+bytes and the instructions to decode them change. Its ``QTensor.qtype`` is an id outside
+GGML's type ids (``is_layout``).
+
+* ``IQ2_NIB`` (from IQ2_XXS): every weight a nibble c + 4·negative, c = 0, 1, 2 for the grid
+  magnitudes 8, 25, 43 (8 nibbles a u32 word, element l of a group of 8 at bits 4l), and the 8
+  sub-block scales 2·ls + 1 as bytes. 4.31 bits a weight against 2.06 (138 against 66 bytes a
+  256-weight super-block); the expert kernel decodes a word of 4 weights with one PTX ``prmt``
+  instead of table gathers and sign-parity arithmetic (``pallas_kernels/experts.py``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ds4jax.errors import DS4Error
+from ds4jax.quant.formats import QType
+from ds4jax.quant.planes import QTensor
+from ds4jax.quant.tables import IQ2XXS_GRID
+
+IQ2_NIB = 0x1000 | int(QType.IQ2_XXS)
+NAMES = {IQ2_NIB: "IQ2_NIB"}
+EXPERT_LAYOUTS = ("gguf", "nib")  # --expert_layout: as stored, or IQ2_XXS gate/up as IQ2_NIB
+_GRID = np.asarray(IQ2XXS_GRID, np.int8).reshape(256, 8)  # IQ2_XXS magnitudes, row = grid index
+_U32 = jnp.uint32
+
+
+def is_layout(qtype: int) -> bool:
+    return qtype in NAMES
+
+
+def iq2_xxs_ints(p: dict) -> tuple[jax.Array, jax.Array]:
+    """IQ2_XXS planes {grid, aux} [..., nb, ...] → (signed magnitudes int8 [..., nb, 8, 32],
+    sub-block scales 2·ls + 1 int32 [..., nb, 8]); the 8th sign of a group is the parity of
+    its 7 stored ones."""
+    aux = p["aux"]  # [..., nb, 8] u32: 4 × 7 sign bits, 4-bit scale
+    lead = aux.shape[:-1]
+    ls = (aux >> 28).astype(jnp.int32)
+    s7 = (aux[..., None] >> jnp.array([0, 7, 14, 21], _U32)) & 127  # [..., nb, 8, 4]
+    sbyte = s7 | ((jax.lax.population_count(s7) & 1) << 7)
+    neg = ((sbyte[..., None] >> jnp.arange(8, dtype=_U32)) & 1) != 0  # [..., nb, 8, 4, 8]
+    mag = jnp.asarray(_GRID)[p["grid"].astype(jnp.int32)].reshape(lead + (8, 4, 8))
+    return jnp.where(neg, -mag, mag).reshape(lead + (8, 32)), 2 * ls + 1
+
+
+def iq2_nib_ints(p: dict) -> tuple[jax.Array, jax.Array]:
+    """IQ2_NIB planes {nib, sc} → the same integer view as ``iq2_xxs_ints``."""
+    w = p["nib"]  # [..., nb, 32] u32
+    lead = w.shape[:-1]
+    nib = ((w[..., None] >> (4 * jnp.arange(8, dtype=_U32))) & 15).astype(jnp.int32)  # [..., nb, 32, 8]
+    c = nib & 3
+    mag = 8 + 17 * c + (c == 2)
+    return jnp.where(nib >= 4, -mag, mag).astype(jnp.int8).reshape(lead + (8, 32)), p["sc"].astype(jnp.int32)
+
+
+def iq2_nib_planes(p: dict) -> dict:
+    """IQ2_XXS planes {grid, aux, d} → IQ2_NIB planes {nib, sc, d}."""
+    vals, sc = iq2_xxs_ints(p)
+    mag = jnp.abs(vals.astype(jnp.int32))
+    nib = ((mag - 8) // 17 + 4 * (vals < 0)).astype(_U32)  # 8, 25, 43 -> 0, 1, 2
+    nib = nib.reshape(*nib.shape[:-2], 32, 8)  # groups of 8 elements, in element order
+    word = jnp.sum(nib << (4 * jnp.arange(8, dtype=_U32)), axis=-1, dtype=_U32)
+    return {"nib": word, "sc": sc.astype(jnp.uint8), "d": p["d"]}
+
+
+def dequantize_iq2_nib(p: dict, shape: tuple[int, ...]) -> jax.Array:
+    """f32 weights, the same operations on the same values as IQ2_XXS's dequantization
+    (d · (0.5 + ls) · 0.25 · magnitude, then the sign): 0.5 · (2 ls + 1) = 0.5 + ls exactly."""
+    vals, sc = iq2_nib_ints(p)
+    db = p["d"].astype(jnp.float32)[..., None] * (sc.astype(jnp.float32) * 0.5) * 0.25  # [..., nb, 8]
+    mag = db[..., None] * jnp.abs(vals.astype(jnp.float32))
+    return jnp.where(vals < 0, -mag, mag).reshape(shape)
+
+
+_to_nib = jax.jit(iq2_nib_planes)
+_to_nib_donating = jax.jit(iq2_nib_planes, donate_argnums=0)
+
+
+def with_expert_layout(weights: dict, layout: str, donate: bool = False) -> dict:
+    """The weights pytree with its routed experts' gate/up tensors in ``layout`` (``"gguf"``:
+    unchanged; ``"nib"``: IQ2_XXS ones as IQ2_NIB, on their device, one tensor at a time).
+    ``donate``: the IQ2_XXS planes are given up as each tensor is converted (the peak is then one
+    tensor's two copies, not the model's), so ``weights`` must not be used after. The MTP block's
+    experts stay (Q4_K in the published files)."""
+    if layout not in EXPERT_LAYOUTS:
+        raise DS4Error(f"--expert_layout must be one of {', '.join(EXPERT_LAYOUTS)}, got {layout!r}")
+    if layout == "gguf":
+        return weights
+    layers = []
+    for w in weights["layers"]:
+        w = dict(w)
+        for name in ("ffn_gate_exps", "ffn_up_exps"):
+            qt = w.get(name)
+            if qt is not None and qt.qtype == QType.IQ2_XXS:
+                convert = _to_nib_donating if donate else _to_nib
+                w[name] = QTensor(IQ2_NIB, qt.shape, convert(dict(qt.planes)))
+        layers.append(w)
+    return {**weights, "layers": type(weights["layers"])(layers)}

@@ -1,0 +1,57 @@
+"""Load-time layouts (ds4jax/quant/layouts.py): the same integer weights, so the same bits."""
+
+import jax
+import numpy as np
+import pytest
+
+from ds4jax.engine import Engine
+from ds4jax.errors import DS4Error
+from ds4jax.quant import layouts
+from ds4jax.quant.formats import QType
+from ds4jax.quant.jnp_decode import dequantize
+from ds4jax.quant.planes import QTensor
+from ds4jax.sampling import SamplingParams
+from pallas_kernels.testing import expert_planes
+
+RNG = np.random.default_rng(11)
+
+
+def _iq2(E=3, out=16, nb=2, seed=0) -> QTensor:
+    planes = expert_planes(jax.random.PRNGKey(seed), QType.IQ2_XXS, E, out, nb)
+    return QTensor(int(QType.IQ2_XXS), (E, out, nb * 256), planes)
+
+
+def test_iq2_nib_dequantizes_to_the_same_floats():
+    qt = _iq2()
+    nib = QTensor(layouts.IQ2_NIB, qt.shape, layouts.iq2_nib_planes(qt.planes))
+    assert np.array_equal(np.asarray(dequantize(nib)).view(np.uint32), np.asarray(dequantize(qt)).view(np.uint32))
+    assert nib.nbytes == 3 * 16 * 2 * (128 + 8 + 2)  # 138 bytes a super-block (IQ2_XXS: 66)
+    assert "layout 0x1010" in repr(nib)
+
+
+def test_with_expert_layout_converts_only_iq2_gate_and_up():
+    gate, up = _iq2(seed=1), _iq2(seed=2)
+    down = QTensor(int(QType.Q2_K), (3, 16, 512), expert_planes(jax.random.PRNGKey(3), QType.Q2_K, 3, 16, 2))
+    w = {"layers": ({"ffn_gate_exps": gate, "ffn_up_exps": up, "ffn_down_exps": down},), "output": down}
+    assert layouts.with_expert_layout(w, "gguf") is w
+    got = layouts.with_expert_layout(w, "nib")
+    layer = got["layers"][0]
+    assert layer["ffn_gate_exps"].qtype == layer["ffn_up_exps"].qtype == layouts.IQ2_NIB
+    assert layer["ffn_down_exps"] is down and got["output"] is down
+    assert w["layers"][0]["ffn_gate_exps"] is gate  # not donated: the input stays usable
+    assert np.array_equal(dequantize(layer["ffn_up_exps"]), dequantize(up))
+    with pytest.raises(DS4Error, match="expert_layout"):
+        layouts.with_expert_layout(w, "nibbles")
+
+
+def test_engine_with_nibble_experts_gives_the_same_logits(tiny_files):
+    """The whole tiny model (IQ2_XXS gate/up experts) with its experts repacked: same logits."""
+    ids = RNG.integers(0, tiny_files.config.n_vocab, 12).astype(np.int32)
+    greedy = SamplingParams(temperature=0.0).arrays()
+    out = []
+    for layout in ("gguf", "nib"):
+        eng = Engine(tiny_files, ctx=32, chunk=16, expert_layout=layout)
+        _, logits, _ = eng.prefill(eng.new_state(), ids, greedy, jax.random.key(0), all_logits=True)
+        out.append(np.asarray(logits))
+    assert eng.weights["layers"][0]["ffn_gate_exps"].qtype == layouts.IQ2_NIB
+    assert np.isfinite(out[0]).all() and np.array_equal(out[0], out[1])
