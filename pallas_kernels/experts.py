@@ -32,7 +32,7 @@ from jax.experimental.pallas import triton as plgpu
 from ds4jax.model.numerics import asum, quantize_q8_k, rounded
 from ds4jax.quant.formats import QType
 from ds4jax.quant.layouts import IQ2_NIB, iq2_nib_ints, iq2_xxs_ints
-from ds4jax.quant.tables import IQ2XXS_GRID
+from ds4jax.quant.tables import IQ2XXS_GRID_I8
 from pallas_kernels.common import (
     F32,
     byte_words,
@@ -50,7 +50,7 @@ I32 = jnp.int32
 QK_K = 256
 Q2_K, Q4_K, IQ2_XXS = QType.Q2_K, QType.Q4_K, QType.IQ2_XXS  # the planes' qtype (GGML ids)
 TYPES = (Q2_K, Q4_K, IQ2_XXS)
-GRID = np.asarray(IQ2XXS_GRID, np.int8).reshape(256, 8)  # IQ2_XXS magnitudes, row = grid index
+GRID = IQ2XXS_GRID_I8  # IQ2_XXS magnitudes [256, 8], row = grid index
 
 # IQ2_XXS repacked at load time (``ds4jax.quant.layouts``): a word of 4 weights decodes in one
 # ``prmt`` (a byte select from an 8-byte table by 4 nibble selectors): no table gathers, no

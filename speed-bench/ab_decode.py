@@ -23,7 +23,6 @@ ms a token, tokens/s at the median, note).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import importlib
 import os
@@ -35,6 +34,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import devtime  # speed-bench/devtime.py, beside this script
 
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
@@ -166,29 +167,21 @@ def main() -> None:
             t0 = time.perf_counter()
             run(label, a.steps)
             ms[label].append((time.perf_counter() - t0) / a.steps * 1e3)
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "ab.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(
-                ["card", "preset", "layers", "label", "options", "ms_median", "ms_min", "ms_max", "tok_s", "note"]
-            )
+    header = ["card", "preset", "layers", "label", "options", "ms_median", "ms_min", "ms_max", "tok_s", "note"]
+    with devtime.csv_rows(a.out, "ab.csv", header) as write:
         for v in variants:
-            label = v.label
-            t = sorted(ms[label])
+            t = sorted(ms[v.label])
             med = t[len(t) // 2]
             print(
-                f"{label:12s} {med:7.3f} ms/token median (min {t[0]:.3f}, max {t[-1]:.3f}) = {1e3 / med:7.1f} tokens/s",
+                f"{v.label:12s} {med:7.3f} ms/token median (min {t[0]:.3f}, max {t[-1]:.3f}) = {1e3 / med:7.1f} tokens/s",
                 flush=True,
             )
-            w.writerow(
+            write(
                 [
                     card,
                     p.name,
                     cfg.n_layer,
-                    label,
+                    v.label,
                     v.describe(),
                     f"{med:.3f}",
                     f"{t[0]:.3f}",

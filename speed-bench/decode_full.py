@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import glob
 import os
 import sys
@@ -121,38 +120,13 @@ def main() -> None:
         f"{nbytes / 1e9:.2f} GB of weights read per token; torch device copy {copy_bw / 1e12:.2f} TB/s",
         flush=True,
     )
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "decode.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(
-                [
-                    "card",
-                    "preset",
-                    "layers",
-                    "ctx",
-                    "fill",
-                    "mode",
-                    "compile_s",
-                    "tok_s",
-                    "ms_per_tok",
-                    "device_ms_per_tok",
-                    "kernels_per_tok",
-                    "gb_per_tok",
-                    "gbps",
-                    "pct_copy",
-                    "finite",
-                    "xla_flags",
-                    "note",
-                ]
-            )
+    header = ["card", "preset", "layers", "ctx", "fill", "mode", "compile_s", "tok_s", "ms_per_tok"]
+    header += ["device_ms_per_tok", "kernels_per_tok", "gb_per_tok", "gbps", "pct_copy", "finite", "xla_flags", "note"]
+    with devtime.csv_rows(a.out, "decode.csv", header) as write:
         for mode in a.modes.split(","):
             os.environ["DS4JAX_KERNELS"] = mode
             row = run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu)
-            w.writerow([card, p.name, cfg.n_layer, a.ctx, a.fill, mode, *row, os.environ.get("XLA_FLAGS", ""), a.note])
-            f.flush()
+            write([card, p.name, cfg.n_layer, a.ctx, a.fill, mode, *row, os.environ.get("XLA_FLAGS", ""), a.note])
 
 
 def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):

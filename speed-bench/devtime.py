@@ -11,8 +11,11 @@ Off GPU it falls back to wall clock (the CPU smoke mode only checks that the scr
 from __future__ import annotations
 
 import collections
+import contextlib
+import csv
 import glob
 import itertools
+import os
 import re
 import tempfile
 import time
@@ -40,6 +43,25 @@ def kernel_events(path: str):
         for ln in streams or [ln for ln in plane.lines if "XLA" not in ln.name]:
             out += [(ev.name, ev.duration_ns) for ev in ln.events]
     return out
+
+
+@contextlib.contextmanager
+def csv_rows(out_dir: str, name: str, header: list[str]):
+    """A function appending one row (flushed at once, so a run cut short keeps its rows) to
+    ``out_dir/name``; the header goes first when the file is new."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(header)
+
+        def write(row) -> None:
+            w.writerow(row)
+            f.flush()
+
+        yield write
 
 
 def timeline_report(path: str, steps: int, classify, top: int = 12) -> None:

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ds4jax.quant.formats import QType
-from ds4jax.quant.layouts import IQ2_NIB, dequantize_iq2_nib
+from ds4jax.quant.layouts import IQ2_NIB, dequantize_iq2, iq2_nib_ints, iq2_xxs_ints
 from ds4jax.quant.planes import QTensor
-from ds4jax.quant.tables import IQ2XXS_GRID_F32
 
 _F32 = jnp.float32
 
@@ -52,17 +51,7 @@ def _deq_q4_k(p: dict, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _deq_iq2_xxs(p: dict, shape: tuple[int, ...]) -> jax.Array:
-    aux = p["aux"]  # [.., nb, 8]
-    lead = aux.shape[:-1]
-    ls = (aux >> 28).astype(_F32)
-    db = p["d"].astype(_F32)[..., None] * (0.5 + ls) * 0.25  # [.., nb, 8]
-    s7 = (aux[..., None] >> jnp.array([0, 7, 14, 21], jnp.uint32)) & 127  # [.., nb, 8, 4]
-    # The 8th sign bit is the parity of the 7 stored ones (ksigns_iq2xs).
-    sbyte = s7 | ((jax.lax.population_count(s7) & 1) << 7)
-    neg = ((sbyte[..., None] >> jnp.arange(8, dtype=jnp.uint32)) & 1) != 0  # [.., nb, 8, 4, 8]
-    grid = jnp.asarray(IQ2XXS_GRID_F32)[p["grid"].astype(jnp.int32)]  # [.., nb, 32, 8]
-    mag = db[..., None, None] * grid.reshape(lead + (8, 4, 8))
-    return jnp.where(neg, -mag, mag).reshape(shape)
+    return dequantize_iq2(*iq2_xxs_ints(p), p["d"], shape)
 
 
 _DEQ = {
@@ -77,7 +66,7 @@ def dequantize(qt: QTensor) -> jax.Array:
     """All of ``qt`` as ``float32 [*qt.shape]`` (``int32`` for I32)."""
     p = {k: jnp.asarray(v) for k, v in qt.planes.items()}
     if qt.qtype == IQ2_NIB:  # a load-time layout (quant/layouts.py), not a GGML type
-        return dequantize_iq2_nib(p, tuple(qt.shape))
+        return dequantize_iq2(*iq2_nib_ints(p), p["d"], tuple(qt.shape))
     q = QType(qt.qtype)
     if q == QType.I32:
         return p["w"].astype(jnp.int32)

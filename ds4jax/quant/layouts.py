@@ -2,7 +2,7 @@
 
 A layout keeps a tensor's integer weights and scales, so every result keeps its bits; only the
 bytes and the instructions to decode them change. Its ``QTensor.qtype`` is an id outside
-GGML's type ids (``is_layout``).
+GGML's type ids.
 
 * ``IQ2_NIB`` (from IQ2_XXS): every weight a nibble c + 4·negative, c = 0, 1, 2 for the grid
   magnitudes 8, 25, 43 (8 nibbles a u32 word, element l of a group of 8 at bits 4l), and the 8
@@ -15,22 +15,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ds4jax.errors import DS4Error
 from ds4jax.quant.formats import QType
 from ds4jax.quant.planes import QTensor
-from ds4jax.quant.tables import IQ2XXS_GRID
+from ds4jax.quant.tables import IQ2XXS_GRID_I8
 
 IQ2_NIB = 0x1000 | int(QType.IQ2_XXS)
-NAMES = {IQ2_NIB: "IQ2_NIB"}
 EXPERT_LAYOUTS = ("gguf", "nib")  # --expert_layout: as stored, or IQ2_XXS gate/up as IQ2_NIB
-_GRID = np.asarray(IQ2XXS_GRID, np.int8).reshape(256, 8)  # IQ2_XXS magnitudes, row = grid index
 _U32 = jnp.uint32
-
-
-def is_layout(qtype: int) -> bool:
-    return qtype in NAMES
 
 
 def iq2_xxs_ints(p: dict) -> tuple[jax.Array, jax.Array]:
@@ -43,7 +36,7 @@ def iq2_xxs_ints(p: dict) -> tuple[jax.Array, jax.Array]:
     s7 = (aux[..., None] >> jnp.array([0, 7, 14, 21], _U32)) & 127  # [..., nb, 8, 4]
     sbyte = s7 | ((jax.lax.population_count(s7) & 1) << 7)
     neg = ((sbyte[..., None] >> jnp.arange(8, dtype=_U32)) & 1) != 0  # [..., nb, 8, 4, 8]
-    mag = jnp.asarray(_GRID)[p["grid"].astype(jnp.int32)].reshape(lead + (8, 4, 8))
+    mag = jnp.asarray(IQ2XXS_GRID_I8)[p["grid"].astype(jnp.int32)].reshape(lead + (8, 4, 8))
     return jnp.where(neg, -mag, mag).reshape(lead + (8, 32)), 2 * ls + 1
 
 
@@ -67,11 +60,11 @@ def iq2_nib_planes(p: dict) -> dict:
     return {"nib": word, "sc": sc.astype(jnp.uint8), "d": p["d"]}
 
 
-def dequantize_iq2_nib(p: dict, shape: tuple[int, ...]) -> jax.Array:
-    """f32 weights, the same operations on the same values as IQ2_XXS's dequantization
-    (d · (0.5 + ls) · 0.25 · magnitude, then the sign): 0.5 · (2 ls + 1) = 0.5 + ls exactly."""
-    vals, sc = iq2_nib_ints(p)
-    db = p["d"].astype(jnp.float32)[..., None] * (sc.astype(jnp.float32) * 0.5) * 0.25  # [..., nb, 8]
+def dequantize_iq2(vals: jax.Array, sc: jax.Array, d: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """f32 weights of IQ2_XXS or IQ2_NIB from their integer view (``iq2_xxs_ints``,
+    ``iq2_nib_ints``) and d: d · (0.5 + ls) · 0.25 · magnitude, then the sign (ggml's order;
+    0.5 · (2 ls + 1) = 0.5 + ls exactly)."""
+    db = d.astype(jnp.float32)[..., None] * (sc.astype(jnp.float32) * 0.5) * 0.25  # [..., nb, 8]
     mag = db[..., None] * jnp.abs(vals.astype(jnp.float32))
     return jnp.where(vals < 0, -mag, mag).reshape(shape)
 
@@ -90,13 +83,13 @@ def with_expert_layout(weights: dict, layout: str, donate: bool = False) -> dict
         raise DS4Error(f"--expert_layout must be one of {', '.join(EXPERT_LAYOUTS)}, got {layout!r}")
     if layout == "gguf":
         return weights
+    convert = _to_nib_donating if donate else _to_nib
     layers = []
     for w in weights["layers"]:
         w = dict(w)
         for name in ("ffn_gate_exps", "ffn_up_exps"):
             qt = w.get(name)
             if qt is not None and qt.qtype == QType.IQ2_XXS:
-                convert = _to_nib_donating if donate else _to_nib
                 w[name] = QTensor(IQ2_NIB, qt.shape, convert(dict(qt.planes)))
         layers.append(w)
     return {**weights, "layers": type(weights["layers"])(layers)}

@@ -8,6 +8,7 @@ It was derived from the table shipped in gguf-py (``gguf/quants.py``, class
 Derived forms (built once at import, plain numpy):
   ``IQ2XXS_GRID``   uint8  [256, 8]  magnitudes, ``GRID[g, k]`` = byte k of entry g
   ``IQ2XXS_GRID_F32`` float32 [256, 8] same values as float (decoder lookup table)
+  ``IQ2XXS_GRID_I8``  int8   [256, 8] same values as int8 (the integer views and the kernels)
   ``KSIGNS``        uint8  [128]     7 free sign bits + even-parity bit 7
 """
 
@@ -85,6 +86,8 @@ IQ2XXS_GRID = np.array(IQ2XXS_GRID_U64, dtype="<u8").view(np.uint8).reshape(256,
 IQ2XXS_GRID.setflags(write=False)
 IQ2XXS_GRID_F32 = IQ2XXS_GRID.astype(np.float32)
 IQ2XXS_GRID_F32.setflags(write=False)
+IQ2XXS_GRID_I8 = IQ2XXS_GRID.astype(np.int8)  # magnitudes <= 43
+IQ2XXS_GRID_I8.setflags(write=False)
 
 
 def _ksigns() -> np.ndarray:
