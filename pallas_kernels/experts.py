@@ -337,7 +337,10 @@ class ExpertConfig:
 # 21.4 → 14.7 µs; Q4_K 4096×2048 at 2 of 8 with 4 as good: 14.0 → 12.9), Q2_K at 1 (15.9 → 13.7).
 # Programs of a few super-blocks fill the GPU (without a split, 6 pairs × 64 blocks of 32 rows
 # = 384 programs: 18 % occupancy by Nsight Compute, run 14) while staying long enough to amortize.
-_BLOCKS_PER_PROGRAM = {IQ2_XXS: 4, Q4_K: 4, Q2_K: 1, IQ2_NIB: 4}  # IQ2_NIB: IQ2_XXS's, not swept yet
+# IQ2_NIB (session 13's sweep, H200, N = 1, one matrix): rows 64 × 4 super-blocks a program is
+# the best of 16 rows × splits points (12.2 µs; 12.6-24.0 for the others), the same split as
+# IQ2_XXS, so the two layouts also sum in the same order; stages 1-4 equal, 2 or 8 warps lose.
+_BLOCKS_PER_PROGRAM = {IQ2_XXS: 4, Q4_K: 4, Q2_K: 1, IQ2_NIB: 4}
 
 
 def choose_config(qtype: int, out: int, nb: int) -> ExpertConfig:

@@ -9,7 +9,11 @@ decode steps each), so slow and fast spells hit all of them alike; the median ro
 A variant is ``label`` or ``label:key=value,key=value``. Keys:
   kernels=auto|all|off      DS4JAX_KERNELS while the variant's program is traced
   layout=gguf|nib           the routed experts' gate/up layout (a converted copy of the weights)
-  xla_...=value             an XLA option for its compile (``Engine(compiler_options=...)``)
+  feed=host|device          the token passed in and outputs allocated per call (``decode``), or
+                            kept in a donated buffer on the device (``decode_fed``)
+  xla_...=value             an XLA option for its compile (``Engine(compiler_options=...)``);
+                            '+' separates a list's items (xla_gpu_enable_command_buffer=FUSION+WHILE;
+                            an empty value is an empty list: no command buffers)
   package.module.NAME=value a module constant while the program is traced (e.g.
                             pallas_kernels.dispatch.QUANTIZE_IN_KERNEL=false), restored after
 
@@ -62,6 +66,7 @@ class Variant:
     label: str
     kernels: str  # DS4JAX_KERNELS while the program is traced
     layout: str = "gguf"  # the routed experts' gate/up layout
+    feed: str = "host"  # host: Engine.decode; device: Engine.decode_fed
     xla: dict = dataclasses.field(default_factory=dict)  # XLA compile options
     consts: dict = dataclasses.field(default_factory=dict)  # (module, name) -> value while traced
 
@@ -70,6 +75,7 @@ class Variant:
         return " ".join(
             f"{k}={v}"
             for k, v in [("kernels", self.kernels), ("layout", self.layout), *self.xla.items(), *named.items()]
+            + ([("feed", self.feed)] if self.feed != "host" else [])
         )
 
 
@@ -89,8 +95,12 @@ def parse_variant(text: str) -> Variant:
             if value not in EXPERT_LAYOUTS:
                 raise DS4Error(f"variant {label!r}: layout must be one of {', '.join(EXPERT_LAYOUTS)}")
             v.layout = value
+        elif key == "feed":
+            if value not in ("host", "device"):
+                raise DS4Error(f"variant {label!r}: feed must be host or device")
+            v.feed = value
         elif key.startswith("xla_"):
-            v.xla[key] = _value(value)
+            v.xla[key] = _value(value.replace("+", ","))
         elif "." in key:
             module, _, name = key.rpartition(".")
             try:
@@ -143,20 +153,26 @@ def main() -> None:
                 compiler_options=v.xla,
             )
             t0 = time.perf_counter()
-            eng.compile(["decode"])
+            eng.compile(["decode" if v.feed == "host" else "decode_fed"])
         finally:
             for (mod, name), value in saved.items():
                 setattr(mod, name, value)
         print(f"{v.label}: compiled in {time.perf_counter() - t0:.1f} s ({v.describe()})", flush=True)
-        engines[v.label] = eng
+        engines[v.label] = (eng, v.feed)
     params = SamplingParams(temperature=0.0).arrays()
     key = jax.random.key(0)
-    box = {label: [eng.new_state(), jnp.int32(1)] for label, eng in engines.items()}
+    box = {
+        label: [eng.new_state(), jnp.int32(1) if feed == "host" else eng.new_io(1)]
+        for label, (eng, feed) in engines.items()
+    }
 
     def run(label: str, n: int) -> None:
-        eng, b = engines[label], box[label]
+        (eng, feed), b = engines[label], box[label]
         for _ in range(n):
-            b[1], _, b[0] = eng.decode(b[0], b[1], params, key)
+            if feed == "host":
+                b[1], _, b[0] = eng.decode(b[0], b[1], params, key)
+            else:
+                b[0], b[1] = eng.decode_fed(b[0], b[1], params, key)
         jax.block_until_ready(b[1])
 
     for label in engines:  # warm

@@ -73,7 +73,7 @@ def trace_steps(step, n: int, timeline: bool = False):
     files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     by: dict = {}
     if timeline and files:
-        devtime.timeline_report(files[0], n, classify)
+        devtime.timeline_report(files[0], n, classify, top=20)
     for name, ns in devtime.kernel_events(files[0]) if files else []:
         c, t = by.get(name, (0, 0))
         by[name] = (c + 1, t + ns)
@@ -169,15 +169,17 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
         step()
     jax.block_until_ready(box["tok"])
     t0 = time.perf_counter()
-    host = 0.0  # time in the calls themselves: dispatch is asynchronous, so a host-bound step
+    host = []  # time in the calls themselves: dispatch is asynchronous, so a host-bound step
     for _ in range(a.steps):  # spends about its whole wall time here, a GPU-bound one far less
         t1 = time.perf_counter()
         step()
-        host += time.perf_counter() - t1
+        host.append(time.perf_counter() - t1)
     jax.block_until_ready(box["tok"])
     wall = (time.perf_counter() - t0) / a.steps
+    h = np.array(host) * 1e3
     print(
-        f"  [{mode}] host time in the decode call: {host / a.steps * 1e3:.2f} ms a step of {wall * 1e3:.2f} ms wall",
+        f"  [{mode}] host time in the decode call: {h.mean():.2f} ms a step of {wall * 1e3:.2f} ms wall "
+        f"(per call: min {h.min():.2f}, median {np.median(h):.2f}, max {h.max():.2f})",
         flush=True,
     )
     finite = bool(np.isfinite(np.asarray(box["logits"])).all())

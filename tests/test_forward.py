@@ -5,6 +5,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -119,6 +120,13 @@ def test_whole_chunked_and_token_by_token_agree_bit_for_bit(tiny_files, engine, 
         _, logits, state = engine.decode(state, int(t), GREEDY.arrays(), jax.random.key(0))
         rows.append(np.asarray(logits))
     ld = np.stack(rows)
+    # the device-fed decode (token and outputs in a donated buffer): the same rows and state
+    fed, io, frows = engine.new_state(), engine.new_io(), []
+    for t in ids:
+        fed, io = engine.decode_fed(fed, {**io, "token": jnp.int32(t)}, GREEDY.arrays(), jax.random.key(0))
+        frows.append(np.asarray(io["logits"]))
+    assert np.array_equal(np.stack(frows), ld)
+    _assert_same_state(_visible_state(cfg, fed), _visible_state(cfg, state))
     assert np.array_equal(lw, lc), np.flatnonzero(np.abs(lw - lc).max(1))[:5]
     assert np.array_equal(lc, ld), np.flatnonzero(np.abs(lc - ld).max(1))[:5]
     vc = _visible_state(cfg, sc)
@@ -129,6 +137,14 @@ def test_whole_chunked_and_token_by_token_agree_bit_for_bit(tiny_files, engine, 
     assert np.all(score[6:] == -1e30) and np.all(kv[6:] == 0) and np.all(score[:6] > -1e29)
     kv, score = vc["3.cmp"]
     assert np.all(score[N_PROMPT % 128 :] == -1e30) and np.all(score[: N_PROMPT % 128] > -1e29)
+    # ... and feeding itself, the greedy continuation of the token-by-token decode
+    nxt = int(np.argmax(ld[-1]))
+    assert int(io["token"]) == nxt
+    for _ in range(3):
+        nxt, _, state = engine.decode(state, nxt, GREEDY.arrays(), jax.random.key(0))
+        nxt = int(nxt)
+        fed, io = engine.decode_fed(fed, io, GREEDY.arrays(), jax.random.key(0))
+        assert int(io["token"]) == nxt
 
 
 def test_compiles_a_handful_of_programs_and_greedy_is_deterministic(tiny_files, engine):
