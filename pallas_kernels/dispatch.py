@@ -64,9 +64,13 @@ def _use(n_tok: int, auto: bool, any_n: bool = False) -> tuple[bool, bool]:
 # The Q8_0 and expert kernels quantize their own f32 activations (one launch, not two). It costs
 # GPU time: 2.2-4.2 µs a call more than the int8-input kernel on the small Q8_0 shapes (H200,
 # session 12: shexp_up 12.38 against 8.17 µs), since every program quantizes the K range it
-# reads. Whether a launch less is worth that in a step bound by its kernel count is an A/B
-# (speed-bench/ab_decode.py sets this per variant); False quantizes in XLA first (same bits).
+# reads. False quantizes in XLA first (same bits): 8 layers, one process (session 13): 2.733
+# against 2.795 ms a token, inside the rounds' spread. The full step is GPU-bound (session 13), so
+# GPU time is what counts; the 43-layer A/B decides (speed-bench/ab_decode.py sets this).
 QUANTIZE_IN_KERNEL = True
+
+# The Hadamard kernel in ``auto`` (it is always on in ``all``): an A/B switch, as above.
+HADAMARD_IN_AUTO = False
 
 Q8_AUTO_N1_BYTES = 64 << 20  # at N=1 the kernel wins from here (the LM head: 159 vs 173 µs)
 # ... and from here on ungrouped weights. In the decode program (profile of 4 full-size layers,
@@ -162,10 +166,10 @@ def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> 
 def hadamard(x: jax.Array) -> jax.Array:
     """The scaled Walsh–Hadamard transform of x [..., n] over its last axis (the indexer's q and
     compressed rows). Its rows are independent, so any number of them takes the kernel.
-    Not in ``auto``: exact on the H200, −21 µs of GPU time over 4 full-size layers, but no faster a
-    step in wall time (4 layers timed interleaved in one process, session 12: 1.736 against
-    1.668 ms a token without it), since the step is bound by its kernel count, not GPU time."""
-    use, interpret = _use(1, auto=False)
+    Not in ``auto`` yet (``HADAMARD_IN_AUTO``): exact on the H200, −21 µs of GPU time over 4
+    full-size layers, no faster in wall time at 4 layers (session 12: 1.736 against 1.668 ms a
+    token, one process), where the step was not GPU-bound; the 43-layer step is (session 13)."""
+    use, interpret = _use(1, auto=HADAMARD_IN_AUTO)
     if not use or not hadamard_kernel.supported(x.shape[-1]):
         return hadamard_kernel.reference(x)
     return hadamard_kernel.hadamard(x, interpret=interpret)
