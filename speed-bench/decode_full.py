@@ -196,6 +196,8 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
             print(f"    {c:20s} {t / n / 1e3:9.1f} us  {100 * t / ns:5.1f} %", flush=True)
         for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[: a.top]:
             print(f"    {c // n:4d} x {t / c / 1e3:8.2f} us  {name[:80]}", flush=True)
+        if a.hlo:  # the same kernels summed by the model line that made them
+            devtime.by_source(by, devtime.hlo_sources(eng.program("decode").as_text()), n, top=a.top)
     tok_s = 1.0 / wall
     gbps = nbytes * tok_s / 1e9
     pct = 100 * gbps * 1e9 / copy_bw if copy_bw else float("nan")

@@ -150,6 +150,76 @@ def entry_summary(hlo_text: str, top: int = 12) -> None:
         print(f"    {c:6d}  {op}", flush=True)
 
 
+def _hlo_table(lines: list[str], name: str, pattern: str) -> dict:
+    """One of the HLO text's stack-frame tables (``FileNames``, ``FileLocations``, ...): id -> fields."""
+    out: dict = {}
+    if name not in lines:
+        return out
+    for ln in lines[lines.index(name) + 1 :]:
+        m = re.match(pattern, ln)
+        if not m:
+            break
+        out[int(m.group(1))] = m.groups()[1:]
+    return out
+
+
+def hlo_sources(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """{kernel name as the profiler shows it (``input_reduce_fusion_12``): (site, chain)} from the
+    compiled HLO's stack-frame tables: ``site`` is the innermost model file and line that made the
+    instruction (``attention.py:66``), ``chain`` its ds4jax/pallas_kernels frames innermost first.
+    A frame's printed ``parent_frame_id`` is taken as the parent's id plus one: read off the CPU
+    HLO of jax 0.12 (the dev machine's), where that gives call chains that match the source; the
+    GPU machine's jax 0.11 is assumed to print the same."""
+    lines = hlo_text.splitlines()
+    files = {k: v[0] for k, v in _hlo_table(lines, "FileNames", r'^(\d+) "(.*)"$').items()}
+    locs = {
+        k: (files.get(int(f), "?"), int(line))
+        for k, (f, line) in _hlo_table(
+            lines, "FileLocations", r"^(\d+) \{file_name_id=(\d+) function_name_id=\d+ line=(\d+)"
+        ).items()
+    }
+    frames = {
+        k: (int(loc), int(parent))
+        for k, (loc, parent) in _hlo_table(
+            lines, "StackFrames", r"^(\d+) \{file_location_id=(\d+) parent_frame_id=(\d+)\}"
+        ).items()
+    }
+
+    def chain(fid: int) -> list[str]:
+        out: list[str] = []
+        while fid in frames and len(out) < 40:
+            loc, parent = frames[fid]
+            f, line = locs.get(loc, ("?", 0))
+            if "/ds4jax/" in f or "/pallas_kernels/" in f:
+                out.append(f"{'/'.join(f.split('/')[-2:])}:{line}")
+            fid = parent - 1 if parent - 1 != fid else 0
+        return out
+
+    res = {}
+    for m in re.finditer(r"^\s*%?([\w.\-]+) = [^\n]*?stack_frame_id=(\d+)", hlo_text, re.MULTILINE):
+        c = chain(int(m.group(2)))
+        model = [x for x in c if x.startswith("model/") and not x.startswith(("model/numerics", "model/linear"))]
+        res[m.group(1).replace(".", "_")] = (model[0] if model else (c[0] if c else "?"), " < ".join(c[:5]))
+    return res
+
+
+def by_source(by: dict, sources: dict, steps: int, top: int = 25) -> None:
+    """The profile's kernels ({name: (count, ns)} over ``steps``) summed by the model line that
+    made them (``hlo_sources``): the fusion-by-source table."""
+    sites: dict = {}
+    for name, (c, t) in by.items():
+        site, ch = sources.get(name, (f"kernel {name[:40]}", ""))  # a Pallas kernel: its own name
+        n, tt, ex = sites.get(site, (0, 0.0, ch))
+        sites[site] = (n + c, tt + t, ex)
+    total = sum(t for _, t, _ in sites.values())
+    print(f"  [sources] kernel time by the model line that made it ({len(sites)} lines):", flush=True)
+    for site, (c, t, ex) in sorted(sites.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(
+            f"    {t / steps / 1e3:8.1f} us a step {100 * t / max(total, 1):5.1f} %  {c / steps:6.0f} kernels  {site:28s} {ex[:90]}",
+            flush=True,
+        )
+
+
 def kernel_ns(run, *args) -> tuple[float, dict, object]:
     """(Σ kernel ns, {name: (count, ns)}, output) of one call of the jitted ``run`` (compiled
     and warmed first)."""
