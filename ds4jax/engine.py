@@ -27,7 +27,7 @@ from ds4jax.errors import DS4Error
 from ds4jax.model.forward import commit, forward_hidden, head
 from ds4jax.model.rope import rope_tables
 from ds4jax.model_file import ModelFiles
-from ds4jax.quant.layouts import with_expert_layout
+from ds4jax.quant.layouts import memory_headroom, with_expert_layout
 from ds4jax.sampling import SamplingParams, kind_of, sample
 from ds4jax.state import init_state
 from ds4jax.weights import load_weights
@@ -64,6 +64,18 @@ def _decode_fed(cfg: ModelConfig, sampler: str, weights, state, io, params, key)
         "logits": like(logits, io["logits"]),
         "hidden": like(h, io["hidden"]),
     }
+
+
+# Kept free when repacking experts to a larger layout: one tensor's new copy while it converts
+# (1.2 GB for a full-size gate or up tensor as nibbles), the programs' temporaries (0.01-0.34 GB
+# measured at full size) and margin; the KV state is added by size.
+_LAYOUT_RESERVE = 4 << 30
+
+
+def layout_budget(cfg: ModelConfig, ctx: int, chunk: int) -> int | None:
+    """Bytes a load-time expert layout may add on the device (None: no limit known, e.g. CPU)."""
+    state = jax.eval_shape(lambda: init_state(cfg, ctx, chunk))
+    return memory_headroom(sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state)) + _LAYOUT_RESERVE)
 
 
 def compile_together(builds: list[Callable[[], Any]]) -> list:
@@ -126,8 +138,9 @@ class Engine:
         """``compiler_options``: XLA options (``xla_*`` names, as ``Lowered.compile`` takes them)
         for this engine's programs, e.g. to A/B an option inside one process. ``expert_layout``:
         the routed experts' gate/up planes as stored (``gguf``) or IQ2_XXS repacked to nibbles
-        (``nib``, ``quant/layouts.py``: the same bits, 2.1x their memory); weights the engine
-        loads itself are converted in place, ``weights`` given to it are copied."""
+        (``nib``, ``quant/layouts.py``: the same bits, 2.1x their memory; as many tensors as the
+        device's free memory allows, ``layout_budget``); weights the engine loads itself are
+        converted in place, ``weights`` given to it are copied."""
         cfg = dataclasses.replace(mf.config, act_quant=act_quant)
         if ctx < 1:
             raise DS4Error(f"--ctx must be positive, got {ctx}")
@@ -138,7 +151,8 @@ class Engine:
         self.cfg, self.ctx, self.chunk = cfg, ctx, min(chunk, ctx)
         self.files = mf
         base = weights if weights is not None else load_weights(mf)
-        base = with_expert_layout(base, expert_layout, donate=weights is None)
+        budget = layout_budget(cfg, ctx, self.chunk) if expert_layout != "gguf" else None
+        base = with_expert_layout(base, expert_layout, donate=weights is None, budget=budget)
         self.weights = {**base, "rope": jax.device_put(rope_tables(cfg, ctx))}
         self._compiled: dict = {}
         self._params: dict = {}  # sampling values -> (sampler kind, their device copies)

@@ -128,6 +128,8 @@ def _runner(mf, ctx: int, eos: int | None, weights=None):
     engine = Engine(
         mf, ctx=ctx, chunk=FLAGS.chunk, act_quant=FLAGS.act_quant, weights=weights, expert_layout=FLAGS.expert_layout
     )
+    if weights is None:
+        _layout_note(engine.weights)
     strict = FLAGS.quality or os.environ.get("DS4JAX_MTP_STRICT", "") not in ("", "0")
     spec = None
     if mf.mtp is not None and FLAGS.mtp_draft == 2 and not strict and FLAGS.dump_logits is None:
@@ -228,6 +230,19 @@ def _generate(mf) -> None:
         print(f"wrote {FLAGS.dump_logits}: tokens {tokens.shape}, logits {logits.shape}", file=sys.stderr)
 
 
+def _layout_note(weights) -> None:
+    """One line when --expert_layout=nib could repack only some expert tensors (device memory)."""
+    from ds4jax.quant.layouts import expert_layout_counts
+
+    done, total = expert_layout_counts(weights)
+    if FLAGS.expert_layout == "nib" and done < total:
+        print(
+            f"note: --expert_layout=nib repacked {done} of {total} expert tensors (the device's free memory); "
+            "the rest stay IQ2_XXS, with the same results",
+            file=sys.stderr,
+        )
+
+
 def _chat(mf) -> None:
     from ds4jax.chat import DEFAULT_SYSTEM
     from ds4jax.repl import ChatSession
@@ -236,10 +251,13 @@ def _chat(mf) -> None:
     tokenizer = _tokenizer(mf)
     if tokenizer is None:
         raise DS4Error(f"{mf.base.path} has no tokenizer metadata: chat needs one (use --prompt_ids)")
+    from ds4jax.engine import layout_budget
     from ds4jax.quant.layouts import with_expert_layout
 
     # converted once here (in place): the engines made per context size then find it done
-    weights = with_expert_layout(load_weights(mf), FLAGS.expert_layout, donate=True)
+    budget = layout_budget(mf.config, FLAGS.ctx, FLAGS.chunk) if FLAGS.expert_layout != "gguf" else None
+    weights = with_expert_layout(load_weights(mf), FLAGS.expert_layout, donate=True, budget=budget)
+    _layout_note(weights)
 
     def make(ctx: int):
         _, run, _ = _runner(mf, ctx, tokenizer.eos_id, weights=weights)

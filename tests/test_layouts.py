@@ -44,6 +44,21 @@ def test_with_expert_layout_converts_only_iq2_gate_and_up():
     assert np.array_equal(dequantize(layer["ffn_up_exps"]), dequantize(up))
     with pytest.raises(DS4Error, match="expert_layout"):
         layouts.with_expert_layout(w, "nibbles")
+    # a memory budget: tensors in layer order while they fit (a copy adds all 138 bytes a
+    # super-block, a donated conversion 138 - 66), the rest stay IQ2_XXS
+    one = 3 * 16 * 2 * 138
+    for budget, want in ((one - 1, 0), (one, 1), (2 * one, 2)):
+        assert layouts.expert_layout_counts(layouts.with_expert_layout(w, "nib", budget=budget)) == (want, 2)
+    part = layouts.with_expert_layout(w, "nib", budget=one)["layers"][0]
+    assert part["ffn_gate_exps"].qtype == layouts.IQ2_NIB and part["ffn_up_exps"] is up
+    donated = layouts.with_expert_layout(
+        {"layers": ({"ffn_gate_exps": _iq2(seed=1), "ffn_up_exps": _iq2(seed=2)},)},
+        "nib",
+        donate=True,
+        budget=2 * 3 * 16 * 2 * (138 - 66),
+    )
+    assert layouts.expert_layout_counts(donated) == (2, 2)
+    assert layouts.memory_headroom() is None  # the CPU's allocator does not say
 
 
 def test_model_ffn_with_nibble_experts_is_bit_identical(tiny_files):

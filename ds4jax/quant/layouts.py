@@ -73,23 +73,51 @@ _to_nib = jax.jit(iq2_nib_planes)
 _to_nib_donating = jax.jit(iq2_nib_planes, donate_argnums=0)
 
 
-def with_expert_layout(weights: dict, layout: str, donate: bool = False) -> dict:
+def _nbytes(planes) -> int:
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(planes))
+
+
+def memory_headroom(reserve: int = 0) -> int | None:
+    """Bytes the first device's allocator can still hand out, less ``reserve``; None where the
+    backend does not say (the CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)) - reserve
+
+
+def with_expert_layout(weights: dict, layout: str, donate: bool = False, budget: int | None = None) -> dict:
     """The weights pytree with its routed experts' gate/up tensors in ``layout`` (``"gguf"``:
     unchanged; ``"nib"``: IQ2_XXS ones as IQ2_NIB, on their device, one tensor at a time).
     ``donate``: the IQ2_XXS planes are given up as each tensor is converted (the peak is then one
-    tensor's two copies, not the model's), so ``weights`` must not be used after. The MTP block's
-    experts stay (Q4_K in the published files)."""
+    tensor's two copies, not the model's), so ``weights`` must not be used after. ``budget``:
+    bytes the conversion may add (None: no limit); tensors are converted in layer order while
+    they fit and the rest stay IQ2_XXS (each layer's kernels follow its own tensors' type, so a
+    mixed model gives the same bits). The MTP block's experts stay (Q4_K in the published files)."""
     if layout not in EXPERT_LAYOUTS:
         raise DS4Error(f"--expert_layout must be one of {', '.join(EXPERT_LAYOUTS)}, got {layout!r}")
     if layout == "gguf":
         return weights
     convert = _to_nib_donating if donate else _to_nib
+    left = budget
     layers = []
     for w in weights["layers"]:
         w = dict(w)
         for name in ("ffn_gate_exps", "ffn_up_exps"):
             qt = w.get(name)
-            if qt is not None and qt.qtype == QType.IQ2_XXS:
-                w[name] = QTensor(IQ2_NIB, qt.shape, convert(dict(qt.planes)))
+            if qt is None or qt.qtype != QType.IQ2_XXS:
+                continue
+            extra = _nbytes(jax.eval_shape(iq2_nib_planes, dict(qt.planes)))
+            extra -= _nbytes(qt.planes) if donate else 0  # donated: the IQ2_XXS planes are freed
+            if left is not None and extra > left:
+                continue
+            w[name] = QTensor(IQ2_NIB, qt.shape, convert(dict(qt.planes)))
+            left = None if left is None else left - extra
         layers.append(w)
     return {**weights, "layers": type(weights["layers"])(layers)}
+
+
+def expert_layout_counts(weights: dict) -> tuple[int, int]:
+    """(routed gate/up expert tensors as IQ2_NIB, those as IQ2_XXS or IQ2_NIB)."""
+    kinds = [w[n].qtype for w in weights["layers"] for n in ("ffn_gate_exps", "ffn_up_exps") if n in w]
+    return sum(q == IQ2_NIB for q in kinds), sum(q in (IQ2_NIB, QType.IQ2_XXS) for q in kinds)
