@@ -28,6 +28,7 @@ from ds4jax.model.forward import commit, forward_hidden, head
 from ds4jax.model.rope import rope_tables
 from ds4jax.model_file import ModelFiles
 from ds4jax.quant.layouts import memory_headroom, with_expert_layout
+from ds4jax.quant.planes import tree_nbytes
 from ds4jax.sampling import SamplingParams, kind_of, sample
 from ds4jax.state import init_state
 from ds4jax.weights import load_weights
@@ -72,10 +73,14 @@ def _decode_fed(cfg: ModelConfig, sampler: str, weights, state, io, params, key)
 _LAYOUT_RESERVE = 4 << 30
 
 
-def layout_budget(cfg: ModelConfig, ctx: int, chunk: int) -> int | None:
-    """Bytes a load-time expert layout may add on the device (None: no limit known, e.g. CPU)."""
+def repack_experts(weights: dict, layout: str, cfg: ModelConfig, ctx: int, chunk: int, donate: bool) -> dict:
+    """``with_expert_layout`` within the device memory an engine of this context leaves: its KV
+    state and ``_LAYOUT_RESERVE`` stay free (no limit where the device does not say, the CPU)."""
+    if layout == "gguf":
+        return with_expert_layout(weights, layout)  # unchanged (and the layout name checked)
     state = jax.eval_shape(lambda: init_state(cfg, ctx, chunk))
-    return memory_headroom(sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state)) + _LAYOUT_RESERVE)
+    budget = memory_headroom(tree_nbytes(state) + _LAYOUT_RESERVE)
+    return with_expert_layout(weights, layout, donate=donate, budget=budget)
 
 
 def compile_together(builds: list[Callable[[], Any]]) -> list:
@@ -139,7 +144,7 @@ class Engine:
         for this engine's programs, e.g. to A/B an option inside one process. ``expert_layout``:
         the routed experts' gate/up planes as stored (``gguf``) or IQ2_XXS repacked to nibbles
         (``nib``, ``quant/layouts.py``: the same bits, 2.1x their memory; as many tensors as the
-        device's free memory allows, ``layout_budget``); weights the engine loads itself are
+        device's free memory allows, ``repack_experts``); weights the engine loads itself are
         converted in place, ``weights`` given to it are copied."""
         cfg = dataclasses.replace(mf.config, act_quant=act_quant)
         if ctx < 1:
@@ -151,8 +156,7 @@ class Engine:
         self.cfg, self.ctx, self.chunk = cfg, ctx, min(chunk, ctx)
         self.files = mf
         base = weights if weights is not None else load_weights(mf)
-        budget = layout_budget(cfg, ctx, self.chunk) if expert_layout != "gguf" else None
-        base = with_expert_layout(base, expert_layout, donate=weights is None, budget=budget)
+        base = repack_experts(base, expert_layout, cfg, ctx, self.chunk, donate=weights is None)
         self.weights = {**base, "rope": jax.device_put(rope_tables(cfg, ctx))}
         self._compiled: dict = {}
         self._params: dict = {}  # sampling values -> (sampler kind, their device copies)

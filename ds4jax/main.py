@@ -251,12 +251,10 @@ def _chat(mf) -> None:
     tokenizer = _tokenizer(mf)
     if tokenizer is None:
         raise DS4Error(f"{mf.base.path} has no tokenizer metadata: chat needs one (use --prompt_ids)")
-    from ds4jax.engine import layout_budget
-    from ds4jax.quant.layouts import with_expert_layout
+    from ds4jax.engine import repack_experts
 
     # converted once here (in place): the engines made per context size then find it done
-    budget = layout_budget(mf.config, FLAGS.ctx, FLAGS.chunk) if FLAGS.expert_layout != "gguf" else None
-    weights = with_expert_layout(load_weights(mf), FLAGS.expert_layout, donate=True, budget=budget)
+    weights = repack_experts(load_weights(mf), FLAGS.expert_layout, mf.config, FLAGS.ctx, FLAGS.chunk, donate=True)
     _layout_note(weights)
 
     def make(ctx: int):

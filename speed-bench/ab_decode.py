@@ -104,7 +104,9 @@ def parse_variant(text: str) -> Variant:
                 raise DS4Error(f"variant {label!r}: feed must be host or device")
             v.feed = value
         elif key == "sync":
-            v.sync = _value(value) is True
+            if value.lower() not in ("true", "false"):
+                raise DS4Error(f"variant {label!r}: sync must be true or false")
+            v.sync = _value(value)
         elif key.startswith("xla_"):
             v.xla[key] = _value(value.replace("+", ","))
         elif "." in key:
@@ -143,12 +145,7 @@ def main() -> None:
     weights = {"gguf": jax.block_until_ready(random_weights(cfg, p))}
     engines, built = {}, {}  # built: one engine per program setting (variants differing only
     for v in variants:  # in feed or sync share it, and each program compiles once)
-        setting = (
-            v.kernels,
-            v.layout,
-            repr(sorted(v.xla.items())),
-            repr(sorted((f"{m.__name__}.{n}", x) for (m, n), x in v.consts.items())),
-        )
+        setting = dataclasses.replace(v, feed="host", sync=False).describe()  # what the programs depend on
         if v.layout not in weights:  # a converted copy beside the stored layout: both stay in memory
             weights[v.layout] = jax.block_until_ready(with_expert_layout(weights["gguf"], v.layout))
         os.environ["DS4JAX_KERNELS"] = v.kernels  # read while the program is traced

@@ -137,13 +137,14 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
     t0 = time.perf_counter()
     eng.compile(names)  # side by side
     compile_s = time.perf_counter() - t0  # wall time: what a user waits
+    hlo = eng.program("decode").as_text() if a.hlo or a.timeline else ""  # once: it is large at 43 layers
     if a.hlo:  # which model op each fusion in the profile is (its metadata names the source line)
         import gzip
 
         with gzip.open(os.path.join(a.out, f"decode_{mode}.hlo.gz"), "wt") as f:
-            f.write(eng.program("decode").as_text())
+            f.write(hlo)
     if a.timeline:
-        devtime.entry_summary(eng.program("decode").as_text())
+        devtime.entry_summary(hlo)
     for name in names:  # the programs' scratch beside the weights and state
         m = eng.program(name).memory_analysis()
         if m is not None:
@@ -197,7 +198,7 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
         for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[: a.top]:
             print(f"    {c // n:4d} x {t / c / 1e3:8.2f} us  {name[:80]}", flush=True)
         if a.hlo:  # the same kernels summed by the model line that made them
-            devtime.by_source(by, devtime.hlo_sources(eng.program("decode").as_text()), n, top=a.top)
+            devtime.by_source(by, devtime.hlo_sources(hlo), n, top=a.top)
     tok_s = 1.0 / wall
     gbps = nbytes * tok_s / 1e9
     pct = 100 * gbps * 1e9 / copy_bw if copy_bw else float("nan")

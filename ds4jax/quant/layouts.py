@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
 from ds4jax.quant.formats import QType
-from ds4jax.quant.planes import QTensor
+from ds4jax.quant.planes import QTensor, tree_nbytes
 from ds4jax.quant.tables import IQ2XXS_GRID_I8
 
 IQ2_NIB = 0x1000 | int(QType.IQ2_XXS)
@@ -73,10 +73,6 @@ _to_nib = jax.jit(iq2_nib_planes)
 _to_nib_donating = jax.jit(iq2_nib_planes, donate_argnums=0)
 
 
-def _nbytes(planes) -> int:
-    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(planes))
-
-
 def memory_headroom(reserve: int = 0) -> int | None:
     """Bytes the first device's allocator can still hand out, less ``reserve``; None where the
     backend does not say (the CPU)."""
@@ -107,12 +103,12 @@ def with_expert_layout(weights: dict, layout: str, donate: bool = False, budget:
             qt = w.get(name)
             if qt is None or qt.qtype != QType.IQ2_XXS:
                 continue
-            extra = _nbytes(jax.eval_shape(iq2_nib_planes, dict(qt.planes)))
-            extra -= _nbytes(qt.planes) if donate else 0  # donated: the IQ2_XXS planes are freed
-            if left is not None and extra > left:
-                continue
+            if left is not None:  # what it adds (donated: the IQ2_XXS planes are freed)
+                extra = tree_nbytes(jax.eval_shape(iq2_nib_planes, dict(qt.planes))) - (qt.nbytes if donate else 0)
+                if extra > left:
+                    continue
+                left -= extra
             w[name] = QTensor(IQ2_NIB, qt.shape, convert(dict(qt.planes)))
-            left = None if left is None else left - extra
         layers.append(w)
     return {**weights, "layers": type(weights["layers"])(layers)}
 

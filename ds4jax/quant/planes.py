@@ -62,6 +62,11 @@ from ds4jax.quant.formats import QType, as_qtype, row_nbytes
 from ds4jax.quant.numpy_codec import q4k_pack_scales, q4k_unpack_scales
 
 
+def tree_nbytes(tree) -> int:
+    """Bytes of a pytree's arrays (or of their ``jax.eval_shape`` shapes)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class QTensor:
     """A (possibly quantized) weight tensor stored as planes; a JAX pytree.
@@ -80,7 +85,7 @@ class QTensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(p.size) * p.dtype.itemsize for p in self.planes.values())
+        return tree_nbytes(self.planes)
 
     def __repr__(self) -> str:
         planes = ", ".join(f"{k}={p.dtype}{list(p.shape)}" for k, p in self.planes.items())
