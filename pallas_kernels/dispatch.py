@@ -7,13 +7,12 @@ made at trace time from static shapes and the environment:
 
     DS4JAX_KERNELS=auto       on GPU, the kernels where they measured faster than XLA (default):
                               the Q8_0 kernel for the verifier's 2..4-token batches at every
-                              shape and at N=1 on weights of 64 MB and more (the LM head) or
-                              ungrouped ones of 16 MB and more (attn_q_b, attn_output_b); the
-                              routed-expert kernels at every N, prefill chunks too (v3: 3-6x
-                              XLA's gather + dot);
-                              the hyper-connection Sinkhorn (one launch for ~40 per sublayer).
-                              The fused norms lost to XLA's fusions and stay off; the Hadamard
-                              kernel saves GPU time but no wall time yet, and stays off.
+                              shape and at N=1 on weights of 16 MB and more (the LM head,
+                              attn_q_b, attn_output_a and _b); the routed-expert kernels at
+                              every N, prefill chunks too (v3: 3-6x XLA's gather + dot); the
+                              hyper-connection Sinkhorn (one launch for ~40 per sublayer); the
+                              Hadamard transform. The fused norms lost to XLA's fusions and
+                              stay off.
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
     DS4JAX_KERNELS=off        the reference everywhere
     DS4JAX_KERNELS=interpret  every kernel at N = 1..4, interpreted off GPU (the CPU tests)
@@ -61,31 +60,30 @@ def _use(n_tok: int, auto: bool, any_n: bool = False) -> tuple[bool, bool]:
     return on_gpu and (m == "all" or auto), False
 
 
-# The Q8_0 and expert kernels quantize their own f32 activations (one launch, not two). It costs
-# GPU time: 2.2-4.2 µs a call more than the int8-input kernel on the small Q8_0 shapes (H200,
-# session 12: shexp_up 12.38 against 8.17 µs), since every program quantizes the K range it
-# reads. False quantizes in XLA first (same bits): 8 layers, one process (session 13): 2.733
-# against 2.795 ms a token, inside the rounds' spread. The full step is GPU-bound (session 13), so
-# GPU time is what counts; the 43-layer A/B decides (speed-bench/ab_decode.py sets this).
-QUANTIZE_IN_KERNEL = True
+# Where the activations are quantized before the Q8_0 and expert kernels: False in XLA (one
+# fusion that XLA merges into the producer; the kernels read int8), True inside the kernels (one
+# launch fewer, but every program quantizes the K range it reads: 2.2-4.2 µs a call more on the
+# small Q8_0 shapes, H200 session 12). Same bits either way. GPU time a step, 8 full-size layers
+# (H200, session 14, profiler): 2,857 µs in XLA against 2,960 µs in the kernels (-3.5 %).
+QUANTIZE_IN_KERNEL = False
 
-# The Hadamard kernel in ``auto`` (it is always on in ``all``): an A/B switch, as above.
-HADAMARD_IN_AUTO = False
+# The Hadamard kernel (indexer q and compressed rows) in ``auto`` (``all`` always takes it): GPU
+# time a step, 8 full-size layers (H200, session 14): 2,803 µs against 2,857 without (-1.9 %).
+HADAMARD_IN_AUTO = True
 
-Q8_AUTO_N1_BYTES = 64 << 20  # at N=1 the kernel wins from here (the LM head: 159 vs 173 µs)
-# ... and from here on ungrouped weights. In the decode program (profile of 4 full-size layers,
-# H200, session 11) XLA's N=1 attn_output_b (32 MB) took 27.6 µs, a two-stage reduce, where the
-# kernel measured 16.9 µs (run 14); the grouped attn_output_a took 11.3 µs there against the
-# kernel's 16.8, so grouped weights stay on XLA; attn_q_b: 15.6 vs 18.1 µs (run 14).
-Q8_AUTO_N1_UNGROUPED_BYTES = 16 << 20
+# At N=1 the Q8_0 kernel is taken from this many weights up (below, XLA's fused int8 dot beats
+# the kernel's fixed cost: 4-9 MB matrices). GPU time a step, 8 full-size layers (H200, session
+# 14): 2,725 µs with the grouped attn_output_a (32 MB) on the kernel against 2,857 µs on XLA,
+# whose in-model fusions took 37.5 µs a layer for it (6 kernels) against the kernel's ~17 µs;
+# every Q8_0 weight on the kernel (the small ones too): 2,783 µs.
+Q8_AUTO_N1_BYTES = 16 << 20
 
 
-def _q8_auto(n: int, out: int, k: int, groups: int) -> bool:
+def _q8_auto(n: int, out: int, k: int) -> bool:
     """Whether ``auto`` takes the Q8_0 kernel for n tokens on this weight (measured above)."""
     if n >= 2:
         return True
-    size = out * k
-    return size >= Q8_AUTO_N1_BYTES or (size >= Q8_AUTO_N1_UNGROUPED_BYTES and groups == 1)
+    return out * k >= Q8_AUTO_N1_BYTES
 
 
 def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> jax.Array:
@@ -94,7 +92,7 @@ def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> j
     one launch instead of a quantization kernel and the matmul."""
     lead = x.shape[:-1]
     n = math.prod(lead)
-    use, interpret = _use(n, auto=_q8_auto(n, qs.shape[0], qs.shape[1], groups))
+    use, interpret = _use(n, auto=_q8_auto(n, qs.shape[0], qs.shape[1]))
     if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
         use = False
     if not use or not q8_0.supported(qs.shape[0], qs.shape[1], groups):
@@ -166,9 +164,8 @@ def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> 
 def hadamard(x: jax.Array) -> jax.Array:
     """The scaled Walsh–Hadamard transform of x [..., n] over its last axis (the indexer's q and
     compressed rows). Its rows are independent, so any number of them takes the kernel.
-    Not in ``auto`` yet (``HADAMARD_IN_AUTO``): exact on the H200, −21 µs of GPU time over 4
-    full-size layers, no faster in wall time at 4 layers (session 12: 1.736 against 1.668 ms a
-    token, one process), where the step was not GPU-bound; the 43-layer step is (session 13)."""
+    In ``auto`` since session 14 (``HADAMARD_IN_AUTO``: −54 µs of GPU time a step over 8
+    full-size layers, H200); exact on the H200 (session 12)."""
     use, interpret = _use(1, auto=HADAMARD_IN_AUTO)
     if not use or not hadamard_kernel.supported(x.shape[-1]):
         return hadamard_kernel.reference(x)

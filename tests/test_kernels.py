@@ -180,7 +180,7 @@ def test_prefill_expert_reference_in_token_groups(qtype, monkeypatch):
 
 @pytest.mark.parametrize("in_kernel", [True, False], ids=["quantize-in-kernel", "quantize-in-xla"])
 def test_dispatch_quantizes_either_side_with_the_same_bits(in_kernel, monkeypatch):
-    """``QUANTIZE_IN_KERNEL`` (an A/B switch for the bench) moves the activations' quantization
+    """``QUANTIZE_IN_KERNEL`` (off by default since session 14) moves the activations' quantization
     between the kernels and XLA; the Q8_0 and expert results keep the reference's bits."""
     monkeypatch.setattr(dispatch, "QUANTIZE_IN_KERNEL", in_kernel)
     monkeypatch.setenv("DS4JAX_KERNELS", "interpret")
@@ -198,14 +198,15 @@ def test_dispatch_quantizes_either_side_with_the_same_bits(in_kernel, monkeypatc
 
 
 def test_q8_0_auto_policy_at_one_token():
-    """``auto`` at N=1: the kernel on the LM head and on ungrouped weights of 16 MB and more,
-    XLA on the small and the grouped ones (in-model profile, KERNELS.md)."""
-    assert dispatch._q8_auto(1, 129280, 4096, 1)  # LM head
-    assert dispatch._q8_auto(1, 32768, 1024, 1)  # attn_q_b
-    assert dispatch._q8_auto(1, 4096, 8192, 1)  # attn_output_b
-    assert not dispatch._q8_auto(1, 8192, 4096, 8)  # attn_output_a, grouped
-    assert not dispatch._q8_auto(1, 2048, 4096, 1)  # shared expert gate
-    assert all(dispatch._q8_auto(n, 512, 4096, 1) for n in (2, 3, 4))
+    """``auto`` at N=1: the kernel on weights of 16 MB and more, XLA on the small ones (the
+    decode step's GPU time, 8 full-size layers, KERNELS.md session 14)."""
+    assert dispatch._q8_auto(1, 129280, 4096)  # LM head
+    assert dispatch._q8_auto(1, 32768, 1024)  # attn_q_b
+    assert dispatch._q8_auto(1, 4096, 8192)  # attn_output_b
+    assert dispatch._q8_auto(1, 8192, 4096)  # attn_output_a (grouped)
+    assert not dispatch._q8_auto(1, 2048, 4096)  # shared expert gate
+    assert dispatch._q8_auto(1, 4096, 4096)  # mtp_e_proj (16 Mi weights: the threshold)
+    assert all(dispatch._q8_auto(n, 512, 4096) for n in (2, 3, 4))
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 128), (3, 5, 128), (2, 256), (7, 8)], ids=["q", "odd-rows", "n256", "n8"])
