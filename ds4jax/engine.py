@@ -5,7 +5,8 @@ Two programs per engine (plus an all-rows-logits prefill variant for diagnostics
   returning the last valid row's logits and the next token;
 * decode: one token in, the next token (sampled inside the program) and its logits out;
   ``decode_fed`` is the same step with the token kept on the device (read from and written back
-  into a donated buffer), for loops that need not see each token before the next step.
+  into a donated buffer), for loops that need not see each token before the next step:
+  ``generate`` runs on it with one step in flight ahead of the token it reads.
 The KV-cache state is donated to each call, so nothing large is copied per token.
 """
 
@@ -65,6 +66,13 @@ def _decode_fed(cfg: ModelConfig, sampler: str, weights, state, io, params, key)
         "logits": like(logits, io["logits"]),
         "hidden": like(h, io["hidden"]),
     }
+
+
+@partial(jax.jit, static_argnums=1)
+def peek(io: dict, logits: bool):
+    """Copies of a ``decode_fed`` step's token (and logits): they outlive ``io``, which the next
+    step takes (donated), so the host can read them while that step runs."""
+    return io["token"] + 0, (io["logits"] + 0 if logits else None)
 
 
 # Kept free when repacking experts to a larger layout: one tensor's new copy while it converts
@@ -251,11 +259,12 @@ class Engine:
         """The token-and-outputs buffer of ``decode_fed``: the next input token, the logits [V]
         and the final HC state of the last token decoded."""
         c = self.cfg
-        return {
-            "token": jnp.asarray(token, jnp.int32),
-            "logits": jnp.zeros((c.n_vocab,), jnp.float32),
-            "hidden": jnp.zeros((c.n_hc, c.n_embd), jnp.float32),
+        io = {  # host arrays put on the device: no program to compile per shape, as jnp.zeros has
+            "token": np.asarray(token, np.int32),
+            "logits": np.zeros((c.n_vocab,), np.float32),
+            "hidden": np.zeros((c.n_hc, c.n_embd), np.float32),
         }
+        return jax.device_put(io)
 
     def decode_fed(self, state, io, params, key):
         """(state, io) after decoding ``io["token"]``: the next token, its logits and the HC
@@ -289,7 +298,7 @@ class Engine:
         key = jax.random.key(sampling.seed)
         state = self.new_state()
         kind, _ = self._sampling(params)  # compile outside the timings
-        self.compile(["prefill_all" if keep_logits else "prefill"] + (["decode"] if n_predict > 1 else []), kind)
+        self.compile(["prefill_all" if keep_logits else "prefill"] + (["decode_fed"] if n_predict > 1 else []), kind)
         t0 = time.perf_counter()
         tok, logits, state = self.prefill(state, prompt, params, key, all_logits=keep_logits, progress=progress)
         tok = int(tok)
@@ -297,7 +306,22 @@ class Engine:
         all_rows = list(logits) if keep_logits else None
         out: list[int] = []
         stop = "n_predict"
-        pos = len(prompt)
+        # One step in flight ahead of the token the host reads: the token stays on the device
+        # (decode_fed), so the host dispatches step k+1 while the GPU runs step k, and a step
+        # costs max(host, GPU) instead of their sum. Whether a step is needed depends on the
+        # token only through EOS, so at most one step past an EOS runs and is dropped (its
+        # state too: ``generate`` keeps none).
+        io = self.new_io(tok)
+        ahead = None
+
+        def step():
+            nonlocal state, io
+            state, io = self.decode_fed(state, io, params, key)
+            return peek(io, keep_logits)  # copies: the next step takes io
+
+        def fits(i: int) -> bool:  # the step that takes generated token i has a context row
+            return len(prompt) + i < self.ctx
+
         while len(out) < n_predict:
             out.append(tok)
             if on_token is not None:
@@ -307,17 +331,18 @@ class Engine:
                 break
             if len(out) == n_predict:
                 break
-            if pos >= self.ctx:
+            if not fits(len(out) - 1):
                 stop = "ctx"
                 break
-            nxt, logits, state = self.decode(state, tok, params, key)
-            pos += 1
+            nxt, ahead = (ahead if ahead is not None else step()), None
+            if len(out) + 1 < n_predict and fits(len(out)):  # the next iteration's step, if it gets there
+                ahead = step()
+            tok = int(nxt[0])
             if keep_logits:
-                all_rows.append(np.asarray(logits))
-            tok = int(nxt)
+                all_rows.append(np.asarray(nxt[1]))
         t2 = time.perf_counter()
-        if keep_logits and len(all_rows) < len(prompt) + len(out) and pos < self.ctx:
-            # One row per token: also run the last generated token for its logits.
-            _, logits, state = self.decode(state, out[-1], params, key)
-            all_rows.append(np.asarray(logits))
+        if keep_logits and len(all_rows) < len(prompt) + len(out) and (ahead is not None or fits(len(out) - 1)):
+            # One row per token: the last generated token's logits too (the step in flight
+            # after an EOS has taken it already).
+            all_rows.append(np.asarray((ahead if ahead is not None else step())[1]))
         return Generation(list(prompt), out, all_rows, t1 - t0, t2 - t1, stop)
