@@ -11,7 +11,10 @@ A variant is ``label`` or ``label:key=value,key=value``. Keys:
   layout=gguf|nib           the routed experts' gate/up layout (a converted copy of the weights)
   feed=host|device          the token passed in and outputs allocated per call (``decode``), or
                             kept in a donated buffer on the device (``decode_fed``)
-  sync=true                 read each step's token on the host before the next step starts, as
+  sync=true                 read each step's token on the host before the next step starts (the
+                            loop of ``Engine.generate`` before session 14);
+  sync=ahead                (feed=device) read each step's token after the next step is
+                            dispatched, as ``Engine.generate`` now does
                             ``Engine.generate`` does (the host's time per step is then not hidden)
   xla_...=value             an XLA option for its compile (``Engine(compiler_options=...)``);
                             '+' separates a list's items (xla_gpu_enable_command_buffer=FUSION+WHILE;
@@ -23,7 +26,11 @@ A variant is ``label`` or ``label:key=value,key=value``. Keys:
         --variants "base;graph1:xla_gpu_graph_min_graph_size=1;xla:kernels=off"
 
 Results are appended to ``$OUT/ab.csv`` (card, preset, layers, label, options, median / min / max
-ms a token, tokens/s at the median, note).
+ms a token, tokens/s at the median, note). ``--device_steps N`` (GPU) also traces N steps of each
+variant under the profiler and appends its kernel time and kernel count a step to
+``$OUT/ab_device.csv``: a step's GPU time does not move with the host's spells, so it decides
+between variants where the wall time is host-bound and noisy (8 layers: rounds spread ±20 %),
+and it is the wall time once the step is GPU-bound (all 43 layers, session 13).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import devtime  # speed-bench/devtime.py, beside this script
 
-from ds4jax.engine import Engine
+from ds4jax.engine import Engine, peek  # peek: generate's copy of a step's token
 from ds4jax.errors import DS4Error
 from ds4jax.presets import load_preset, preset_config, with_layers
 from ds4jax.quant.layouts import EXPERT_LAYOUTS, with_expert_layout
@@ -69,7 +76,7 @@ class Variant:
     kernels: str  # DS4JAX_KERNELS while the program is traced
     layout: str = "gguf"  # the routed experts' gate/up layout
     feed: str = "host"  # host: Engine.decode; device: Engine.decode_fed
-    sync: bool = False  # the token read on the host every step
+    sync: str = "false"  # the token read on the host every step: false, true, or ahead (a step late)
     xla: dict = dataclasses.field(default_factory=dict)  # XLA compile options
     consts: dict = dataclasses.field(default_factory=dict)  # (module, name) -> value while traced
 
@@ -79,7 +86,7 @@ class Variant:
             f"{k}={v}"
             for k, v in [("kernels", self.kernels), ("layout", self.layout), *self.xla.items(), *named.items()]
             + ([("feed", self.feed)] if self.feed != "host" else [])
-            + ([("sync", "true")] if self.sync else [])
+            + ([("sync", self.sync)] if self.sync != "false" else [])
         )
 
 
@@ -104,9 +111,9 @@ def parse_variant(text: str) -> Variant:
                 raise DS4Error(f"variant {label!r}: feed must be host or device")
             v.feed = value
         elif key == "sync":
-            if value.lower() not in ("true", "false"):
-                raise DS4Error(f"variant {label!r}: sync must be true or false")
-            v.sync = _value(value)
+            if value.lower() not in ("true", "false", "ahead"):
+                raise DS4Error(f"variant {label!r}: sync must be true, false or ahead")
+            v.sync = value.lower()
         elif key.startswith("xla_"):
             v.xla[key] = _value(value.replace("+", ","))
         elif "." in key:
@@ -120,6 +127,8 @@ def parse_variant(text: str) -> Variant:
             v.consts[(mod, name)] = _value(value)
         else:
             raise DS4Error(f"variant {label!r}: unknown key {key!r} (kernels=, layout=, xla_..., or module.NAME)")
+    if v.sync == "ahead" and v.feed != "device":
+        raise DS4Error(f"variant {label!r}: sync=ahead reads the token a step late, which needs feed=device")
     return v
 
 
@@ -133,6 +142,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="decode steps a variant per round")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--note", default="")
+    ap.add_argument("--device_steps", type=int, default=0, help="steps a variant traced for its GPU time (0: none)")
     a = ap.parse_args()
     variants = [parse_variant(v) for v in a.variants.split(";") if v.strip()]
     if len({v.label for v in variants}) != len(variants):
@@ -145,7 +155,7 @@ def main() -> None:
     weights = {"gguf": jax.block_until_ready(random_weights(cfg, p))}
     engines, built = {}, {}  # built: one engine per program setting (variants differing only
     for v in variants:  # in feed or sync share it, and each program compiles once)
-        setting = dataclasses.replace(v, feed="host", sync=False).describe()  # what the programs depend on
+        setting = dataclasses.replace(v, feed="host", sync="false").describe()  # what the programs depend on
         if v.layout not in weights:  # a converted copy beside the stored layout: both stay in memory
             weights[v.layout] = jax.block_until_ready(with_expert_layout(weights["gguf"], v.layout))
         os.environ["DS4JAX_KERNELS"] = v.kernels  # read while the program is traced
@@ -179,15 +189,20 @@ def main() -> None:
 
     def run(label: str, n: int) -> None:
         (eng, var), b = engines[label], box[label]
+        late = None  # sync=ahead: the previous step's token copy, read after this step is dispatched
         for _ in range(n):
             if var.feed == "host":
                 b[1], _, b[0] = eng.decode(b[0], b[1], params, key)
-                if var.sync:
-                    b[1] = int(b[1])  # as Engine.generate: the host needs the token
+                if var.sync == "true":
+                    b[1] = int(b[1])  # the host needs the token before the next step
             else:
                 b[0], b[1] = eng.decode_fed(b[0], b[1], params, key)
-                if var.sync:
+                if var.sync == "true":
                     int(b[1]["token"])
+                elif var.sync == "ahead":  # as Engine.generate
+                    if late is not None:
+                        int(late[0])
+                    late = peek(b[1], False)
         jax.block_until_ready(b[1])
 
     for label in engines:  # warm
@@ -221,6 +236,22 @@ def main() -> None:
                     a.note,
                 ]
             )
+
+
+    if a.device_steps > 0 and jax.default_backend() == "gpu":
+        device_times(engines, run, a, card, p.name, cfg.n_layer)
+
+
+def device_times(engines: dict, run, a, card: str, preset: str, layers: int) -> None:
+    """Each variant's kernel time and kernel count a step, traced over ``a.device_steps`` steps."""
+    header = ["card", "preset", "layers", "label", "options", "device_us", "kernels", "note"]
+    with devtime.csv_rows(a.out, "ab_device.csv", header) as write:
+        for label, (_, v) in engines.items():
+            n = a.device_steps
+            ns, by = devtime.trace_calls(lambda: run(label, 1), n)
+            us, count = ns / n / 1e3, sum(c for c, _ in by.values()) / n
+            print(f"{label:12s} {us:9.1f} us of kernels a step, {count:7.1f} kernels", flush=True)
+            write([card, preset, layers, label, v.describe(), f"{us:.1f}", f"{count:.1f}", a.note])
 
 
 if __name__ == "__main__":

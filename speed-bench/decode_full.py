@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import os
 import sys
-import tempfile
 import time
 import types
 
@@ -61,23 +59,6 @@ CLASSES = (
 
 def classify(name: str) -> str:
     return next((c for key, c in CLASSES if key in name), "other XLA fusions")
-
-
-def trace_steps(step, n: int, timeline: bool = False):
-    """(Σ kernel ns, {name: (count, ns)}) over n calls of ``step`` under the profiler."""
-    d = tempfile.mkdtemp(prefix="ds4decode")
-    with jax.profiler.trace(d):
-        for _ in range(n):
-            out = step()
-        jax.block_until_ready(out)  # every kernel inside the trace
-    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-    by: dict = {}
-    if timeline and files:
-        devtime.timeline_report(files[0], n, classify, top=20)
-    for name, ns in devtime.kernel_events(files[0]) if files else []:
-        c, t = by.get(name, (0, 0))
-        by[name] = (c + 1, t + ns)
-    return sum(t for _, t in by.values()), by
 
 
 def main() -> None:
@@ -187,7 +168,7 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
     dev_ms, per_tok = float("nan"), float("nan")
     if on_gpu:
         n = 8
-        ns, by = trace_steps(step, n, a.timeline)
+        ns, by = devtime.trace_calls(step, n, classify if a.timeline else None)
         dev_ms, per_tok = ns / n / 1e6, sum(c for c, _ in by.values()) / n
         classes: collections.Counter = collections.Counter()
         for name, (c, t) in by.items():

@@ -220,6 +220,32 @@ def by_source(by: dict, sources: dict, steps: int, top: int = 25) -> None:
         )
 
 
+def _tally(path_dir: str) -> dict:
+    """{kernel name: (count, ns)} from the trace written under ``path_dir``."""
+    files = glob.glob(f"{path_dir}/**/*.xplane.pb", recursive=True)
+    by: dict = {}
+    for name, ns in kernel_events(files[0]) if files else []:
+        c, t = by.get(name, (0, 0))
+        by[name] = (c + 1, t + ns)
+    return by
+
+
+def trace_calls(step, n: int, classify=None) -> tuple[float, dict]:
+    """(Σ kernel ns, {name: (count, ns)}) over n calls of ``step`` (warmed first) under the
+    profiler; with ``classify``, also the idle-time and host-event report (``timeline_report``)."""
+    d = tempfile.mkdtemp(prefix="ds4steps")
+    with jax.profiler.trace(d):
+        for _ in range(n):
+            out = step()
+        jax.block_until_ready(out)  # every kernel inside the trace
+    if classify is not None:
+        files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        if files:
+            timeline_report(files[0], n, classify, top=20)
+    by = _tally(d)
+    return float(sum(t for _, t in by.values())), by
+
+
 def kernel_ns(run, *args) -> tuple[float, dict, object]:
     """(Σ kernel ns, {name: (count, ns)}, output) of one call of the jitted ``run`` (compiled
     and warmed first)."""
@@ -227,11 +253,7 @@ def kernel_ns(run, *args) -> tuple[float, dict, object]:
     d = tempfile.mkdtemp(prefix="ds4trace")
     with jax.profiler.trace(d):
         res = jax.block_until_ready(run(*args))
-    files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-    by: dict = {}
-    for name, ns in kernel_events(files[0]) if files else []:
-        c, t = by.get(name, (0, 0))
-        by[name] = (c + 1, t + ns)
+    by = _tally(d)
     return float(sum(t for _, t in by.values())), by, res
 
 
