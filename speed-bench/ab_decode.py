@@ -20,7 +20,7 @@ A variant is ``label`` or ``label:key=value,key=value``. Keys:
                             '+' separates a list's items (xla_gpu_enable_command_buffer=FUSION+WHILE;
                             an empty value is an empty list: no command buffers)
   package.module.NAME=value a module constant while the program is traced (e.g.
-                            pallas_kernels.dispatch.QUANTIZE_IN_KERNEL=false), restored after
+                            pallas_kernels.dispatch.QUANTIZE_IN_KERNEL=true), restored after
 
     python speed-bench/ab_decode.py --layers 4 \\
         --variants "base;graph1:xla_gpu_graph_min_graph_size=1;xla:kernels=off"
