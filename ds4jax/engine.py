@@ -68,6 +68,22 @@ def _decode_fed(cfg: ModelConfig, sampler: str, weights, state, io, params, key)
     }
 
 
+def _decode_loop(cfg: ModelConfig, sampler: str, steps: int, weights, state, io, params, key):
+    """``steps`` decode_fed steps in one program (a fori_loop): one dispatch and one pass over
+    the arguments for ``steps`` tokens; ``io["tokens"]`` [steps] receives each step's token."""
+
+    def body(i, carry):
+        state, io = carry
+        state, out = _decode_fed(cfg, sampler, weights, state, {k: io[k] for k in _IO_STEP}, params, key)
+        return state, {**out, "tokens": io["tokens"].at[i].set(out["token"])}
+
+    return jax.lax.fori_loop(0, steps, body, (state, io))
+
+
+_IO_STEP = ("token", "logits", "hidden")  # what one decode_fed step reads and writes
+_LOOP = "decode_loop"  # program names decode_loop<steps>
+
+
 @partial(jax.jit, static_argnums=1)
 def peek(io: dict, logits: bool):
     """Copies of a ``decode_fed`` step's token (and logits): they outlive ``io``, which the next
@@ -179,23 +195,26 @@ class Engine:
         if name == "decode":
             tokens = jax.ShapeDtypeStruct((), jnp.int32)
             return (self.weights, state, tokens, params, key)
-        if name == "decode_fed":
-            return (self.weights, state, jax.eval_shape(self.new_io), params, key)
+        if name == "decode_fed" or name.startswith(_LOOP):
+            steps = int(name[len(_LOOP) :]) if name.startswith(_LOOP) else 0
+            return (self.weights, state, jax.eval_shape(partial(self.new_io, 0, steps)), params, key)
         tokens = jax.ShapeDtypeStruct((self.chunk,), jnp.int32)
         return (self.weights, state, tokens, sds(np.int32(0)), params, key)
 
     def lower(self, name: str, sampler: str = "greedy"):
-        """The program ``name`` (prefill, prefill_all, decode, decode_fed) with the static sampler ``sampler``,
-        traced and lowered for this engine's shapes, not yet compiled."""
+        """The program ``name`` (prefill, prefill_all, decode, decode_fed, decode_loop<steps>) with
+        the static sampler ``sampler``, traced and lowered for this engine's shapes, not yet compiled."""
         if name == "decode":
             fn = partial(_decode, self.cfg, sampler)
         elif name == "decode_fed":
             fn = partial(_decode_fed, self.cfg, sampler)
+        elif name.startswith(_LOOP) and name[len(_LOOP) :].isdigit() and int(name[len(_LOOP) :]) > 0:
+            fn = partial(_decode_loop, self.cfg, sampler, int(name[len(_LOOP) :]))
         elif name in ("prefill", "prefill_all"):
             fn = partial(_prefill, self.cfg, "last" if name == "prefill" else "all", sampler)
         else:
             raise ValueError(f"no program {name!r}")
-        donate = (1, 2) if name == "decode_fed" else (1,)  # the state (and decode_fed's io)
+        donate = (1,) if name in ("decode", "prefill", "prefill_all") else (1, 2)  # the state (and io)
         return jax.jit(fn, donate_argnums=donate).lower(*self._abstract_args(name))
 
     def program(self, name: str, sampler: str = "greedy"):
@@ -255,15 +274,18 @@ class Engine:
         kind, params = self._sampling(params)
         return self.program("decode", kind)(self.weights, state, jnp.asarray(token, jnp.int32), params, key)
 
-    def new_io(self, token: int = 0) -> dict:
+    def new_io(self, token: int = 0, steps: int = 0) -> dict:
         """The token-and-outputs buffer of ``decode_fed``: the next input token, the logits [V]
-        and the final HC state of the last token decoded."""
+        and the final HC state of the last token decoded; with ``steps``, also the tokens [steps]
+        of ``decode_loop``."""
         c = self.cfg
         io = {  # host arrays put on the device: no program to compile per shape, as jnp.zeros has
             "token": np.asarray(token, np.int32),
             "logits": np.zeros((c.n_vocab,), np.float32),
             "hidden": np.zeros((c.n_hc, c.n_embd), np.float32),
         }
+        if steps:
+            io["tokens"] = np.zeros((steps,), np.int32)
         return jax.device_put(io)
 
     def decode_fed(self, state, io, params, key):
@@ -272,6 +294,13 @@ class Engine:
         with the token kept on the device between steps."""
         kind, params = self._sampling(params)
         return self.program("decode_fed", kind)(self.weights, state, io, params, key)
+
+    def decode_loop(self, state, io, params, key, steps: int):
+        """(state, io) after ``steps`` decode_fed steps in one program, starting from
+        ``io["token"]``: the tokens in ``io["tokens"]`` (io from ``new_io(token, steps)``), the
+        last step's logits and HC state as ``decode_fed`` leaves them. Both are donated."""
+        kind, params = self._sampling(params)
+        return self.program(f"{_LOOP}{steps}", kind)(self.weights, state, io, params, key)
 
     def _sampling(self, params):
         """(sampler kind, params on the device) for ``SamplingParams.arrays()``: the kind is read

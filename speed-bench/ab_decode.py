@@ -9,6 +9,7 @@ decode steps each), so slow and fast spells hit all of them alike; the median ro
 A variant is ``label`` or ``label:key=value,key=value``. Keys:
   kernels=auto|all|off      DS4JAX_KERNELS while the variant's program is traced
   layout=gguf|nib           the routed experts' gate/up layout (a converted copy of the weights)
+  feed=loopK                K decode_fed steps a call, in one program (``Engine.decode_loop``)
   feed=host|device          the token passed in and outputs allocated per call (``decode``), or
                             kept in a donated buffer on the device (``decode_fed``)
   sync=true                 read each step's token on the host before the next step starts (the
@@ -75,7 +76,16 @@ class Variant:
     label: str
     kernels: str  # DS4JAX_KERNELS while the program is traced
     layout: str = "gguf"  # the routed experts' gate/up layout
-    feed: str = "host"  # host: Engine.decode; device: Engine.decode_fed
+    feed: str = "host"  # host: Engine.decode; device: Engine.decode_fed; loopK: Engine.decode_loop
+
+    @property
+    def steps(self) -> int:
+        """Decode steps a call."""
+        return int(self.feed[4:]) if self.feed.startswith("loop") else 1
+
+    @property
+    def program(self) -> str:
+        return {"host": "decode", "device": "decode_fed"}.get(self.feed, f"decode_loop{self.steps}")
     sync: str = "false"  # the token read on the host every step: false, true, or ahead (a step late)
     xla: dict = dataclasses.field(default_factory=dict)  # XLA compile options
     consts: dict = dataclasses.field(default_factory=dict)  # (module, name) -> value while traced
@@ -107,8 +117,8 @@ def parse_variant(text: str) -> Variant:
                 raise DS4Error(f"variant {label!r}: layout must be one of {', '.join(EXPERT_LAYOUTS)}")
             v.layout = value
         elif key == "feed":
-            if value not in ("host", "device"):
-                raise DS4Error(f"variant {label!r}: feed must be host or device")
+            if value not in ("host", "device") and not (value[:4] == "loop" and value[4:].isdigit() and int(value[4:]) > 0):
+                raise DS4Error(f"variant {label!r}: feed must be host, device or loopK (K > 0 steps a call)")
             v.feed = value
         elif key == "sync":
             if value.lower() not in ("true", "false", "ahead"):
@@ -127,6 +137,8 @@ def parse_variant(text: str) -> Variant:
             v.consts[(mod, name)] = _value(value)
         else:
             raise DS4Error(f"variant {label!r}: unknown key {key!r} (kernels=, layout=, xla_..., or module.NAME)")
+    if v.sync != "false" and v.feed.startswith("loop"):
+        raise DS4Error(f"variant {label!r}: feed=loopK reads no token between its steps (no sync=)")
     if v.sync == "ahead" and v.feed != "device":
         raise DS4Error(f"variant {label!r}: sync=ahead reads the token a step late, which needs feed=device")
     return v
@@ -174,7 +186,7 @@ def main() -> None:
                 )
             eng = built[setting]
             t0 = time.perf_counter()
-            eng.compile(["decode" if v.feed == "host" else "decode_fed"])
+            eng.compile([v.program])
         finally:
             for (mod, name), value in saved.items():
                 setattr(mod, name, value)
@@ -183,15 +195,19 @@ def main() -> None:
     params = SamplingParams(temperature=0.0).arrays()
     key = jax.random.key(0)
     box = {
-        label: [eng.new_state(), jnp.int32(1) if var.feed == "host" else eng.new_io(1)]
+        label: [eng.new_state(), jnp.int32(1) if var.feed == "host" else eng.new_io(1, var.steps if var.feed.startswith("loop") else 0)]
         for label, (eng, var) in engines.items()
     }
 
-    def run(label: str, n: int) -> None:
+    def run(label: str, n: int) -> int:
+        """About n decode steps of the variant (whole calls of ``steps``); returns how many ran."""
         (eng, var), b = engines[label], box[label]
         late = None  # sync=ahead: the previous step's token copy, read after this step is dispatched
-        for _ in range(n):
-            if var.feed == "host":
+        calls = max(1, n // var.steps)
+        for _ in range(calls):
+            if var.feed.startswith("loop"):
+                b[0], b[1] = eng.decode_loop(b[0], b[1], params, key, var.steps)
+            elif var.feed == "host":
                 b[1], _, b[0] = eng.decode(b[0], b[1], params, key)
                 if var.sync == "true":
                     b[1] = int(b[1])  # the host needs the token before the next step
@@ -204,6 +220,7 @@ def main() -> None:
                         int(late[0])
                     late = peek(b[1], False)
         jax.block_until_ready(b[1])
+        return calls * var.steps
 
     for label in engines:  # warm
         run(label, 4)
@@ -211,8 +228,8 @@ def main() -> None:
     for _ in range(a.rounds):
         for label in engines:
             t0 = time.perf_counter()
-            run(label, a.steps)
-            ms[label].append((time.perf_counter() - t0) / a.steps * 1e3)
+            n = run(label, a.steps)
+            ms[label].append((time.perf_counter() - t0) / n * 1e3)
     header = ["card", "preset", "layers", "label", "options", "ms_median", "ms_min", "ms_max", "tok_s", "note"]
     with devtime.csv_rows(a.out, "ab.csv", header) as write:
         for v in variants:
@@ -247,9 +264,9 @@ def device_times(engines: dict, run, a, card: str, preset: str, layers: int) -> 
     header = ["card", "preset", "layers", "label", "options", "device_us", "kernels", "note"]
     with devtime.csv_rows(a.out, "ab_device.csv", header) as write:
         for label, (_, v) in engines.items():
-            n = a.device_steps
-            ns, by = devtime.trace_calls(lambda: run(label, 1), n)
-            us, count = ns / n / 1e3, sum(c for c, _ in by.values()) / n
+            n = max(1, a.device_steps // v.steps)  # calls, of v.steps decode steps each
+            ns, by = devtime.trace_calls(lambda: run(label, v.steps), n)
+            us, count = ns / (n * v.steps) / 1e3, sum(c for c, _ in by.values()) / (n * v.steps)
             print(f"{label:12s} {us:9.1f} us of kernels a step, {count:7.1f} kernels", flush=True)
             write([card, preset, layers, label, v.describe(), f"{us:.1f}", f"{count:.1f}", a.note])
 

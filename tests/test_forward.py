@@ -196,6 +196,25 @@ def test_generate_runs_a_step_ahead_with_a_step_by_step_loops_results(engine):
     assert (g.tokens, g.stop) == (stepwise(long, 10)[0], "ctx") and len(g.tokens) == 4
 
 
+def test_decode_loop_runs_several_steps_in_one_program_with_the_same_bits(engine):
+    """``decode_loop`` (steps decode_fed steps in a fori_loop, one call) gives each step's token,
+    the last step's logits and HC state, and the state, bit for bit as the steps one by one."""
+    params, key = GREEDY.arrays(), jax.random.key(0)
+    state = engine.new_state()
+    tok, _, state = engine.prefill(state, [5, 50, 500, 5000], params, key)
+    looped = jax.tree.map(jnp.copy, state)
+    io, tokens = engine.new_io(int(tok)), []
+    for _ in range(3):
+        state, io = engine.decode_fed(state, io, params, key)
+        tokens.append(int(io["token"]))
+    looped, lio = engine.decode_loop(looped, engine.new_io(int(tok), 3), params, key, 3)
+    assert np.asarray(lio["tokens"]).tolist() == tokens
+    for k in ("token", "logits", "hidden"):
+        assert np.array_equal(np.asarray(lio[k]), np.asarray(io[k])), k
+    for a, b in zip(jax.tree.leaves(looped), jax.tree.leaves(state)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_sampling_settings(tiny_files, engine):
     # (each sampler kind is its own pair of programs; the sorted top-k/top-p filters are
     # checked inside jit in test_sampling.py, so this compiles only greedy and plain draws)
