@@ -1,6 +1,7 @@
 """The session loop: chunked prefill and token-by-token decode over compiled programs.
 
-Two programs per engine (plus an all-rows-logits prefill variant for diagnostics):
+Two programs per engine (plus an all-rows-logits prefill variant for diagnostics, and
+``decode_loop<K>``: K decode_fed steps in one program):
 * prefill: a fixed chunk of ``chunk`` tokens (the last chunk padded, ``n_valid`` traced),
   returning the last valid row's logits and the next token;
 * decode: one token in, the next token (sampled inside the program) and its logits out;
@@ -82,6 +83,12 @@ def _decode_loop(cfg: ModelConfig, sampler: str, steps: int, weights, state, io,
 
 _IO_STEP = ("token", "logits", "hidden")  # what one decode_fed step reads and writes
 _LOOP = "decode_loop"  # program names decode_loop<steps>
+
+
+def _loop_steps(name: str) -> int:
+    """The steps of a ``decode_loop<steps>`` program name; 0 for any other name."""
+    tail = name[len(_LOOP) :] if name.startswith(_LOOP) else ""
+    return int(tail) if tail.isdigit() else 0
 
 
 @partial(jax.jit, static_argnums=1)
@@ -195,9 +202,9 @@ class Engine:
         if name == "decode":
             tokens = jax.ShapeDtypeStruct((), jnp.int32)
             return (self.weights, state, tokens, params, key)
-        if name == "decode_fed" or name.startswith(_LOOP):
-            steps = int(name[len(_LOOP) :]) if name.startswith(_LOOP) else 0
-            return (self.weights, state, jax.eval_shape(partial(self.new_io, 0, steps)), params, key)
+        if name == "decode_fed" or _loop_steps(name):
+            io = jax.eval_shape(partial(self.new_io, 0, _loop_steps(name)))
+            return (self.weights, state, io, params, key)
         tokens = jax.ShapeDtypeStruct((self.chunk,), jnp.int32)
         return (self.weights, state, tokens, sds(np.int32(0)), params, key)
 
@@ -208,8 +215,8 @@ class Engine:
             fn = partial(_decode, self.cfg, sampler)
         elif name == "decode_fed":
             fn = partial(_decode_fed, self.cfg, sampler)
-        elif name.startswith(_LOOP) and name[len(_LOOP) :].isdigit() and int(name[len(_LOOP) :]) > 0:
-            fn = partial(_decode_loop, self.cfg, sampler, int(name[len(_LOOP) :]))
+        elif _loop_steps(name) > 0:
+            fn = partial(_decode_loop, self.cfg, sampler, _loop_steps(name))
         elif name in ("prefill", "prefill_all"):
             fn = partial(_prefill, self.cfg, "last" if name == "prefill" else "all", sampler)
         else:

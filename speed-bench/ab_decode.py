@@ -77,6 +77,9 @@ class Variant:
     kernels: str  # DS4JAX_KERNELS while the program is traced
     layout: str = "gguf"  # the routed experts' gate/up layout
     feed: str = "host"  # host: Engine.decode; device: Engine.decode_fed; loopK: Engine.decode_loop
+    sync: str = "false"  # the token read on the host every step: false, true, or ahead (a step late)
+    xla: dict = dataclasses.field(default_factory=dict)  # XLA compile options
+    consts: dict = dataclasses.field(default_factory=dict)  # (module, name) -> value while traced
 
     @property
     def steps(self) -> int:
@@ -86,9 +89,6 @@ class Variant:
     @property
     def program(self) -> str:
         return {"host": "decode", "device": "decode_fed"}.get(self.feed, f"decode_loop{self.steps}")
-    sync: str = "false"  # the token read on the host every step: false, true, or ahead (a step late)
-    xla: dict = dataclasses.field(default_factory=dict)  # XLA compile options
-    consts: dict = dataclasses.field(default_factory=dict)  # (module, name) -> value while traced
 
     def describe(self) -> str:
         named = {f"{mod.__name__}.{name}": v for (mod, name), v in self.consts.items()}
@@ -117,7 +117,9 @@ def parse_variant(text: str) -> Variant:
                 raise DS4Error(f"variant {label!r}: layout must be one of {', '.join(EXPERT_LAYOUTS)}")
             v.layout = value
         elif key == "feed":
-            if value not in ("host", "device") and not (value[:4] == "loop" and value[4:].isdigit() and int(value[4:]) > 0):
+            if value not in ("host", "device") and not (
+                value[:4] == "loop" and value[4:].isdigit() and int(value[4:]) > 0
+            ):
                 raise DS4Error(f"variant {label!r}: feed must be host, device or loopK (K > 0 steps a call)")
             v.feed = value
         elif key == "sync":
@@ -195,7 +197,10 @@ def main() -> None:
     params = SamplingParams(temperature=0.0).arrays()
     key = jax.random.key(0)
     box = {
-        label: [eng.new_state(), jnp.int32(1) if var.feed == "host" else eng.new_io(1, var.steps if var.feed.startswith("loop") else 0)]
+        label: [
+            eng.new_state(),
+            jnp.int32(1) if var.feed == "host" else eng.new_io(1, var.steps if var.feed.startswith("loop") else 0),
+        ]
         for label, (eng, var) in engines.items()
     }
 
@@ -254,7 +259,6 @@ def main() -> None:
                 ]
             )
 
-
     if a.device_steps > 0 and jax.default_backend() == "gpu":
         device_times(engines, run, a, card, p.name, cfg.n_layer)
 
@@ -265,7 +269,7 @@ def device_times(engines: dict, run, a, card: str, preset: str, layers: int) -> 
     with devtime.csv_rows(a.out, "ab_device.csv", header) as write:
         for label, (_, v) in engines.items():
             n = max(1, a.device_steps // v.steps)  # calls, of v.steps decode steps each
-            ns, by = devtime.trace_calls(lambda: run(label, v.steps), n)
+            ns, by = devtime.trace_calls(lambda label=label, k=v.steps: run(label, k), n)
             us, count = ns / (n * v.steps) / 1e3, sum(c for c, _ in by.values()) / (n * v.steps)
             print(f"{label:12s} {us:9.1f} us of kernels a step, {count:7.1f} kernels", flush=True)
             write([card, preset, layers, label, v.describe(), f"{us:.1f}", f"{count:.1f}", a.note])
