@@ -222,7 +222,9 @@ class Engine:
         else:
             raise ValueError(f"no program {name!r}")
         donate = (1,) if name in ("decode", "prefill", "prefill_all") else (1, 2)  # the state (and io)
-        return jax.jit(fn, donate_argnums=donate).lower(*self._abstract_args(name))
+        # keep_unused: io's logits and hidden are only written; pruned as unused inputs, their donated
+        # buffers could not take the outputs, which then got fresh buffers every call.
+        return jax.jit(fn, donate_argnums=donate, keep_unused=True).lower(*self._abstract_args(name))
 
     def program(self, name: str, sampler: str = "greedy"):
         """The compiled program ``name`` for one sampler kind (``sampling.kind_of``), compiled on
