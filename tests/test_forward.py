@@ -196,6 +196,17 @@ def test_generate_runs_a_step_ahead_with_a_step_by_step_loops_results(engine):
     assert (g.tokens, g.stop) == (stepwise(long, 10)[0], "ctx") and len(g.tokens) == 4
 
 
+@pytest.mark.parametrize("name", ["decode_fed", "decode_loop2"])
+def test_device_fed_programs_write_every_output_in_place(engine, name):
+    """Every output of the device-fed programs takes a donated input's buffer, so no buffer
+    moves between calls (a moved one makes XLA update the CUDA-graph nodes that use it)."""
+    import re
+
+    low = engine.lower(name)
+    aliased = {int(i) for i in re.findall(r"tf.aliasing_output = (\d+)", low.as_text())}
+    assert aliased == set(range(len(jax.tree.leaves(low.out_info))))
+
+
 def test_decode_loop_runs_several_steps_in_one_program_with_the_same_bits(engine):
     """``decode_loop`` (steps decode_fed steps in a fori_loop, one call) gives each step's token,
     the last step's logits and HC state, and the state, bit for bit as the steps one by one."""
