@@ -16,7 +16,6 @@ A variant is ``label`` or ``label:key=value,key=value``. Keys:
                             loop of ``Engine.generate`` before session 14);
   sync=ahead                (feed=device) read each step's token after the next step is
                             dispatched, as ``Engine.generate`` now does
-                            ``Engine.generate`` does (the host's time per step is then not hidden)
   xla_...=value             an XLA option for its compile (``Engine(compiler_options=...)``);
                             '+' separates a list's items (xla_gpu_enable_command_buffer=FUSION+WHILE;
                             an empty value is an empty list: no command buffers)
@@ -82,13 +81,18 @@ class Variant:
     consts: dict = dataclasses.field(default_factory=dict)  # (module, name) -> value while traced
 
     @property
+    def loop(self) -> int:
+        """K for feed=loopK (decode steps a call of ``decode_loop``), else 0."""
+        return int(self.feed[4:]) if self.feed.startswith("loop") else 0
+
+    @property
     def steps(self) -> int:
         """Decode steps a call."""
-        return int(self.feed[4:]) if self.feed.startswith("loop") else 1
+        return self.loop or 1
 
     @property
     def program(self) -> str:
-        return {"host": "decode", "device": "decode_fed"}.get(self.feed, f"decode_loop{self.steps}")
+        return {"host": "decode", "device": "decode_fed"}.get(self.feed, f"decode_loop{self.loop}")
 
     def describe(self) -> str:
         named = {f"{mod.__name__}.{name}": v for (mod, name), v in self.consts.items()}
@@ -139,7 +143,7 @@ def parse_variant(text: str) -> Variant:
             v.consts[(mod, name)] = _value(value)
         else:
             raise DS4Error(f"variant {label!r}: unknown key {key!r} (kernels=, layout=, xla_..., or module.NAME)")
-    if v.sync != "false" and v.feed.startswith("loop"):
+    if v.sync != "false" and v.loop:
         raise DS4Error(f"variant {label!r}: feed=loopK reads no token between its steps (no sync=)")
     if v.sync == "ahead" and v.feed != "device":
         raise DS4Error(f"variant {label!r}: sync=ahead reads the token a step late, which needs feed=device")
@@ -199,7 +203,7 @@ def main() -> None:
     box = {
         label: [
             eng.new_state(),
-            jnp.int32(1) if var.feed == "host" else eng.new_io(1, var.steps if var.feed.startswith("loop") else 0),
+            jnp.int32(1) if var.feed == "host" else eng.new_io(1, var.loop),
         ]
         for label, (eng, var) in engines.items()
     }
@@ -210,8 +214,8 @@ def main() -> None:
         late = None  # sync=ahead: the previous step's token copy, read after this step is dispatched
         calls = max(1, n // var.steps)
         for _ in range(calls):
-            if var.feed.startswith("loop"):
-                b[0], b[1] = eng.decode_loop(b[0], b[1], params, key, var.steps)
+            if var.loop:
+                b[0], b[1] = eng.decode_loop(b[0], b[1], params, key, var.loop)
             elif var.feed == "host":
                 b[1], _, b[0] = eng.decode(b[0], b[1], params, key)
                 if var.sync == "true":

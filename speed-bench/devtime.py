@@ -220,11 +220,16 @@ def by_source(by: dict, sources: dict, steps: int, top: int = 25) -> None:
         )
 
 
-def _tally(path_dir: str) -> dict:
-    """{kernel name: (count, ns)} from the trace written under ``path_dir``."""
-    files = glob.glob(f"{path_dir}/**/*.xplane.pb", recursive=True)
+def _trace_file(trace_dir: str) -> str | None:
+    """The profiler's xplane file under ``trace_dir`` (None if it wrote none)."""
+    files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    return files[0] if files else None
+
+
+def _tally(path: str | None) -> dict:
+    """{kernel name: (count, ns)} from the trace file ``path``."""
     by: dict = {}
-    for name, ns in kernel_events(files[0]) if files else []:
+    for name, ns in kernel_events(path) if path else []:
         c, t = by.get(name, (0, 0))
         by[name] = (c + 1, t + ns)
     return by
@@ -238,11 +243,10 @@ def trace_calls(step, n: int, classify=None) -> tuple[float, dict]:
         for _ in range(n):
             out = step()
         jax.block_until_ready(out)  # every kernel inside the trace
-    if classify is not None:
-        files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-        if files:
-            timeline_report(files[0], n, classify, top=20)
-    by = _tally(d)
+    path = _trace_file(d)
+    if classify is not None and path:
+        timeline_report(path, n, classify, top=20)
+    by = _tally(path)
     return float(sum(t for _, t in by.values())), by
 
 
@@ -253,7 +257,7 @@ def kernel_ns(run, *args) -> tuple[float, dict, object]:
     d = tempfile.mkdtemp(prefix="ds4trace")
     with jax.profiler.trace(d):
         res = jax.block_until_ready(run(*args))
-    by = _tally(d)
+    by = _tally(_trace_file(d))
     return float(sum(t for _, t in by.values())), by, res
 
 
