@@ -6,13 +6,15 @@ Two programs per engine (plus an all-rows-logits prefill variant for diagnostics
   returning the last valid row's logits and the next token;
 * decode: one token in, the next token (sampled inside the program) and its logits out;
   ``decode_fed`` is the same step with the token kept on the device (read from and written back
-  into a donated buffer), for loops that need not see each token before the next step:
-  ``generate`` runs on it with one step in flight ahead of the token it reads.
+  into a donated buffer), for loops that need not see each token before the next step, and
+  ``decode_loop<K>`` runs K of those steps in one call: ``generate`` runs on it (``decode_fed``
+  for K = 1) with one call in flight ahead of the tokens it reads.
 The KV-cache state is donated to each call, so nothing large is copied per token.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable
@@ -36,6 +38,10 @@ from ds4jax.state import init_state
 from ds4jax.weights import load_weights
 
 DEFAULT_CHUNK = 64
+# Decode steps a program call in ``generate``: one call's host work (dispatch, ~2,200 arguments,
+# the CUDA graphs' launch) is paid once for K tokens. 43 layers on an H200 (session 15, one
+# process): 13.81 ms a token at K = 4 against 15.52 at K = 1; K = 8 gained nothing more at 8 layers.
+DEFAULT_STEPS_PER_CALL = 4
 
 
 def _prefill(cfg: ModelConfig, logits_rows: str, sampler: str, weights, state, tokens, n_valid, params, key):
@@ -93,9 +99,11 @@ def _loop_steps(name: str) -> int:
 
 @partial(jax.jit, static_argnums=1)
 def peek(io: dict, logits: bool):
-    """Copies of a ``decode_fed`` step's token (and logits): they outlive ``io``, which the next
-    step takes (donated), so the host can read them while that step runs."""
-    return io["token"] + 0, (io["logits"] + 0 if logits else None)
+    """Copies of a call's tokens [K] (``decode_loop``'s ``tokens``, or ``decode_fed``'s one token)
+    and of the last step's logits: they outlive ``io``, which the next call takes (donated), so
+    the host can read them while that call runs."""
+    tokens = io["tokens"] if "tokens" in io else io["token"][None]
+    return tokens + 0, (io["logits"] + 0 if logits else None)
 
 
 # Kept free when repacking experts to a larger layout: one tensor's new copy while it converts
@@ -170,13 +178,15 @@ class Engine:
         weights=None,
         compiler_options: dict | None = None,
         expert_layout: str = "gguf",
+        steps_per_call: int = DEFAULT_STEPS_PER_CALL,
     ):
         """``compiler_options``: XLA options (``xla_*`` names, as ``Lowered.compile`` takes them)
         for this engine's programs, e.g. to A/B an option inside one process. ``expert_layout``:
         the routed experts' gate/up planes as stored (``gguf``) or IQ2_XXS repacked to nibbles
         (``nib``, ``quant/layouts.py``: the same bits, 2.1x their memory; as many tensors as the
         device's free memory allows, ``repack_experts``); weights the engine loads itself are
-        converted in place, ``weights`` given to it are copied."""
+        converted in place, ``weights`` given to it are copied. ``steps_per_call``: decode steps
+        a program call in ``generate`` (``decode_loop<K>``; 1: ``decode_fed``)."""
         cfg = dataclasses.replace(mf.config, act_quant=act_quant)
         if ctx < 1:
             raise DS4Error(f"--ctx must be positive, got {ctx}")
@@ -184,6 +194,9 @@ class Engine:
             raise DS4Error(f"--ctx {ctx} exceeds the model's trained context of {cfg.n_ctx_train}")
         if chunk < 1:
             raise DS4Error(f"prefill chunk must be positive, got {chunk}")
+        if steps_per_call < 1:
+            raise DS4Error(f"decode steps per call must be positive, got {steps_per_call}")
+        self.steps_per_call = steps_per_call
         self.cfg, self.ctx, self.chunk = cfg, ctx, min(chunk, ctx)
         self.files = mf
         base = weights if weights is not None else load_weights(mf)
@@ -232,13 +245,17 @@ class Engine:
         self.compile([name], sampler)
         return self._compiled[_key(name, sampler)]
 
-    def compile(self, names, sampler: str = "greedy") -> None:
-        """Compile the programs ``names`` not compiled yet, side by side (``compile_together``)."""
+    def compile(self, names, sampler: str = "greedy", lowered: dict | None = None) -> None:
+        """Compile the programs ``names`` not compiled yet, side by side (``compile_together``).
+        ``lowered``: programs already lowered (``lower``), by name, e.g. traced while a bench
+        changed a module constant, to be compiled here in parallel with the rest."""
         todo = [n for n in dict.fromkeys(names) if _key(n, sampler) not in self._compiled]
+        lowered = lowered or {}
 
         def build(name):
             t0 = time.perf_counter()
-            exe = self.lower(name, sampler).compile(compiler_options=self.compiler_options or None)
+            low = lowered[name] if name in lowered else self.lower(name, sampler)
+            exe = low.compile(compiler_options=self.compiler_options or None)
             return exe, time.perf_counter() - t0
 
         for name, (exe, secs) in zip(todo, compile_together([partial(build, n) for n in todo])):
@@ -335,8 +352,11 @@ class Engine:
         params = sampling.validate().arrays()
         key = jax.random.key(sampling.seed)
         state = self.new_state()
+        # K decode steps a call; every step's logits row only from decode_fed (K = 1)
+        k = 1 if keep_logits else self.steps_per_call
+        program = "decode_fed" if k == 1 else f"{_LOOP}{k}"
         kind, _ = self._sampling(params)  # compile outside the timings
-        self.compile(["prefill_all" if keep_logits else "prefill"] + (["decode_fed"] if n_predict > 1 else []), kind)
+        self.compile(["prefill_all" if keep_logits else "prefill"] + ([program] if n_predict > 1 else []), kind)
         t0 = time.perf_counter()
         tok, logits, state = self.prefill(state, prompt, params, key, all_logits=keep_logits, progress=progress)
         tok = int(tok)
@@ -344,22 +364,38 @@ class Engine:
         all_rows = list(logits) if keep_logits else None
         out: list[int] = []
         stop = "n_predict"
-        # One step in flight ahead of the token the host reads: the token stays on the device
-        # (decode_fed), so the host dispatches step k+1 while the GPU runs step k, and a step
-        # costs max(host, GPU) instead of their sum. Whether a step is needed depends on the
-        # token only through EOS, so at most one step past an EOS runs and is dropped (its
-        # state too: ``generate`` keeps none).
-        io = self.new_io(tok)
-        ahead = None
-
-        def step():
-            nonlocal state, io
-            state, io = self.decode_fed(state, io, params, key)
-            return peek(io, keep_logits)  # copies: the next step takes io
+        # One call in flight ahead of the tokens the host reads: the tokens stay on the device
+        # (decode_fed / decode_loop), so the host dispatches call c+1 while the GPU runs call c,
+        # and a call costs max(host, GPU) instead of their sum. Whether a step is needed depends
+        # on the tokens only through EOS, so at most 2K - 1 steps past an EOS run and are dropped
+        # (their state too: ``generate`` keeps none). A call's steps past the context (its first
+        # step fits) write clamped rows of that discarded state; their tokens are never read.
+        steps = n_predict if keep_logits else n_predict - 1  # keep_logits: the last token's row too
+        io = self.new_io(tok, 0 if k == 1 else k)
+        sent, calls = 0, collections.deque()
 
         def fits(i: int) -> bool:  # the step that takes generated token i has a context row
             return len(prompt) + i < self.ctx
 
+        def dispatch() -> None:
+            nonlocal state, io, sent
+            if sent < steps and fits(sent):
+                if k == 1:
+                    state, io = self.decode_fed(state, io, params, key)
+                else:
+                    state, io = self.decode_loop(state, io, params, key, k)
+                calls.append(peek(io, keep_logits))  # copies: the next call takes io
+                sent += k
+
+        def results():  # (token, logits row or None) of each step, in order
+            dispatch()
+            while calls:
+                dispatch()  # the next call, before this one is read
+                toks, row = calls.popleft()
+                for t in np.asarray(toks).tolist():
+                    yield t, (np.asarray(row) if keep_logits else None)
+
+        produced = results()
         while len(out) < n_predict:
             out.append(tok)
             if on_token is not None:
@@ -372,15 +408,10 @@ class Engine:
             if not fits(len(out) - 1):
                 stop = "ctx"
                 break
-            nxt, ahead = (ahead if ahead is not None else step()), None
-            if len(out) + 1 < n_predict and fits(len(out)):  # the next iteration's step, if it gets there
-                ahead = step()
-            tok = int(nxt[0])
+            tok, row = next(produced)
             if keep_logits:
-                all_rows.append(np.asarray(nxt[1]))
+                all_rows.append(row)
         t2 = time.perf_counter()
-        if keep_logits and len(all_rows) < len(prompt) + len(out) and (ahead is not None or fits(len(out) - 1)):
-            # One row per token: the last generated token's logits too (the step in flight
-            # after an EOS has taken it already).
-            all_rows.append(np.asarray((ahead if ahead is not None else step())[1]))
+        if keep_logits and len(all_rows) < len(prompt) + len(out) and fits(len(out) - 1):
+            all_rows.append(next(produced)[1])  # the last token's row (its step was dispatched)
         return Generation(list(prompt), out, all_rows, t1 - t0, t2 - t1, stop)

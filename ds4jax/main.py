@@ -39,6 +39,12 @@ flags.DEFINE_float("min_p", 0.05, "drop tokens less likely than min_p times the 
 flags.DEFINE_integer("seed", 0, "sampling seed (0 = from the clock)")
 flags.DEFINE_string("dump_logits", None, "save tokens (int32) and logits (float32, one row per token) to this .npz")
 flags.DEFINE_integer("chunk", 64, "prefill chunk size (tokens per compiled prefill step)")
+flags.DEFINE_integer(
+    "steps_per_call",
+    4,
+    "decode steps per compiled program call without MTP (tokens then stream in groups of this size; "
+    "1 = a call per token)",
+)
 flags.DEFINE_bool("act_quant", True, "quantize activations to int8 blocks before quantized matmuls (ds4 CPU/CUDA)")
 flags.DEFINE_integer("mtp_draft", 2, "MTP speculative decoding: 2 = verify [token, draft] in one N=2 forward; 0 = off")
 flags.DEFINE_float("mtp_margin", 3.0, "draft only when the MTP's top-two logit margin is at least this")
@@ -122,11 +128,19 @@ def _runner(mf, ctx: int, eos: int | None, weights=None):
     sampling = SamplingParams(FLAGS.temp, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p, seed).validate()
     if FLAGS.n_predict < 0:
         raise DS4Error(f"--n_predict must be >= 0, got {FLAGS.n_predict}")
+    if FLAGS.steps_per_call < 1:
+        raise DS4Error(f"--steps_per_call must be >= 1, got {FLAGS.steps_per_call}")
     if FLAGS.mtp_draft not in (0, 2):
         raise DS4Error(f"--mtp_draft must be 0 or 2 (the N=2 combined verifier), got {FLAGS.mtp_draft}")
     kernels.mode()  # a bad DS4JAX_KERNELS is one line here, not an error inside a compile
     engine = Engine(
-        mf, ctx=ctx, chunk=FLAGS.chunk, act_quant=FLAGS.act_quant, weights=weights, expert_layout=FLAGS.expert_layout
+        mf,
+        ctx=ctx,
+        chunk=FLAGS.chunk,
+        act_quant=FLAGS.act_quant,
+        weights=weights,
+        expert_layout=FLAGS.expert_layout,
+        steps_per_call=FLAGS.steps_per_call,
     )
     if weights is None:
         _layout_note(engine.weights)
@@ -280,6 +294,9 @@ def _compile_cache() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parse_flags(list(argv if argv is not None else sys.argv), PROG)
+    from ds4jax import xla_options
+
+    xla_options.configure()  # before JAX starts its GPU client
     try:
         _compile_cache()
         from ds4jax.model_file import open_model

@@ -55,8 +55,10 @@ def model_summary(mf: ModelFiles) -> str:
         f"name       {c.name}",
         f"layers     {c.n_layer} (compress ratios {ratios}; hash-routed layers 0..{c.n_hash_layer - 1})",
         f"widths     embd {c.n_embd}, vocab {c.n_vocab}, HC {c.n_hc} streams x {c.n_embd} (Sinkhorn {c.hc_sinkhorn_iter})",
-        f"attention  {c.n_head} heads x {c.head_dim} (rope {c.n_rot}), one K=V head, q rank {c.q_lora_rank}, "
-        f"output {c.n_out_group} groups x rank {c.o_lora_rank}, sliding window {c.n_swa}",
+        (
+            f"attention  {c.n_head} heads x {c.head_dim} (rope {c.n_rot}), one K=V head, q rank {c.q_lora_rank}, "
+            f"output {c.n_out_group} groups x rank {c.o_lora_rank}, sliding window {c.n_swa}"
+        ),
         f"indexer    {c.n_idx_head} heads x {c.idx_head_dim}, top-k {c.idx_top_k}",
         f"moe        {c.n_expert} experts ({c.n_expert_used} used) x ff {c.n_ff_exp} + 1 shared; {_expert_types(mf.base)}",
         f"context    {c.n_ctx_train} (trained)",

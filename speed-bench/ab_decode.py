@@ -12,10 +12,11 @@ A variant is ``label`` or ``label:key=value,key=value``. Keys:
   feed=loopK                K decode_fed steps a call, in one program (``Engine.decode_loop``)
   feed=host|device          the token passed in and outputs allocated per call (``decode``), or
                             kept in a donated buffer on the device (``decode_fed``)
-  sync=true                 read each step's token on the host before the next step starts (the
+  sync=true                 read each call's tokens on the host before the next call starts (the
                             loop of ``Engine.generate`` before session 14);
-  sync=ahead                (feed=device) read each step's token after the next step is
-                            dispatched, as ``Engine.generate`` now does
+  sync=ahead                (feed=device or loopK) read each call's tokens, through a copy
+                            (``engine.peek``), after the next call is dispatched, as
+                            ``Engine.generate`` does (with feed=loop4 since session 15)
   xla_...=value             an XLA option for its compile (``Engine(compiler_options=...)``);
                             '+' separates a list's items (xla_gpu_enable_command_buffer=FUSION+WHILE;
                             an empty value is an empty list: no command buffers)
@@ -45,12 +46,14 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import devtime  # speed-bench/devtime.py, beside this script
 
-from ds4jax.engine import Engine, peek  # peek: generate's copy of a step's token
+from ds4jax import xla_options
+from ds4jax.engine import Engine, compile_together, peek  # peek: generate's copy of a step's token
 from ds4jax.errors import DS4Error
 from ds4jax.presets import load_preset, preset_config, with_layers
 from ds4jax.quant.layouts import EXPERT_LAYOUTS, with_expert_layout
@@ -143,10 +146,8 @@ def parse_variant(text: str) -> Variant:
             v.consts[(mod, name)] = _value(value)
         else:
             raise DS4Error(f"variant {label!r}: unknown key {key!r} (kernels=, layout=, xla_..., or module.NAME)")
-    if v.sync != "false" and v.loop:
-        raise DS4Error(f"variant {label!r}: feed=loopK reads no token between its steps (no sync=)")
-    if v.sync == "ahead" and v.feed != "device":
-        raise DS4Error(f"variant {label!r}: sync=ahead reads the token a step late, which needs feed=device")
+    if v.sync == "ahead" and v.feed == "host":
+        raise DS4Error(f"variant {label!r}: sync=ahead reads the tokens a call late, which needs feed=device or loopK")
     return v
 
 
@@ -161,7 +162,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--note", default="")
     ap.add_argument("--device_steps", type=int, default=0, help="steps a variant traced for its GPU time (0: none)")
+    ap.add_argument(
+        "--timeline", action="store_true", help="with --device_steps: each variant's GPU idle time and host events"
+    )
     a = ap.parse_args()
+    xla_options.configure()  # the engine's XLA runtime options (the CLI's), unless XLA_FLAGS sets them
     variants = [parse_variant(v) for v in a.variants.split(";") if v.strip()]
     if len({v.label for v in variants}) != len(variants):
         raise DS4Error("variant labels must differ")
@@ -171,33 +176,39 @@ def main() -> None:
     cfg = preset_config(p)
     card = jax.devices()[0].device_kind
     weights = {"gguf": jax.block_until_ready(random_weights(cfg, p))}
-    engines, built = {}, {}  # built: one engine per program setting (variants differing only
-    for v in variants:  # in feed or sync share it, and each program compiles once)
+    engines, built, builds = {}, {}, {}  # built: one engine per program setting (variants differing
+    for v in variants:  # only in feed or sync share it, and each program compiles once)
         setting = dataclasses.replace(v, feed="host", sync="false").describe()  # what the programs depend on
         if v.layout not in weights:  # a converted copy beside the stored layout: both stay in memory
             weights[v.layout] = jax.block_until_ready(with_expert_layout(weights["gguf"], v.layout))
+        if setting not in built:
+            built[setting] = Engine(
+                types.SimpleNamespace(config=cfg),
+                ctx=a.ctx,
+                chunk=64,
+                weights=weights[v.layout],
+                compiler_options=v.xla,
+            )
+        eng = built[setting]
+        engines[v.label] = (eng, v)
+        if (setting, v.program) in builds:
+            continue
         os.environ["DS4JAX_KERNELS"] = v.kernels  # read while the program is traced
         saved = {k: getattr(*k) for k in v.consts}
         for (mod, name), value in v.consts.items():
             setattr(mod, name, value)
         jax.clear_caches()  # inner jitted kernels' traces do not key on module constants
         try:
-            if setting not in built:
-                built[setting] = Engine(
-                    types.SimpleNamespace(config=cfg),
-                    ctx=a.ctx,
-                    chunk=64,
-                    weights=weights[v.layout],
-                    compiler_options=v.xla,
-                )
-            eng = built[setting]
-            t0 = time.perf_counter()
-            eng.compile([v.program])
+            low = eng.lower(v.program)  # traced now, under the variant's constants
         finally:
             for (mod, name), value in saved.items():
                 setattr(mod, name, value)
-        print(f"{v.label}: compiled in {time.perf_counter() - t0:.1f} s ({v.describe()})", flush=True)
-        engines[v.label] = (eng, v)
+        builds[setting, v.program] = lambda eng=eng, name=v.program, low=low: eng.compile([name], lowered={name: low})
+    t0 = time.perf_counter()
+    compile_together(list(builds.values()))  # XLA compiles in parallel threads (minutes each at 43 layers)
+    print(f"{len(builds)} programs compiled side by side in {time.perf_counter() - t0:.1f} s", flush=True)
+    for label, (eng, v) in engines.items():
+        print(f"{label}: {eng.compile_s[v.program]:.1f} s to compile ({v.describe()})", flush=True)
     params = SamplingParams(temperature=0.0).arrays()
     key = jax.random.key(0)
     box = {
@@ -211,28 +222,33 @@ def main() -> None:
     def run(label: str, n: int) -> int:
         """About n decode steps of the variant (whole calls of ``steps``); returns how many ran."""
         (eng, var), b = engines[label], box[label]
-        late = None  # sync=ahead: the previous step's token copy, read after this step is dispatched
+        late = None  # sync=ahead: the previous call's tokens copy, read after this call is dispatched
         calls = max(1, n // var.steps)
         for _ in range(calls):
-            if var.loop:
-                b[0], b[1] = eng.decode_loop(b[0], b[1], params, key, var.loop)
-            elif var.feed == "host":
+            t0 = time.perf_counter()
+            if var.feed == "host":
                 b[1], _, b[0] = eng.decode(b[0], b[1], params, key)
                 if var.sync == "true":
                     b[1] = int(b[1])  # the host needs the token before the next step
             else:
-                b[0], b[1] = eng.decode_fed(b[0], b[1], params, key)
+                if var.loop:
+                    b[0], b[1] = eng.decode_loop(b[0], b[1], params, key, var.loop)
+                else:
+                    b[0], b[1] = eng.decode_fed(b[0], b[1], params, key)
                 if var.sync == "true":
-                    int(b[1]["token"])
+                    np.asarray(b[1]["tokens" if var.loop else "token"])
                 elif var.sync == "ahead":  # as Engine.generate
                     if late is not None:
-                        int(late[0])
+                        np.asarray(late[0])
                     late = peek(b[1], False)
+            in_call[label] = in_call.get(label, 0.0) + time.perf_counter() - t0
         jax.block_until_ready(b[1])
         return calls * var.steps
 
+    in_call: dict = {}  # host seconds spent in each variant's calls (and its token reads)
     for label in engines:  # warm
         run(label, 4)
+    in_call.clear()
     ms: dict = {label: [] for label in engines}
     for _ in range(a.rounds):
         for label in engines:
@@ -244,8 +260,10 @@ def main() -> None:
         for v in variants:
             t = sorted(ms[v.label])
             med = t[len(t) // 2]
-            print(
-                f"{v.label:12s} {med:7.3f} ms/token median (min {t[0]:.3f}, max {t[-1]:.3f}) = {1e3 / med:7.1f} tokens/s",
+            host = in_call[v.label] / (a.rounds * a.steps) * 1e3  # dispatch is asynchronous: a host-bound
+            print(  # step spends about its whole wall time in the call
+                f"{v.label:12s} {med:7.3f} ms/token median (min {t[0]:.3f}, max {t[-1]:.3f}) = {1e3 / med:7.1f} tokens/s; "
+                f"host in the calls {host:.3f} ms a token",
                 flush=True,
             )
             write(
@@ -273,7 +291,11 @@ def device_times(engines: dict, run, a, card: str, preset: str, layers: int) -> 
     with devtime.csv_rows(a.out, "ab_device.csv", header) as write:
         for label, (_, v) in engines.items():
             n = max(1, a.device_steps // v.steps)  # calls, of v.steps decode steps each
-            ns, by = devtime.trace_calls(lambda label=label, k=v.steps: run(label, k), n)
+            if a.timeline:
+                print(f"{label}: timeline", flush=True)
+            ns, by = devtime.trace_calls(
+                lambda label=label, k=v.steps: run(label, k), n, devtime.classify if a.timeline else None
+            )
             us, count = ns / (n * v.steps) / 1e3, sum(c for c, _ in by.values()) / (n * v.steps)
             print(f"{label:12s} {us:9.1f} us of kernels a step, {count:7.1f} kernels", flush=True)
             write([card, preset, layers, label, v.describe(), f"{us:.1f}", f"{count:.1f}", a.note])

@@ -36,29 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import devtime  # speed-bench/devtime.py, beside this script
 
+from ds4jax import xla_options
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
 from ds4jax.presets import load_preset, preset_config, with_layers
 from ds4jax.quant.layouts import with_expert_layout
 from ds4jax.random_weights import bytes_per_token, random_weights
 from ds4jax.sampling import SamplingParams
-
-# Kernel name → where its time goes (first match wins; the rest is "other XLA fusions").
-CLASSES = (
-    ("q8_0_share", "Q8_0 kernel"),
-    ("experts_", "expert kernels"),
-    ("sinkhorn", "Sinkhorn kernel"),
-    ("hadamard", "Hadamard kernel"),
-    ("fdot", "F32/F16 kernel"),
-    ("gemm", "XLA dots"),
-    ("cublas", "XLA dots"),
-    ("Memcpy", "copies"),
-    ("copy", "copies"),
-)
-
-
-def classify(name: str) -> str:
-    return next((c for key, c in CLASSES if key in name), "other XLA fusions")
 
 
 def main() -> None:
@@ -80,6 +64,7 @@ def main() -> None:
     )
     ap.add_argument("--hlo", action="store_true", help="write the compiled decode program's HLO (gzip) beside the CSV")
     a = ap.parse_args()
+    xla_options.configure()  # the engine's XLA runtime options (the CLI's), unless XLA_FLAGS sets them
     on_gpu = jax.default_backend() == "gpu"
     card = jax.devices()[0].device_kind
     p = load_preset(a.preset)
@@ -168,11 +153,11 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
     dev_ms, per_tok = float("nan"), float("nan")
     if on_gpu:
         n = 8
-        ns, by = devtime.trace_calls(step, n, classify if a.timeline else None)
+        ns, by = devtime.trace_calls(step, n, devtime.classify if a.timeline else None)
         dev_ms, per_tok = ns / n / 1e6, sum(c for c, _ in by.values()) / n
         classes: collections.Counter = collections.Counter()
         for name, (c, t) in by.items():
-            classes[classify(name)] += t
+            classes[devtime.classify(name)] += t
         print(f"  [{mode}] device time per token by class:", flush=True)
         for c, t in classes.most_common():
             print(f"    {c:20s} {t / n / 1e3:9.1f} us  {100 * t / ns:5.1f} %", flush=True)

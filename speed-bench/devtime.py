@@ -45,6 +45,24 @@ def kernel_events(path: str):
     return out
 
 
+# Kernel name → where its time goes (first match wins; the rest is "other XLA fusions").
+CLASSES = (
+    ("q8_0_share", "Q8_0 kernel"),
+    ("experts_", "expert kernels"),
+    ("sinkhorn", "Sinkhorn kernel"),
+    ("hadamard", "Hadamard kernel"),
+    ("fdot", "F32/F16 kernel"),
+    ("gemm", "XLA dots"),
+    ("cublas", "XLA dots"),
+    ("Memcpy", "copies"),
+    ("copy", "copies"),
+)
+
+
+def classify(name: str) -> str:
+    return next((c for key, c in CLASSES if key in name), "other XLA fusions")
+
+
 @contextlib.contextmanager
 def csv_rows(out_dir: str, name: str, header: list[str]):
     """A function appending one row (flushed at once, so a run cut short keeps its rows) to

@@ -158,16 +158,17 @@ def test_compiles_a_handful_of_programs_and_greedy_is_deterministic(tiny_files, 
     g1 = eng.generate(prompt, 100, GREEDY)
     n = len(compiles)
     print(f"\n{n} compilations for a 300-token prompt + 100 tokens")
-    assert n <= 5 and len(g1.tokens) == 100  # prefill, decode_fed, the token copy, a few tiny ops
+    assert n <= 5 and len(g1.tokens) == 100  # prefill, decode_loop4, the tokens' copy, a few tiny ops
     g2 = eng.generate(prompt, 100, GREEDY)
     assert g1.tokens == g2.tokens
     assert len(compiles) == n  # nothing new compiled the second time
 
 
 def test_generate_runs_a_step_ahead_with_a_step_by_step_loops_results(engine):
-    """``generate`` keeps one decode_fed step in flight ahead of the token it reads; its tokens,
-    stop reason and logits rows are those of a loop that reads each token before the next step
-    (after an EOS, the step already in flight gives the last row)."""
+    """``generate`` keeps one call (decode_loop4; decode_fed with logits rows) in flight ahead of
+    the tokens it reads; its tokens, stop reason and logits rows are those of a loop that reads
+    each token before the next step (after an EOS, the step already in flight gives the last
+    row; at the context's end, a call's steps past it are not read)."""
     params, key = GREEDY.arrays(), jax.random.key(0)
 
     def stepwise(prompt, n, eos=None):
@@ -188,6 +189,7 @@ def test_generate_runs_a_step_ahead_with_a_step_by_step_loops_results(engine):
     assert (g.tokens, g.stop) == (want, "n_predict")
     eos = want[5]
     cut = want[: want.index(eos) + 1]
+    assert engine.generate(prompt, 12, GREEDY, eos_id=eos).tokens == cut  # read from 4-step calls
     g = engine.generate(prompt, 12, GREEDY, eos_id=eos, keep_logits=True)
     assert (g.tokens, g.stop) == (cut, "eos")
     assert len(g.logits) == len(prompt) + len(cut)
@@ -214,10 +216,10 @@ def test_decode_loop_runs_several_steps_in_one_program_with_the_same_bits(engine
     tok, _, state = engine.prefill(state, [5, 50, 500, 5000], params, key)
     looped = jax.tree.map(jnp.copy, state)
     io, tokens = engine.new_io(int(tok)), []
-    for _ in range(3):
+    for _ in range(4):  # generate's program (decode_loop4): compiled once for both tests
         state, io = engine.decode_fed(state, io, params, key)
         tokens.append(int(io["token"]))
-    looped, lio = engine.decode_loop(looped, engine.new_io(int(tok), 3), params, key, 3)
+    looped, lio = engine.decode_loop(looped, engine.new_io(int(tok), 4), params, key, 4)
     assert np.asarray(lio["tokens"]).tolist() == tokens
     for k in ("token", "logits", "hidden"):
         assert np.array_equal(np.asarray(lio[k]), np.asarray(io[k])), k
@@ -272,3 +274,5 @@ def test_cli_text_prompt_and_bad_input():
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--temp" in r.stderr
     r = run_cli("ds4jax.main", "--prompt_ids=1,x")
     assert r.returncode == 1 and "comma-separated integers" in r.stderr
+    r = run_cli("ds4jax.main", "--prompt_ids=1,2", "--steps_per_call=0")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--steps_per_call must be >= 1" in r.stderr

@@ -1,0 +1,49 @@
+"""XLA runtime options the engine runs best with, put into ``XLA_FLAGS`` before JAX starts its
+GPU client (XLA reads them once, when the client is created; later changes do nothing).
+
+``--xla_gpu_command_buffer_update_mode=SKIP_TEMP``: each call of a compiled program gets a
+fresh temporary buffer, and when its address differs from the last call's, XLA patches every
+CUDA-graph node that uses it (nearly all of a decode step's ~4,800 kernels). A loop that reads
+each call's tokens through a small copy (``engine.peek``) between calls moves that address every
+call: 8 layers on an H200 ran 4.80 ms a token that way against 2.70 without the copy, and 2.68
+with this option, which keeps the temporary buffer at one virtual address (session 15,
+speed-bench/KERNELS.md). XLA then uses its VMM allocator instead of BFC.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+UPDATE_MODE = "xla_gpu_command_buffer_update_mode"
+FLAGS = (f"--{UPDATE_MODE}=SKIP_TEMP",)
+MIN_JAXLIB = (0, 11)  # the first jaxlib whose XLA knows SKIP_TEMP (an unknown flag aborts XLA)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split(".")[:3]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def configure(environ=os.environ, jaxlib_version: str | None = None) -> bool:
+    """Add ``FLAGS`` to ``XLA_FLAGS`` where they apply: a GPU may be used (``JAX_PLATFORMS``
+    unset or naming one), the installed jaxlib knows them, and the user has not set the update
+    mode. Returns whether it added them. Call before the first JAX computation."""
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms and not any(p in platforms for p in ("cuda", "gpu", "rocm")):
+        return False  # CPU only: nothing to change (and the compile cache keys stay as they are)
+    if jaxlib_version is None:
+        try:
+            jaxlib_version = importlib.metadata.version("jaxlib")
+        except importlib.metadata.PackageNotFoundError:
+            return False
+    if _version(jaxlib_version) < MIN_JAXLIB:
+        return False
+    current = environ.get("XLA_FLAGS", "")
+    if UPDATE_MODE in current:
+        return False  # the user's choice stands
+    environ["XLA_FLAGS"] = " ".join(filter(None, [current, *FLAGS]))
+    return True

@@ -1,0 +1,29 @@
+"""The engine's XLA runtime options: added where they apply, known to the installed jaxlib."""
+
+import subprocess
+import sys
+
+from ds4jax import xla_options
+
+
+def test_configure_adds_the_update_mode_only_where_it_applies():
+    env = {}
+    assert xla_options.configure(env, jaxlib_version="0.11.2")
+    assert env["XLA_FLAGS"] == "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "JAX_PLATFORMS": "cuda"}
+    assert xla_options.configure(env, jaxlib_version="0.12.0.1")
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+    mine = {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}
+    assert not xla_options.configure(mine, jaxlib_version="0.11.2")  # the user's choice stands
+    assert mine == {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}
+    for env, version in (({"JAX_PLATFORMS": "cpu"}, "0.11.2"), ({}, "0.10.9")):  # no GPU; an XLA without it
+        assert not xla_options.configure(env, jaxlib_version=version) and "XLA_FLAGS" not in env
+
+
+def test_the_installed_jaxlib_knows_the_options():
+    """XLA aborts on a flag it does not know: start JAX with them (on the CPU, where they change
+    nothing) and run a computation."""
+    code = "import jax.numpy as jnp; print(int(jnp.arange(4).sum()))"
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(xla_options.FLAGS), "PATH": ""}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert (r.returncode, r.stdout.strip()) == (0, "6"), r.stderr[-500:]
