@@ -14,16 +14,18 @@ drafts as well as with the MTP head.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ds4jax.config import ModelConfig
-from ds4jax.engine import compile_together
 from ds4jax.errors import DS4Error
 from ds4jax.model.forward import commit, forward_hidden, head
 from ds4jax.mtp import draft_margin, draft_step, init_mtp_state
@@ -197,6 +199,72 @@ def plain_draft_step(cfg: ModelConfig, weights, state, mtp_state, token):
     return nxt, draft, margin, state, mtp_state
 
 
+def mtp_step(cfg: ModelConfig, ctx: int, weights, state, mtp_state, io):
+    """One MTP speculative step, its program chosen on the device: the combined N=2 step when
+    the draft's margin is at least ``io["min_margin"]`` and two tokens fit (``io["limit"]``: the
+    context or the token budget, whichever ends first), else the plain N=1 step, and nothing
+    once the state is full (a step dispatched past the end). Returns (state, mtp_state, io): the
+    next token, draft and margin in ``io`` and ``io["report"]`` = [tokens committed 0|1|2,
+    verified 0|1, the draft verified, next token] for the host to read a step late."""
+    pos = state["n_tokens"]
+    verify_ok = (io["margin"] >= io["min_margin"]) & (pos + 2 <= io["limit"])
+    branch = jnp.where(pos >= ctx, 0, jnp.where(verify_ok, 2, 1))
+
+    def idle(state, mtp_state):
+        return jnp.int32(0), io["token"], io["draft"], io["margin"], state, mtp_state
+
+    def plain(state, mtp_state):
+        return jnp.int32(1), *plain_draft_step(cfg, weights, state, mtp_state, io["token"])
+
+    def combined(state, mtp_state):
+        return combined_step(cfg, weights, state, mtp_state, jnp.stack([io["token"], io["draft"]]))
+
+    n, nxt, draft, margin, state, mtp_state = jax.lax.switch(branch, (idle, plain, combined), state, mtp_state)
+    report = jnp.stack([n.astype(jnp.int32), (branch == 2).astype(jnp.int32), io["draft"], nxt])
+    return (
+        state,
+        mtp_state,
+        {**io, "token": nxt, "draft": draft, "margin": margin.astype(jnp.float32), "report": report},
+    )
+
+
+def at_least_f32(x: float) -> np.float32:
+    """The smallest float32 >= x: an f32 margin m satisfies m >= it exactly when m >= x."""
+    y = np.float32(x)
+    return y if float(y) >= x else np.nextafter(y, np.float32(np.inf))
+
+
+# The compiled mtp_step of each engine (its margin and limits are inputs), shared by the
+# decoders made on that engine.
+_STEP_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lower_step(engine, state, mtp_state, io):
+    """``mtp_step`` for ``engine``'s weights and context, traced and lowered (not compiled)."""
+    fn = jax.jit(partial(mtp_step, engine.cfg, engine.ctx), donate_argnums=(1, 2, 3))
+    return fn.lower(engine.weights, state, mtp_state, io)
+
+
+def step_io(token, draft, margin, min_margin: float, limit: int) -> dict:
+    """``mtp_step``'s io: the token to decode, its draft and the draft's margin (host values or
+    device arrays), the margin a draft needs and the position limit of a verify step."""
+    put = lambda x, dt: x.astype(dt) if isinstance(x, jax.Array) else jax.device_put(np.asarray(x, dt))
+    return {
+        "token": put(token, np.int32),
+        "draft": put(draft, np.int32),
+        "margin": put(margin, np.float32),
+        "min_margin": jax.device_put(at_least_f32(min_margin)),
+        "limit": jax.device_put(np.int32(limit)),
+        "report": jax.device_put(np.zeros(4, np.int32)),
+    }
+
+
+@jax.jit
+def peek_report(io):
+    """A copy of a step's report: it outlives ``io``, which the next step takes (donated)."""
+    return io["report"] + 0
+
+
 class MTPSpeculativeDecoder:
     """Greedy generation drafting with the MTP head and verifying with the N=2 program.
 
@@ -206,11 +274,17 @@ class MTPSpeculativeDecoder:
     def __init__(self, engine, margin: float = 3.0):
         if engine.weights.get("mtp") is None:
             raise DS4Error("MTP speculative decoding needs an MTP GGUF (--mtp)")
-        cfg = engine.cfg
         self.engine, self.margin = engine, float(margin)
-        self._combined = jax.jit(partial(combined_step, cfg), donate_argnums=(1, 2))
-        self._plain = jax.jit(partial(plain_draft_step, cfg), donate_argnums=(1, 2))
-        self._first = jax.jit(partial(first_draft, cfg), donate_argnums=(1,))
+        self._first = jax.jit(partial(first_draft, engine.cfg), donate_argnums=(1,))
+        self.compile_s = 0.0
+
+    def _program(self, state, mtp_state, io):
+        exe = _STEP_PROGRAMS.get(self.engine)
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = _STEP_PROGRAMS[self.engine] = lower_step(self.engine, state, mtp_state, io).compile()
+            self.compile_s = time.perf_counter() - t0
+        return exe
 
     def generate(
         self,
@@ -228,36 +302,43 @@ class MTPSpeculativeDecoder:
         tok, _, state = eng.prefill(state, prompt, params, jax.random.key(0))
         pos = len(prompt)
         draft, margin, mtp_state = self._first(w, init_mtp_state(eng.cfg), eng.last_hidden, tok, jnp.int32(pos))
-        tok, draft, margin = int(tok), int(draft), float(margin)
+        tok = int(tok)
+        # a verify step needs two context rows and two tokens of the budget left: the state's
+        # n_tokens + 2 <= limit (with e tokens emitted, n_tokens = len(prompt) + e - 1)
+        io = step_io(tok, draft, margin, self.margin, min(eng.ctx, len(prompt) + n_predict - 1))
+        step = self._program(state, mtp_state, io)  # compiled outside the timings
         t1 = time.perf_counter()
-        if not hasattr(self, "_programs"):  # compile both step programs outside the timings
-            pair, one = jnp.zeros(2, jnp.int32), jnp.zeros((), jnp.int32)
-            self._programs = tuple(
-                compile_together(
-                    [
-                        lambda: self._combined.lower(w, state, mtp_state, pair).compile(),
-                        lambda: self._plain.lower(w, state, mtp_state, one).compile(),
-                    ]
-                )
-            )
-            self.compile_s = time.perf_counter() - t1
-            t1 = time.perf_counter()
-        combined, plain = self._programs
         out = _Output(n_predict, eos_id, on_token)
         stats = SpecStats()
+        # One step in flight ahead of the report the host reads: the choice between the N=2 and
+        # N=1 programs is made on the device (mtp_step), so the host dispatches step s+1 while
+        # the GPU runs step s. Each step emits at least one token, so n_predict - 1 steps suffice;
+        # at most one step past the end runs and is dropped (its state too).
+        sent, reports = 0, collections.deque()
+
+        def dispatch() -> None:
+            nonlocal state, mtp_state, io, sent
+            if sent < n_predict - 1:
+                state, mtp_state, io = step(w, state, mtp_state, io)
+                reports.append(peek_report(io))
+                sent += 1
+
+        dispatch()
         while not out.emit(tok):
             if pos >= eng.ctx:
                 out.stop = "ctx"
                 break
-            if margin >= self.margin and out.room_for_two(pos, eng.ctx):
-                n, nxt, d, m, state, mtp_state = combined(w, state, mtp_state, jnp.asarray([tok, draft], jnp.int32))
-                pos += int(n)
-                if stats.record_verify(int(n)) and out.emit(draft):
+            dispatch()  # the next step, before this one is read
+            n, verified, drafted, nxt = np.asarray(reports.popleft()).tolist()
+            if n == 0:  # not reached: the host stops at the context's end first
+                out.stop = "ctx"
+                break
+            pos += n
+            if verified:
+                if stats.record_verify(n) and out.emit(drafted):
                     break
             else:
-                nxt, d, m, state, mtp_state = plain(w, state, mtp_state, jnp.asarray(tok, jnp.int32))
                 stats.plain_steps += 1
-                pos += 1
-            tok, draft, margin = int(nxt), int(d), float(m)
+            tok = nxt
         t2 = time.perf_counter()
         return SpecGeneration(list(prompt), out.tokens, stats, t1 - t0, t2 - t1, out.stop)

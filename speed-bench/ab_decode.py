@@ -10,6 +10,10 @@ A variant is ``label`` or ``label:key=value,key=value``. Keys:
   kernels=auto|all|off      DS4JAX_KERNELS while the variant's program is traced
   layout=gguf|nib           the routed experts' gate/up layout (a converted copy of the weights)
   feed=loopK                K decode_fed steps a call, in one program (``Engine.decode_loop``)
+  feed=mtp                  MTP speculative steps (``speculative.mtp_step``: the N=2 verify step or
+                            the N=1 step, chosen on the device); times are per step, and a verify
+                            step commits 1 or 2 tokens (random weights' drafts almost never pass)
+  margin=M                  (feed=mtp) the margin a draft needs: 0 verifies every step, 1e9 none
   feed=host|device          the token passed in and outputs allocated per call (``decode``), or
                             kept in a donated buffer on the device (``decode_fed``)
   sync=true                 read each call's tokens on the host before the next call starts (the
@@ -52,9 +56,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import devtime  # speed-bench/devtime.py, beside this script
 
-from ds4jax import xla_options
+from ds4jax import speculative, xla_options
 from ds4jax.engine import Engine, compile_together, peek  # peek: generate's copy of a step's token
 from ds4jax.errors import DS4Error
+from ds4jax.mtp import init_mtp_state
 from ds4jax.presets import load_preset, preset_config, with_layers
 from ds4jax.quant.layouts import EXPERT_LAYOUTS, with_expert_layout
 from ds4jax.random_weights import random_weights
@@ -78,7 +83,8 @@ class Variant:
     label: str
     kernels: str  # DS4JAX_KERNELS while the program is traced
     layout: str = "gguf"  # the routed experts' gate/up layout
-    feed: str = "host"  # host: Engine.decode; device: Engine.decode_fed; loopK: Engine.decode_loop
+    feed: str = "host"  # host: Engine.decode; device: Engine.decode_fed; loopK: Engine.decode_loop; mtp
+    margin: float = 0.0  # feed=mtp: the draft margin that selects the verify step (an input, not compiled)
     sync: str = "false"  # the token read on the host every step: false, true, or ahead (a step late)
     xla: dict = dataclasses.field(default_factory=dict)  # XLA compile options
     consts: dict = dataclasses.field(default_factory=dict)  # (module, name) -> value while traced
@@ -95,7 +101,7 @@ class Variant:
 
     @property
     def program(self) -> str:
-        return {"host": "decode", "device": "decode_fed"}.get(self.feed, f"decode_loop{self.loop}")
+        return {"host": "decode", "device": "decode_fed", "mtp": "mtp_step"}.get(self.feed, f"decode_loop{self.loop}")
 
     def describe(self) -> str:
         named = {f"{mod.__name__}.{name}": v for (mod, name), v in self.consts.items()}
@@ -103,6 +109,7 @@ class Variant:
             f"{k}={v}"
             for k, v in [("kernels", self.kernels), ("layout", self.layout), *self.xla.items(), *named.items()]
             + ([("feed", self.feed)] if self.feed != "host" else [])
+            + ([("margin", self.margin)] if self.feed == "mtp" else [])
             + ([("sync", self.sync)] if self.sync != "false" else [])
         )
 
@@ -124,11 +131,16 @@ def parse_variant(text: str) -> Variant:
                 raise DS4Error(f"variant {label!r}: layout must be one of {', '.join(EXPERT_LAYOUTS)}")
             v.layout = value
         elif key == "feed":
-            if value not in ("host", "device") and not (
+            if value not in ("host", "device", "mtp") and not (
                 value[:4] == "loop" and value[4:].isdigit() and int(value[4:]) > 0
             ):
-                raise DS4Error(f"variant {label!r}: feed must be host, device or loopK (K > 0 steps a call)")
+                raise DS4Error(f"variant {label!r}: feed must be host, device, mtp or loopK (K > 0 steps a call)")
             v.feed = value
+        elif key == "margin":
+            try:
+                v.margin = float(value)
+            except ValueError:
+                raise DS4Error(f"variant {label!r}: margin must be a number, got {value!r}") from None
         elif key == "sync":
             if value.lower() not in ("true", "false", "ahead"):
                 raise DS4Error(f"variant {label!r}: sync must be true, false or ahead")
@@ -175,7 +187,9 @@ def main() -> None:
         p = with_layers(p, a.layers)
     cfg = preset_config(p)
     card = jax.devices()[0].device_kind
-    weights = {"gguf": jax.block_until_ready(random_weights(cfg, p))}
+    mtp = any(v.feed == "mtp" for v in variants)  # the MTP block's weights too
+    weights = {"gguf": jax.block_until_ready(random_weights(cfg, p, mtp=mtp))}
+    mtp_exe, mtp_secs = {}, {}  # feed=mtp: the compiled mtp_step of each engine
     engines, built, builds = {}, {}, {}  # built: one engine per program setting (variants differing
     for v in variants:  # only in feed or sync share it, and each program compiles once)
         setting = dataclasses.replace(v, feed="host", sync="false").describe()  # what the programs depend on
@@ -198,23 +212,29 @@ def main() -> None:
         for (mod, name), value in v.consts.items():
             setattr(mod, name, value)
         jax.clear_caches()  # inner jitted kernels' traces do not key on module constants
-        try:
-            low = eng.lower(v.program)  # traced now, under the variant's constants
+        try:  # traced now, under the variant's constants
+            low = mtp_lower(eng, a.ctx) if v.feed == "mtp" else eng.lower(v.program)
         finally:
             for (mod, name), value in saved.items():
                 setattr(mod, name, value)
-        builds[setting, v.program] = lambda eng=eng, name=v.program, low=low: eng.compile([name], lowered={name: low})
+        if v.feed == "mtp":
+            builds[setting, v.program] = lambda eng=eng, low=low: mtp_build(eng, low, mtp_exe, mtp_secs)
+        else:
+            builds[setting, v.program] = lambda eng=eng, name=v.program, low=low: eng.compile(
+                [name], lowered={name: low}
+            )
     t0 = time.perf_counter()
     compile_together(list(builds.values()))  # XLA compiles in parallel threads (minutes each at 43 layers)
     print(f"{len(builds)} programs compiled side by side in {time.perf_counter() - t0:.1f} s", flush=True)
     for label, (eng, v) in engines.items():
-        print(f"{label}: {eng.compile_s[v.program]:.1f} s to compile ({v.describe()})", flush=True)
+        secs = mtp_secs[eng] if v.feed == "mtp" else eng.compile_s[v.program]
+        print(f"{label}: {secs:.1f} s to compile ({v.describe()})", flush=True)
     params = SamplingParams(temperature=0.0).arrays()
     key = jax.random.key(0)
     box = {
         label: [
             eng.new_state(),
-            jnp.int32(1) if var.feed == "host" else eng.new_io(1, var.loop),
+            first_io(eng, var, a.ctx),
         ]
         for label, (eng, var) in engines.items()
     }
@@ -230,6 +250,15 @@ def main() -> None:
                 b[1], _, b[0] = eng.decode(b[0], b[1], params, key)
                 if var.sync == "true":
                     b[1] = int(b[1])  # the host needs the token before the next step
+            elif var.feed == "mtp":  # b[1]: (mtp_state, io), as MTPSpeculativeDecoder.generate runs it
+                b[0], mtp_state, io = mtp_exe[eng](eng.weights, b[0], *b[1])
+                b[1] = (mtp_state, io)
+                if var.sync == "true":
+                    np.asarray(io["report"])
+                elif var.sync == "ahead":
+                    if late is not None:
+                        np.asarray(late)
+                    late = speculative.peek_report(io)
             else:
                 if var.loop:
                     b[0], b[1] = eng.decode_loop(b[0], b[1], params, key, var.loop)
@@ -283,6 +312,33 @@ def main() -> None:
 
     if a.device_steps > 0 and jax.default_backend() == "gpu":
         device_times(engines, run, a, card, p.name, cfg.n_layer)
+
+
+def first_io(eng, var: Variant, ctx: int):
+    """What a variant's first call takes beside the state: the token, or the device-side io."""
+    if var.feed == "host":
+        return jnp.int32(1)
+    if var.feed == "mtp":
+        return mtp_io(eng, var.margin, ctx)
+    return eng.new_io(1, var.loop)
+
+
+def mtp_io(eng, margin: float, ctx: int):
+    """(mtp_state, io) of a speculative run from token 1 with draft 2 (margin 0 for the first step)."""
+    return init_mtp_state(eng.cfg), speculative.step_io(1, 2, 0.0, margin, ctx)
+
+
+def mtp_lower(eng, ctx: int):
+    """``mtp_step`` of ``eng`` lowered (not compiled) for its state and a speculative io."""
+    state = jax.eval_shape(eng.new_state)
+    mtp_state, io = mtp_io(eng, 0.0, ctx)
+    return speculative.lower_step(eng, state, mtp_state, io)
+
+
+def mtp_build(eng, low, exe: dict, secs: dict) -> None:
+    t0 = time.perf_counter()
+    exe[eng] = low.compile(compiler_options=eng.compiler_options or None)
+    secs[eng] = time.perf_counter() - t0
 
 
 def device_times(engines: dict, run, a, card: str, preset: str, layers: int) -> None:
