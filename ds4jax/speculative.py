@@ -241,7 +241,9 @@ _STEP_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def lower_step(engine, state, mtp_state, io):
     """``mtp_step`` for ``engine``'s weights and context, traced and lowered (not compiled)."""
-    fn = jax.jit(partial(mtp_step, engine.cfg, engine.ctx), donate_argnums=(1, 2, 3))
+    # keep_unused: io's report is only written; pruned as an unused input, its donated buffer
+    # could not take the output, which would move every call (as in Engine.lower)
+    fn = jax.jit(partial(mtp_step, engine.cfg, engine.ctx), donate_argnums=(1, 2, 3), keep_unused=True)
     return fn.lower(engine.weights, state, mtp_state, io)
 
 
@@ -306,8 +308,9 @@ class MTPSpeculativeDecoder:
         # a verify step needs two context rows and two tokens of the budget left: the state's
         # n_tokens + 2 <= limit (with e tokens emitted, n_tokens = len(prompt) + e - 1)
         io = step_io(tok, draft, margin, self.margin, min(eng.ctx, len(prompt) + n_predict - 1))
-        step = self._program(state, mtp_state, io)  # compiled outside the timings
         t1 = time.perf_counter()
+        step = self._program(state, mtp_state, io)  # compiled outside the timings
+        t_decode = time.perf_counter()
         out = _Output(n_predict, eos_id, on_token)
         stats = SpecStats()
         # One step in flight ahead of the report the host reads: the choice between the N=2 and
@@ -341,4 +344,4 @@ class MTPSpeculativeDecoder:
                 stats.plain_steps += 1
             tok = nxt
         t2 = time.perf_counter()
-        return SpecGeneration(list(prompt), out.tokens, stats, t1 - t0, t2 - t1, out.stop)
+        return SpecGeneration(list(prompt), out.tokens, stats, t1 - t0, t2 - t_decode, out.stop)
