@@ -128,8 +128,6 @@ def _runner(mf, ctx: int, eos: int | None, weights=None):
     sampling = SamplingParams(FLAGS.temp, FLAGS.top_k, FLAGS.top_p, FLAGS.min_p, seed).validate()
     if FLAGS.n_predict < 0:
         raise DS4Error(f"--n_predict must be >= 0, got {FLAGS.n_predict}")
-    if FLAGS.steps_per_call < 1:
-        raise DS4Error(f"--steps_per_call must be >= 1, got {FLAGS.steps_per_call}")
     if FLAGS.mtp_draft not in (0, 2):
         raise DS4Error(f"--mtp_draft must be 0 or 2 (the N=2 combined verifier), got {FLAGS.mtp_draft}")
     kernels.mode()  # a bad DS4JAX_KERNELS is one line here, not an error inside a compile

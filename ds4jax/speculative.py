@@ -220,12 +220,8 @@ def mtp_step(cfg: ModelConfig, ctx: int, weights, state, mtp_state, io):
         return combined_step(cfg, weights, state, mtp_state, jnp.stack([io["token"], io["draft"]]))
 
     n, nxt, draft, margin, state, mtp_state = jax.lax.switch(branch, (idle, plain, combined), state, mtp_state)
-    report = jnp.stack([n.astype(jnp.int32), (branch == 2).astype(jnp.int32), io["draft"], nxt])
-    return (
-        state,
-        mtp_state,
-        {**io, "token": nxt, "draft": draft, "margin": margin.astype(jnp.float32), "report": report},
-    )
+    report = jnp.stack([n, (branch == 2).astype(jnp.int32), io["draft"], nxt])  # (switch: the idle branch's dtypes)
+    return state, mtp_state, {**io, "token": nxt, "draft": draft, "margin": margin, "report": report}
 
 
 def at_least_f32(x: float) -> np.float32:

@@ -203,7 +203,11 @@ def test_generate_runs_a_step_ahead_with_a_step_by_step_loops_results(engine):
 def test_device_fed_programs_write_every_output_in_place(engine, name):
     """Every output of the device-fed programs takes a donated input's buffer, so no buffer
     moves between calls (a moved one makes XLA update the CUDA-graph nodes that use it)."""
-    low = engine.lower(name)
+    _assert_outputs_aliased(engine.lower(name))
+
+
+def _assert_outputs_aliased(low):
+    """Every output of the lowered program ``low`` takes a donated input's buffer."""
     aliased = {int(i) for i in re.findall(r"tf.aliasing_output = (\d+)", low.as_text())}
     assert aliased == set(range(len(jax.tree.leaves(low.out_info))))
 
