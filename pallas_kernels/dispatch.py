@@ -103,6 +103,31 @@ def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> j
     return y.reshape(*lead, qs.shape[0])
 
 
+# Several Q8_0 matrices of one input in one launch (``q8_0_matmuls``: the shared expert's gate and
+# up, attn_q_a and attn_kv). At N=1 ``auto`` takes the kernel from this many weights in all (the
+# one-matrix rule's threshold until measured otherwise); at N = 2..4 always.
+Q8_MANY_AUTO_N1_BYTES = Q8_AUTO_N1_BYTES
+
+
+def q8_0_matmuls(x: jax.Array, mats) -> tuple:
+    """``q8_0_matmul`` of one x [..., K] against several Q8_0 weights (qs, d) of that K: x is
+    quantized once and, on the kernel path, one launch computes every output (a launch has a
+    fixed cost of several µs, KERNELS.md). The same bits as separate calls."""
+    lead = x.shape[:-1]
+    n = math.prod(lead)
+    total = sum(qs.shape[0] * qs.shape[1] for qs, _ in mats)
+    use, interpret = _use(n, auto=n >= 2 or total >= Q8_MANY_AUTO_N1_BYTES)
+    if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
+        use = False
+    if not use or len(mats) < 2 or not all(q8_0.supported(*qs.shape) for qs, _ in mats):
+        xq, dx = quantize_q8_0(x)
+        return tuple(q8_0.reference(xq, dx, qs, d) for qs, d in mats)
+    x2 = x.reshape(n, -1)
+    xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else quantize_q8_0(x2)
+    ys = q8_0.matmul(xq, dx, tuple(m[0] for m in mats), tuple(m[1] for m in mats), interpret=interpret)
+    return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
+
+
 def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array):
     """Routed experts: x [T, k|1, n] f32, quantized per 256 (Q8_K, ``numerics.quantize_q8_k``),
     ids [T, k] → [T, k, out]. On the kernel path the kernel quantizes x itself.

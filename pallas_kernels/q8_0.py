@@ -22,6 +22,7 @@ G*r rows over one group's K inputs, x holds the G input slices side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -81,64 +82,105 @@ def choose_config(
     return TileConfig(block_rows=rows, k_splits=splits, blocks_per_step=U)
 
 
-def _kernel(z_ref, sel_ref, x_ref, *refs, cfg: TileConfig, steps: int, np_: int, quantize: bool):
-    dx_ref, (qs_ref, d_ref, *out_refs) = (None, refs) if quantize else (refs[0], refs[1:])
+def _kernel(z_ref, *refs, cfg: TileConfig, steps: int, np_: int, quantize: bool, stacked: bool, tiles: tuple):
+    sel_ref, refs = (refs[0], refs[1:]) if stacked else (None, refs)
+    x_ref, refs = refs[0], refs[1:]
+    dx_ref, refs = (None, refs) if quantize else (refs[0], refs[1:])
+    n_out = 1 if cfg.k_splits == 1 else 2
+    mats, out_refs = [refs[2 * m : 2 * m + 2] for m in range(len(tiles))], refs[-n_out:]
     U, BO = cfg.blocks_per_step, cfg.block_rows
     i, j = pl.program_id(0), pl.program_id(1)
     zero = z_ref[0]
-    mat = sel_ref[0]  # which matrix of the stack (the bench rotates copies through one call site)
-    rows = pl.ds(i * BO, BO)
+    # Which matrix of a stack (the bench rotates copies through one call site). The engine's
+    # calls have no stack: a selector loaded from memory would put one more memory round trip
+    # before the first weight load of every program.
+    lead = (sel_ref[0],) if stacked else ()
     # Row t*U+u of the block-diagonal activation tile keeps token t's block u of the step.
     blk_of_col = jax.lax.broadcasted_iota(I32, (1, U, U * QK), 2) // QK
     u_of_row = jax.lax.broadcasted_iota(I32, (1, U, U * QK), 1)
 
-    def body(step, carry):
-        s, e = carry
-        if quantize:  # f32 activations: this step's U blocks quantized here, by the model's own function
-            x, dx = quantize_q8_0(x_ref[:, pl.ds(step * U * QK, U * QK)], lambda v: opaque(v, zero), in_kernel=True)
-            dxs = dx.reshape(np_ * U, 1)
-        else:
-            x = x_ref[:, pl.ds(step * U * QK, U * QK)]  # [N, U*32] int8
-            dxs = dx_ref[:, pl.ds(step * U, U)].reshape(np_ * U, 1)
-        xd = jnp.where(blk_of_col == u_of_row, x[:, None, :], jnp.int8(0)).reshape(np_ * U, U * QK)
-        w = qs_ref[mat, rows, pl.ds(step * U * QK, U * QK)]  # [rows, U*32] int8: 512 B per row
-        isum = jax.lax.dot_general(xd, w, (((1,), (1,)), ((), ())), preferred_element_type=I32)  # [N*U, rows]
-        dt = d_ref[mat, rows, pl.ds(step * U, U)].astype(F32).T  # [U, rows]
-        dw = jnp.broadcast_to(dt[None], (np_, U, BO)).reshape(np_ * U, BO)
-        return two_sum_add(s, e, opaque(isum.astype(F32) * (dw * dxs), zero))
+    def run(qs_ref, d_ref, tile):
+        rows = pl.ds(tile * BO, BO)
 
-    zeros = jnp.zeros((np_ * U, BO), F32)
-    s, e = jax.lax.fori_loop(j * steps, (j + 1) * steps, body, (zeros, zeros))
+        def body(step, carry):
+            s, e = carry
+            if quantize:  # f32 activations: this step's U blocks quantized here, by the model's own function
+                x, dx = quantize_q8_0(x_ref[:, pl.ds(step * U * QK, U * QK)], lambda v: opaque(v, zero), in_kernel=True)
+                dxs = dx.reshape(np_ * U, 1)
+            else:
+                x = x_ref[:, pl.ds(step * U * QK, U * QK)]  # [N, U*32] int8
+                dxs = dx_ref[:, pl.ds(step * U, U)].reshape(np_ * U, 1)
+            xd = jnp.where(blk_of_col == u_of_row, x[:, None, :], jnp.int8(0)).reshape(np_ * U, U * QK)
+            w = qs_ref[(*lead, rows, pl.ds(step * U * QK, U * QK))]  # [rows, U*32] int8: 128 B per row
+            isum = jax.lax.dot_general(xd, w, (((1,), (1,)), ((), ())), preferred_element_type=I32)  # [N*U, rows]
+            dt = d_ref[(*lead, rows, pl.ds(step * U, U))].astype(F32).T  # [U, rows]
+            dw = jnp.broadcast_to(dt[None], (np_, U, BO)).reshape(np_ * U, BO)
+            return two_sum_add(s, e, opaque(isum.astype(F32) * (dw * dxs), zero))
+
+        zeros = jnp.zeros((np_ * U, BO), F32)
+        return jax.lax.fori_loop(j * steps, (j + 1) * steps, body, (zeros, zeros))
+
+    def run_from(m, first):
+        """Several matrices of one K in one launch: row tiles [first, first + tiles[m]) read matrix m."""
+        if m == len(tiles) - 1:
+            return run(*mats[m], i - first)
+        end = first + tiles[m]
+        return jax.lax.cond(i < end, lambda: run(*mats[m], i - first), lambda: run_from(m + 1, end))
+
+    s, e = run_from(0, 0)
     # Combine each token's U partial chains in order u = 0..U-1 (a masked sum picks one row: exact).
     s3, e3 = s.reshape(np_, U, BO), e.reshape(np_, U, BO)
     acc = (pick(s3, 1, 0), pick(e3, 1, 0))
     for u in range(1, U):
         acc = dd_add(acc, (pick(s3, 1, u), pick(e3, 1, u)))
-    if len(out_refs) == 1:  # no K split: round here
+    if n_out == 1:  # no K split: round here
         out_refs[0][...] = acc[0] + acc[1]
     else:
         out_refs[0][...] = acc[0]
         out_refs[1][...] = acc[1]
 
 
+def config_for(outs: tuple, k: int, groups: int = 1) -> TileConfig:
+    """``choose_config`` for one launch over matrices of ``outs`` rows each (one K): the rows per
+    program also divide every matrix's rows (rows do not change a result; the K split does, and
+    it follows the launch's total shape, never N)."""
+    cfg = choose_config(sum(outs), k, groups)
+    rows = cfg.block_rows
+    while any(o // groups % rows for o in outs):
+        rows //= 2
+    return dataclasses.replace(cfg, block_rows=rows)
+
+
 @functools.partial(jax.jit, static_argnames=("groups", "cfg", "interpret"))
 def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interpret: bool = False, mat=None):
     """The kernel: xq [N, G*K] int8, dx [N, G*K/32] f32 (N ≤ 4) → y [N, G*r] f32.
 
-    ``qs``/``d`` may be a stack [C, G*r, K] / [C, G*r, K/32] with ``mat`` the (traced)
-    index of the matrix to use; only that matrix is read. ``dx=None``: ``xq`` is the f32
-    activation [N, G*K] and the kernel quantizes it (``numerics.quantize_q8_0``, the same
-    bits), saving the separate quantization kernel."""
+    ``qs``/``d`` may be tuples of matrices of one K ([r_m, K] / [r_m, K/32], ungrouped): one
+    launch computes them all (the shared expert's gate and up, attn_q_a and attn_kv: one input)
+    and returns the tuple of their [N, r_m] outputs. Or a stack [C, G*r, K] / [C, G*r, K/32]
+    with ``mat`` the (traced) index of the matrix to use; only that matrix is read. ``dx=None``:
+    ``xq`` is the f32 activation [N, G*K] and the kernel quantizes it (``numerics.quantize_q8_0``,
+    the same bits), saving the separate quantization kernel."""
     quantize = dx is None
     n = xq.shape[0]
-    if qs.ndim == 2:
-        qs, d = qs[None], d[None]
-    _, out, k = qs.shape
-    r, nb = out // groups, k // QK
-    cfg = cfg or choose_config(out, k, groups)
+    many = isinstance(qs, (tuple, list))
+    qs, d = (tuple(qs), tuple(d)) if many else ((qs,), (d,))
+    stacked = qs[0].ndim == 3 or mat is not None
+    if stacked:
+        qs, d = (qs[0] if qs[0].ndim == 3 else qs[0][None],), (d[0] if d[0].ndim == 3 else d[0][None],)
+    k = qs[0].shape[-1]
+    outs = tuple(q.shape[-2] for q in qs)
+    if many and (groups != 1 or stacked or any(q.shape[-1] != k for q in qs)):
+        raise ValueError("q8_0 kernel: several matrices in one launch need one K, no groups and no stack")
+    out, nb = sum(outs), k // QK
+    cfg = cfg or config_for(outs, k, groups)
     U, BO = cfg.blocks_per_step, cfg.block_rows
-    if n > MAX_TOKENS or not supported(out, k, groups) or r % BO or nb % (U * cfg.k_splits):
-        raise ValueError(f"q8_0 kernel: unsupported N={n}, weight {out}x{k}/{groups} groups, {cfg}")
+    if (
+        n > MAX_TOKENS
+        or not all(supported(o, k, groups) and o // groups % BO == 0 for o in outs)
+        or nb % (U * cfg.k_splits)
+    ):
+        raise ValueError(f"q8_0 kernel: unsupported N={n}, weights {outs}x{k}/{groups} groups, {cfg}")
     np_ = max(pow2_at_least(n), 16 // U)  # the tensor-core dot needs ≥ 16 rows of tokens
     if np_ > n and (U < 4 or out * k >= PAD_TOKENS_FROM_BYTES):
         # K of a few blocks only (tests): pad with zero tokens. At U = 4 (every model shape) the
@@ -151,27 +193,38 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
         xq = jnp.pad(xq, ((0, np_ - n), (0, 0)))
         dx = None if quantize else jnp.pad(dx, ((0, np_ - n), (0, 0)))
     steps = nb // U // cfg.k_splits
-    tiles_per_group = r // BO
+    tiles_per_group = out // groups // BO
     group_of = lambda i, j: (0, i // tiles_per_group)
-    mat = jnp.zeros((1,), I32) if mat is None else jnp.asarray(mat, I32).reshape(1)
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
     n_out = 1 if cfg.k_splits == 1 else 2
     x_specs = [pl.BlockSpec((np_, k), group_of)] + ([] if quantize else [pl.BlockSpec((np_, nb), group_of)])
+    sel = [jnp.asarray(0 if mat is None else mat, I32).reshape(1)] if stacked else []
+    planes = [a for pair in zip(qs, d) for a in pair]
     res = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg, steps=steps, np_=np_, quantize=quantize),
+        functools.partial(
+            _kernel,
+            cfg=cfg,
+            steps=steps,
+            np_=np_,
+            quantize=quantize,
+            stacked=stacked,
+            tiles=tuple(o // BO for o in outs),
+        ),
         grid=(out // BO, cfg.k_splits),
         in_specs=[
             pl.BlockSpec((1,), lambda i, j: (0,)),
-            pl.BlockSpec((1,), lambda i, j: (0,)),
+            *[pl.BlockSpec((1,), lambda i, j: (0,))] * len(sel),
             *x_specs,
-            whole(qs),
-            whole(d),
+            *map(whole, planes),
         ],
         out_specs=[pl.BlockSpec((None, np_, BO), lambda i, j: (j, 0, i))] * n_out,
         out_shape=[jax.ShapeDtypeStruct((cfg.k_splits, np_, out), F32)] * n_out,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="q8_0_share",
-    )(kernel_zero(xq if quantize else dx, interpret), mat, xq, *([] if quantize else [dx]), qs, d)
-    y = res[0][0] if n_out == 1 else finish(*res)
-    return y[:n]
+    )(kernel_zero(xq if quantize else dx, interpret), *sel, xq, *([] if quantize else [dx]), *planes)
+    y = (res[0][0] if n_out == 1 else finish(*res))[:n]
+    if not many:
+        return y
+    ends = [sum(outs[: m + 1]) for m in range(len(outs))]
+    return tuple(y[:, e - o : e] for o, e in zip(outs, ends))

@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -336,6 +336,67 @@ class Q8Bench:
             self.best_mosaic[key] = (s, mcfg, nbytes, ref_s)
 
 
+# One launch as the engine makes it: no weight stack (so no selector load in the kernel), one or
+# several matrices of one input. Name, the matrices' rows, K.
+LAUNCH_SHAPES = [
+    ("shexp_up 4096->2048", (2048,), 4096),
+    ("shexp gate+up 4096->2x2048", (2048, 2048), 4096),
+    ("mtp_e_proj 4096->4096", (4096,), 4096),
+    ("attn_q_a+attn_kv 4096->1024+512", (1024, 512), 4096),
+    ("attn_q_b 1024->32768", (32768,), 1024),
+    ("attn_output_b 8192->4096", (4096,), 8192),
+]
+
+
+class Q8Launch:
+    """The kernel timed on C separate weight copies per loop step (C call sites, unrolled): what
+    the engine launches, without the stack index the other Q8_0 rows carry; and the read floor,
+    XLA's int8 row sum of the same bytes (a pure read: what any one launch of that size costs)."""
+
+    def __init__(self, rec: Recorder):
+        self.rec = rec
+
+    @staticmethod
+    def _copies(outs, k):
+        wbytes = q8_bytes(sum(outs), k, 1, 0)
+        C = max(2, min(16, -(-3 * L2_BYTES // (2 * wbytes))))  # ≥ 1.5 L2 a loop step
+        keys = jax.random.split(jax.random.PRNGKey(11), C * len(outs))
+        mats = [q8_case(kk, 1, o, k, 1)[2:] for kk, o in zip(keys, outs * C)]
+        return [tuple(zip(*mats[c * len(outs) : (c + 1) * len(outs)])) for c in range(C)], wbytes
+
+    def run(self, name, outs, k, n_tok):
+        copies, wbytes = self._copies(outs, k)
+        rounds = max(3, min(50, int(2e9 // (wbytes * len(copies)))))
+        xq, dx = q8_case(jax.random.PRNGKey(5), n_tok, 16, k, 1)[:2]
+        many = len(outs) > 1
+
+        def kern(qs, d):
+            return q8_0.matmul(xq, dx, qs if many else qs[0], d if many else d[0], interpret=INTERPRET)
+
+        def ref(qs, d):
+            return tuple(q8_0.reference(xq, dx, q, dd) for q, dd in zip(qs, d))
+
+        got = jax.jit(kern)(*copies[-1])
+        got = got if many else (got,)
+        ok = all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(got, jax.jit(ref)(*copies[-1])))
+        ref_s = time_xla_copies(ref, copies, rounds)
+        s = time_xla_copies(kern, copies, rounds, show=n_tok == 1)
+        cfg = q8_0.config_for(outs, k)
+        config = f"launch r{cfg.block_rows} s{cfg.k_splits} C{len(copies)}"
+        nbytes = q8_bytes(sum(outs), k, 1, n_tok)
+        self.rec.variant("q8_0_launch", n_tok, name, config, ok, s, nbytes, ref_s)
+        if ok:
+            self.rec.best(f"q8_0 launch {'x'.join(map(str, outs))}", n_tok, name, s, nbytes, ref_s)
+
+    def floor(self, name, outs, k):
+        copies, wbytes = self._copies(outs, k)
+        rounds = max(3, min(50, int(2e9 // (wbytes * len(copies)))))
+        s = time_xla_copies(lambda qs, d: tuple(jnp.sum(q, axis=1, dtype=jnp.int32) for q in qs), copies, rounds)
+        nbytes = sum(outs) * k
+        self.rec.variant("read_floor", 0, name, f"xla int8 row sum C{len(copies)}", True, s, nbytes, s)
+        self.rec.best("read floor (XLA int8 row sum)", 0, name, s, nbytes, s)
+
+
 MOSAIC_CONFIGS = [
     q8_0_mosaic.MosaicConfig(64, 16, 3),
     q8_0_mosaic.MosaicConfig(64, 8, 4),
@@ -526,6 +587,18 @@ def main() -> None:
                 for n in TOKENS[: 1 if INTERPRET else None]:  # interpreted, Mosaic is slow
                     if left() > 0:
                         q8b.run_mosaic(name, out, k, g, n, mcfg)
+    if "q8_0_launch" in only:  # the engine's launches (no stack index; several matrices in one)
+        lb = Q8Launch(rec)
+        for name, outs, k in (
+            LAUNCH_SHAPES
+            if not INTERPRET
+            else [(nm, tuple(o // 32 for o in os_), kk // 8) for nm, os_, kk in LAUNCH_SHAPES[:2]]
+        ):
+            for n in TOKENS:
+                if left() > 0:
+                    lb.run(name, outs, k, n)
+            if left() > 0:
+                lb.floor(name, outs, k)
     if "experts" in only:  # v3 (dp4a on packed words) at its base configuration; gate+up in one launch
         for name, qt, out, k in EXPERT_SHAPES:
             for pair in (False, True) if name.startswith("gate/up") else (False,):

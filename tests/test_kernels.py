@@ -66,7 +66,7 @@ def test_q8_0_kernel_with_padded_tokens_at_four_blocks_a_step(monkeypatch):
         got = np.asarray(q8_0.matmul(x[:n], None, qs, d, cfg=cfg, interpret=INTERPRET))  # zero rows quantized too
         assert np.array_equal(got, q8_0.reference(*quantize_q8_0(x[:n]), qs, d, 1))
     jaxpr = jax.make_jaxpr(lambda a, b: q8_0.matmul(a, b, qs, d, cfg=cfg, interpret=INTERPRET))(xq[:1], dx[:1])
-    x_in = next(e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call").invars[2]
+    x_in = next(e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call").invars[1]  # after the zero
     assert x_in.aval.shape == (4, 384)  # the tokens were padded to the block's 4 rows
 
 
@@ -104,6 +104,29 @@ def test_q8_0_kernel_reads_the_selected_matrix_of_a_stack():
     xq, dx, qs, d = q8_inputs(2, 64, 512, copies=3)
     got = q8_0.matmul(xq, dx, qs, d, mat=jnp.int32(2), interpret=INTERPRET)
     assert np.array_equal(got, q8_0.reference(xq, dx, qs[2], d[2]))
+
+
+@pytest.mark.parametrize("outs,k", [((48, 32), 512), ((64, 64), 2048)], ids=["q_a+kv-like", "gate+up-k-split"])
+def test_q8_0_kernel_runs_several_matrices_in_one_launch(outs, k):
+    """Matrices of one K in one launch (tuples of planes): each output is the reference's, at
+    every N and on int8 or f32 (quantized in the kernel) activations, and a token's row does not
+    depend on N."""
+    xq, dx, _, _ = q8_inputs(4, 16, k)
+    mats = [q8_inputs(1, o, k)[2:] for o in outs]
+    qs, d = tuple(m[0] for m in mats), tuple(m[1] for m in mats)
+    x = jnp.asarray(RNG.standard_normal((4, k)).astype(np.float32))
+    cfg = q8_0.config_for(outs, k)
+    if k == 2048:
+        cfg = dataclasses.replace(cfg, k_splits=2)  # the partial sums of a split, several matrices
+    first = None
+    for n in (1, 2, 4):
+        got = q8_0.matmul(xq[:n], dx[:n], qs, d, cfg=cfg, interpret=INTERPRET)
+        gotq = q8_0.matmul(x[:n], None, qs, d, cfg=cfg, interpret=INTERPRET)
+        for m, (q, dd) in enumerate(mats):
+            assert np.array_equal(got[m], q8_0.reference(xq[:n], dx[:n], q, dd))
+            assert np.array_equal(gotq[m], q8_0.reference(*quantize_q8_0(x[:n]), q, dd))
+        first = first or [np.asarray(g[0]) for g in got]
+        assert all(np.array_equal(g[0], f) for g, f in zip(got, first))
 
 
 def test_iq2_nibble_layout_holds_the_same_weights():
@@ -273,6 +296,15 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((1, 8), f32),
             S((64, 256), i8),
             S((64, 8), jnp.float16),
+        ),
+        (  # two matrices of one K in one launch (a lax.cond picks a program's matrix)
+            lambda x, dx, q1, d1, q2, d2: q8_0.matmul(x, dx, (q1, q2), (d1, d2))[1],
+            S((1, 256), i8),
+            S((1, 8), f32),
+            S((64, 256), i8),
+            S((64, 8), jnp.float16),
+            S((32, 256), i8),
+            S((32, 8), jnp.float16),
         ),
         (  # f32 activations, quantized in the kernel
             lambda x, q, d: q8_0.matmul(x, None, q, d, cfg=q8_0.choose_config(64, 2048, n_sm=132)),

@@ -36,6 +36,15 @@ def dense(x: jax.Array, w: QTensor, act_quant: bool = True) -> jax.Array:
     raise NotImplementedError(f"dense matmul for {q.name}")
 
 
+def dense_many(x: jax.Array, ws: tuple[QTensor, ...], act_quant: bool = True) -> tuple:
+    """``dense`` of one x against several weights: Q8_0 weights of one K share one quantization
+    of x and, on the kernel path, one launch (``dispatch.q8_0_matmuls``); the same bits."""
+    k = x.shape[-1]
+    if act_quant and all(QType(w.qtype) == QType.Q8_0 and w.shape[-1] == k for w in ws):
+        return kernels.q8_0_matmuls(x, tuple((w.planes["qs"], w.planes["d"]) for w in ws))
+    return tuple(dense(x, w, act_quant) for w in ws)
+
+
 def q8_0_matmul(x: jax.Array, w: QTensor) -> jax.Array:
     return kernels.q8_0_matmul(x, w.planes["qs"], w.planes["d"])  # quantizes x per 32 first
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ds4jax.config import ModelConfig
-from ds4jax.model.linear import dense, expert_linear, expert_linears
+from ds4jax.model.linear import dense, dense_many, expert_linear, expert_linears
 from ds4jax.model.numerics import F32, asum, div, silu, softplus, sqrt
 
 
@@ -45,7 +45,6 @@ def ffn_sublayer(cfg: ModelConfig, L: int, w: dict, z, tokens):
     mid = _swiglu(g, u, clamp) * wt[..., None]
     routed = asum(expert_linear(mid, w["ffn_down_exps"], sel, aq), 1)
 
-    gs = dense(z, w["ffn_gate_shexp"], aq)
-    us = dense(z, w["ffn_up_shexp"], aq)
+    gs, us = dense_many(z, (w["ffn_gate_shexp"], w["ffn_up_shexp"]), aq)  # one launch on the kernel path
     shared = dense(_swiglu(gs, us, clamp), w["ffn_down_shexp"], aq)
     return routed + shared
