@@ -144,7 +144,9 @@ class TileConfig:
     warps and software-pipelining stages.
 
     Only ``blocks_per_step`` and ``k_splits`` decide the summation order (so the bits);
-    rows, warps and stages are free to tune per N without changing a result.
+    rows, warps, stages and ``prebuilt`` are free to tune per N without changing a result.
+    ``prebuilt``: the Q8_0 kernel takes its activations block-diagonal from XLA, its scales
+    loaded before the loop (where a program has few steps: ``q8_0.PREBUILT_MAX_STEPS``).
     """
 
     block_rows: int = 64
@@ -152,6 +154,7 @@ class TileConfig:
     blocks_per_step: int = 4
     num_warps: int = 4
     num_stages: int = 3
+    prebuilt: bool = True
 
 
 def pow2_at_least(n: int, lo: int = 1) -> int:
