@@ -144,9 +144,7 @@ class TileConfig:
     warps and software-pipelining stages.
 
     Only ``blocks_per_step`` and ``k_splits`` decide the summation order (so the bits);
-    rows, warps, stages and ``prebuilt`` are free to tune per N without changing a result.
-    ``prebuilt``: the Q8_0 kernel takes its activations block-diagonal from XLA, its scales
-    loaded before the loop (where a program has few steps: ``q8_0.PREBUILT_MAX_STEPS``).
+    rows, warps and stages are free to tune per N without changing a result.
     """
 
     block_rows: int = 64
@@ -154,7 +152,6 @@ class TileConfig:
     blocks_per_step: int = 4
     num_warps: int = 4
     num_stages: int = 3
-    prebuilt: bool = True
 
 
 def pow2_at_least(n: int, lo: int = 1) -> int:

@@ -21,7 +21,6 @@ made at trace time from static shapes and the environment:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
@@ -80,16 +79,6 @@ HADAMARD_IN_AUTO = True
 Q8_AUTO_N1_BYTES = 16 << 20
 
 
-# The Q8_0 kernel's activations block-diagonal from XLA and its scales loaded before the loop, where
-# a program has few loop steps (``q8_0.PREBUILT_MAX_STEPS``; the same bits either way). Before,
-# every step waited on a plain load of its 2-byte scales (SASS, session 16).
-Q8_PREBUILT = True
-
-
-def _q8_cfg(outs: tuple, k: int, groups: int = 1):
-    return dataclasses.replace(q8_0.config_for(outs, k, groups), prebuilt=Q8_PREBUILT)
-
-
 def _q8_auto(n: int, out: int, k: int) -> bool:
     """Whether ``auto`` takes the Q8_0 kernel for n tokens on this weight (measured above)."""
     if n >= 2:
@@ -110,7 +99,7 @@ def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> j
         return q8_0.reference(*quantize_q8_0(x), qs, d, groups)
     x2 = x.reshape(n, -1)
     xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else quantize_q8_0(x2)
-    y = q8_0.matmul(xq, dx, qs, d, groups=groups, cfg=_q8_cfg((qs.shape[0],), qs.shape[1], groups), interpret=interpret)
+    y = q8_0.matmul(xq, dx, qs, d, groups=groups, interpret=interpret)
     return y.reshape(*lead, qs.shape[0])
 
 
@@ -135,8 +124,7 @@ def q8_0_matmuls(x: jax.Array, mats) -> tuple:
         return tuple(q8_0.reference(xq, dx, qs, d) for qs, d in mats)
     x2 = x.reshape(n, -1)
     xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else quantize_q8_0(x2)
-    cfg = _q8_cfg(tuple(qs.shape[0] for qs, _ in mats), x.shape[-1])
-    ys = q8_0.matmul(xq, dx, tuple(m[0] for m in mats), tuple(m[1] for m in mats), cfg=cfg, interpret=interpret)
+    ys = q8_0.matmul(xq, dx, tuple(m[0] for m in mats), tuple(m[1] for m in mats), interpret=interpret)
     return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
 
 

@@ -37,7 +37,6 @@ I32 = jnp.int32
 QK = 32  # Q8_0 block
 MAX_TOKENS = 4
 PAD_TOKENS_FROM_BYTES = 64 << 20  # weights this large take zero-padded tokens, not masked loads
-PREBUILT_MAX_STEPS = 8  # int8 activations, ≤ this many loop steps a program: block-diagonal x from XLA
 
 
 def reference(xq, dx, qs, d, groups: int = 1):
@@ -83,9 +82,7 @@ def choose_config(
     return TileConfig(block_rows=rows, k_splits=splits, blocks_per_step=U)
 
 
-def _kernel(
-    z_ref, *refs, cfg: TileConfig, steps: int, np_: int, quantize: bool, stacked: bool, tiles: tuple, prebuilt: bool
-):
+def _kernel(z_ref, *refs, cfg: TileConfig, steps: int, np_: int, quantize: bool, stacked: bool, tiles: tuple):
     sel_ref, refs = (refs[0], refs[1:]) if stacked else (None, refs)
     x_ref, refs = refs[0], refs[1:]
     dx_ref, refs = (None, refs) if quantize else (refs[0], refs[1:])
@@ -104,8 +101,6 @@ def _kernel(
 
     def run(qs_ref, d_ref, tile):
         rows = pl.ds(tile * BO, BO)
-        if prebuilt:
-            return run_prebuilt(qs_ref, d_ref, rows)
 
         def body(step, carry):
             s, e = carry
@@ -125,29 +120,6 @@ def _kernel(
         zeros = jnp.zeros((np_ * U, BO), F32)
         return jax.lax.fori_loop(j * steps, (j + 1) * steps, body, (zeros, zeros))
 
-    def run_prebuilt(qs_ref, d_ref, rows):
-        """Activations already block-diagonal (``xd``, ``dxd``, built by XLA), and this program's
-        weight scales and activation scales loaded once before the loop: the only loads left in
-        the loop are the two dot operands, which Triton pipelines (cp.async). Per-step loads of
-        the 2-byte scales were plain loads, one memory round trip a step (SASS, session 16)."""
-        d_all = d_ref[(*lead, rows, pl.ds(j * steps * U, steps * U))].astype(F32).T  # [steps*U, rows]
-        d_all = d_all.reshape(steps, U, BO)
-        dx_all = dx_ref[:, pl.ds(j * steps, steps)]  # [N*U, steps]
-
-        def body(s_, carry):
-            s, e = carry
-            step = j * steps + s_
-            xd = x_ref[:, pl.ds(step * U * QK, U * QK)]  # [N*U, U*32] int8, block-diagonal
-            w = qs_ref[(*lead, rows, pl.ds(step * U * QK, U * QK))]  # [rows, U*32] int8: 128 B per row
-            isum = jax.lax.dot_general(xd, w, (((1,), (1,)), ((), ())), preferred_element_type=I32)  # [N*U, rows]
-            dt = pick(d_all, 0, s_)  # [U, rows]
-            dxs = pick(dx_all, 1, s_)[:, None]  # [N*U, 1]
-            dw = jnp.broadcast_to(dt[None], (np_, U, BO)).reshape(np_ * U, BO)
-            return two_sum_add(s, e, opaque(isum.astype(F32) * (dw * dxs), zero))
-
-        zeros = jnp.zeros((np_ * U, BO), F32)
-        return jax.lax.fori_loop(0, steps, body, (zeros, zeros))
-
     def run_from(m, first):
         """Several matrices of one K in one launch: row tiles [first, first + tiles[m]) read matrix m."""
         if m == len(tiles) - 1:
@@ -166,21 +138,6 @@ def _kernel(
     else:
         out_refs[0][...] = acc[0]
         out_refs[1][...] = acc[1]
-
-
-def block_diagonal(xq, dx, np_: int, U: int):
-    """The activations as the kernel's dot takes them, built once by XLA (it fuses this into the
-    quantization that makes xq): row t*U+u of ``xd`` keeps token t's blocks b ≡ u (mod U), zero
-    elsewhere; ``dxd[t*U+u, s] = dx[t, s*U+u]``, the scale of that row's block in step s. Tokens
-    past N are zero rows. Inside the kernel the same selection cost byte stores to shared memory
-    and a barrier every step."""
-    n, gk = xq.shape
-    nb = gk // QK
-    x3 = jnp.pad(xq, ((0, np_ - n), (0, 0))).reshape(np_, 1, nb, QK)
-    keep = (jnp.arange(nb) % U)[None, None, :, None] == jnp.arange(U)[None, :, None, None]
-    xd = jnp.where(keep, x3, jnp.int8(0)).reshape(np_ * U, gk)
-    dxd = jnp.pad(dx, ((0, np_ - n), (0, 0))).reshape(np_, nb // U, U).transpose(0, 2, 1).reshape(np_ * U, nb // U)
-    return xd, dxd
 
 
 def config_for(outs: tuple, k: int, groups: int = 1) -> TileConfig:
@@ -224,12 +181,8 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
         or nb % (U * cfg.k_splits)
     ):
         raise ValueError(f"q8_0 kernel: unsupported N={n}, weights {outs}x{k}/{groups} groups, {cfg}")
-    steps = nb // U // cfg.k_splits
     np_ = max(pow2_at_least(n), 16 // U)  # the tensor-core dot needs ≥ 16 rows of tokens
-    prebuilt = cfg.prebuilt and not quantize and U * np_ == 16 and steps <= PREBUILT_MAX_STEPS
-    if prebuilt:
-        xq, dx = block_diagonal(xq, dx, np_, U)
-    elif np_ > n and (U < 4 or out * k >= PAD_TOKENS_FROM_BYTES):
+    if np_ > n and (U < 4 or out * k >= PAD_TOKENS_FROM_BYTES):
         # K of a few blocks only (tests): pad with zero tokens. At U = 4 (every model shape) the
         # token block reads past row n as masked loads instead (undefined values, which only meet
         # their own rows of the dot and the sums): no pad kernels, −2.2 to −2.8 µs a call at
@@ -239,14 +192,12 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
         # against 159.4 with pads (run 14), while the other shapes kept run 14's times.
         xq = jnp.pad(xq, ((0, np_ - n), (0, 0)))
         dx = None if quantize else jnp.pad(dx, ((0, np_ - n), (0, 0)))
+    steps = nb // U // cfg.k_splits
     tiles_per_group = out // groups // BO
     group_of = lambda i, j: (0, i // tiles_per_group)
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
     n_out = 1 if cfg.k_splits == 1 else 2
-    if prebuilt:  # [N*U, G*K] and [N*U, G*K/32/U]: a group's K range, as for x
-        x_specs = [pl.BlockSpec((np_ * U, k), group_of), pl.BlockSpec((np_ * U, nb // U), group_of)]
-    else:
-        x_specs = [pl.BlockSpec((np_, k), group_of)] + ([] if quantize else [pl.BlockSpec((np_, nb), group_of)])
+    x_specs = [pl.BlockSpec((np_, k), group_of)] + ([] if quantize else [pl.BlockSpec((np_, nb), group_of)])
     sel = [jnp.asarray(0 if mat is None else mat, I32).reshape(1)] if stacked else []
     planes = [a for pair in zip(qs, d) for a in pair]
     res = pl.pallas_call(
@@ -258,7 +209,6 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
             quantize=quantize,
             stacked=stacked,
             tiles=tuple(o // BO for o in outs),
-            prebuilt=prebuilt,
         ),
         grid=(out // BO, cfg.k_splits),
         in_specs=[

@@ -302,7 +302,6 @@ class Q8Bench:
             ok = False
         nbytes = q8_bytes(out, k, groups, n_tok)
         config = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
-        config += " pre" if cfg.prebuilt else ""
         self.rec.variant("q8_0", n_tok, name, config, ok, s, nbytes, ref_s)
         key = (name, n_tok)
         if ok and (key not in self.best or s < self.best[key][0]):
@@ -549,9 +548,6 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
     ap.add_argument("--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms")
-    ap.add_argument(
-        "--q8-prebuilt", default="on", choices=("on", "off", "both"), help="q8_0: block-diagonal x from XLA"
-    )
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
     ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
@@ -576,12 +572,10 @@ def main() -> None:
     q8b, exb = Q8Bench(rec), ExpertBench(rec)
     # 1. every shape at its base configuration
     if "q8_0" in only:
-        pre = {"on": (True,), "off": (False,), "both": (True, False)}[a.q8_prebuilt]
         for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
             for n in TOKENS:
-                for p in pre:
-                    if left() > 0:
-                        q8b.run(name, out, k, g, n, dataclasses.replace(q8_0.choose_config(out, k, g), prebuilt=p))
+                if left() > 0:
+                    q8b.run(name, out, k, g, n, q8_0.choose_config(out, k, g))
     if "q8_0_quant" in only:  # the kernel quantizing its f32 activations itself, base configurations
         for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
             for n in TOKENS:
@@ -658,8 +652,7 @@ def main() -> None:
         rec.best(f"q8_0 quantizing U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}", n, name, s, nbytes, ref_s)
     for (name, n), (s, cfg, nbytes, ref_s) in q8b.best.items():
         rec.best(
-            f"q8_0 U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}"
-            + (" pre" if cfg.prebuilt else ""),
+            f"q8_0 U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}",
             n,
             name,
             s,

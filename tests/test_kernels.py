@@ -33,18 +33,14 @@ def q8_inputs(n, out, k, groups=1, copies=None):
     return xq, dx, qs, d
 
 
-@pytest.mark.parametrize("prebuilt", [True, False], ids=["prebuilt", "in-kernel"])
 @pytest.mark.parametrize(
     "out,k,groups,u",
     [(96, 512, 1, 16), (48, 96, 1, 4), (112, 320, 1, 4), (64, 2048, 1, 4), (128, 256, 4, 4)],
     ids=["16-block-steps", "3-blocks", "10-blocks", "k-split", "grouped"],
 )
-def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u, prebuilt):
-    """``prebuilt``: block-diagonal activations from XLA, scales loaded before the loop (taken
-    where the dot's rows are 16 and a program has ≤ PREBUILT_MAX_STEPS steps), or the
-    activations selected in the kernel; the same bits."""
+def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u):
     xq, dx, qs, d = q8_inputs(4, out, k, groups)
-    cfg = dataclasses.replace(q8_0.choose_config(out, k, groups, blocks_per_step=u), prebuilt=prebuilt)
+    cfg = q8_0.choose_config(out, k, groups, blocks_per_step=u)
     if k == 2048:
         cfg = dataclasses.replace(cfg, k_splits=2)  # exercise the split-K partial sums
     rows = {}
@@ -62,7 +58,7 @@ def test_q8_0_kernel_with_padded_tokens_at_four_blocks_a_step(monkeypatch):
     of masked loads at U = 4: the same bits at N = 1..3."""
     monkeypatch.setattr(q8_0, "PAD_TOKENS_FROM_BYTES", 0)
     xq, dx, qs, d = q8_inputs(4, 80, 384)  # a shape no other test traces (jit caches by shape)
-    cfg = dataclasses.replace(q8_0.choose_config(80, 384, 1, blocks_per_step=4), prebuilt=False)
+    cfg = q8_0.choose_config(80, 384, 1, blocks_per_step=4)
     x = jnp.asarray(RNG.standard_normal((4, 384)).astype(np.float32))
     for n in (1, 2, 3):
         got = np.asarray(q8_0.matmul(xq[:n], dx[:n], qs, d, cfg=cfg, interpret=INTERPRET))
@@ -70,9 +66,7 @@ def test_q8_0_kernel_with_padded_tokens_at_four_blocks_a_step(monkeypatch):
         got = np.asarray(q8_0.matmul(x[:n], None, qs, d, cfg=cfg, interpret=INTERPRET))  # zero rows quantized too
         assert np.array_equal(got, q8_0.reference(*quantize_q8_0(x[:n]), qs, d, 1))
     jaxpr = jax.make_jaxpr(lambda a, b: q8_0.matmul(a, b, qs, d, cfg=cfg, interpret=INTERPRET))(xq[:1], dx[:1])
-    x_in = next(e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call").invars[
-        1
-    ]  # after the zero
+    x_in = next(e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call").invars[1]  # after the zero
     assert x_in.aval.shape == (4, 384)  # the tokens were padded to the block's 4 rows
 
 
