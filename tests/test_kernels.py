@@ -354,9 +354,13 @@ def test_dispatch_modes(monkeypatch):
     _, _, qs, d = q8_inputs(2, 64, 256)
     x = jnp.asarray(RNG.standard_normal((2, 256)).astype(np.float32))
     want = np.asarray(q8_0.reference(*quantize_q8_0(x), qs, d))
+    _, _, qs2, d2 = q8_inputs(2, 32, 256)
+    want2 = np.asarray(q8_0.reference(*quantize_q8_0(x), qs2, d2))
     for m in ("off", "interpret", "auto", "all"):
         monkeypatch.setenv("DS4JAX_KERNELS", m)
         assert np.array_equal(dispatch.q8_0_matmul(x, qs, d), want)
+        y, y2 = dispatch.q8_0_matmuls(x, ((qs, d), (qs2, d2)))  # one launch where a kernel runs
+        assert np.array_equal(y, want) and np.array_equal(y2, want2)
     monkeypatch.setenv("DS4JAX_KERNELS", "fast")
     with pytest.raises(DS4Error, match="DS4JAX_KERNELS"):
         dispatch.q8_0_matmul(x, qs, d)
