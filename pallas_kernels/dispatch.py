@@ -8,7 +8,9 @@ made at trace time from static shapes and the environment:
     DS4JAX_KERNELS=auto       on GPU, the kernels where they measured faster than XLA (default):
                               the Q8_0 kernel for the verifier's 2..4-token batches at every
                               shape and at N=1 on weights of 16 MB and more (the LM head,
-                              attn_q_b, attn_output_a and _b); the routed-expert kernels at
+                              attn_q_b, attn_output_a and _b), and two matrices of one input
+                              as one launch at every N (the shared expert's gate and up,
+                              attn_q_a and attn_kv); the routed-expert kernels at
                               every N, prefill chunks too (v3: 3-6x XLA's gather + dot); the
                               hyper-connection Sinkhorn (one launch for ~40 per sublayer); the
                               Hadamard transform. The fused norms lost to XLA's fusions and
