@@ -542,7 +542,7 @@ def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, r
 
 
 def main() -> None:
-    global Q8_SHAPES, EXPERT_SHAPES, INTERPRET, N_EXPERT
+    global Q8_SHAPES, EXPERT_SHAPES, INTERPRET, N_EXPERT, TOKENS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--minutes", type=float, default=8.0)
@@ -552,7 +552,9 @@ def main() -> None:
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
     ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
     ap.add_argument("--expert-shapes", default="", help="comma-separated name parts: only these expert shapes")
+    ap.add_argument("--tokens", default="1,2,4", help="token counts of the base configurations")
     a = ap.parse_args()
+    TOKENS = tuple(int(t) for t in a.tokens.split(","))
     if a.expert_shapes:
         EXPERT_SHAPES = [e for e in EXPERT_SHAPES if any(part in e[0] for part in a.expert_shapes.split(","))]
     t0 = time.time()
