@@ -109,8 +109,9 @@ def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> j
 # up, attn_q_a and attn_kv), at every N: at N=1 ``auto`` takes the kernel from this many weights in
 # all. H200, session 16, 8 full-size layers, GPU time a step: 2,610.9 µs and 824 kernels with both
 # pairs on the kernel (0 here), 2,612.3 µs and 840 with q_a+kv on XLA (16 MB), 2,622.2 µs and 848
-# with neither pair (each matrix its own XLA fusion, as before). A call: gate+up 10.7-11.9 µs
-# against 2 x 7.6-7.7 separately; q_a+kv 7.9-8.7 against XLA's 10.5-10.6 for the two.
+# with neither pair (each matrix its own XLA fusion, as before). A call at N=1: gate+up 10.7-11.9 µs
+# against 13.6-13.7 on XLA (two fusions) or 2 x 7.6-7.7 as two kernel launches; q_a+kv 7.9-8.7
+# against XLA's 10.5-10.6 for the two.
 Q8_MANY_AUTO_N1_BYTES = 0
 
 

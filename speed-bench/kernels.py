@@ -350,8 +350,9 @@ LAUNCH_SHAPES = [
 
 class Q8Launch:
     """The kernel timed on C separate weight copies per loop step (C call sites, unrolled): what
-    the engine launches, without the stack index the other Q8_0 rows carry; and the read floor,
-    XLA's int8 row sum of the same bytes (a pure read: what any one launch of that size costs)."""
+    the engine launches, without the stack index the other Q8_0 rows carry; and a read floor,
+    XLA's int8 row sum of the same bytes (a pure read in one launch: what a launch of that size
+    cost here at the least, not a bound for every possible kernel)."""
 
     def __init__(self, rec: Recorder):
         self.rec = rec
