@@ -90,19 +90,8 @@ def _q8_auto(n: int, out: int, k: int) -> bool:
 
 def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> jax.Array:
     """x [..., G*K] f32, quantized per 32 (``numerics.quantize_q8_0``), against Q8_0 planes
-    qs [G*r, K], d [G*r, K/32] → [..., G*r]. On the kernel path the kernel quantizes x itself:
-    one launch instead of a quantization kernel and the matmul."""
-    lead = x.shape[:-1]
-    n = math.prod(lead)
-    use, interpret = _use(n, auto=_q8_auto(n, qs.shape[0], qs.shape[1]))
-    if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
-        use = False
-    if not use or not q8_0.supported(qs.shape[0], qs.shape[1], groups):
-        return q8_0.reference(*quantize_q8_0(x), qs, d, groups)
-    x2 = x.reshape(n, -1)
-    xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else quantize_q8_0(x2)
-    y = q8_0.matmul(xq, dx, qs, d, groups=groups, interpret=interpret)
-    return y.reshape(*lead, qs.shape[0])
+    qs [G*r, K], d [G*r, K/32] → [..., G*r]."""
+    return _q8_0(x, ((qs, d),), groups, lambda n: _q8_auto(n, qs.shape[0], qs.shape[1]))[0]
 
 
 # Several Q8_0 matrices of one input in one launch (``q8_0_matmuls``: the shared expert's gate and
@@ -119,19 +108,27 @@ def q8_0_matmuls(x: jax.Array, mats) -> tuple:
     """``q8_0_matmul`` of one x [..., K] against several Q8_0 weights (qs, d) of that K: x is
     quantized once and, on the kernel path, one launch computes every output (a launch has a
     fixed cost of several µs, KERNELS.md). The same bits as separate calls."""
+    total = sum(qs.shape[0] * qs.shape[1] for qs, _ in mats)
+    return _q8_0(x, tuple(mats), 1, lambda n: n >= 2 or total >= Q8_MANY_AUTO_N1_BYTES)
+
+
+def _q8_0(x: jax.Array, mats: tuple, groups: int, auto) -> tuple:
+    """The outputs of x against each (qs, d) of ``mats``: the Q8_0 kernel, one launch for all of
+    them, where ``auto(n)`` (for ``auto``) and the mode take it; else the reference, x quantized once."""
     lead = x.shape[:-1]
     n = math.prod(lead)
-    total = sum(qs.shape[0] * qs.shape[1] for qs, _ in mats)
-    use, interpret = _use(n, auto=n >= 2 or total >= Q8_MANY_AUTO_N1_BYTES)
+    use, interpret = _use(n, auto=auto(n))
     if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
         use = False
-    if not use or len(mats) < 2 or not all(q8_0.supported(*qs.shape) for qs, _ in mats):
+    if not use or not all(q8_0.supported(*qs.shape, groups) for qs, _ in mats):
         xq, dx = quantize_q8_0(x)
-        return tuple(q8_0.reference(xq, dx, qs, d) for qs, d in mats)
+        return tuple(q8_0.reference(xq, dx, qs, d, groups) for qs, d in mats)
     x2 = x.reshape(n, -1)
     xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else quantize_q8_0(x2)
-    ys = q8_0.matmul(xq, dx, tuple(m[0] for m in mats), tuple(m[1] for m in mats), interpret=interpret)
-    return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
+    qs, d = zip(*mats)
+    one = len(mats) == 1  # a single matrix may be grouped; several share one launch
+    ys = q8_0.matmul(xq, dx, qs[0] if one else qs, d[0] if one else d, groups=groups, interpret=interpret)
+    return tuple(y.reshape(*lead, y.shape[-1]) for y in ((ys,) if one else ys))
 
 
 def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array):

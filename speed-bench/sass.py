@@ -31,21 +31,19 @@ from pallas_kernels import experts, q8_0
 from pallas_kernels.testing import expert_planes
 
 _CAPTURED: list[str] = []
+_LOWER = lowering.lower_jaxpr_to_triton_module
 
 
-def _capture(lower):
-    def wrapped(*a, **k):
-        res = lower(*a, **k)
-        _CAPTURED.append(res.module.operation.get_asm())
-        return res
-
-    return wrapped
+def _capturing_lower(*a, **k):
+    res = _LOWER(*a, **k)
+    _CAPTURED.append(res.module.operation.get_asm())
+    return res
 
 
 def triton_ir(fn, *args) -> list[str]:
     """The Triton IR of every Pallas call in ``fn``, lowered for an H100/H200 (sm_90)."""
     gpu_info.get_gpu_info = lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
-    lowering.lower_jaxpr_to_triton_module = _capture(lowering.lower_jaxpr_to_triton_module)
+    lowering.lower_jaxpr_to_triton_module = _capturing_lower  # the same function on every call
     _CAPTURED.clear()
     jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     return list(_CAPTURED)
