@@ -86,7 +86,7 @@ def compile_and_count(ttir: str, name: str, num_warps: int, num_stages: int, out
         "LDG (plain)": count(r"\bLDG\b"),
         "LDS": count(r"\bLDS"),
         "STS": count(r"\bSTS\b"),
-        "IMMA": count(r"\bIMMA\b"),
+        "IMMA/IGMMA": count(r"\bI(G)?MMA\b"),  # mma.sync or wgmma (Triton picks by the tile shape)
         "IDP (dp4a)": count(r"\bIDP\b"),
     }
 
