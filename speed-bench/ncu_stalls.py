@@ -17,6 +17,12 @@ import argparse
 import csv
 
 
+def _opcode(source: str) -> str:
+    """The opcode of a SASS line without its modifiers or predicate: ``@P0 LDG.E R2, …`` → ``LDG``."""
+    words = [w for w in source.split() if not w.startswith("@")]
+    return words[0].split(".")[0] if words else "?"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("csv", help="ncu --page source --csv --print-source sass output")
@@ -24,7 +30,9 @@ def main() -> None:
     a = ap.parse_args()
     with open(a.csv, newline="") as f:
         rows = list(csv.reader(f))
-    hi = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
+    hi = next((i for i, r in enumerate(rows) if r and r[0] == "Address"), None)
+    if hi is None:
+        raise SystemExit(f"{a.csv}: no 'Address' header: not ncu's --page source --csv output")
     head = rows[hi]
     body = [r for r in rows[hi + 1 :] if len(r) == len(head)]
     samples, executed = head.index("Warp Stall Sampling (All Samples)"), head.index("Instructions Executed")
@@ -35,10 +43,7 @@ def main() -> None:
     )
     by: dict = {}
     for r in body:
-        words = r[1].split()
-        op = (words[1] if words and words[0].startswith("@") and len(words) > 1 else words[0] if words else "?").split(
-            "."
-        )[0]
+        op = _opcode(r[1])
         s, e = by.get(op, (0, 0))
         by[op] = (s + num(r, samples), e + num(r, executed))
     print("by opcode: % of stall samples, warp instructions executed")
