@@ -33,7 +33,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import asum, dd_add, quantize_q8_0, rounded
-from pallas_kernels.common import F32, TileConfig, finish, kernel_zero, opaque, pick, pow2_at_least, two_sum_add
+from pallas_kernels.common import (
+    F32,
+    TileConfig,
+    byte_words,
+    dp4a,
+    finish,
+    kernel_zero,
+    opaque,
+    pick,
+    pow2_at_least,
+    two_sum_add,
+)
 
 I32 = jnp.int32
 QK = 32  # Q8_0 block
@@ -84,7 +95,18 @@ def choose_config(
     return TileConfig(block_rows=rows, k_splits=splits, blocks_per_step=U)
 
 
-def _kernel(z_ref, *refs, cfg: TileConfig, steps: int, np_: int, quantize: bool, stacked: bool, tiles: tuple):
+def _kernel(
+    z_ref,
+    *refs,
+    cfg: TileConfig,
+    steps: int,
+    np_: int,
+    n: int,
+    quantize: bool,
+    stacked: bool,
+    tiles: tuple,
+    interpret: bool,
+):
     sel_ref, refs = (refs[0], refs[1:]) if stacked else (None, refs)
     x_ref, refs = refs[0], refs[1:]
     dx_ref, refs = (None, refs) if quantize else (refs[0], refs[1:])
@@ -100,6 +122,56 @@ def _kernel(z_ref, *refs, cfg: TileConfig, steps: int, np_: int, quantize: bool,
     # Row t*U+u of the block-diagonal activation tile keeps token t's block u of the step.
     blk_of_col = jax.lax.broadcasted_iota(I32, (1, U, U * QK), 2) // QK
     u_of_row = jax.lax.broadcasted_iota(I32, (1, U, U * QK), 1)
+
+    def run_cores(qs_ref, d_ref, tile):
+        """The same per-block products and chains on CUDA cores: each row's 128-byte step as 32
+        int32 words, four int8 products and their sum per ``dp4a``, 8 of them per block. One
+        chain per (token, u) as in ``run``, so the same order and bits; only tokens < n run."""
+        rows = pl.ds(tile * BO, BO)
+
+        def body(step, carry):
+            w = byte_words(qs_ref[(*lead, rows, pl.ds(step * U * QK, U * QK))].astype(I32) & 255)  # [BO, 8U]
+            dw = d_ref[(*lead, rows, pl.ds(step * U, U))].astype(F32)  # [BO, U]
+            out = []
+            for t, (s, e) in enumerate(carry):
+                x = x_ref[t, pl.ds(step * U * QK, U * QK)]  # [U*32] (a [1, U*32] load: 254 registers)
+                xw = byte_words(x.astype(I32) & 255)[None, :]  # [1, 8U]
+                dots = dp4a(w, xw, jnp.int32(0), interpret)
+                isum = jnp.sum(dots.reshape(BO, U, QK // 4), axis=-1)  # [BO, U] exact block dots
+                dxt = dx_ref[t, pl.ds(step * U, U)]  # [U]
+                out.append(two_sum_add(s, e, opaque(isum.astype(F32) * (dw * dxt[None, :]), zero)))
+            return tuple(out)
+
+        def body_split(step, carry):
+            """cores = 2: one 32-byte block column a load, its 8 words' dots summed in a row. Every
+            load of the step is issued before the first dot (more bytes in flight a warp)."""
+            cols = [step * U * QK + u * QK for u in range(U)]
+            ws = [qs_ref[(*lead, rows, pl.ds(c, QK))] for c in cols]  # U x [BO, 32] int8
+            dws = [d_ref[(*lead, rows, step * U + u)] for u in range(U)]  # U x [BO] f16
+            xs = [[x_ref[pl.ds(t, 1), pl.ds(c, QK)] for c in cols] for t in range(n)]  # [1, 32]: w's layout
+            out = []
+            for t in range(n):
+                for u in range(U):
+                    w, xw = (byte_words(v.astype(I32) & 255) for v in (ws[u], xs[t][u]))  # [BO, 8], [1, 8]
+                    isum = jnp.sum(dp4a(w, xw, jnp.int32(0), interpret), axis=1)  # [BO]
+                    scale = dws[u].astype(F32) * dx_ref[t, step * U + u]
+                    out.append(two_sum_add(*carry[t * U + u], opaque(isum.astype(F32) * scale, zero)))
+            return tuple(out)
+
+        if cfg.cores == 2:
+            zeros = jnp.zeros((BO,), F32)
+            flat = jax.lax.fori_loop(j * steps, (j + 1) * steps, body_split, ((zeros, zeros),) * (n * U))
+            tu = jax.lax.broadcasted_iota(I32, (np_ * U, 1), 0)
+            s = sum(jnp.where(tu == i, c[0][None], 0.0) for i, c in enumerate(flat))
+            e = sum(jnp.where(tu == i, c[1][None], 0.0) for i, c in enumerate(flat))
+            return s, e
+        zeros = jnp.zeros((BO, U), F32)
+        chains = jax.lax.fori_loop(j * steps, (j + 1) * steps, body, ((zeros, zeros),) * n)
+        # [np_, U, BO] as ``run`` returns them (rows past n stay zero: their outputs are dropped)
+        t_of = jax.lax.broadcasted_iota(I32, (np_, 1, 1), 0)
+        s = sum(jnp.where(t_of == t, c[0].T[None], 0.0) for t, c in enumerate(chains))
+        e = sum(jnp.where(t_of == t, c[1].T[None], 0.0) for t, c in enumerate(chains))
+        return s.reshape(np_ * U, BO), e.reshape(np_ * U, BO)
 
     def run(qs_ref, d_ref, tile):
         rows = pl.ds(tile * BO, BO)
@@ -124,10 +196,11 @@ def _kernel(z_ref, *refs, cfg: TileConfig, steps: int, np_: int, quantize: bool,
 
     def run_from(m, first):
         """Several matrices of one K in one launch: row tiles [first, first + tiles[m]) read matrix m."""
+        go = run_cores if cfg.cores else run
         if m == len(tiles) - 1:
-            return run(*mats[m], i - first)
+            return go(*mats[m], i - first)
         end = first + tiles[m]
-        return jax.lax.cond(i < end, lambda: run(*mats[m], i - first), lambda: run_from(m + 1, end))
+        return jax.lax.cond(i < end, lambda: go(*mats[m], i - first), lambda: run_from(m + 1, end))
 
     s, e = run_from(0, 0)
     # Combine each token's U partial chains in order u = 0..U-1 (a masked sum picks one row: exact).
@@ -183,8 +256,10 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
         or nb % (U * cfg.k_splits)
     ):
         raise ValueError(f"q8_0 kernel: unsupported N={n}, weights {outs}x{k}/{groups} groups, {cfg}")
-    np_ = max(pow2_at_least(n), 16 // U)  # the tensor-core dot needs ≥ 16 rows of tokens
-    if np_ > n and (U < 4 or out * k >= PAD_TOKENS_FROM_BYTES):
+    if cfg.cores and quantize:
+        raise ValueError("q8_0 kernel: the CUDA-core variant takes quantized activations (xq, dx)")
+    np_ = pow2_at_least(n) if cfg.cores else max(pow2_at_least(n), 16 // U)  # a tensor-core dot needs ≥ 16 rows
+    if np_ > n and not cfg.cores and (U < 4 or out * k >= PAD_TOKENS_FROM_BYTES):
         # K of a few blocks only (tests): pad with zero tokens. At U = 4 (every model shape) the
         # token block reads past row n as masked loads instead (undefined values, which only meet
         # their own rows of the dot and the sums): no pad kernels, −2.2 to −2.8 µs a call at
@@ -208,9 +283,11 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
             cfg=cfg,
             steps=steps,
             np_=np_,
+            n=n,
             quantize=quantize,
             stacked=stacked,
             tiles=tuple(o // BO for o in outs),
+            interpret=interpret,
         ),
         grid=(out // BO, cfg.k_splits),
         in_specs=[

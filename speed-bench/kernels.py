@@ -267,6 +267,7 @@ class Q8Bench:
 
         mat_at = copy_index(C)
         config = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
+        config += f" cores{cfg.cores}" * bool(cfg.cores)
         try:
             s, got = time_steps(fn, rounds * C, x, *stacks, prep=mat_at)
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
@@ -302,6 +303,7 @@ class Q8Bench:
             ok = False
         nbytes = q8_bytes(out, k, groups, n_tok)
         config = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
+        config += f" cores{cfg.cores}" * bool(cfg.cores)
         self.rec.variant("q8_0", n_tok, name, config, ok, s, nbytes, ref_s)
         key = (name, n_tok)
         if ok and (key not in self.best or s < self.best[key][0]):
@@ -553,6 +555,10 @@ def main() -> None:
     ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
     ap.add_argument("--expert-shapes", default="", help="comma-separated name parts: only these expert shapes")
     ap.add_argument("--tokens", default="1,2,4", help="token counts of the base configurations")
+    ap.add_argument("--cores", default="", help="q8_0: CUDA-core variants to time beside the base (1, 2: dp4a)")
+    ap.add_argument(
+        "--rows-warps", default="64x4", help="q8_0 with --cores: rows x warps a program (the K split stays)"
+    )
     a = ap.parse_args()
     TOKENS = tuple(int(t) for t in a.tokens.split(","))
     if a.expert_shapes:
@@ -575,9 +581,17 @@ def main() -> None:
     # 1. every shape at its base configuration
     if "q8_0" in only:
         for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
+            base = q8_0.choose_config(out, k, g)
+            variants = [base]  # and with --cores, the CUDA-core launches (rows x warps a program)
+            for c in (int(v) for v in a.cores.split(",") if v):
+                for rw in a.rows_warps.split(","):
+                    rows, warps = (int(v) for v in rw.split("x"))
+                    if (out // g) % rows == 0:
+                        variants.append(dataclasses.replace(base, cores=c, block_rows=rows, num_warps=warps))
             for n in TOKENS:
-                if left() > 0:
-                    q8b.run(name, out, k, g, n, q8_0.choose_config(out, k, g))
+                for cfg in dict.fromkeys(variants):
+                    if left() > 0:
+                        q8b.run(name, out, k, g, n, cfg)
     if "q8_0_quant" in only:  # the kernel quantizing its f32 activations itself, base configurations
         for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
             for n in TOKENS:
