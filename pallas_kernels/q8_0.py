@@ -20,6 +20,12 @@ Grouped (block-diagonal) weights use the same kernel: with ``groups = G`` the we
 G*r rows over one group's K inputs, x holds the G input slices side by side. Several matrices
 of one input (tuples of planes) share one launch: a program's row tile picks its matrix, which
 saves a launch's fixed cost (~4 µs on the H200's mid-size matrices) per extra matrix.
+
+``TileConfig.cores`` runs the same block dots on CUDA cores: a step's weight tile as int32
+words, ``dp4a`` against each token's words, the 8 words of a block summed in a row, then the
+same (token, u) chains. Nothing is padded to 16 token rows there, so its work grows with N: it
+wins at N=1 (``dispatch.Q8_CORES_MAX_TOKENS``) and the tensor cores win at N=4. Same order of
+the sums, so the same bits: N=1 on CUDA cores still equals N=2 on the tensor cores.
 """
 
 from __future__ import annotations
@@ -226,8 +232,10 @@ def config_for(outs: tuple, k: int, groups: int = 1) -> TileConfig:
     return dataclasses.replace(cfg, block_rows=rows)
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "cfg", "interpret"))
-def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interpret: bool = False, mat=None):
+@functools.partial(jax.jit, static_argnames=("groups", "cfg", "interpret", "cores"))
+def matmul(
+    xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interpret: bool = False, mat=None, cores: int = 0
+):
     """The kernel: xq [N, G*K] int8, dx [N, G*K/32] f32 (N ≤ 4) → y [N, G*r] f32.
 
     ``qs``/``d`` may be tuples of matrices of one K ([r_m, K] / [r_m, K/32], ungrouped): one
@@ -235,7 +243,8 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
     and returns the tuple of their [N, r_m] outputs. Or a stack [C, G*r, K] / [C, G*r, K/32]
     with ``mat`` the (traced) index of the matrix to use; only that matrix is read. ``dx=None``:
     ``xq`` is the f32 activation [N, G*K] and the kernel quantizes it (``numerics.quantize_q8_0``,
-    the same bits), saving the separate quantization kernel."""
+    the same bits), saving the separate quantization kernel.
+    ``cores`` (without ``cfg``): the CUDA-core variant of the chosen launch, the same bits."""
     quantize = dx is None
     n = xq.shape[0]
     many = isinstance(qs, (tuple, list))
@@ -248,7 +257,7 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
     if many and (groups != 1 or stacked or any(q.shape[-1] != k for q in qs)):
         raise ValueError("q8_0 kernel: several matrices in one launch need one K, no groups and no stack")
     out, nb = sum(outs), k // QK
-    cfg = cfg or config_for(outs, k, groups)
+    cfg = cfg or dataclasses.replace(config_for(outs, k, groups), cores=cores)  # cores: the same bits
     U, BO = cfg.blocks_per_step, cfg.block_rows
     if (
         n > MAX_TOKENS

@@ -370,12 +370,12 @@ class Q8Launch:
             self.cases[outs, k] = copies, max(3, min(50, int(2e9 // (wbytes * C))))
         return self.cases[outs, k]
 
-    def run(self, name, outs, k, n_tok):
+    def run(self, name, outs, k, n_tok, cores=0):
         copies, rounds = self._case(outs, k)
         xq, dx = q8_case(jax.random.PRNGKey(5), n_tok, 16, k, 1)[:2]
 
         def kern(qs, d):  # tuples of planes: one launch for all (a 1-tuple is the one-matrix launch)
-            return q8_0.matmul(xq, dx, qs, d, interpret=INTERPRET)
+            return q8_0.matmul(xq, dx, qs, d, interpret=INTERPRET, cores=cores)
 
         def ref(qs, d):
             return tuple(q8_0.reference(xq, dx, q, dd) for q, dd in zip(qs, d))
@@ -385,7 +385,7 @@ class Q8Launch:
         ref_s = time_xla_copies(ref, copies, rounds)
         s = time_xla_copies(kern, copies, rounds, show=n_tok == 1)
         cfg = q8_0.config_for(outs, k)
-        config = f"launch r{cfg.block_rows} s{cfg.k_splits} C{len(copies)}"
+        config = f"launch r{cfg.block_rows} s{cfg.k_splits} C{len(copies)}" + f" cores{cores}" * bool(cores)
         nbytes = q8_bytes(sum(outs), k, 1, n_tok)
         self.rec.variant("q8_0_launch", n_tok, name, config, ok, s, nbytes, ref_s)
         if ok:
@@ -611,8 +611,9 @@ def main() -> None:
             else [(nm, tuple(o // 32 for o in os_), kk // 8) for nm, os_, kk in LAUNCH_SHAPES[:2]]
         ):
             for n in TOKENS:
-                if left() > 0:
-                    lb.run(name, outs, k, n)
+                for c in dict.fromkeys([0] + [int(v) for v in a.cores.split(",") if v]):
+                    if left() > 0:
+                        lb.run(name, outs, k, n, c)
             if left() > 0:
                 lb.floor(name, outs, k)
     if "experts" in only:  # v3 (dp4a on packed words) at its base configuration; gate+up in one launch
