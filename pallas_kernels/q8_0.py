@@ -257,7 +257,10 @@ def matmul(
     if many and (groups != 1 or stacked or any(q.shape[-1] != k for q in qs)):
         raise ValueError("q8_0 kernel: several matrices in one launch need one K, no groups and no stack")
     out, nb = sum(outs), k // QK
-    cfg = cfg or dataclasses.replace(config_for(outs, k, groups), cores=cores)  # cores: the same bits
+    if cfg is None:
+        cfg = config_for(outs, k, groups)
+        if cores:  # the same bits; at most 64 rows a program (LM head, H200 session 18: 175 µs at 64, 187 at 128)
+            cfg = dataclasses.replace(cfg, cores=cores, block_rows=min(cfg.block_rows, 64))
     U, BO = cfg.blocks_per_step, cfg.block_rows
     if (
         n > MAX_TOKENS
