@@ -153,9 +153,8 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     # Q8_0 only: the block dots on CUDA cores (``dp4a`` on packed words, no tensor-core dot)
-    # instead of the block-diagonal int8 dot; 1: a step's U blocks as one tile, 2: one load a
-    # block column. Same order of the sums, so the same bits.
-    cores: int = 0
+    # instead of the block-diagonal int8 dot. Same order of the sums, so the same bits.
+    cores: bool = False
 
 
 def pow2_at_least(n: int, lo: int = 1) -> int:

@@ -140,7 +140,9 @@ def _kernel(
             dw = d_ref[(*lead, rows, pl.ds(step * U, U))].astype(F32)  # [BO, U]
             out = []
             for t, (s, e) in enumerate(carry):
-                x = x_ref[t, pl.ds(step * U * QK, U * QK)]  # [U*32] (a [1, U*32] load: 254 registers)
+                x = x_ref[
+                    t, pl.ds(step * U * QK, U * QK)
+                ]  # [U*32] (loaded as [1, U*32], Triton picked a layout of 254 registers)
                 xw = byte_words(x.astype(I32) & 255)[None, :]  # [1, 8U]
                 dots = dp4a(w, xw, jnp.int32(0), interpret)
                 isum = jnp.sum(dots.reshape(BO, U, QK // 4), axis=-1)  # [BO, U] exact block dots
@@ -148,29 +150,6 @@ def _kernel(
                 out.append(two_sum_add(s, e, opaque(isum.astype(F32) * (dw * dxt[None, :]), zero)))
             return tuple(out)
 
-        def body_split(step, carry):
-            """cores = 2: one 32-byte block column a load, its 8 words' dots summed in a row. Every
-            load of the step is issued before the first dot (more bytes in flight a warp)."""
-            cols = [step * U * QK + u * QK for u in range(U)]
-            ws = [qs_ref[(*lead, rows, pl.ds(c, QK))] for c in cols]  # U x [BO, 32] int8
-            dws = [d_ref[(*lead, rows, step * U + u)] for u in range(U)]  # U x [BO] f16
-            xs = [[x_ref[pl.ds(t, 1), pl.ds(c, QK)] for c in cols] for t in range(n)]  # [1, 32]: w's layout
-            out = []
-            for t in range(n):
-                for u in range(U):
-                    w, xw = (byte_words(v.astype(I32) & 255) for v in (ws[u], xs[t][u]))  # [BO, 8], [1, 8]
-                    isum = jnp.sum(dp4a(w, xw, jnp.int32(0), interpret), axis=1)  # [BO]
-                    scale = dws[u].astype(F32) * dx_ref[t, step * U + u]
-                    out.append(two_sum_add(*carry[t * U + u], opaque(isum.astype(F32) * scale, zero)))
-            return tuple(out)
-
-        if cfg.cores == 2:
-            zeros = jnp.zeros((BO,), F32)
-            flat = jax.lax.fori_loop(j * steps, (j + 1) * steps, body_split, ((zeros, zeros),) * (n * U))
-            tu = jax.lax.broadcasted_iota(I32, (np_ * U, 1), 0)
-            s = sum(jnp.where(tu == i, c[0][None], 0.0) for i, c in enumerate(flat))
-            e = sum(jnp.where(tu == i, c[1][None], 0.0) for i, c in enumerate(flat))
-            return s, e
         zeros = jnp.zeros((BO, U), F32)
         chains = jax.lax.fori_loop(j * steps, (j + 1) * steps, body, ((zeros, zeros),) * n)
         # [np_, U, BO] as ``run`` returns them (rows past n stay zero: their outputs are dropped)
@@ -234,7 +213,15 @@ def config_for(outs: tuple, k: int, groups: int = 1) -> TileConfig:
 
 @functools.partial(jax.jit, static_argnames=("groups", "cfg", "interpret", "cores"))
 def matmul(
-    xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interpret: bool = False, mat=None, cores: int = 0
+    xq,
+    dx,
+    qs,
+    d,
+    groups: int = 1,
+    cfg: TileConfig | None = None,
+    interpret: bool = False,
+    mat=None,
+    cores: bool = False,
 ):
     """The kernel: xq [N, G*K] int8, dx [N, G*K/32] f32 (N ≤ 4) → y [N, G*r] f32.
 

@@ -36,15 +36,14 @@ def q8_inputs(n, out, k, groups=1, copies=None):
 @pytest.mark.parametrize(
     "out,k,groups,u,cores",
     [
-        (96, 512, 1, 16, 0),
-        (48, 96, 1, 4, 0),
-        (112, 320, 1, 4, 0),
-        (64, 2048, 1, 4, 0),
-        (128, 256, 4, 4, 0),
-        (64, 2048, 1, 4, 1),
-        (128, 256, 4, 4, 1),
-        (64, 2048, 1, 4, 2),
-        (112, 320, 1, 4, 2),
+        (96, 512, 1, 16, False),
+        (48, 96, 1, 4, False),
+        (112, 320, 1, 4, False),
+        (64, 2048, 1, 4, False),
+        (128, 256, 4, 4, False),
+        (64, 2048, 1, 4, True),
+        (128, 256, 4, 4, True),
+        (112, 320, 1, 4, True),
     ],
     ids=[
         "16-block-steps",
@@ -54,8 +53,7 @@ def q8_inputs(n, out, k, groups=1, copies=None):
         "grouped",
         "k-split-cores",
         "grouped-cores",
-        "k-split-cores2",
-        "10-blocks-cores2",
+        "10-blocks-cores",
     ],
 )
 def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u, cores):
