@@ -152,6 +152,9 @@ class TileConfig:
     blocks_per_step: int = 4
     num_warps: int = 4
     num_stages: int = 3
+    # Q8_0 only: the block dots on CUDA cores (``dp4a`` on packed words, no tensor-core dot)
+    # instead of the block-diagonal int8 dot. Same order of the sums, so the same bits.
+    cores: bool = False
 
 
 def pow2_at_least(n: int, lo: int = 1) -> int:

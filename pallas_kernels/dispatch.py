@@ -103,6 +103,13 @@ def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> j
 # against XLA's 10.5-10.6 for the two.
 Q8_MANY_AUTO_N1_BYTES = 0
 
+# Up to this many tokens the Q8_0 kernel's block dots run on CUDA cores (``dp4a``, ``TileConfig.cores``)
+# instead of the tensor cores: the same sums in the same order, so the same bits, and N=1
+# still equals N=2's rows. A call alone (H200, session 18, kernel time in jit): N=1 mtp_e_proj
+# 11.70 -> 9.70 µs, attn_q_b 15.81 -> 13.46, attn_output_b 16.60 -> 15.58; at N=4 the CUDA cores
+# lose (their work grows with N: 15.3 -> 23.6 µs on attn_q_b).
+Q8_CORES_MAX_TOKENS = 1
+
 
 def q8_0_matmuls(x: jax.Array, mats) -> tuple:
     """``q8_0_matmul`` of one x [..., K] against several Q8_0 weights (qs, d) of that K: x is
@@ -127,7 +134,8 @@ def _q8_0(x: jax.Array, mats: tuple, groups: int, auto) -> tuple:
     xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else quantize_q8_0(x2)
     qs, d = zip(*mats)
     one = len(mats) == 1  # a single matrix may be grouped; several share one launch
-    ys = q8_0.matmul(xq, dx, qs[0] if one else qs, d[0] if one else d, groups=groups, interpret=interpret)
+    cores = n <= Q8_CORES_MAX_TOKENS and not QUANTIZE_IN_KERNEL
+    ys = q8_0.matmul(xq, dx, qs[0] if one else qs, d[0] if one else d, groups, interpret=interpret, cores=cores)
     return tuple(y.reshape(*lead, y.shape[-1]) for y in ((ys,) if one else ys))
 
 

@@ -20,6 +20,12 @@ Grouped (block-diagonal) weights use the same kernel: with ``groups = G`` the we
 G*r rows over one group's K inputs, x holds the G input slices side by side. Several matrices
 of one input (tuples of planes) share one launch: a program's row tile picks its matrix, which
 saves a launch's fixed cost (~4 µs on the H200's mid-size matrices) per extra matrix.
+
+``TileConfig.cores`` runs the same block dots on CUDA cores: a step's weight tile as int32
+words, ``dp4a`` against each token's words, the 8 words of a block summed in a row, then the
+same (token, u) chains. Nothing is padded to 16 token rows there, so its work grows with N: it
+wins at N=1 (``dispatch.Q8_CORES_MAX_TOKENS``) and the tensor cores win at N=4. Same order of
+the sums, so the same bits: N=1 on CUDA cores still equals N=2 on the tensor cores.
 """
 
 from __future__ import annotations
@@ -33,7 +39,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import asum, dd_add, quantize_q8_0, rounded
-from pallas_kernels.common import F32, TileConfig, finish, kernel_zero, opaque, pick, pow2_at_least, two_sum_add
+from pallas_kernels.common import (
+    F32,
+    TileConfig,
+    byte_words,
+    dp4a,
+    finish,
+    kernel_zero,
+    opaque,
+    pick,
+    pow2_at_least,
+    two_sum_add,
+)
 
 I32 = jnp.int32
 QK = 32  # Q8_0 block
@@ -84,7 +101,18 @@ def choose_config(
     return TileConfig(block_rows=rows, k_splits=splits, blocks_per_step=U)
 
 
-def _kernel(z_ref, *refs, cfg: TileConfig, steps: int, np_: int, quantize: bool, stacked: bool, tiles: tuple):
+def _kernel(
+    z_ref,
+    *refs,
+    cfg: TileConfig,
+    steps: int,
+    np_: int,
+    n: int,
+    quantize: bool,
+    stacked: bool,
+    tiles: tuple,
+    interpret: bool,
+):
     sel_ref, refs = (refs[0], refs[1:]) if stacked else (None, refs)
     x_ref, refs = refs[0], refs[1:]
     dx_ref, refs = (None, refs) if quantize else (refs[0], refs[1:])
@@ -100,6 +128,35 @@ def _kernel(z_ref, *refs, cfg: TileConfig, steps: int, np_: int, quantize: bool,
     # Row t*U+u of the block-diagonal activation tile keeps token t's block u of the step.
     blk_of_col = jax.lax.broadcasted_iota(I32, (1, U, U * QK), 2) // QK
     u_of_row = jax.lax.broadcasted_iota(I32, (1, U, U * QK), 1)
+
+    def run_cores(qs_ref, d_ref, tile):
+        """The same per-block products and chains on CUDA cores: each row's 128-byte step as 32
+        int32 words, four int8 products and their sum per ``dp4a``, 8 of them per block. One
+        chain per (token, u) as in ``run``, so the same order and bits; only tokens < n run."""
+        rows = pl.ds(tile * BO, BO)
+
+        def body(step, carry):
+            w = byte_words(qs_ref[(*lead, rows, pl.ds(step * U * QK, U * QK))].astype(I32) & 255)  # [BO, 8U]
+            dw = d_ref[(*lead, rows, pl.ds(step * U, U))].astype(F32)  # [BO, U]
+            out = []
+            for t, (s, e) in enumerate(carry):
+                x = x_ref[
+                    t, pl.ds(step * U * QK, U * QK)
+                ]  # [U*32] (loaded as [1, U*32], Triton picked a layout of 254 registers)
+                xw = byte_words(x.astype(I32) & 255)[None, :]  # [1, 8U]
+                dots = dp4a(w, xw, jnp.int32(0), interpret)
+                isum = jnp.sum(dots.reshape(BO, U, QK // 4), axis=-1)  # [BO, U] exact block dots
+                dxt = dx_ref[t, pl.ds(step * U, U)]  # [U]
+                out.append(two_sum_add(s, e, opaque(isum.astype(F32) * (dw * dxt[None, :]), zero)))
+            return tuple(out)
+
+        zeros = jnp.zeros((BO, U), F32)
+        chains = jax.lax.fori_loop(j * steps, (j + 1) * steps, body, ((zeros, zeros),) * n)
+        # [np_, U, BO] as ``run`` returns them (rows past n stay zero: their outputs are dropped)
+        t_of = jax.lax.broadcasted_iota(I32, (np_, 1, 1), 0)
+        s = sum(jnp.where(t_of == t, c[0].T[None], 0.0) for t, c in enumerate(chains))
+        e = sum(jnp.where(t_of == t, c[1].T[None], 0.0) for t, c in enumerate(chains))
+        return s.reshape(np_ * U, BO), e.reshape(np_ * U, BO)
 
     def run(qs_ref, d_ref, tile):
         rows = pl.ds(tile * BO, BO)
@@ -124,10 +181,11 @@ def _kernel(z_ref, *refs, cfg: TileConfig, steps: int, np_: int, quantize: bool,
 
     def run_from(m, first):
         """Several matrices of one K in one launch: row tiles [first, first + tiles[m]) read matrix m."""
+        go = run_cores if cfg.cores else run
         if m == len(tiles) - 1:
-            return run(*mats[m], i - first)
+            return go(*mats[m], i - first)
         end = first + tiles[m]
-        return jax.lax.cond(i < end, lambda: run(*mats[m], i - first), lambda: run_from(m + 1, end))
+        return jax.lax.cond(i < end, lambda: go(*mats[m], i - first), lambda: run_from(m + 1, end))
 
     s, e = run_from(0, 0)
     # Combine each token's U partial chains in order u = 0..U-1 (a masked sum picks one row: exact).
@@ -153,8 +211,18 @@ def config_for(outs: tuple, k: int, groups: int = 1) -> TileConfig:
     return dataclasses.replace(cfg, block_rows=rows)
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "cfg", "interpret"))
-def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interpret: bool = False, mat=None):
+@functools.partial(jax.jit, static_argnames=("groups", "cfg", "interpret", "cores"))
+def matmul(
+    xq,
+    dx,
+    qs,
+    d,
+    groups: int = 1,
+    cfg: TileConfig | None = None,
+    interpret: bool = False,
+    mat=None,
+    cores: bool = False,
+):
     """The kernel: xq [N, G*K] int8, dx [N, G*K/32] f32 (N ≤ 4) → y [N, G*r] f32.
 
     ``qs``/``d`` may be tuples of matrices of one K ([r_m, K] / [r_m, K/32], ungrouped): one
@@ -162,7 +230,8 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
     and returns the tuple of their [N, r_m] outputs. Or a stack [C, G*r, K] / [C, G*r, K/32]
     with ``mat`` the (traced) index of the matrix to use; only that matrix is read. ``dx=None``:
     ``xq`` is the f32 activation [N, G*K] and the kernel quantizes it (``numerics.quantize_q8_0``,
-    the same bits), saving the separate quantization kernel."""
+    the same bits), saving the separate quantization kernel.
+    ``cores`` (without ``cfg``): the CUDA-core variant of the chosen launch, the same bits."""
     quantize = dx is None
     n = xq.shape[0]
     many = isinstance(qs, (tuple, list))
@@ -175,7 +244,10 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
     if many and (groups != 1 or stacked or any(q.shape[-1] != k for q in qs)):
         raise ValueError("q8_0 kernel: several matrices in one launch need one K, no groups and no stack")
     out, nb = sum(outs), k // QK
-    cfg = cfg or config_for(outs, k, groups)
+    if cfg is None:
+        cfg = config_for(outs, k, groups)
+        if cores:  # the same bits; at most 64 rows a program (LM head, H200 session 18: 175 µs at 64, 187 at 128)
+            cfg = dataclasses.replace(cfg, cores=cores, block_rows=min(cfg.block_rows, 64))
     U, BO = cfg.blocks_per_step, cfg.block_rows
     if (
         n > MAX_TOKENS
@@ -183,8 +255,10 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
         or nb % (U * cfg.k_splits)
     ):
         raise ValueError(f"q8_0 kernel: unsupported N={n}, weights {outs}x{k}/{groups} groups, {cfg}")
-    np_ = max(pow2_at_least(n), 16 // U)  # the tensor-core dot needs ≥ 16 rows of tokens
-    if np_ > n and (U < 4 or out * k >= PAD_TOKENS_FROM_BYTES):
+    if cfg.cores and quantize:
+        raise ValueError("q8_0 kernel: the CUDA-core variant takes quantized activations (xq, dx)")
+    np_ = pow2_at_least(n) if cfg.cores else max(pow2_at_least(n), 16 // U)  # a tensor-core dot needs ≥ 16 rows
+    if np_ > n and not cfg.cores and (U < 4 or out * k >= PAD_TOKENS_FROM_BYTES):
         # K of a few blocks only (tests): pad with zero tokens. At U = 4 (every model shape) the
         # token block reads past row n as masked loads instead (undefined values, which only meet
         # their own rows of the dot and the sums): no pad kernels, −2.2 to −2.8 µs a call at
@@ -208,9 +282,11 @@ def matmul(xq, dx, qs, d, groups: int = 1, cfg: TileConfig | None = None, interp
             cfg=cfg,
             steps=steps,
             np_=np_,
+            n=n,
             quantize=quantize,
             stacked=stacked,
             tiles=tuple(o // BO for o in outs),
+            interpret=interpret,
         ),
         grid=(out // BO, cfg.k_splits),
         in_specs=[

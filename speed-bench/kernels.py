@@ -267,6 +267,7 @@ class Q8Bench:
 
         mat_at = copy_index(C)
         config = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
+        config += " cores1" * cfg.cores  # (session 18's label)
         try:
             s, got = time_steps(fn, rounds * C, x, *stacks, prep=mat_at)
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
@@ -302,6 +303,7 @@ class Q8Bench:
             ok = False
         nbytes = q8_bytes(out, k, groups, n_tok)
         config = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
+        config += " cores1" * cfg.cores  # (session 18's label)
         self.rec.variant("q8_0", n_tok, name, config, ok, s, nbytes, ref_s)
         key = (name, n_tok)
         if ok and (key not in self.best or s < self.best[key][0]):
@@ -368,12 +370,12 @@ class Q8Launch:
             self.cases[outs, k] = copies, max(3, min(50, int(2e9 // (wbytes * C))))
         return self.cases[outs, k]
 
-    def run(self, name, outs, k, n_tok):
+    def run(self, name, outs, k, n_tok, cores=False):
         copies, rounds = self._case(outs, k)
         xq, dx = q8_case(jax.random.PRNGKey(5), n_tok, 16, k, 1)[:2]
 
         def kern(qs, d):  # tuples of planes: one launch for all (a 1-tuple is the one-matrix launch)
-            return q8_0.matmul(xq, dx, qs, d, interpret=INTERPRET)
+            return q8_0.matmul(xq, dx, qs, d, interpret=INTERPRET, cores=cores)
 
         def ref(qs, d):
             return tuple(q8_0.reference(xq, dx, q, dd) for q, dd in zip(qs, d))
@@ -383,7 +385,7 @@ class Q8Launch:
         ref_s = time_xla_copies(ref, copies, rounds)
         s = time_xla_copies(kern, copies, rounds, show=n_tok == 1)
         cfg = q8_0.config_for(outs, k)
-        config = f"launch r{cfg.block_rows} s{cfg.k_splits} C{len(copies)}"
+        config = f"launch r{cfg.block_rows} s{cfg.k_splits} C{len(copies)}" + " cores1" * cores
         nbytes = q8_bytes(sum(outs), k, 1, n_tok)
         self.rec.variant("q8_0_launch", n_tok, name, config, ok, s, nbytes, ref_s)
         if ok:
@@ -553,6 +555,10 @@ def main() -> None:
     ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
     ap.add_argument("--expert-shapes", default="", help="comma-separated name parts: only these expert shapes")
     ap.add_argument("--tokens", default="1,2,4", help="token counts of the base configurations")
+    ap.add_argument("--cores", action="store_true", help="q8_0: time the CUDA-core (dp4a) variant beside the base")
+    ap.add_argument(
+        "--rows-warps", default="64x4", help="q8_0 with --cores: rows x warps a program (the K split stays)"
+    )
     a = ap.parse_args()
     TOKENS = tuple(int(t) for t in a.tokens.split(","))
     if a.expert_shapes:
@@ -575,9 +581,16 @@ def main() -> None:
     # 1. every shape at its base configuration
     if "q8_0" in only:
         for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
+            base = q8_0.choose_config(out, k, g)
+            variants = [base]  # and with --cores, the CUDA-core launches (rows x warps a program)
+            for rw in a.rows_warps.split(",") if a.cores else ():
+                rows, warps = (int(v) for v in rw.split("x"))
+                if (out // g) % rows == 0:
+                    variants.append(dataclasses.replace(base, cores=True, block_rows=rows, num_warps=warps))
             for n in TOKENS:
-                if left() > 0:
-                    q8b.run(name, out, k, g, n, q8_0.choose_config(out, k, g))
+                for cfg in dict.fromkeys(variants):
+                    if left() > 0:
+                        q8b.run(name, out, k, g, n, cfg)
     if "q8_0_quant" in only:  # the kernel quantizing its f32 activations itself, base configurations
         for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
             for n in TOKENS:
@@ -597,8 +610,9 @@ def main() -> None:
             else [(nm, tuple(o // 32 for o in os_), kk // 8) for nm, os_, kk in LAUNCH_SHAPES[:2]]
         ):
             for n in TOKENS:
-                if left() > 0:
-                    lb.run(name, outs, k, n)
+                for c in (False, True) if a.cores else (False,):
+                    if left() > 0:
+                        lb.run(name, outs, k, n, c)
             if left() > 0:
                 lb.floor(name, outs, k)
     if "experts" in only:  # v3 (dp4a on packed words) at its base configuration; gate+up in one launch

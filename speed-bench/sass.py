@@ -15,6 +15,7 @@ loads as plain loads inside the loop this way (speed-bench/KERNELS.md), at no de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -99,10 +100,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1, help="tokens")
     ap.add_argument("--qtype", default="IQ2_XXS", choices=("IQ2_XXS", "Q2_K", "Q4_K"))
     ap.add_argument("--dir", default="/tmp/sass")
+    ap.add_argument("--cores", action="store_true", help="q8_0: the CUDA-core (dp4a) variant")
+    ap.add_argument("--rows", type=int, default=0, help="q8_0: rows per program (0: the chosen)")
+    ap.add_argument("--warps", type=int, default=0, help="warps per program (0: the chosen)")
     a = ap.parse_args()
     S = jax.ShapeDtypeStruct
     if a.kernel == "q8_0":
-        cfg = q8_0.choose_config(a.out, a.k)
+        cfg = q8_0.choose_config(a.out, a.k, block_rows=a.rows or None)
+        cfg = dataclasses.replace(cfg, cores=a.cores, num_warps=a.warps or cfg.num_warps)
         args = [S((a.n, a.k), jnp.int8), S((a.n, a.k // 32), jnp.float32)]
         args += [S((a.out, a.k), jnp.int8), S((a.out, a.k // 32), jnp.float16)]
         irs = triton_ir(lambda x, dx, q, d: q8_0.matmul(x, dx, q, d, cfg=cfg), *args)
@@ -114,7 +119,7 @@ def main() -> None:
         pairs = 6 * a.n  # 6 routed experts a token
         args = [S((pairs, a.k), jnp.int8), S((pairs, a.k // 256), jnp.float32), S((pairs,), jnp.int32), planes]
         irs = triton_ir(lambda x, dx, ids, p: experts.matmul(x, dx, ids, qtype, p, cfg), *args)
-    name = f"{a.kernel}_{a.qtype if a.kernel == 'experts' else ''}{a.out}x{a.k}_n{a.n}"
+    name = f"{a.kernel}_{a.qtype if a.kernel == 'experts' else ''}{a.out}x{a.k}_n{a.n}" + "_cores" * a.cores
     print(f"{name}: {cfg}")
     for key, value in compile_and_count(irs[0], name, cfg.num_warps, cfg.num_stages, a.dir).items():
         print(f"  {key:16s} {value}")

@@ -34,13 +34,31 @@ def q8_inputs(n, out, k, groups=1, copies=None):
 
 
 @pytest.mark.parametrize(
-    "out,k,groups,u",
-    [(96, 512, 1, 16), (48, 96, 1, 4), (112, 320, 1, 4), (64, 2048, 1, 4), (128, 256, 4, 4)],
-    ids=["16-block-steps", "3-blocks", "10-blocks", "k-split", "grouped"],
+    "out,k,groups,u,cores",
+    [
+        (96, 512, 1, 16, False),
+        (48, 96, 1, 4, False),
+        (112, 320, 1, 4, False),
+        (64, 2048, 1, 4, False),
+        (128, 256, 4, 4, False),
+        (64, 2048, 1, 4, True),
+        (128, 256, 4, 4, True),
+        (112, 320, 1, 4, True),
+    ],
+    ids=[
+        "16-block-steps",
+        "3-blocks",
+        "10-blocks",
+        "k-split",
+        "grouped",
+        "k-split-cores",
+        "grouped-cores",
+        "10-blocks-cores",
+    ],
 )
-def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u):
+def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u, cores):
     xq, dx, qs, d = q8_inputs(4, out, k, groups)
-    cfg = q8_0.choose_config(out, k, groups, blocks_per_step=u)
+    cfg = dataclasses.replace(q8_0.choose_config(out, k, groups, blocks_per_step=u), cores=cores)
     if k == 2048:
         cfg = dataclasses.replace(cfg, k_splits=2)  # exercise the split-K partial sums
     rows = {}
@@ -66,7 +84,9 @@ def test_q8_0_kernel_with_padded_tokens_at_four_blocks_a_step(monkeypatch):
         got = np.asarray(q8_0.matmul(x[:n], None, qs, d, cfg=cfg, interpret=INTERPRET))  # zero rows quantized too
         assert np.array_equal(got, q8_0.reference(*quantize_q8_0(x[:n]), qs, d, 1))
     jaxpr = jax.make_jaxpr(lambda a, b: q8_0.matmul(a, b, qs, d, cfg=cfg, interpret=INTERPRET))(xq[:1], dx[:1])
-    x_in = next(e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call").invars[1]  # after the zero
+    x_in = next(e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call").invars[
+        1
+    ]  # after the zero
     assert x_in.aval.shape == (4, 384)  # the tokens were padded to the block's 4 rows
 
 
