@@ -6,10 +6,22 @@ import tempfile
 
 import pytest
 
-# Generated models go to a per-session cache, never the user's ~/.cache.
-_SESSION_CACHE = tempfile.mkdtemp(prefix="ds4jax-test-cache-")
+# Generated models go to a per-session cache, never the user's ~/.cache. One cache for the whole
+# run: with ``-n 2`` (pytest-xdist) the controller makes it and its workers, started after it,
+# inherit the variable, so they share the model and the compiled programs.
+_SESSION_CACHE = os.environ.get("DS4JAX_TEST_SESSION_CACHE") or tempfile.mkdtemp(prefix="ds4jax-test-cache-")
+os.environ["DS4JAX_TEST_SESSION_CACHE"] = _SESSION_CACHE
 os.environ["DS4JAX_CACHE"] = _SESSION_CACHE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_configure(config):
+    """Under xdist, the controller writes the tiny model once before the workers start (each
+    would otherwise generate its own copy into the shared cache at the same time)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        from ds4jax.default_model import default_model_paths
+
+        default_model_paths(quiet=True)
 
 
 @pytest.fixture(scope="session")
