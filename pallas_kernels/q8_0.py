@@ -140,9 +140,8 @@ def _kernel(
             dw = d_ref[(*lead, rows, pl.ds(step * U, U))].astype(F32)  # [BO, U]
             out = []
             for t, (s, e) in enumerate(carry):
-                x = x_ref[
-                    t, pl.ds(step * U * QK, U * QK)
-                ]  # [U*32] (loaded as [1, U*32], Triton picked a layout of 254 registers)
+                # [U*32] (loaded as [1, U*32] instead, Triton picked a layout of 254 registers)
+                x = x_ref[t, pl.ds(step * U * QK, U * QK)]
                 xw = byte_words(x.astype(I32) & 255)[None, :]  # [1, 8U]
                 dots = dp4a(w, xw, jnp.int32(0), interpret)
                 isum = jnp.sum(dots.reshape(BO, U, QK // 4), axis=-1)  # [BO, U] exact block dots
