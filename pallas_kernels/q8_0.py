@@ -199,15 +199,16 @@ def _kernel(
         out_refs[1][...] = acc[1]
 
 
-def config_for(outs: tuple, k: int, groups: int = 1) -> TileConfig:
+def config_for(outs: tuple, k: int, groups: int = 1, cores: bool = False) -> TileConfig:
     """``choose_config`` for one launch over matrices of ``outs`` rows each (one K): the rows per
     program also divide every matrix's rows (rows do not change a result; the K split does, and
-    it follows the launch's total shape, never N)."""
+    it follows the launch's total shape, never N). ``cores``: the CUDA-core form, the same bits, at
+    most 64 rows a program (LM head, H200 session 18: 175 µs at 64 rows, 187 at 128)."""
     cfg = choose_config(sum(outs), k, groups)
-    rows = cfg.block_rows
+    rows = min(cfg.block_rows, 64) if cores else cfg.block_rows
     while any(o // groups % rows for o in outs):
         rows //= 2
-    return dataclasses.replace(cfg, block_rows=rows)
+    return dataclasses.replace(cfg, block_rows=rows, cores=cores)
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "cfg", "interpret", "cores"))
@@ -243,10 +244,7 @@ def matmul(
     if many and (groups != 1 or stacked or any(q.shape[-1] != k for q in qs)):
         raise ValueError("q8_0 kernel: several matrices in one launch need one K, no groups and no stack")
     out, nb = sum(outs), k // QK
-    if cfg is None:
-        cfg = config_for(outs, k, groups)
-        if cores:  # the same bits; at most 64 rows a program (LM head, H200 session 18: 175 µs at 64, 187 at 128)
-            cfg = dataclasses.replace(cfg, cores=cores, block_rows=min(cfg.block_rows, 64))
+    cfg = cfg or config_for(outs, k, groups, cores)
     U, BO = cfg.blocks_per_step, cfg.block_rows
     if (
         n > MAX_TOKENS

@@ -215,6 +215,12 @@ def expert_inputs(key, pairs, n, n_expert):
     return xq, dx, jnp.arange(pairs, dtype=jnp.int32) * 37 % n_expert
 
 
+def q8_label(cfg) -> str:
+    """A Q8_0 launch configuration as the CSVs name it (" cores1": session 18's CUDA-core form)."""
+    label = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
+    return label + " cores1" * cfg.cores
+
+
 class Q8Bench:
     def __init__(self, rec: Recorder):
         self.rec = rec
@@ -266,8 +272,7 @@ class Q8Bench:
             return q8_0.matmul(x, None, qs, d, groups=groups, cfg=cfg, interpret=INTERPRET, mat=mat_at(i))
 
         mat_at = copy_index(C)
-        config = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
-        config += " cores1" * cfg.cores  # (session 18's label)
+        config = q8_label(cfg)
         try:
             s, got = time_steps(fn, rounds * C, x, *stacks, prep=mat_at)
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
@@ -302,8 +307,7 @@ class Q8Bench:
             print(f"    N={n_tok}: row 0 differs from N=1", flush=True)
             ok = False
         nbytes = q8_bytes(out, k, groups, n_tok)
-        config = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
-        config += " cores1" * cfg.cores  # (session 18's label)
+        config = q8_label(cfg)
         self.rec.variant("q8_0", n_tok, name, config, ok, s, nbytes, ref_s)
         key = (name, n_tok)
         if ok and (key not in self.best or s < self.best[key][0]):
@@ -384,7 +388,7 @@ class Q8Launch:
         ok = all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(got, want))
         ref_s = time_xla_copies(ref, copies, rounds)
         s = time_xla_copies(kern, copies, rounds, show=n_tok == 1)
-        cfg = q8_0.config_for(outs, k)
+        cfg = q8_0.config_for(outs, k, cores=cores)  # what matmul took
         config = f"launch r{cfg.block_rows} s{cfg.k_splits} C{len(copies)}" + " cores1" * cores
         nbytes = q8_bytes(sum(outs), k, 1, n_tok)
         self.rec.variant("q8_0_launch", n_tok, name, config, ok, s, nbytes, ref_s)
@@ -588,7 +592,7 @@ def main() -> None:
                 if (out // g) % rows == 0:
                     variants.append(dataclasses.replace(base, cores=True, block_rows=rows, num_warps=warps))
             for n in TOKENS:
-                for cfg in dict.fromkeys(variants):
+                for cfg in variants:
                     if left() > 0:
                         q8b.run(name, out, k, g, n, cfg)
     if "q8_0_quant" in only:  # the kernel quantizing its f32 activations itself, base configurations

@@ -84,9 +84,8 @@ def test_q8_0_kernel_with_padded_tokens_at_four_blocks_a_step(monkeypatch):
         got = np.asarray(q8_0.matmul(x[:n], None, qs, d, cfg=cfg, interpret=INTERPRET))  # zero rows quantized too
         assert np.array_equal(got, q8_0.reference(*quantize_q8_0(x[:n]), qs, d, 1))
     jaxpr = jax.make_jaxpr(lambda a, b: q8_0.matmul(a, b, qs, d, cfg=cfg, interpret=INTERPRET))(xq[:1], dx[:1])
-    x_in = next(e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call").invars[
-        1
-    ]  # after the zero
+    call = next(e for e in jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "pallas_call")
+    x_in = call.invars[1]  # after the zero
     assert x_in.aval.shape == (4, 384)  # the tokens were padded to the block's 4 rows
 
 
