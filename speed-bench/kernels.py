@@ -563,6 +563,14 @@ def main() -> None:
     ap.add_argument(
         "--rows-warps", default="64x4", help="q8_0 with --cores: rows x warps a program (the K split stays)"
     )
+    ap.add_argument(
+        "--u",
+        default="",
+        help="q8_0: blocks a step U to time beside the base's (e.g. 8; K split kept where it divides)",
+    )
+    ap.add_argument(
+        "--cores-max-n", type=int, default=4, help="q8_0 with --cores: time the CUDA-core launches up to this N"
+    )
     a = ap.parse_args()
     TOKENS = tuple(int(t) for t in a.tokens.split(","))
     if a.expert_shapes:
@@ -587,13 +595,20 @@ def main() -> None:
         for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
             base = q8_0.choose_config(out, k, g)
             variants = [base]  # and with --cores, the CUDA-core launches (rows x warps a program)
-            for rw in a.rows_warps.split(",") if a.cores else ():
-                rows, warps = (int(v) for v in rw.split("x"))
-                if (out // g) % rows == 0:
-                    variants.append(dataclasses.replace(base, cores=True, block_rows=rows, num_warps=warps))
+            for u in (int(v) for v in a.u.split(",") if v and int(v) != base.blocks_per_step):
+                splits = base.k_splits  # the same K split where U·splits still divides the blocks
+                while (k // 32) % (u * splits):
+                    splits //= 2
+                if splits:
+                    variants.append(dataclasses.replace(base, blocks_per_step=u, k_splits=splits))
+            for tc in list(variants):  # --cores: the CUDA-core launches of each U (rows x warps a program)
+                for rw in a.rows_warps.split(",") if a.cores else ():
+                    rows, warps = (int(v) for v in rw.split("x"))
+                    if (out // g) % rows == 0:
+                        variants.append(dataclasses.replace(tc, cores=True, block_rows=rows, num_warps=warps))
             for n in TOKENS:
                 for cfg in variants:
-                    if left() > 0:
+                    if left() > 0 and not (cfg.cores and n > a.cores_max_n):
                         q8b.run(name, out, k, g, n, cfg)
     if "q8_0_quant" in only:  # the kernel quantizing its f32 activations itself, base configurations
         for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
