@@ -78,19 +78,30 @@ def supported(out: int, k: int, groups: int = 1) -> bool:
     return k % QK == 0 and out % groups == 0 and (out // groups) % 16 == 0
 
 
+HEAD_ROWS = 65536  # matrices with this many rows and more: the LM head (129280), its own launch shape
+
+
 def choose_config(
-    out: int, k: int, groups: int = 1, n_sm: int = 132, blocks_per_step: int = 4, block_rows: int | None = None
+    out: int,
+    k: int,
+    groups: int = 1,
+    n_sm: int = 132,
+    blocks_per_step: int | None = None,
+    block_rows: int | None = None,
 ) -> TileConfig:
     """A launch shape from the weight's shape alone (never from N: see the module doc).
 
     Rows per program, measured (speed-bench/KERNELS.md, v4): 128 for the LM head's 129280 rows,
-    64 for the 16–64 MB matrices, 32 below; then the K split doubles until ≥ 2 programs per SM."""
+    64 for the 16–64 MB matrices, 32 below; then the K split doubles until ≥ 2 programs per SM.
+    Blocks a step: 4 (128 B a row), 8 (256 B) for the LM head. H200, session 19, the LM head at
+    U = 8 against 4: N=1 153 against 167 µs (CUDA cores, 32 rows), N=2 157 against 180, N=4 187
+    against 177; the 17-36 MB matrices lose 1.8-2.6 µs at N=2 and 4 at U = 8, so they keep 4."""
     nb = k // QK
-    U = blocks_per_step
+    U = blocks_per_step or (8 if out >= HEAD_ROWS else 4)
     while nb % U:
         U //= 2
     r = out // groups
-    rows = block_rows or (128 if out >= 65536 else 64 if out * k >= (16 << 20) else 32)
+    rows = block_rows or (128 if out >= HEAD_ROWS else 64 if out * k >= (16 << 20) else 32)
     while r % rows:
         rows //= 2
     tiles = out // rows
@@ -203,9 +214,10 @@ def config_for(outs: tuple, k: int, groups: int = 1, cores: bool = False) -> Til
     """``choose_config`` for one launch over matrices of ``outs`` rows each (one K): the rows per
     program also divide every matrix's rows (rows do not change a result; the K split does, and
     it follows the launch's total shape, never N). ``cores``: the CUDA-core form, the same bits, at
-    most 64 rows a program (LM head, H200 session 18: 175 µs at 64 rows, 187 at 128)."""
+    most 64 rows a program, 32 for the LM head (H200: 175 µs at 64 rows, 187 at 128, session 18;
+    at U = 8, 153 at 32 rows and 156 at 64, session 19)."""
     cfg = choose_config(sum(outs), k, groups)
-    rows = min(cfg.block_rows, 64) if cores else cfg.block_rows
+    rows = min(cfg.block_rows, 32 if sum(outs) >= HEAD_ROWS else 64) if cores else cfg.block_rows
     while any(o // groups % rows for o in outs):
         rows //= 2
     return dataclasses.replace(cfg, block_rows=rows, cores=cores)

@@ -44,6 +44,8 @@ def q8_inputs(n, out, k, groups=1, copies=None):
         (64, 2048, 1, 4, True),
         (128, 256, 4, 4, True),
         (112, 320, 1, 4, True),
+        (32, 512, 1, 8, False),
+        (32, 512, 1, 8, True),
     ],
     ids=[
         "16-block-steps",
@@ -54,6 +56,8 @@ def q8_inputs(n, out, k, groups=1, copies=None):
         "k-split-cores",
         "grouped-cores",
         "10-blocks-cores",
+        "8-block-steps",
+        "8-block-steps-cores",
     ],
 )
 def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u, cores):
