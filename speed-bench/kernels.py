@@ -687,7 +687,8 @@ def main() -> None:
         rec.best(f"q8_0 quantizing U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}", n, name, s, nbytes, ref_s)
     for (name, n), (s, cfg, nbytes, ref_s) in q8b.best.items():
         rec.best(
-            f"q8_0 U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}",
+            f"q8_0 U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}"
+            + " cores" * cfg.cores,
             n,
             name,
             s,
