@@ -25,6 +25,7 @@ import argparse
 import csv
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
@@ -478,6 +479,19 @@ def expert_label(cfg: experts.ExpertConfig) -> str:
     return f"r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}"
 
 
+def expert_configs(spec: str) -> list:
+    """``--expert-cfgs`` "r32s4w2,r64s4w4st1": launches to time beside each expert shape's base
+    (rows r, K splits s, warps w, stages st; the splits set the summation grouping, the rest only time)."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        m = re.fullmatch(r"r(\d+)s(\d+)(?:w(\d+))?(?:st(\d+))?", item)
+        if not m:
+            raise SystemExit(f"--expert-cfgs: {item!r} is not rRsS[wW][stT]")
+        rows, splits, warps, stages = (int(v) if v else None for v in m.groups())
+        out.append(experts.ExpertConfig(rows, splits, warps or 4, 2 if stages is None else stages))
+    return out
+
+
 def expert_variants(qtype, out, n):
     """K splits × rows (the splits set the summation grouping: one per shape in the engine);
     the base configuration excluded."""
@@ -563,6 +577,7 @@ def main() -> None:
     ap.add_argument(
         "--rows-warps", default="64x4", help="q8_0 with --cores: rows x warps a program (the K split stays)"
     )
+    ap.add_argument("--expert-cfgs", default="", help="experts: launches beside the base, e.g. r32s4w2,r64s4w4st1")
     ap.add_argument(
         "--u",
         default="",
@@ -640,6 +655,9 @@ def main() -> None:
                 for n in TOKENS:
                     if left() > 0:
                         exb.run(name, qt, out, k, n, experts.choose_config(qt, out, k // 256), pair=pair)
+                        for cfg in expert_configs(a.expert_cfgs):
+                            if left() > 0:
+                                exb.run(name, qt, out, k, n, cfg, pair=pair)
     if "experts_quant" in only:  # the engine's calls: f32 in, quantized in the kernel (gate+up as a pair)
         for name, qt, out, k in EXPERT_SHAPES:
             for n in TOKENS:
