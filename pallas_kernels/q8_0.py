@@ -14,7 +14,9 @@ order at the end. The token block always has 4 rows (the dot needs 16 rows = 4 t
 rows past N are masked loads), so a step costs the same at N = 1..4 and one weight read
 serves all of them; U and the K split depend only on the weight's shape, so a row's
 arithmetic is identical at N = 1..4: the N=2 verifier reproduces N=1 bit for bit. (U = 16 with 512-byte rows, the v3 layout, made the
-dot and the live accumulators grow with N: N=4 cost 1.9× N=1; speed-bench/KERNELS.md.)
+dot and the live accumulators grow with N: N=4 cost 1.9× N=1; speed-bench/KERNELS.md.) The LM head
+alone takes U = 8 (256 B a row a step; tokens padded to at least 2): faster at N = 1 and 2, slower
+at N = 4 (``choose_config``).
 
 Grouped (block-diagonal) weights use the same kernel: with ``groups = G`` the weight has
 G*r rows over one group's K inputs, x holds the G input slices side by side. Several matrices
