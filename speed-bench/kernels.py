@@ -612,7 +612,7 @@ def main() -> None:
             variants = [base]  # and with --cores, the CUDA-core launches (rows x warps a program)
             for u in (int(v) for v in a.u.split(",") if v and int(v) != base.blocks_per_step):
                 splits = base.k_splits  # the same K split where U·splits still divides the blocks
-                while (k // 32) % (u * splits):
+                while splits and (k // 32) % (u * splits):
                     splits //= 2
                 if splits:
                     variants.append(dataclasses.replace(base, blocks_per_step=u, k_splits=splits))
