@@ -166,8 +166,7 @@ def _kernel(
         chains = jax.lax.fori_loop(j * steps, (j + 1) * steps, body, ((zeros, zeros),) * n)
         # [np_, U, BO] as ``run`` returns them (rows past n stay zero: their outputs are dropped)
         t_of = jax.lax.broadcasted_iota(I32, (np_, 1, 1), 0)
-        s = sum(jnp.where(t_of == t, c[0].T[None], 0.0) for t, c in enumerate(chains))
-        e = sum(jnp.where(t_of == t, c[1].T[None], 0.0) for t, c in enumerate(chains))
+        s, e = (sum(jnp.where(t_of == t, c[h].T[None], 0.0) for t, c in enumerate(chains)) for h in (0, 1))
         return s.reshape(np_ * U, BO), e.reshape(np_ * U, BO)
 
     def run(qs_ref, d_ref, tile):

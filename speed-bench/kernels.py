@@ -216,10 +216,13 @@ def expert_inputs(key, pairs, n, n_expert):
     return xq, dx, jnp.arange(pairs, dtype=jnp.int32) * 37 % n_expert
 
 
+CORES_TAG = " cores1"  # how the CSVs mark session 18's CUDA-core form of a Q8_0 launch
+
+
 def q8_label(cfg) -> str:
-    """A Q8_0 launch configuration as the CSVs name it (" cores1": session 18's CUDA-core form)."""
+    """A Q8_0 launch configuration as the CSVs name it."""
     label = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
-    return label + " cores1" * cfg.cores
+    return label + CORES_TAG * cfg.cores
 
 
 class Q8Bench:
@@ -390,7 +393,7 @@ class Q8Launch:
         ref_s = time_xla_copies(ref, copies, rounds)
         s = time_xla_copies(kern, copies, rounds, show=n_tok == 1)
         cfg = q8_0.config_for(outs, k, cores=cores)  # what matmul took
-        config = f"launch r{cfg.block_rows} s{cfg.k_splits} C{len(copies)}" + " cores1" * cores
+        config = f"launch r{cfg.block_rows} s{cfg.k_splits} C{len(copies)}" + CORES_TAG * cores
         nbytes = q8_bytes(sum(outs), k, 1, n_tok)
         self.rec.variant("q8_0_launch", n_tok, name, config, ok, s, nbytes, ref_s)
         if ok:
@@ -488,7 +491,8 @@ def expert_configs(spec: str) -> list:
         if not m:
             raise SystemExit(f"--expert-cfgs: {item!r} is not rRsS[wW][stT]")
         rows, splits, warps, stages = (int(v) if v else None for v in m.groups())
-        out.append(experts.ExpertConfig(rows, splits, warps or 4, 2 if stages is None else stages))
+        given = {"num_warps": warps, "num_stages": stages}  # the rest: ExpertConfig's defaults
+        out.append(experts.ExpertConfig(rows, splits, **{k: v for k, v in given.items() if v is not None}))
     return out
 
 
@@ -706,7 +710,7 @@ def main() -> None:
     for (name, n), (s, cfg, nbytes, ref_s) in q8b.best.items():
         rec.best(
             f"q8_0 U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}"
-            + " cores" * cfg.cores,
+            + CORES_TAG * cfg.cores,
             n,
             name,
             s,
