@@ -172,10 +172,16 @@ def pick(a: jax.Array, axis: int, i: int) -> jax.Array:
     return jnp.sum(jnp.where(idx == i, a, jnp.zeros_like(a)), axis=axis)
 
 
-def tree_sum(s: jax.Array, e: jax.Array) -> jax.Array:
-    """Double-float sum over the last axis (a power of two) by a pairwise tree, rounded once."""
+def tree_dd(s: jax.Array, e: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Double-float sum over the last axis (a power of two) by a pairwise tree: the (s, e) pair."""
     while s.shape[-1] > 1:
         half = (*s.shape[:-1], s.shape[-1] // 2, 2)
         s3, e3 = s.reshape(half), e.reshape(half)
         s, e = dd_add((pick(s3, -1, 0), pick(e3, -1, 0)), (pick(s3, -1, 1), pick(e3, -1, 1)))
-    return (s + e)[..., 0]
+    return s[..., 0], e[..., 0]
+
+
+def tree_sum(s: jax.Array, e: jax.Array) -> jax.Array:
+    """Double-float sum over the last axis (a power of two) by a pairwise tree, rounded once."""
+    s, e = tree_dd(s, e)
+    return s + e

@@ -33,6 +33,7 @@ from ds4jax.errors import DS4Error
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rounded_in_loop
 from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import hadamard as hadamard_kernel
+from pallas_kernels import hc_pre as hc_pre_kernel
 from pallas_kernels import sinkhorn as sinkhorn_kernel
 
 MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
@@ -226,3 +227,20 @@ def sinkhorn(c: jax.Array, n_iter: int, hc_eps: float) -> jax.Array:
         xla = _sinkhorn_cpu if jax.default_backend() == "cpu" else sinkhorn_kernel.reference
         return xla(c, n_iter, hc_eps)
     return sinkhorn_kernel.sinkhorn(c, n_iter, hc_eps)
+
+
+# The fused hyper-connection pre-mix (``hc_pre``: two launches for ~15) in ``auto``.
+HC_PRE_IN_AUTO = True
+
+
+def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: float, reference):
+    """The hyper-connection pre-mix of H [T, n, d]: (x, post, comb) from the fused kernel
+    (``fn``: the mixer's float plane, None for another type), else ``reference()``."""
+    use, interpret = _use(H.shape[0], auto=HC_PRE_IN_AUTO)
+    # Interpreted, its unrolled Sinkhorn compiles for ~20 s a call site (as ``sinkhorn`` above):
+    # the whole-model CPU tests keep the reference; the kernel's own test checks it.
+    if not use or interpret or fn is None or not hc_pre_kernel.supported(H, fn):
+        return reference()
+    k = hc_pre_kernel  # its launch knobs read here, at trace time (ab_decode.py variants set them)
+    knobs = {"splits": k.splits_for(H.shape[1] * H.shape[2], k.SPLITS), "warps": k.WARPS, "stages": k.STAGES}
+    return k.hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps, **knobs)

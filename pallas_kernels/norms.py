@@ -30,14 +30,25 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def add_squares(s, e, x):
+    """(s, e) += x² per lane, as ``numerics.sum_squares``: three exact split products."""
+    hi, lo = split12(x)
+    s, e = two_sum_add(s, e, hi * hi)
+    s, e = two_sum_add(s, e, 2.0 * hi * lo)
+    return two_sum_add(s, e, lo * lo)
+
+
+def scale_from_squares(s, e, n: int, eps, zero):
+    """1/sqrt(Σx²/n + eps) from per-lane double-float sums of squares (s, e) [..., lanes]."""
+    ms = tree_sum(s, e) * F32(1.0 / n)  # a power of two: exact
+    rnd = functools.partial(opaque, zero=zero)  # numerics' barrier cannot live inside a kernel
+    return div(jnp.ones_like(ms), sqrt(ms + F32(eps), rnd), rnd)
+
+
 def _rms_scale(x, eps, zero):
     """1/sqrt(mean(x²) + eps) per row of x [R, n] (keepdims)."""
-    hi, lo = split12(x)
-    s, e = two_sum_add(hi * hi, jnp.zeros_like(x), 2.0 * hi * lo)  # the three exact squares' terms
-    s, e = two_sum_add(s, e, lo * lo)
-    ms = tree_sum(s, e) * F32(1.0 / x.shape[-1])  # a power of two: exact
-    rnd = functools.partial(opaque, zero=zero)  # numerics' barrier cannot live inside a kernel
-    return div(jnp.ones_like(ms), sqrt(ms + F32(eps), rnd), rnd)[:, None]
+    z = jnp.zeros_like(x)
+    return scale_from_squares(*add_squares(z, z, x), x.shape[-1], eps, zero)[:, None]
 
 
 # ---- pair-fused norm -------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,hc_pre] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -38,8 +38,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import devtime
 
+from ds4jax.model import hc
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
-from pallas_kernels import experts, norms, q8_0, q8_0_mosaic
+from ds4jax.quant.formats import QType
+from ds4jax.quant.planes import QTensor
+from pallas_kernels import experts, hc_pre, norms, q8_0, q8_0_mosaic
 from pallas_kernels.common import TileConfig
 from pallas_kernels.testing import expert_planes
 
@@ -565,13 +568,57 @@ def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, r
         rec.best(f"{kernel} {config}".strip(), n_tok, shape, s, nbytes, ref_s)
 
 
+# ---- hyper-connection pre-mix ------------------------------------------------------------------
+# (K slices, warps, stages) of the mixer launch; the first is the engine's
+HC_VARIANTS = [(32, 8, 3), (16, 8, 3), (64, 8, 3), (32, 4, 3), (32, 8, 1), (16, 4, 1)]
+
+
+def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
+    """The fused pre-mix (two launches) against the model's XLA path (its Sinkhorn on the kernel,
+    as the engine runs it), K slices a token swept."""
+    eps, R, F = 1e-6, n_hc * (n_hc + 2), n_hc * n_embd
+    best = {}
+    flat = lambda outs: jnp.concatenate([o.reshape(-1) for o in outs])
+    w = lambda fn: QTensor(int(QType.F16), fn.shape, {"w": fn})
+    for n_tok in TOKENS:
+        k = iter(jax.random.split(jax.random.PRNGKey(11 + n_tok), 4))
+        H = jax.random.normal(next(k), (n_tok, n_hc, n_embd)) * 2
+        fn = (jax.random.normal(next(k), (R, F)) * 0.05).astype(jnp.float16)
+        scale = jax.random.uniform(next(k), (3,), jnp.float32, 0.2, 2.0)
+        base = jax.random.normal(next(k), (R,))
+        args = (H, fn, scale, base)
+        ref = lambda i, H, fn, s, b: flat(hc._hc_pre(H, w(fn), s, b, n_iter, eps, eps))
+        ref_s = time_steps(ref, rounds, *args, show=n_tok == 1)[0]
+        want = np.asarray(jax.jit(ref)(jnp.int32(rounds - 1), *args))
+        nbytes = fn.size * 2 + H.size * 4 * 2 + n_tok * (n_embd + n_hc + n_hc * n_hc) * 4
+        shape = f"{n_hc}x{n_embd} mixer {R} rows"
+        for splits, warps, stages in HC_VARIANTS:
+            if F % (splits * hc_pre.MIX_CHUNK) or (INTERPRET and splits > 8):
+                continue
+            fn_k = lambda i, H, fn, s, b, knobs=(splits, warps, stages): flat(
+                hc_pre.hc_pre(H, fn, s, b, n_iter, eps, eps, *knobs, interpret=INTERPRET)
+            )
+            config = f"S{splits}w{warps}st{stages}"
+            try:
+                t, got = time_steps(fn_k, rounds, *args, show=n_tok == 1)
+            except Exception as e:  # noqa: BLE001  (a kernel that does not build is reported, not fatal)
+                print(f"  hc_pre N={n_tok} {config}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            ok = bool(np.array_equal(got, want))
+            rec.variant("hc_pre", n_tok, shape, config, ok, t, nbytes, ref_s)
+            if ok and (n_tok not in best or t < best[n_tok][0]):
+                best[n_tok] = (t, config)
+        if n_tok in best:
+            rec.best(f"hc_pre {best[n_tok][1]}", n_tok, shape, best[n_tok][0], nbytes, ref_s)
+
+
 def main() -> None:
     global Q8_SHAPES, EXPERT_SHAPES, INTERPRET, N_EXPERT, TOKENS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
-    ap.add_argument("--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms")
+    ap.add_argument("--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,hc_pre")
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
     ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
@@ -670,6 +717,8 @@ def main() -> None:
                     exb.run(name, qt, out, k, n, cfg, pair=name.startswith("gate/up"), quant=True)
     if "norms" in only and left() > 0:
         bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))
+    if "hc_pre" in only and left() > 0:
+        bench_hc_pre(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:

@@ -14,10 +14,13 @@ import pytest
 
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
+from ds4jax.model import hc
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
+from ds4jax.quant.formats import QType
 from ds4jax.quant.layouts import iq2_nib_planes
+from ds4jax.quant.planes import QTensor
 from ds4jax.sampling import SamplingParams
-from pallas_kernels import dispatch, experts, hadamard, norms, q8_0, q8_0_mosaic, sinkhorn
+from pallas_kernels import dispatch, experts, hadamard, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.testing import expert_planes
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -287,6 +290,29 @@ def test_sinkhorn_kernel_is_the_reference():
     assert np.array_equal(got, sinkhorn.reference(c, 20, 1e-6))
 
 
+def hc_inputs(T, n, d):
+    """Random hyper-connection state and mixer (magnitudes like a trained model's)."""
+    R = n * (n + 2)
+    H = jnp.asarray(RNG.standard_normal((T, n, d)).astype(np.float32) * 2)
+    fn = jnp.asarray((RNG.standard_normal((R, n * d)) * 0.05).astype(np.float16))
+    scale = jnp.asarray(RNG.uniform(0.2, 2.0, 3).astype(np.float32))
+    base = jnp.asarray(RNG.standard_normal(R).astype(np.float32))
+    return H, fn, scale, base
+
+
+@pytest.mark.parametrize("T,splits", [(1, 2), (3, 1)])
+def test_hc_pre_kernel_is_the_reference(T, splits):
+    """The fused pre-mix (two launches) against the model's XLA path: x, post and comb, bit for
+    bit, with the K range in one slice or two (3 Sinkhorn rounds: the full 20 compile slowly
+    interpreted; the Sinkhorn kernel's own test runs them)."""
+    H, fn, scale, base = hc_inputs(T, 4, 256)
+    want = hc._hc_pre(H, QTensor(int(QType.F16), fn.shape, {"w": fn}), scale, base, 3, 1e-6, 1e-6)
+    got = hc_pre.hc_pre(H, fn, scale, base, 3, 1e-6, 1e-6, splits=splits, interpret=INTERPRET)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert np.array_equal(np.asarray(g), np.asarray(w))
+
+
 def _lower_for_cuda(fn, *args):
     """StableHLO of ``fn`` for CUDA: every Pallas call lowered (to Triton IR, or Mosaic GPU's) as
     a GPU compile would, on any machine."""
@@ -313,6 +339,13 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
     i8, f32 = jnp.int8, jnp.float32
     calls = [
         (lambda c: sinkhorn.sinkhorn(c, 20, 1e-6), S((3, 4, 4), f32)),
+        (
+            lambda H, fn, s, b: hc_pre.hc_pre(H, fn, s, b, 20, 1e-6, 1e-6),
+            S((2, 4, 1024), f32),
+            S((24, 4096), jnp.float16),
+            S((3,), f32),
+            S((24,), f32),
+        ),
         (
             lambda x, dx, q, d: q8_0.matmul(x, dx, q, d),
             S((1, 256), i8),

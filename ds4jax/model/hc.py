@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import jax
 
+from ds4jax.model.hc_gates import gates
 from ds4jax.model.linear import dense
 from ds4jax.model.numerics import F32, asum, rms_norm, rounded, sigmoid
+from ds4jax.quant.formats import QType
 from pallas_kernels import dispatch as kernels
 
 
@@ -21,14 +23,20 @@ def _mixer(H: jax.Array, fn, eps: float) -> jax.Array:
 
 
 def hc_pre(H: jax.Array, fn, scale: jax.Array, base: jax.Array, n_iter: int, rms_eps: float, hc_eps: float):
-    """Returns (x [.., n_embd], post [.., n_hc], comb [.., n_hc, n_hc])."""
+    """Returns (x [.., n_embd], post [.., n_hc], comb [.., n_hc, n_hc]). Decode and the verifier
+    take the fused kernel where dispatch says so (two launches for ~15): the same bits."""
+    plain = fn.planes["w"] if QType(fn.qtype) in (QType.F16, QType.F32, QType.BF16) else None
+    reference = lambda: _hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps)
+    return kernels.hc_pre(H, plain, scale, base, n_iter, rms_eps, hc_eps, reference)
+
+
+def _hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps):
     n = H.shape[-2]
     mix = _mixer(H, fn, rms_eps)
     scale, base = scale.astype(F32), base.astype(F32)
-    pre = sigmoid(rounded(mix[..., :n] * scale[0]) + base[:n]) + F32(hc_eps)
-    post = 2.0 * sigmoid(rounded(mix[..., n : 2 * n] * scale[1]) + base[n : 2 * n])
-    c = (rounded(mix[..., 2 * n :] * scale[2]) + base[2 * n :]).reshape(*mix.shape[:-1], n, n)
-    c = kernels.sinkhorn(c, n_iter, hc_eps)
+    parts = (mix[..., :n], mix[..., n : 2 * n], mix[..., 2 * n :])
+    pre, post, c = gates(*parts, (scale[0], scale[1], scale[2]), base[:n], base[n : 2 * n], base[2 * n :], hc_eps)
+    c = kernels.sinkhorn(c.reshape(*mix.shape[:-1], n, n), n_iter, hc_eps)
     x = asum(rounded(pre[..., :, None] * H), -2)
     return x, post, c
 

@@ -228,8 +228,8 @@ def log(v: jax.Array) -> jax.Array:
     return e * _LN2_HI + (rounded(e * _LN2_LO) + rounded(2.0 * s * q))
 
 
-def sigmoid(x):
-    return div(1.0, 1.0 + exp(-x))
+def sigmoid(x, rnd=rounded):
+    return div(1.0, 1.0 + exp(-x, rnd), rnd)
 
 
 def silu(x):
