@@ -172,16 +172,46 @@ def pick(a: jax.Array, axis: int, i: int) -> jax.Array:
     return jnp.sum(jnp.where(idx == i, a, jnp.zeros_like(a)), axis=axis)
 
 
+def _lower_variadic_reduce():
+    """Let kernels call ``lax.reduce`` with their own combine (a double-float sum: ``dd_sum``).
+
+    Pallas' Triton lowering has sum, max, min and arg reductions, each a ``tt.reduce`` (warp
+    shuffles, then shared memory across warps), but not the generic ``lax.reduce``, although
+    ``tt.reduce`` takes several operands and any combine region. Registered here with the lowering
+    Pallas uses for argmax. Without it a double-float sum across lanes was a tree of masked picks:
+    a layout conversion through shared memory and a barrier a level (session 20)."""
+    from jax._src.pallas.triton import lowering as tl
+
+    if lax.reduce_p in tl.triton_lowering_rules:
+        return
+
+    def rule(ctx, *args, computation, jaxpr, dimensions):
+        del computation
+        if len(dimensions) != 1 or jaxpr.consts:
+            raise NotImplementedError("a kernel's lax.reduce: one axis, a combine without constants")
+        n = len(args) // 2  # operands, then their initial values (unused: the axis is not empty)
+        body = lambda left, right: jax.core.eval_jaxpr(jaxpr.jaxpr, [], *left, *right)
+        operands = tuple(args[:n])
+        return tl._reduction_lowering(body, ctx.replace(avals_in=ctx.avals_in[:n]), operands, dimensions)
+
+    tl.triton_lowering_rules[lax.reduce_p] = rule
+
+
+_lower_variadic_reduce()
+
+
+def dd_sum(s: jax.Array, e: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """Double-float sum of (s, e) pairs over ``axis``: the (s, e) pair (one ``tt.reduce`` in a kernel)."""
+    axis %= s.ndim
+    return lax.reduce((s, e), (F32(0), F32(0)), dd_add, (axis,))
+
+
 def tree_dd(s: jax.Array, e: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Double-float sum over the last axis (a power of two) by a pairwise tree: the (s, e) pair."""
-    while s.shape[-1] > 1:
-        half = (*s.shape[:-1], s.shape[-1] // 2, 2)
-        s3, e3 = s.reshape(half), e.reshape(half)
-        s, e = dd_add((pick(s3, -1, 0), pick(e3, -1, 0)), (pick(s3, -1, 1), pick(e3, -1, 1)))
-    return s[..., 0], e[..., 0]
+    """Double-float sum over the last axis: the (s, e) pair."""
+    return dd_sum(s, e, -1)
 
 
 def tree_sum(s: jax.Array, e: jax.Array) -> jax.Array:
-    """Double-float sum over the last axis (a power of two) by a pairwise tree, rounded once."""
-    s, e = tree_dd(s, e)
+    """Double-float sum over the last axis, rounded once."""
+    s, e = dd_sum(s, e, -1)
     return s + e

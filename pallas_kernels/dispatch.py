@@ -226,7 +226,7 @@ def sinkhorn(c: jax.Array, n_iter: int, hc_eps: float) -> jax.Array:
     if not use or interpret or not sinkhorn_kernel.supported(c.shape[-1]):
         xla = _sinkhorn_cpu if jax.default_backend() == "cpu" else sinkhorn_kernel.reference
         return xla(c, n_iter, hc_eps)
-    return sinkhorn_kernel.sinkhorn(c, n_iter, hc_eps)
+    return sinkhorn_kernel.sinkhorn(c, n_iter, hc_eps, sums=sinkhorn_kernel.SUMS)  # read at trace time
 
 
 # The fused hyper-connection pre-mix (``hc_pre``: two launches for ~15) in ``auto``.
@@ -243,4 +243,5 @@ def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: f
         return reference()
     k = hc_pre_kernel  # its launch knobs read here, at trace time (ab_decode.py variants set them)
     knobs = {"splits": k.splits_for(H.shape[1] * H.shape[2], k.SPLITS), "warps": k.WARPS, "stages": k.STAGES}
+    knobs["sums"] = sinkhorn_kernel.SUMS
     return k.hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps, **knobs)

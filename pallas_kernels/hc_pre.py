@@ -133,7 +133,9 @@ def _gates_kernel(z_ref, s_ref, e_ref, h_ref, sc_ref, b_ref, x_ref, post_ref, c_
     lax.fori_loop(0, d // step, streams, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("n_iter", "rms_eps", "hc_eps", "splits", "warps", "stages", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("n_iter", "rms_eps", "hc_eps", "splits", "warps", "stages", "sums", "interpret")
+)
 def hc_pre(
     H,
     fn,
@@ -145,11 +147,13 @@ def hc_pre(
     splits=0,
     warps=WARPS,
     stages=STAGES,
+    sums=sinkhorn_kernel.SUMS,
     interpret=False,
 ):
     """H [T, n, d] f32, fn [n(n+2), n·d] (f16/f32), scale [3], base [n(n+2)] → (x [T, d],
     post [T, n], comb [T, n, n]), as ``ds4jax.model.hc.hc_pre``. ``splits``: K slices a token
-    (0: ``splits_for``); ``warps``, ``stages``: the mixer launch's (they only time)."""
+    (0: ``splits_for``); ``warps``, ``stages``: the mixer launch's, ``sums``: the Sinkhorn's (they
+    only time)."""
     T, n, d = H.shape
     F, R = n * d, fn.shape[0]
     RP = pow2_at_least(R)
@@ -187,4 +191,4 @@ def hc_pre(
         interpret=interpret,
         name="hc_gates",
     )(zero, s, e, H.astype(F32), scale, base)
-    return x, post, sinkhorn_kernel.sinkhorn(c, n_iter, hc_eps, interpret=interpret)
+    return x, post, sinkhorn_kernel.sinkhorn(c, n_iter, hc_eps, sums=sums, interpret=interpret)

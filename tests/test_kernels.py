@@ -284,9 +284,10 @@ def test_fused_norm_kernels_are_the_reference(T):
     assert np.array_equal(got, norms.head_norm_rope_reference(q, cos, sin, 1e-6))
 
 
-def test_sinkhorn_kernel_is_the_reference():
+@pytest.mark.parametrize("sums", ["reduce", "chain"])
+def test_sinkhorn_kernel_is_the_reference(sums):
     c = jnp.asarray(RNG.standard_normal((3, 4, 4)).astype(np.float32) * 3)
-    got = np.asarray(sinkhorn.sinkhorn(c, 20, 1e-6, interpret=INTERPRET))
+    got = np.asarray(sinkhorn.sinkhorn(c, 20, 1e-6, sums=sums, interpret=INTERPRET))
     assert np.array_equal(got, sinkhorn.reference(c, 20, 1e-6))
 
 
