@@ -206,12 +206,7 @@ def dd_sum(s: jax.Array, e: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.A
     return lax.reduce((s, e), (F32(0), F32(0)), dd_add, (axis,))
 
 
-def tree_dd(s: jax.Array, e: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Double-float sum over the last axis: the (s, e) pair."""
-    return dd_sum(s, e, -1)
-
-
-def tree_sum(s: jax.Array, e: jax.Array) -> jax.Array:
-    """Double-float sum over the last axis, rounded once."""
+def dd_total(s: jax.Array, e: jax.Array) -> jax.Array:
+    """Double-float sum of (s, e) pairs over the last axis, rounded once."""
     s, e = dd_sum(s, e, -1)
     return s + e

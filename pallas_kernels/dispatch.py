@@ -12,7 +12,8 @@ made at trace time from static shapes and the environment:
                               as one launch at every N (the shared expert's gate and up,
                               attn_q_a and attn_kv); the routed-expert kernels at
                               every N, prefill chunks too (v3: 3-6x XLA's gather + dot); the
-                              hyper-connection Sinkhorn (one launch for ~40 per sublayer); the
+                              hyper-connection Sinkhorn (one launch for ~40 per sublayer) and,
+                              at N = 1..4, its whole pre-mix (three launches for ~10); the
                               Hadamard transform. The fused norms lost to XLA's fusions and
                               stay off.
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
@@ -229,7 +230,9 @@ def sinkhorn(c: jax.Array, n_iter: int, hc_eps: float) -> jax.Array:
     return sinkhorn_kernel.sinkhorn(c, n_iter, hc_eps, sums=sinkhorn_kernel.SUMS)  # read at trace time
 
 
-# The fused hyper-connection pre-mix (``hc_pre``: two launches for ~15) in ``auto``.
+# The hyper-connection pre-mix kernels (``hc_pre``: the mixer, the gates, the Sinkhorn) in ``auto``.
+# GPU time a step, 8 full-size layers (H200, session 20, one process): 2,523 µs and 712 kernels
+# against 2,563 µs and 823 kernels with XLA's pre-mix (2.429 against 2.454 ms a token).
 HC_PRE_IN_AUTO = True
 
 

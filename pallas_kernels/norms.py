@@ -23,7 +23,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import div, rms_norm, split12, sqrt
 from ds4jax.model.rope import apply_rope_tail
-from pallas_kernels.common import F32, kernel_zero, opaque, pick, tree_sum, two_sum_add
+from pallas_kernels.common import F32, dd_total, kernel_zero, opaque, pick, two_sum_add
 
 
 def _pow2(n: int) -> bool:
@@ -40,7 +40,7 @@ def add_squares(s, e, x):
 
 def scale_from_squares(s, e, n: int, eps, zero):
     """1/sqrt(Σx²/n + eps) from per-lane double-float sums of squares (s, e) [..., lanes]."""
-    ms = tree_sum(s, e) * F32(1.0 / n)  # a power of two: exact
+    ms = dd_total(s, e) * F32(1.0 / n)  # a power of two: exact
     rnd = functools.partial(opaque, zero=zero)  # numerics' barrier cannot live inside a kernel
     return div(jnp.ones_like(ms), sqrt(ms + F32(eps), rnd), rnd)
 
