@@ -16,8 +16,8 @@ gates, the streams' weighted sum).
 Every sum is a double-float sum rounded once, as ``numerics.asum``; a sum's correctly rounded
 value does not depend on its order (almost always), so these are the XLA path's bits.
 
-H200, session 20, a call at N=1 in jit: 16.6 µs (mix 7.3, gates 3.9, Sinkhorn 4.9) against 18.4 µs
-for XLA's path; latency, not bytes (0.9 MB a call), sets both.
+H200, session 20, a call at N=1 in jit: 16.6 µs (mix 6.6, gates 3.9, Sinkhorn 4.9, the bench's
+output concatenation 1.9) against 18.4 µs for XLA's path; latency, not bytes (0.9 MB), sets both.
 """
 
 from __future__ import annotations

@@ -511,6 +511,19 @@ def expert_variants(qtype, out, n):
     return [v for v in vs if v != base]
 
 
+def time_variant(rec: Recorder, kernel, n_tok, shape, config, fn, args, want, nbytes, ref_s, rounds):
+    """Time fn(i, *args) in jit, check it against ``want`` and record the variant row: its seconds
+    a call when exact, else None (a kernel that does not build is reported, not fatal)."""
+    try:
+        s, got = time_steps(fn, rounds, *args, show=n_tok == 1)
+    except Exception as e:  # noqa: BLE001
+        print(f"  {kernel} N={n_tok} {config}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+    ok = bool(np.array_equal(got, want))
+    rec.variant(kernel, n_tok, shape, config, ok, s, nbytes, ref_s)
+    return s if ok else None
+
+
 # ---- fused norms ------------------------------------------------------------------------------
 def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, rounds=200):
     """The fused norms against XLA's chain of fusions (activations: L2-resident in both, as in a step)."""
@@ -555,14 +568,8 @@ def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, r
                     np.asarray(jax.jit(ref)(jnp.int32(rounds - 1), *args)),
                 )
             ref_s, want = refs[kernel]
-            try:
-                s, got = time_steps(fn, rounds, *args, show=n_tok == 1)
-            except Exception as e:  # noqa: BLE001  (a kernel that does not build is reported, not fatal)
-                print(f"  {kernel} N={n_tok}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            ok = bool(np.array_equal(got, want))
-            rec.variant(kernel, n_tok, shape, "".join(config), ok, s, nbytes, ref_s)
-            if ok and ((kernel, n_tok) not in best or s < best[(kernel, n_tok)][0]):
+            s = time_variant(rec, kernel, n_tok, shape, "".join(config), fn, args, want, nbytes, ref_s, rounds)
+            if s is not None and ((kernel, n_tok) not in best or s < best[(kernel, n_tok)][0]):
                 best[(kernel, n_tok)] = (s, shape, nbytes, ref_s, "".join(config))
     for (kernel, n_tok), (s, shape, nbytes, ref_s, config) in best.items():
         rec.best(f"{kernel} {config}".strip(), n_tok, shape, s, nbytes, ref_s)
@@ -599,24 +606,15 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
                 hc_pre.hc_pre(H, fn, s, b, n_iter, eps, eps, *knobs, interpret=INTERPRET)
             )
             config = f"S{splits}w{warps}st{stages}"
-            try:
-                t, got = time_steps(fn_k, rounds, *args, show=n_tok == 1)
-            except Exception as e:  # noqa: BLE001  (a kernel that does not build is reported, not fatal)
-                print(f"  hc_pre N={n_tok} {config}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            ok = bool(np.array_equal(got, want))
-            rec.variant("hc_pre", n_tok, shape, config, ok, t, nbytes, ref_s)
-            if ok and (n_tok not in best or t < best[n_tok][0]):
+            t = time_variant(rec, "hc_pre", n_tok, shape, config, fn_k, args, want, nbytes, ref_s, rounds)
+            if t is not None and (n_tok not in best or t < best[n_tok][0]):
                 best[n_tok] = (t, config)
         c = jax.random.normal(next(k), (n_tok, n_hc, n_hc)) * 3  # the Sinkhorn kernel alone, both sum forms
         ref_c = lambda i, c: sinkhorn.reference(c, n_iter, eps)
         ref_cs, want_c = time_steps(ref_c, rounds, c)
         for sums in ("reduce", "chain"):
             fn_s = lambda i, c, sums=sums: sinkhorn.sinkhorn(c, n_iter, eps, sums=sums, interpret=INTERPRET)
-            t, got = time_steps(fn_s, rounds, c, show=n_tok == 1)
-            rec.variant(
-                "sinkhorn", n_tok, f"{n_hc}x{n_hc}", sums, bool(np.array_equal(got, want_c)), t, c.size * 8, ref_cs
-            )
+            time_variant(rec, "sinkhorn", n_tok, f"{n_hc}x{n_hc}", sums, fn_s, (c,), want_c, c.size * 8, ref_cs, rounds)
         if n_tok in best:
             rec.best(f"hc_pre {best[n_tok][1]}", n_tok, shape, best[n_tok][0], nbytes, ref_s)
 
