@@ -161,8 +161,10 @@ def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array):
     else:
         rows = lambda a: jnp.broadcast_to(a, (T, k, a.shape[-1])).reshape(T * k, -1)
         xq, dx = (rows(x), None) if QUANTIZE_IN_KERNEL else tuple(rows(a) for a in quantize_q8_k(x))
+        # the launch chosen here, at trace time, so module knobs (experts.IQ2_NARROW) take effect
+        cfg = experts.choose_config(qtype, out, x.shape[-1] // 256)
         ys = tuple(
-            y.reshape(T, k, out) for y in experts.matmul(xq, dx, ids.reshape(-1), qtype, mats, interpret=interpret)
+            y.reshape(T, k, out) for y in experts.matmul(xq, dx, ids.reshape(-1), qtype, mats, cfg, interpret=interpret)
         )
     return ys if many else ys[0]
 

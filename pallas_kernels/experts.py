@@ -343,12 +343,21 @@ class ExpertConfig:
 _BLOCKS_PER_PROGRAM = {IQ2_XXS: 4, Q4_K: 4, Q2_K: 1, IQ2_NIB: 4}
 
 
+# IQ2_XXS programs of 32 rows and 2 warps instead of 64 and 4 (the same bits: rows and warps only
+# time). H200, session 20, a launch alone: gate+up 34.26 against 35.51 µs at N=1, equal at N=2 and 4
+# (62.95 / 63.03, 117.90 / 118.58). Off until an A/B in the model: ab_decode.py's variant
+# ``pallas_kernels.experts.IQ2_NARROW=true`` (dispatch reads it at trace time).
+IQ2_NARROW = False
+
+
 def choose_config(qtype: int, out: int, nb: int) -> ExpertConfig:
     """From the weight's shape alone (the split sets the summation grouping, so never from N)."""
     rows = 64 if out % 64 == 0 else 32 if out % 32 == 0 else 16
     splits = max(1, nb // _BLOCKS_PER_PROGRAM[qtype])
     while nb % splits:
         splits -= 1
+    if qtype == IQ2_XXS and IQ2_NARROW and out % 32 == 0:
+        return ExpertConfig(block_rows=32, k_splits=splits, num_warps=2)
     return ExpertConfig(block_rows=rows, k_splits=splits)
 
 

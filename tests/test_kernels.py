@@ -291,6 +291,20 @@ def test_sinkhorn_kernel_is_the_reference(sums):
     assert np.array_equal(got, sinkhorn.reference(c, 20, 1e-6))
 
 
+def test_iq2_xxs_narrow_programs_are_the_reference(monkeypatch):
+    """IQ2_XXS at 32 rows and 2 warps a program (``experts.IQ2_NARROW``), as dispatch picks it at
+    trace time: the reference's bits."""
+    monkeypatch.setattr(experts, "IQ2_NARROW", True)
+    assert experts.choose_config(experts.IQ2_XXS, 64, 8) == experts.ExpertConfig(32, 2, num_warps=2)
+    planes = expert_planes(jax.random.PRNGKey(70), experts.IQ2_XXS, 4, 64, 2)
+    x = jnp.asarray(RNG.standard_normal((2, 1, 512)).astype(np.float32))
+    ids = jnp.asarray([[3, 0, 1], [2, 2, 0]], jnp.int32)
+    monkeypatch.setenv("DS4JAX_KERNELS", "interpret" if INTERPRET else "all")
+    got = dispatch.expert_matmul(x, experts.IQ2_XXS, planes, ids)
+    monkeypatch.setenv("DS4JAX_KERNELS", "off")
+    assert np.array_equal(np.asarray(got), np.asarray(dispatch.expert_matmul(x, experts.IQ2_XXS, planes, ids)))
+
+
 def hc_inputs(T, n, d):
     """Random hyper-connection state and mixer (magnitudes like a trained model's)."""
     R = n * (n + 2)
