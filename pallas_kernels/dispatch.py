@@ -248,5 +248,5 @@ def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: f
         return reference()
     k = hc_pre_kernel  # its launch knobs read here, at trace time (ab_decode.py variants set them)
     knobs = {"splits": k.splits_for(H.shape[1] * H.shape[2], k.SPLITS), "warps": k.WARPS, "stages": k.STAGES}
-    knobs["sums"] = sinkhorn_kernel.SUMS
+    knobs.update(sums=sinkhorn_kernel.SUMS, sq_chunk=k.SQ_CHUNK)
     return k.hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps, **knobs)

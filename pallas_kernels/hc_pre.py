@@ -39,7 +39,9 @@ from pallas_kernels.norms import add_squares, scale_from_squares
 __all__ = ["hc_pre", "supported"]
 
 ROWS = 8  # mixer rows a register tile (the rows, n(n+2), are 8 a multiple for even n)
-SQ_CHUNK = 4096  # the squares' loop step
+# The squares' loop step: 4 steps of 16 KB at full size. The whole row in one step (16384) compiles
+# to 59 registers and its 21 loads issued together (offline, pip Triton); untimed on a GPU.
+SQ_CHUNK = 4096
 MIX_CHUNK = 128  # the products' loop step: 2 x rows x this many live sums
 X_CHUNK = 1024  # the streams' sum step
 SPLITS = 32  # K slices a token at full size (512 columns a program); fewer on small models
@@ -61,10 +63,10 @@ def splits_for(F: int, most: int = SPLITS) -> int:
     return max(1, min(most, F // (4 * MIX_CHUNK)))
 
 
-def _mix_kernel(z_ref, h_ref, fn_ref, s_ref, e_ref, *, eps, n_rows, slice_k):
+def _mix_kernel(z_ref, h_ref, fn_ref, s_ref, e_ref, *, eps, n_rows, slice_k, sq_chunk):
     rnd = functools.partial(opaque, zero=z_ref[0])
     F = h_ref.shape[-1]
-    sq = min(SQ_CHUNK, F)
+    sq = min(sq_chunk, F)
     z = jnp.zeros((sq,), F32)
 
     def squares(i, acc):
@@ -137,7 +139,8 @@ def _gates_kernel(z_ref, s_ref, e_ref, h_ref, sc_ref, b_ref, x_ref, post_ref, c_
 
 
 @functools.partial(
-    jax.jit, static_argnames=("n_iter", "rms_eps", "hc_eps", "splits", "warps", "stages", "sums", "interpret")
+    jax.jit,
+    static_argnames=("n_iter", "rms_eps", "hc_eps", "splits", "warps", "stages", "sums", "sq_chunk", "interpret"),
 )
 def hc_pre(
     H,
@@ -151,16 +154,19 @@ def hc_pre(
     warps=WARPS,
     stages=STAGES,
     sums=sinkhorn_kernel.SUMS,
+    sq_chunk=SQ_CHUNK,
     interpret=False,
 ):
     """H [T, n, d] f32, fn [n(n+2), n·d] (f16/f32), scale [3], base [n(n+2)] → (x [T, d],
     post [T, n], comb [T, n, n]), as ``ds4jax.model.hc.hc_pre``. ``splits``: K slices a token
-    (0: ``splits_for``); ``warps``, ``stages``: the mixer launch's, ``sums``: the Sinkhorn's (they
-    only time)."""
+    (0: ``splits_for``); ``warps``, ``stages``, ``sq_chunk``: the mixer launch's, ``sums``: the
+    Sinkhorn's (they only time)."""
     T, n, d = H.shape
     F, R = n * d, fn.shape[0]
     RP = pow2_at_least(R)
     S = splits or splits_for(F)
+    if sq_chunk & (sq_chunk - 1):
+        raise ValueError(f"hc_pre kernel: the squares' step {sq_chunk} must be a power of two")
     if F % (S * MIX_CHUNK) or S & (S - 1):
         raise ValueError(f"hc_pre kernel: {S} slices (a power of two) must divide {F} columns in steps of {MIX_CHUNK}")
     flat = H.reshape(T, F).astype(F32)
@@ -168,7 +174,7 @@ def hc_pre(
     one = pl.BlockSpec((1,), lambda *_: (0,))
     part = jax.ShapeDtypeStruct((T, RP, S), F32)  # a slice's pairs in a column: the gates reduce along S
     s, e = pl.pallas_call(
-        functools.partial(_mix_kernel, eps=rms_eps, n_rows=R, slice_k=F // S),
+        functools.partial(_mix_kernel, eps=rms_eps, n_rows=R, slice_k=F // S, sq_chunk=sq_chunk),
         grid=(T, S),
         in_specs=[one, pl.BlockSpec((1, F), lambda t, k: (t, 0)), pl.BlockSpec((R, F), lambda t, k: (0, 0))],
         out_specs=[pl.BlockSpec((1, RP, 1), lambda t, k: (t, 0, k))] * 2,

@@ -576,8 +576,8 @@ def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, r
 
 
 # ---- hyper-connection pre-mix ------------------------------------------------------------------
-# (K slices, warps, stages) of the mixer launch; the first is the engine's
-HC_VARIANTS = [(32, 8, 3), (64, 8, 3), (16, 8, 3), (32, 4, 3)]
+# (K slices, warps, stages, the squares' step) of the mixer launch; the first is the engine's
+HC_VARIANTS = [(32, 8, 3, 4096), (64, 8, 3, 4096), (32, 8, 3, 16384), (64, 8, 3, 16384), (16, 8, 3, 4096)]
 
 
 def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
@@ -599,13 +599,14 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
         want = np.asarray(jax.jit(ref)(jnp.int32(rounds - 1), *args))
         nbytes = fn.size * 2 + H.size * 4 * 2 + n_tok * (n_embd + n_hc + n_hc * n_hc) * 4
         shape = f"{n_hc}x{n_embd} mixer {R} rows"
-        for splits, warps, stages in HC_VARIANTS:
-            if F % (splits * hc_pre.MIX_CHUNK) or (INTERPRET and (splits, warps, stages) != HC_VARIANTS[0]):
+        for splits, warps, stages, sq in HC_VARIANTS:
+            if F % (splits * hc_pre.MIX_CHUNK) or (INTERPRET and (splits, warps, stages, sq) != HC_VARIANTS[0]):
                 continue
-            fn_k = lambda i, H, fn, s, b, knobs=(splits, warps, stages): flat(
-                hc_pre.hc_pre(H, fn, s, b, n_iter, eps, eps, *knobs, interpret=INTERPRET)
+            knobs = {"splits": splits, "warps": warps, "stages": stages, "sq_chunk": sq}
+            fn_k = lambda i, H, fn, s, b, knobs=knobs: flat(
+                hc_pre.hc_pre(H, fn, s, b, n_iter, eps, eps, **knobs, interpret=INTERPRET)
             )
-            config = f"S{splits}w{warps}st{stages}"
+            config = f"S{splits}w{warps}st{stages}" + f"sq{sq}" * (sq != hc_pre.SQ_CHUNK)
             t = time_variant(rec, "hc_pre", n_tok, shape, config, fn_k, args, want, nbytes, ref_s, rounds)
             if t is not None and (n_tok not in best or t < best[n_tok][0]):
                 best[n_tok] = (t, config)
