@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 from jax.experimental.pallas import triton as pltriton
 
-from ds4jax.model.numerics import dd_add
+from ds4jax.model.numerics import dd_add, dd_sum
 
 F32 = jnp.float32
 
@@ -173,7 +173,7 @@ def pick(a: jax.Array, axis: int, i: int) -> jax.Array:
 
 
 def _lower_variadic_reduce():
-    """Let kernels call ``lax.reduce`` with their own combine (a double-float sum: ``dd_sum``).
+    """Let kernels call ``lax.reduce`` with their own combine (a double-float sum: ``numerics.dd_sum``).
 
     Pallas' Triton lowering has sum, max, min and arg reductions, each a ``tt.reduce`` (warp
     shuffles, then shared memory across warps), but not the generic ``lax.reduce``, although
@@ -198,12 +198,6 @@ def _lower_variadic_reduce():
 
 
 _lower_variadic_reduce()
-
-
-def dd_sum(s: jax.Array, e: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
-    """Double-float sum of (s, e) pairs over ``axis``: the (s, e) pair (one ``tt.reduce`` in a kernel)."""
-    axis %= s.ndim
-    return lax.reduce((s, e), (F32(0), F32(0)), dd_add, (axis,))
 
 
 def dd_total(s: jax.Array, e: jax.Array) -> jax.Array:

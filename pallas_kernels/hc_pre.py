@@ -31,9 +31,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.hc_gates import gates
-from ds4jax.model.numerics import chain_sum
+from ds4jax.model.numerics import chain_sum, dd_sum
 from pallas_kernels import sinkhorn as sinkhorn_kernel
-from pallas_kernels.common import F32, dd_sum, kernel_zero, opaque, pick, pow2_at_least, two_sum_add
+from pallas_kernels.common import F32, kernel_zero, opaque, pick, pow2_at_least, two_sum_add
 from pallas_kernels.norms import add_squares, scale_from_squares
 
 __all__ = ["hc_pre", "supported"]
@@ -92,10 +92,10 @@ def _mix_kernel(z_ref, h_ref, fn_ref, s_ref, e_ref, *, eps, n_rows, slice_k, sq_
     acc = lax.fori_loop(0, slice_k // MIX_CHUNK, products, tuple((zr, zr) for _ in range(G)))
     RP = s_ref.shape[1]
     lane_group = lax.broadcasted_iota(jnp.int32, (RP // ROWS, ROWS), 0).reshape(RP)
+    tile = lambda v: jnp.broadcast_to(v[None, :], (RP // ROWS, ROWS)).reshape(RP)
     s_out = e_out = jnp.zeros((RP,), F32)
     for g, (s, e) in enumerate(acc):
         s8, e8 = dd_sum(s, e)  # [ROWS] the slice's pair a row
-        tile = lambda v: jnp.broadcast_to(v[None, :], (RP // ROWS, ROWS)).reshape(RP)
         s_out = jnp.where(lane_group == g, tile(s8), s_out)
         e_out = jnp.where(lane_group == g, tile(e8), e_out)
     s_ref[0, :, 0] = s_out

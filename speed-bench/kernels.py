@@ -581,7 +581,7 @@ HC_VARIANTS = [(32, 8, 3, 4096), (64, 8, 3, 4096), (32, 8, 3, 16384), (64, 8, 3,
 
 
 def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
-    """The fused pre-mix (two launches) against the model's XLA path (its Sinkhorn on the kernel,
+    """The pre-mix kernels (the mixer, the gates, the Sinkhorn) against the model's XLA path (its Sinkhorn on the kernel,
     as the engine runs it), K slices a token swept."""
     eps, R, F = 1e-6, n_hc * (n_hc + 2), n_hc * n_embd
     best = {}

@@ -317,7 +317,7 @@ def hc_inputs(T, n, d):
 
 @pytest.mark.parametrize("T,splits", [(1, 2), (3, 1)])
 def test_hc_pre_kernel_is_the_reference(T, splits):
-    """The fused pre-mix (two launches) against the model's XLA path: x, post and comb, bit for
+    """The pre-mix kernels (the mixer, the gates, the Sinkhorn) against the model's XLA path: x, post and comb, bit for
     bit, with the K range in one slice or two (3 Sinkhorn rounds: the full 20 compile slowly
     interpreted; the Sinkhorn kernel's own test runs them)."""
     H, fn, scale, base = hc_inputs(T, 4, 256)

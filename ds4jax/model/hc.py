@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 
 from ds4jax.model.hc_gates import gates
-from ds4jax.model.linear import dense
+from ds4jax.model.linear import FLOAT_TYPES, dense
 from ds4jax.model.numerics import F32, asum, rms_norm, rounded, sigmoid
 from ds4jax.quant.formats import QType
 from pallas_kernels import dispatch as kernels
@@ -25,7 +25,7 @@ def _mixer(H: jax.Array, fn, eps: float) -> jax.Array:
 def hc_pre(H: jax.Array, fn, scale: jax.Array, base: jax.Array, n_iter: int, rms_eps: float, hc_eps: float):
     """Returns (x [.., n_embd], post [.., n_hc], comb [.., n_hc, n_hc]). Decode and the verifier
     take the kernels where dispatch says so (three launches for ~10 XLA fusions): the same bits."""
-    plain = fn.planes["w"] if QType(fn.qtype) in (QType.F16, QType.F32, QType.BF16) else None
+    plain = fn.planes["w"] if QType(fn.qtype) in FLOAT_TYPES else None
     reference = lambda: _hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps)
     return kernels.hc_pre(H, plain, scale, base, n_iter, rms_eps, hc_eps, reference)
 

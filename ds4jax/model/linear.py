@@ -23,6 +23,8 @@ from ds4jax.quant.formats import QType
 from ds4jax.quant.jnp_decode import take
 from pallas_kernels import dispatch as kernels
 
+FLOAT_TYPES = (QType.F16, QType.F32, QType.BF16)  # weights multiplied as f32 products, not quantized
+
 
 def dense(x: jax.Array, w: QTensor, act_quant: bool = True) -> jax.Array:
     """y[..., o] = Σ_i W[o, i] x[..., i] for a 2-D weight of any supported type.
@@ -31,7 +33,7 @@ def dense(x: jax.Array, w: QTensor, act_quant: bool = True) -> jax.Array:
     q = QType(w.qtype)
     if q == QType.Q8_0:
         return q8_0_matmul(x, w) if act_quant else adot(x, dequantize(w))
-    if q in (QType.F16, QType.F32, QType.BF16):
+    if q in FLOAT_TYPES:
         return adot(x, w.planes["w"])
     raise NotImplementedError(f"dense matmul for {q.name}")
 

@@ -131,9 +131,14 @@ def asum(x: jax.Array, axis: int = -1) -> jax.Array:
     makes prefill, chunked prefill, decode and the N=2 verifier agree bit for bit.
     """
     x = x.astype(F32)
-    axis = axis % x.ndim
-    s, e = lax.reduce((x, jnp.zeros_like(x)), (F32(0), F32(0)), dd_add, (axis,))
+    s, e = dd_sum(x, jnp.zeros_like(x), axis)
     return s + e
+
+
+def dd_sum(s: jax.Array, e: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """Double-float sum of (s, e) pairs over ``axis`` in one variadic reduce: the (s, e) pair.
+    ``asum``'s reduction; kernels call it too (one Triton reduction, ``pallas_kernels.common``)."""
+    return lax.reduce((s, e), (F32(0), F32(0)), dd_add, (axis % s.ndim,))
 
 
 def take(x: jax.Array, axis: int, i: int) -> jax.Array:
