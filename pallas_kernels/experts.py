@@ -345,9 +345,10 @@ _BLOCKS_PER_PROGRAM = {IQ2_XXS: 4, Q4_K: 4, Q2_K: 1, IQ2_NIB: 4}
 
 # IQ2_XXS programs of 32 rows and 2 warps instead of 64 and 4 (the same bits: rows and warps only
 # time). H200, session 20, a launch alone: gate+up 34.26 against 35.51 µs at N=1, equal at N=2 and 4
-# (62.95 / 63.03, 117.90 / 118.58). Off until an A/B in the model: ab_decode.py's variant
-# ``pallas_kernels.experts.IQ2_NARROW=true`` (dispatch reads it at trace time).
-IQ2_NARROW = False
+# (62.95 / 63.03, 117.90 / 118.58). In the model (8 layers, one process, interleaved, session 21):
+# 2,520.0 against 2,534.2 µs of kernels a step (call A), and 2,614.4 against 2,617.3 with the
+# attention kernels on (call B). Dispatch reads it at trace time (ab_decode.py variants set it).
+IQ2_NARROW = True
 
 
 def choose_config(qtype: int, out: int, nb: int) -> ExpertConfig:

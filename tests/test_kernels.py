@@ -291,11 +291,13 @@ def test_sinkhorn_kernel_is_the_reference(sums):
     assert np.array_equal(got, sinkhorn.reference(c, 20, 1e-6))
 
 
-def test_iq2_xxs_narrow_programs_are_the_reference(monkeypatch):
-    """IQ2_XXS at 32 rows and 2 warps a program (``experts.IQ2_NARROW``), as dispatch picks it at
-    trace time: the reference's bits."""
-    monkeypatch.setattr(experts, "IQ2_NARROW", True)
-    assert experts.choose_config(experts.IQ2_XXS, 64, 8) == experts.ExpertConfig(32, 2, num_warps=2)
+@pytest.mark.parametrize("narrow", [True, False])
+def test_iq2_xxs_narrow_programs_are_the_reference(monkeypatch, narrow):
+    """IQ2_XXS at 32 rows and 2 warps a program (``experts.IQ2_NARROW``, the default) or at 64 rows
+    and 4 warps, as dispatch picks it at trace time: the reference's bits either way."""
+    monkeypatch.setattr(experts, "IQ2_NARROW", narrow)
+    want_cfg = experts.ExpertConfig(32, 2, num_warps=2) if narrow else experts.ExpertConfig(64, 2)
+    assert experts.choose_config(experts.IQ2_XXS, 64, 8) == want_cfg
     planes = expert_planes(jax.random.PRNGKey(70), experts.IQ2_XXS, 4, 64, 2)
     x = jnp.asarray(RNG.standard_normal((2, 1, 512)).astype(np.float32))
     ids = jnp.asarray([[3, 0, 1], [2, 2, 0]], jnp.int32)
