@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,hc_pre] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,hc_pre,attention] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -38,11 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import devtime
 
+from ds4jax.model import attention as model_attention
 from ds4jax.model import hc
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from ds4jax.quant.formats import QType
 from ds4jax.quant.planes import QTensor
-from pallas_kernels import experts, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
+from pallas_kernels import attention, experts, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.common import TileConfig
 from pallas_kernels.testing import expert_planes
 
@@ -620,13 +621,43 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
             rec.best(f"hc_pre {best[n_tok][1]}", n_tok, shape, best[n_tok][0], nbytes, ref_s)
 
 
+# ---- decode attention ---------------------------------------------------------------------------
+def bench_attention(rec: Recorder, n_head=64, head_dim=512, window=128, top_k=512, rounds=200):
+    """The attention kernels (scores, then softmax and mix) against the model's XLA path: the raw
+    window with the indexer's rows gathered per token (ratio-4 layers), and with 32 shared
+    compressed rows (ratio-128 layers at a 4096 context)."""
+    scale = float(np.float32(1.0 / np.sqrt(head_dim)))
+    for n_tok in TOKENS:
+        k = iter(jax.random.split(jax.random.PRNGKey(21 + n_tok), 8))
+        q = jax.random.normal(next(k), (n_tok, n_head, head_dim)) * 3
+        f16 = lambda *shape, k=k: jax.random.normal(next(k), shape).astype(jnp.float16).astype(jnp.float32)
+        raw = f16(window + n_tok, head_dim)
+        raw_v = jax.random.uniform(next(k), (n_tok, window + n_tok)) < 0.9
+        sink = jax.random.normal(next(k), (n_head,))
+        for label, second in (("ratio-4", f16(n_tok, top_k, head_dim)), ("ratio-128", f16(32, head_dim))):
+            sec_v = jnp.ones((n_tok, second.shape[-2]), bool)
+            args = (q, raw, raw_v, second, sec_v, sink)
+            ref = lambda i, q, a, av, b, bv, s: model_attention.sink_attention(
+                q, ((a, av), (b, bv)), s, np.float32(scale)
+            )
+            ref_s, want = time_steps(ref, rounds, *args, show=n_tok == 1)
+            fn = lambda i, q, a, av, b, bv, s: attention.sink_attention(
+                q, ((a, av), (b, bv)), s, scale, interpret=INTERPRET
+            )
+            nbytes = (raw.size + second.size) * 2 + q.size * 8
+            shape = f"{n_head}x{head_dim} {label}"
+            t = time_variant(rec, "attention", n_tok, shape, "base", fn, args, want, nbytes, ref_s, rounds)
+            if t is not None:
+                rec.best("attention", n_tok, shape, t, nbytes, ref_s)
+
+
 def main() -> None:
     global Q8_SHAPES, EXPERT_SHAPES, INTERPRET, N_EXPERT, TOKENS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
-    ap.add_argument("--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,hc_pre")
+    ap.add_argument("--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,hc_pre,attention")
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
     ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
@@ -727,6 +758,10 @@ def main() -> None:
         bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))
     if "hc_pre" in only and left() > 0:
         bench_hc_pre(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
+    if "attention" in only and left() > 0:
+        bench_attention(
+            rec, **({"n_head": 8, "head_dim": 128, "window": 16, "top_k": 32, "rounds": 3} if INTERPRET else {})
+        )
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ds4jax.config import ModelConfig
@@ -100,7 +101,8 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
             parts.append((comp.astype(F32), jnp.arange(comp.shape[0])[None, :] < n_vis[:, None]))
 
     sink = w["attn_sinks"].planes["w"].astype(F32)
-    o = sink_attention(q, parts, sink, F32(1.0 / math.sqrt(hd)))
+    scale = np.float32(1.0 / math.sqrt(hd))  # a host scalar: the kernel path takes it as a literal
+    o = kernels.sink_attention(q, tuple(parts), sink, scale, lambda: sink_attention(q, parts, sink, scale))
 
     o = apply_rope_tail(o, cos[:, None, :], sin[:, None, :], inverse=True)
     low = q8_0_grouped_matmul(o.reshape(T, cfg.n_out_group, cfg.group_dim), w["attn_output_a"], cfg.n_out_group, aq)
