@@ -26,8 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import div, exp
-from pallas_kernels.common import F32, dd_sum, kernel_zero, opaque, two_sum_add
+from ds4jax.model.numerics import dd_sum, div, exp
+from pallas_kernels.common import F32, kernel_zero, opaque, two_sum_add
 
 __all__ = ["sink_attention", "supported"]
 
