@@ -1,18 +1,27 @@
-"""The decode step's attention sums (``ds4jax.model.attention.sink_attention`` at N = 1..4) in
-one launch a key set plus one for the softmax and mix, instead of XLA's fusions.
+"""The decode step's attention sums (``ds4jax.model.attention.sink_attention`` at N = 1..4) as
+two launches and an elementwise epilogue, instead of XLA's fusions.
+
+Keys come as f16 tables with the rows each token sees: a part is (table [R, hd], rows [T, K] or
+None for "all R rows, shared by the tokens", visible [T, K]). The indexer's rows are read from the
+compressed table by index, so nothing is gathered into an f32 copy first. Each part's keys are cut
+into blocks of ``KEYS`` rows, padded to whole splits (padded keys invisible).
 
 1. ``attn_scores``, programs (token, head block, key block): each (head, key) score is the
-   double-float sum over the head dim of the rounded products q·k, times the scale, masked to -inf
-   where the key is not visible.
-2. ``attn_mix``, programs (token, head block, head-dim block): the running max of the scores with
-   the sink, then per key chunk e = exp(s - m) into the denominator's sum and into each key set's
-   mix, both double-float sums per lane; each set's mix is rounded on its own and the sets are
-   added in order, then scaled by the reciprocal of the denominator, as the reference does.
+   double-float sum over the head dim of the rounded products q·k, times the scale, -inf where
+   the key is not visible.
+2. ``attn_mix``, programs (token, head block, head-dim block, split): over the split's keys, with
+   m = max(sink, every score) (one XLA reduction, which the epilogue shares), e = exp(s - m) into the denominator's and the mix's
+   double-float sums; the (s, e) pairs are written unrounded. Splitting the keys is what gives the
+   launch enough programs: session 21's first form (one program a head block walking every key)
+   ran at ~3x XLA's time on the H200, and serial loops over the scores row or the splits
+   (a max loop in each program, a finish kernel) cost ~1 µs a step; a whole-row max tile in
+   each program took 152 registers (one program an SM).
+3. ``_finish`` (XLA, elementwise, fuses with its neighbours): each part's split pairs added in
+   split order and rounded once, the parts added in order, the denominator's pairs likewise plus
+   exp(sink - m), then the reciprocal multiply, as the reference does.
 
-Every sum is a double-float sum rounded once, as ``numerics.asum`` (one Triton reduction across
-lanes, ``common.dd_sum``), so the bits are the XLA path's wherever those sums round correctly.
-Keys come as [R, hd] (shared by the tokens: the raw window, the ratio-128 rows) or [T, R, hd]
-(the indexer's rows, gathered per token); R is padded to the key block with invisible rows.
+Every sum is a double-float sum rounded once, as ``numerics.asum``, so the bits are the XLA
+path's wherever those sums round correctly (the same premise as every other double-float kernel).
 """
 
 from __future__ import annotations
@@ -27,135 +36,209 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import dd_sum, div, exp
-from pallas_kernels.common import F32, kernel_zero, opaque, two_sum_add
+from pallas_kernels.common import F32, finish, kernel_zero, opaque, two_sum_add
 
 __all__ = ["sink_attention", "supported"]
 
 HEADS = 8  # heads a program
-KEYS = 16  # keys a step (the key block of the scores launch)
+KEYS = 16  # keys a block (the scores launch's program, the mix loop's step)
+SPLIT = 4  # key blocks a mix program walks (64 keys)
+STEP_KEYS = KEYS  # keys a step of the mix loop (8 halves its live sums)
 D_CHUNK = 64  # head-dim columns a step of the scores' loop, and a mix program's columns
 WARPS = 8  # 2 x HEADS x KEYS x D_CHUNK live sums: 64 registers a thread at 8 warps (255 at 4, offline)
+I32 = jnp.int32
 
 
 def supported(q: jax.Array, parts) -> bool:
-    """q [T, H, hd] with H a multiple of HEADS and hd of D_CHUNK (powers of two); one or two key sets."""
+    """q [T, H, hd] with H a multiple of HEADS and hd of D_CHUNK (powers of two); one or two parts
+    (table [R, hd], rows [T, K] int or None, visible [T, K or R])."""
     if q.ndim != 3 or not 1 <= len(parts) <= 2:
         return False
     T, H, hd = q.shape
     pow2 = lambda v: v >= 1 and v & (v - 1) == 0
-    keys_ok = all(k.shape[-1] == hd and k.ndim in (2, 3) and v.shape == (T, k.shape[-2]) for k, v in parts)
-    return keys_ok and pow2(H) and pow2(hd) and H % HEADS == 0 and hd % D_CHUNK == 0
+    for tab, rows, vis in parts:
+        K = tab.shape[0] if rows is None else rows.shape[-1]
+        if tab.ndim != 2 or tab.shape[1] != hd or vis.shape != (T, K):
+            return False
+        if rows is not None and rows.shape != (T, K):
+            return False
+    return pow2(H) and pow2(hd) and H % HEADS == 0 and hd % D_CHUNK == 0
 
 
-def _scores_kernel(z_ref, q_ref, k_ref, v_ref, o_ref, *, scale, per_token):
+def _layout(parts, split):
+    """Static per-part (first block, blocks) with each part padded to whole splits."""
+    spans, b0 = [], 0
+    for tab, rows, _ in parts:
+        K = tab.shape[0] if rows is None else rows.shape[-1]
+        nb = -(-K // (KEYS * split)) * split
+        spans.append((b0, nb))
+        b0 += nb
+    return tuple(spans), b0
+
+
+def _pick(parts_fn, n_parts, blk, spans):
+    """Run ``parts_fn(p)`` for the part that key block ``blk`` lies in (a uniform branch a program)."""
+    if n_parts == 1:
+        return parts_fn(0)
+    return lax.cond(blk < spans[1][0], lambda: parts_fn(0), lambda: parts_fn(1))
+
+
+def _rows(p, t, k0, n, row_refs, n_rows):
+    """Table rows of part p's local keys k0 .. k0 + n - 1 for token t: [n], clamped into the table
+    (padded and invisible keys read a real row; their e is 0)."""
+    if row_refs[p] is None:
+        r = k0 + lax.broadcasted_iota(I32, (n,), 0)
+    else:
+        r = row_refs[p][t, pl.ds(pl.multiple_of(k0, n), n)]
+    return jnp.clip(r, 0, n_rows[p] - 1)
+
+
+def _split_refs(refs, n_parts, shared):
+    """(tables, row refs with None for shared parts, rest)."""
+    tabs, rest = refs[:n_parts], refs[n_parts:]
+    row_refs = []
+    for p in range(n_parts):
+        if shared[p]:
+            row_refs.append(None)
+        else:
+            row_refs.append(rest[0])
+            rest = rest[1:]
+    return tabs, row_refs, rest
+
+
+def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd):
     rnd = functools.partial(opaque, zero=z_ref[0])
-    hd = q_ref.shape[-1]
+    t, blk = pl.program_id(0), pl.program_id(2)
+    tabs, row_refs, (o_ref,) = _split_refs(refs, len(spans), shared)
+    cols = lax.broadcasted_iota(I32, (1, 1, D_CHUNK), 2)
     z = jnp.zeros((HEADS, KEYS, D_CHUNK), F32)
 
-    def step(c, acc):
-        c0 = pl.multiple_of(c * D_CHUNK, D_CHUNK)
-        qc = q_ref[0, :, pl.ds(c0, D_CHUNK)]  # [HEADS, D]
-        kc = (k_ref[0, :, pl.ds(c0, D_CHUNK)] if per_token else k_ref[:, pl.ds(c0, D_CHUNK)]).astype(F32)
-        return two_sum_add(*acc, rnd(qc[:, None, :] * kc[None, :, :]))  # products rounded first (no FMA)
+    def part(p):
+        base = _rows(p, t, (blk - spans[p][0]) * KEYS, KEYS, row_refs, n_rows)[None, :, None] * hd + cols
 
-    s, e = dd_sum(*lax.fori_loop(0, hd // D_CHUNK, step, (z, z)))  # [HEADS, KEYS]
+        def step(c, acc):
+            c0 = pl.multiple_of(c * D_CHUNK, D_CHUNK)
+            qc = q_ref[0, :, :, pl.ds(c0, D_CHUNK)]  # [HEADS, 1, D]: loaded in the product's layout
+            kc = tabs[p][base + c0].astype(F32)  # [1, KEYS, D]: the rows gathered from the f16 table
+            return two_sum_add(*acc, rnd(qc * kc))  # products rounded first (no FMA)
+
+        return lax.fori_loop(0, hd // D_CHUNK, step, (z, z))
+
+    s, e = dd_sum(*_pick(part, len(spans), blk, spans))  # [HEADS, KEYS]
     visible = v_ref[0, :] != 0  # [KEYS]
     o_ref[0] = jnp.where(visible[None, :], rnd((s + e) * scale), -jnp.inf)
 
 
-def _mix_kernel(z_ref, sink_ref, *refs, n_parts, per_token):
+def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, step_keys):
     rnd = functools.partial(opaque, zero=z_ref[0])
-    s_refs, k_refs, o_ref = refs[:n_parts], refs[n_parts : 2 * n_parts], refs[-1]
-    sink = sink_ref[...]  # [HEADS]
-    chunks = [s_ref.shape[-1] // KEYS for s_ref in s_refs]
-    scores = lambda p, r: s_refs[p][0, :, pl.ds(pl.multiple_of(r * KEYS, KEYS), KEYS)]  # [HEADS, KEYS]
+    t, c, sp = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    tabs, row_refs, (ms_ref, me_ref, ds_ref, de_ref) = _split_refs(refs, len(spans), shared)
+    m = m_ref[0]  # [HEADS]: max(sink, every score), from XLA (one reduction, shared with the epilogue)
+    cols = lax.broadcasted_iota(I32, (1, 1, D_CHUNK), 2) + c * D_CHUNK
+    n = step_keys  # keys a step: the live sums are 2 x HEADS x n x D_CHUNK
+    zd = jnp.zeros((HEADS, n, 1), F32)
+    zm = jnp.zeros((HEADS, n, D_CHUNK), F32)
 
-    m = sink
-    for p in range(n_parts):  # the max over every key and the sink (exact in any order)
-        m = lax.fori_loop(0, chunks[p], lambda r, m, p=p: jnp.maximum(m, jnp.max(scores(p, r), axis=1)), m)
-    zd = jnp.zeros((HEADS, KEYS), F32)
-    zm = jnp.zeros((HEADS, KEYS, o_ref.shape[-1]), F32)
-    den = (zd, zd)
-    o = None
-    for p in range(n_parts):
-
-        def step(r, carry, p=p):
+    def part(p):
+        def step(j, carry):
             den, mix = carry
-            e = exp(scores(p, r) - m[:, None], rnd)  # [HEADS, KEYS]; 0 where masked
-            r0 = pl.multiple_of(r * KEYS, KEYS)
-            k = (k_refs[p][0, pl.ds(r0, KEYS), :] if per_token[p] else k_refs[p][pl.ds(r0, KEYS), :]).astype(F32)
-            return two_sum_add(*den, e), two_sum_add(*mix, rnd(e[:, :, None] * k[None, :, :]))
+            k0 = pl.multiple_of(sp * split * KEYS + j * n, n)  # in the scores row
+            e = exp(s_ref[0, :, pl.ds(k0, n), :] - m[:, None, None], rnd)  # [HEADS, n, 1]; 0 where masked
+            rows = _rows(p, t, k0 - spans[p][0] * KEYS, n, row_refs, n_rows)
+            k = tabs[p][rows[None, :, None] * hd + cols].astype(F32)  # [1, n, D]
+            return two_sum_add(*den, e), two_sum_add(*mix, rnd(e * k))
 
-        den, mix = lax.fori_loop(0, chunks[p], step, (den, (zm, zm)))
-        s, e = dd_sum(*mix, axis=1)  # [HEADS, D]: this key set's mix, rounded once
-        o = s + e if o is None else o + (s + e)
-    s, e = dd_sum(*den)
-    total = exp(sink - m, rnd) + (s + e)
-    o_ref[0] = o * div(jnp.ones_like(total), total, rnd)[:, None]
+        return lax.fori_loop(0, split * KEYS // n, step, ((zd, zd), (zm, zm)))
 
-
-def _pad_keys(k, v, multiple):
-    R = k.shape[-2]
-    Rp = -(-R // multiple) * multiple
-    if Rp == R:
-        return k, v.astype(jnp.int32)
-    pad_k = [(0, 0)] * (k.ndim - 2) + [(0, Rp - R), (0, 0)]
-    return jnp.pad(k, pad_k), jnp.pad(v.astype(jnp.int32), ((0, 0), (0, Rp - R)))
+    den, mix = _pick(part, len(spans), sp * split, spans)
+    ms_ref[0, 0], me_ref[0, 0] = dd_sum(*mix, axis=1)  # [HEADS, D], unrounded
+    ds, de = dd_sum(*den, axis=1)  # [HEADS, 1]
+    ds_ref[0, 0, 0], de_ref[0, 0, 0] = ds[:, 0], de[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
-def sink_attention(q, parts, sink, scale: float, interpret: bool = False):
-    """q [T, H, hd] f32; ``parts``: ((keys [R, hd] or [T, R, hd], visible [T, R]), ...); sink [H];
-    ``scale`` a static f32 → [T, H, hd], as ``ds4jax.model.attention.sink_attention`` (K = V)."""
+def _visible(parts, spans, T):
+    """[T, blocks x KEYS] int32: each part's visibility, padded invisible to its blocks."""
+    cols = []
+    for (_, _, vis), (_, nb) in zip(parts, spans):
+        cols.append(jnp.pad(vis.astype(I32), ((0, 0), (0, nb * KEYS - vis.shape[1]))))
+    return jnp.concatenate(cols, axis=1)
+
+
+def _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split):
+    """XLA's elementwise epilogue (it fuses with its neighbours): each part's split pairs in split
+    order, rounded once, the parts added in order; the denominator's pairs likewise plus
+    exp(sink - m); then the reference's reciprocal multiply."""
+    o = None
+    for b0, nb in spans:
+        part = slice(b0 // split, (b0 + nb) // split)
+        mix = finish(mix_s[part], mix_e[part])
+        o = mix if o is None else o + mix
+    total = exp(sink[None, :] - m) + finish(den_s[:, :, 0], den_e[:, :, 0])
+    return o * div(1.0, total)[..., None]
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "split", "step_keys"))
+def sink_attention(
+    q, parts, sink, scale: float, interpret: bool = False, split: int = SPLIT, step_keys: int = STEP_KEYS
+):
+    """q [T, H, hd] f32; ``parts``: ((table [R, hd], rows [T, K] or None, visible [T, K]), ...);
+    sink [H]; ``scale`` a static f32 → [T, H, hd], as ``ds4jax.model.attention.sink_attention``
+    over the keys table[rows] (K = V). ``split``: key blocks a mix program walks, ``step_keys``: keys
+    a step of its loop (powers of two ≤ split x KEYS; only time depends on them)."""
     T, H, hd = q.shape
     zero = kernel_zero(q, interpret)
+    q = q.astype(F32)
+    spans, n_blocks = _layout(parts, split)
+    shared = tuple(rows is None for _, rows, _ in parts)
+    n_rows = tuple(int(tab.shape[0]) for tab, _, _ in parts)
+    tabs = [tab.reshape(-1) for tab, _, _ in parts]  # flat: rows are gathered by offset
+    rows = []
+    for (_, r, _), (_, nb) in zip(parts, spans):
+        if r is not None:
+            rows.append(jnp.pad(r.astype(I32), ((0, 0), (0, nb * KEYS - r.shape[1]))))
+    whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
     one = pl.BlockSpec((1,), lambda *_: (0,))
     params = plgpu.CompilerParams(num_warps=WARPS, num_stages=2)
-    q = q.astype(F32)
-    scores, keys = [], []
-    for k, v in parts:
-        k, v = _pad_keys(k, v, KEYS)
-        per_token = k.ndim == 3
-        Rp = k.shape[-2]
-        k_spec = (
-            pl.BlockSpec((1, KEYS, hd), lambda t, h, r: (t, r, 0))
-            if per_token
-            else pl.BlockSpec((KEYS, hd), lambda t, h, r: (r, 0))
-        )
-        s = pl.pallas_call(
-            functools.partial(
-                _scores_kernel, scale=float(np.float32(scale)), per_token=per_token
-            ),  # a literal: exact in f32
-            grid=(T, H // HEADS, Rp // KEYS),
-            in_specs=[
-                one,
-                pl.BlockSpec((1, HEADS, hd), lambda t, h, r: (t, h, 0)),
-                k_spec,
-                pl.BlockSpec((1, KEYS), lambda t, h, r: (t, r)),
-            ],
-            out_specs=pl.BlockSpec((1, HEADS, KEYS), lambda t, h, r: (t, h, r)),
-            out_shape=jax.ShapeDtypeStruct((T, H, Rp), F32),
-            compiler_params=params,
-            interpret=interpret,
-            name="attn_scores",
-        )(zero, q, k, v)
-        scores.append(s)
-        keys.append(k)
-    per_token = tuple(k.ndim == 3 for k in keys)
-    s_specs = [pl.BlockSpec((1, HEADS, s.shape[-1]), lambda t, h, c: (t, h, 0)) for s in scores]
-    k_specs = [
-        pl.BlockSpec((1, k.shape[1], D_CHUNK), lambda t, h, c: (t, 0, c))
-        if k.ndim == 3
-        else pl.BlockSpec((k.shape[0], D_CHUNK), lambda t, h, c: (0, c))
-        for k in keys
-    ]
-    return pl.pallas_call(
-        functools.partial(_mix_kernel, n_parts=len(parts), per_token=per_token),
-        grid=(T, H // HEADS, hd // D_CHUNK),
-        in_specs=[one, pl.BlockSpec((HEADS,), lambda t, h, c: (h,)), *s_specs, *k_specs],
-        out_specs=pl.BlockSpec((1, HEADS, D_CHUNK), lambda t, h, c: (t, h, c)),
-        out_shape=jax.ShapeDtypeStruct((T, H, hd), F32),
+    static = {"spans": spans, "shared": shared, "n_rows": n_rows, "hd": hd}
+    Rk = n_blocks * KEYS
+
+    scores = pl.pallas_call(
+        functools.partial(_scores_kernel, scale=float(np.float32(scale)), **static),  # a literal: exact in f32
+        grid=(T, H // HEADS, n_blocks),
+        in_specs=[
+            one,
+            pl.BlockSpec((1, HEADS, 1, hd), lambda t, h, b: (t, h, 0, 0)),
+            pl.BlockSpec((1, KEYS), lambda t, h, b: (t, b)),
+            *[whole(a) for a in tabs + rows],
+        ],
+        out_specs=pl.BlockSpec((1, HEADS, KEYS), lambda t, h, b: (t, h, b)),
+        out_shape=jax.ShapeDtypeStruct((T, H, Rk), F32),
+        compiler_params=params,
+        interpret=interpret,
+        name="attn_scores",
+    )(zero, q.reshape(T, H, 1, hd), _visible(parts, spans, T), *tabs, *rows)
+
+    n_split, n_c = n_blocks // split, hd // D_CHUNK
+    sink = sink.astype(F32)
+    m = jnp.maximum(jnp.max(scores, axis=-1), sink[None, :])  # [T, H]: exact in any order
+    mix_shape = jax.ShapeDtypeStruct((n_split, T, H, hd), F32)
+    den_shape = jax.ShapeDtypeStruct((n_split, T, n_c, H), F32)
+    mix_spec = pl.BlockSpec((1, 1, HEADS, D_CHUNK), lambda t, h, c, s: (s, t, h, c))
+    den_spec = pl.BlockSpec((1, 1, 1, HEADS), lambda t, h, c, s: (s, t, c, h))
+    mix_s, mix_e, den_s, den_e = pl.pallas_call(
+        functools.partial(_mix_kernel, split=split, step_keys=step_keys, **static),
+        grid=(T, H // HEADS, n_c, n_split),
+        in_specs=[
+            one,
+            pl.BlockSpec((1, HEADS), lambda t, h, *_: (t, h)),
+            # the mix loads [HEADS, KEYS, 1] tiles: the products' layout
+            pl.BlockSpec((1, HEADS, Rk, 1), lambda t, h, *_: (t, h, 0, 0)),
+            *[whole(a) for a in tabs + rows],
+        ],
+        out_specs=[mix_spec, mix_spec, den_spec, den_spec],
+        out_shape=[mix_shape, mix_shape, den_shape, den_shape],
         compiler_params=params,
         interpret=interpret,
         name="attn_mix",
-    )(zero, sink.astype(F32), *scores, *keys)
+    )(zero, m, scores.reshape(T, H, Rk, 1), *tabs, *rows)
+    return _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split)

@@ -253,16 +253,18 @@ def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: f
     return k.hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps, splits, **knobs)
 
 
-# The decode attention kernels (``attention.sink_attention``: scores, then softmax and mix) in
-# ``auto``. Built in session 20, exact interpreted; not timed on a GPU yet, so off.
+# The decode attention kernels (``attention.sink_attention``: scores, mix by key splits, finish)
+# in ``auto``. Session 21's first form (one mix program a head block) ran ~3x XLA's time; this
+# form is not timed yet, so off.
 ATTN_IN_AUTO = False
 
 
 def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference):
-    """The attention sums of q [T, H, hd] over ``parts`` ((keys, visible), ...) with the sink: the
-    kernels where they are taken, else ``reference()``. Interpreted, they compile in ~1 s, so
-    the whole-model CPU tests run them."""
+    """The attention sums of q [T, H, hd] over ``parts`` ((f16 table, rows or None, visible), ...)
+    with the sink: the kernels where they are taken, else ``reference()``. Interpreted, they
+    compile in seconds, so the whole-model CPU tests run them."""
     use, interpret = _use(q.shape[0], auto=ATTN_IN_AUTO)
     if not use or not attention_kernel.supported(q, parts):
         return reference()
-    return attention_kernel.sink_attention(q, tuple(parts), sink, float(scale), interpret=interpret)
+    knobs = {"split": attention_kernel.SPLIT, "step_keys": attention_kernel.STEP_KEYS}  # at trace time: ab variants
+    return attention_kernel.sink_attention(q, tuple(parts), sink, float(scale), interpret=interpret, **knobs)

@@ -622,33 +622,48 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
 
 
 # ---- decode attention ---------------------------------------------------------------------------
-def bench_attention(rec: Recorder, n_head=64, head_dim=512, window=128, top_k=512, rounds=200):
-    """The attention kernels (scores, then softmax and mix) against the model's XLA path: the raw
-    window with the indexer's rows gathered per token (ratio-4 layers), and with 32 shared
-    compressed rows (ratio-128 layers at a 4096 context)."""
+def _f32_keys(table, rows):
+    """The reference's keys: the f16 table (or the rows read by index) as f32."""
+    return table.astype(jnp.float32) if rows is None else table.astype(jnp.float32)[rows]
+
+
+def bench_attention(rec: Recorder, n_head=64, head_dim=512, window=128, top_k=512, n_comp=1024, rounds=200):
+    """The attention kernels (scores, mix by key splits, finish) against the model's XLA path: the
+    raw window with the indexer's top-k rows read by index from the compressed table (ratio-4
+    layers), and with 32 shared compressed rows (ratio-128 layers at a 4096 context). Variants:
+    the key blocks a mix program walks (``split``) and the keys a step of its loop."""
     scale = float(np.float32(1.0 / np.sqrt(head_dim)))
     for n_tok in TOKENS:
         k = iter(jax.random.split(jax.random.PRNGKey(21 + n_tok), 8))
         q = jax.random.normal(next(k), (n_tok, n_head, head_dim)) * 3
-        f16 = lambda *shape, k=k: jax.random.normal(next(k), shape).astype(jnp.float16).astype(jnp.float32)
+        f16 = lambda *shape, k=k: jax.random.normal(next(k), shape).astype(jnp.float16)
         raw = f16(window + n_tok, head_dim)
         raw_v = jax.random.uniform(next(k), (n_tok, window + n_tok)) < 0.9
         sink = jax.random.normal(next(k), (n_head,))
-        for label, second in (("ratio-4", f16(n_tok, top_k, head_dim)), ("ratio-128", f16(32, head_dim))):
-            sec_v = jnp.ones((n_tok, second.shape[-2]), bool)
-            args = (q, raw, raw_v, second, sec_v, sink)
-            ref = lambda i, q, a, av, b, bv, s: model_attention.sink_attention(
-                q, ((a, av), (b, bv)), s, np.float32(scale)
+        comp = f16(n_comp, head_dim)
+        sel = jax.random.randint(next(k), (n_tok, top_k), 0, n_comp)
+        cases = (("ratio-4", comp, sel, jnp.ones((n_tok, top_k), bool)), ("ratio-128", f16(32, head_dim), None, None))
+        for label, second, rows, sec_v in cases:
+            if sec_v is None:
+                sec_v = jnp.ones((n_tok, second.shape[0]), bool)
+            args = (q, raw, raw_v, second, rows, sec_v, sink)
+            ref = lambda i, q, a, av, b, br, bv, s: model_attention.sink_attention(
+                q, ((_f32_keys(a, None), av), (_f32_keys(b, br), bv)), s, np.float32(scale)
             )
             ref_s, want = time_steps(ref, rounds, *args, show=n_tok == 1)
-            fn = lambda i, q, a, av, b, bv, s: attention.sink_attention(
-                q, ((a, av), (b, bv)), s, scale, interpret=INTERPRET
-            )
-            nbytes = (raw.size + second.size) * 2 + q.size * 8
+            nbytes = (raw.size + (top_k * head_dim * n_tok if rows is not None else second.size)) * 2 + q.size * 8
             shape = f"{n_head}x{head_dim} {label}"
-            t = time_variant(rec, "attention", n_tok, shape, "base", fn, args, want, nbytes, ref_s, rounds)
-            if t is not None:
-                rec.best("attention", n_tok, shape, t, nbytes, ref_s)
+            best = None
+            for split, step in ((2, 16), (4, 16), (8, 16), (4, 8), (8, 8)):
+                fn = lambda i, q, a, av, b, br, bv, s, split=split, step=step: attention.sink_attention(
+                    q, ((a, None, av), (b, br, bv)), s, scale, interpret=INTERPRET, split=split, step_keys=step
+                )
+                label = f"split{split}k{step}"
+                t = time_variant(rec, "attention", n_tok, shape, label, fn, args, want, nbytes, ref_s, rounds)
+                if t is not None and (best is None or t < best[0]):
+                    best = (t, label)
+            if best is not None:
+                rec.best(f"attention {best[1]}", n_tok, shape, best[0], nbytes, ref_s)
 
 
 def main() -> None:
@@ -760,7 +775,12 @@ def main() -> None:
         bench_hc_pre(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
     if "attention" in only and left() > 0:
         bench_attention(
-            rec, **({"n_head": 8, "head_dim": 128, "window": 16, "top_k": 32, "rounds": 3} if INTERPRET else {})
+            rec,
+            **(
+                {"n_head": 8, "head_dim": 128, "window": 16, "top_k": 32, "n_comp": 64, "rounds": 3}
+                if INTERPRET
+                else {}
+            ),
         )
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
