@@ -106,38 +106,38 @@ def _split_refs(refs, n_parts, shared):
     return tabs, row_refs, rest
 
 
-def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd):
+def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd, dc):
     rnd = functools.partial(opaque, zero=z_ref[0])
     t, blk = pl.program_id(0), pl.program_id(2)
     tabs, row_refs, (o_ref,) = _split_refs(refs, len(spans), shared)
-    cols = lax.broadcasted_iota(I32, (1, 1, D_CHUNK), 2)
-    z = jnp.zeros((HEADS, KEYS, D_CHUNK), F32)
+    cols = lax.broadcasted_iota(I32, (1, 1, dc), 2)
+    z = jnp.zeros((HEADS, KEYS, dc), F32)
 
     def part(p):
         base = _rows(p, t, (blk - spans[p][0]) * KEYS, KEYS, row_refs, n_rows)[None, :, None] * hd + cols
 
         def step(c, acc):
-            c0 = pl.multiple_of(c * D_CHUNK, D_CHUNK)
-            qc = q_ref[0, :, :, pl.ds(c0, D_CHUNK)]  # [HEADS, 1, D]: loaded in the product's layout
+            c0 = pl.multiple_of(c * dc, dc)
+            qc = q_ref[0, :, :, pl.ds(c0, dc)]  # [HEADS, 1, D]: loaded in the product's layout
             kc = tabs[p][base + c0].astype(F32)  # [1, KEYS, D]: the rows gathered from the f16 table
             return two_sum_add(*acc, rnd(qc * kc))  # products rounded first (no FMA)
 
-        return lax.fori_loop(0, hd // D_CHUNK, step, (z, z))
+        return lax.fori_loop(0, hd // dc, step, (z, z))
 
     s, e = dd_sum(*_pick(part, len(spans), blk, spans))  # [HEADS, KEYS]
     visible = v_ref[0, :] != 0  # [KEYS]
     o_ref[0] = jnp.where(visible[None, :], rnd((s + e) * scale), -jnp.inf)
 
 
-def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, step_keys):
+def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, step_keys, dc):
     rnd = functools.partial(opaque, zero=z_ref[0])
     t, c, sp = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     tabs, row_refs, (ms_ref, me_ref, ds_ref, de_ref) = _split_refs(refs, len(spans), shared)
     m = m_ref[0]  # [HEADS]: max(sink, every score), from XLA (one reduction, shared with the epilogue)
-    cols = lax.broadcasted_iota(I32, (1, 1, D_CHUNK), 2) + c * D_CHUNK
+    cols = lax.broadcasted_iota(I32, (1, 1, dc), 2) + c * dc
     n = step_keys  # keys a step: the live sums are 2 x HEADS x n x D_CHUNK
     zd = jnp.zeros((HEADS, n, 1), F32)
-    zm = jnp.zeros((HEADS, n, D_CHUNK), F32)
+    zm = jnp.zeros((HEADS, n, dc), F32)
 
     def part(p):
         def step(j, carry):
@@ -177,14 +177,24 @@ def _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split):
     return o * div(1.0, total)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "split", "step_keys"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "split", "step_keys", "warps", "stages", "dc"))
 def sink_attention(
-    q, parts, sink, scale: float, interpret: bool = False, split: int = SPLIT, step_keys: int = STEP_KEYS
+    q,
+    parts,
+    sink,
+    scale: float,
+    interpret: bool = False,
+    split: int = SPLIT,
+    step_keys: int = STEP_KEYS,
+    warps: int = WARPS,
+    stages: int = 2,
+    dc: int = D_CHUNK,
 ):
     """q [T, H, hd] f32; ``parts``: ((table [R, hd], rows [T, K] or None, visible [T, K]), ...);
     sink [H]; ``scale`` a static f32 → [T, H, hd], as ``ds4jax.model.attention.sink_attention``
     over the keys table[rows] (K = V). ``split``: key blocks a mix program walks, ``step_keys``: keys
-    a step of its loop (powers of two ≤ split x KEYS; only time depends on them)."""
+    a step of its loop (powers of two ≤ split x KEYS), ``dc`` head-dim columns a step of the scores
+    and a mix program's; ``warps``, ``stages`` the launches' (only time depends on these)."""
     T, H, hd = q.shape
     zero = kernel_zero(q, interpret)
     q = q.astype(F32)
@@ -198,8 +208,8 @@ def sink_attention(
             rows.append(jnp.pad(r.astype(I32), ((0, 0), (0, nb * KEYS - r.shape[1]))))
     whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
     one = pl.BlockSpec((1,), lambda *_: (0,))
-    params = plgpu.CompilerParams(num_warps=WARPS, num_stages=2)
-    static = {"spans": spans, "shared": shared, "n_rows": n_rows, "hd": hd}
+    params = plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+    static = {"spans": spans, "shared": shared, "n_rows": n_rows, "hd": hd, "dc": dc}
     Rk = n_blocks * KEYS
 
     scores = pl.pallas_call(
@@ -218,12 +228,12 @@ def sink_attention(
         name="attn_scores",
     )(zero, q.reshape(T, H, 1, hd), _visible(parts, spans, T), *tabs, *rows)
 
-    n_split, n_c = n_blocks // split, hd // D_CHUNK
+    n_split, n_c = n_blocks // split, hd // dc
     sink = sink.astype(F32)
     m = jnp.maximum(jnp.max(scores, axis=-1), sink[None, :])  # [T, H]: exact in any order
     mix_shape = jax.ShapeDtypeStruct((n_split, T, H, hd), F32)
     den_shape = jax.ShapeDtypeStruct((n_split, T, n_c, H), F32)
-    mix_spec = pl.BlockSpec((1, 1, HEADS, D_CHUNK), lambda t, h, c, s: (s, t, h, c))
+    mix_spec = pl.BlockSpec((1, 1, HEADS, dc), lambda t, h, c, s: (s, t, h, c))
     den_spec = pl.BlockSpec((1, 1, 1, HEADS), lambda t, h, c, s: (s, t, c, h))
     mix_s, mix_e, den_s, den_e = pl.pallas_call(
         functools.partial(_mix_kernel, split=split, step_keys=step_keys, **static),

@@ -622,6 +622,19 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
 
 
 # ---- decode attention ---------------------------------------------------------------------------
+# (split, warps, stages, head-dim columns) of the attention kernels
+ATTN_VARIANTS = (
+    (8, 8, 2, 64),
+    (8, 4, 2, 64),
+    (8, 8, 1, 64),
+    (8, 8, 3, 64),
+    (8, 8, 2, 32),
+    (8, 4, 2, 32),
+    (4, 4, 2, 32),
+    (16, 8, 2, 32),
+)
+
+
 def _f32_keys(table, rows):
     """The reference's keys: the f16 table (or the rows read by index) as f32."""
     return table.astype(jnp.float32) if rows is None else table.astype(jnp.float32)[rows]
@@ -654,11 +667,12 @@ def bench_attention(rec: Recorder, n_head=64, head_dim=512, window=128, top_k=51
             nbytes = (raw.size + (top_k * head_dim * n_tok if rows is not None else second.size)) * 2 + q.size * 8
             shape = f"{n_head}x{head_dim} {label}"
             best = None
-            for split, step in ((2, 16), (4, 16), (8, 16), (4, 8), (8, 8)):
-                fn = lambda i, q, a, av, b, br, bv, s, split=split, step=step: attention.sink_attention(
-                    q, ((a, None, av), (b, br, bv)), s, scale, interpret=INTERPRET, split=split, step_keys=step
+            for split, warps, stages, dc in ATTN_VARIANTS:
+                knobs = {"split": split, "warps": warps, "stages": stages, "dc": dc}
+                fn = lambda i, q, a, av, b, br, bv, s, knobs=knobs: attention.sink_attention(
+                    q, ((a, None, av), (b, br, bv)), s, scale, interpret=INTERPRET, **knobs
                 )
-                label = f"split{split}k{step}"
+                label = f"split{split}w{warps}st{stages}d{dc}"
                 t = time_variant(rec, "attention", n_tok, shape, label, fn, args, want, nbytes, ref_s, rounds)
                 if t is not None and (best is None or t < best[0]):
                     best = (t, label)
