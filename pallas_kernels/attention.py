@@ -42,10 +42,12 @@ __all__ = ["sink_attention", "supported"]
 
 HEADS = 8  # heads a program
 KEYS = 16  # keys a block (the scores launch's program, the mix loop's step)
-SPLIT = 4  # key blocks a mix program walks (64 keys)
+SPLIT = None  # key blocks a mix program walks; None: ``choose_split`` (from the key count)
 STEP_KEYS = KEYS  # keys a step of the mix loop (8 halves its live sums)
-D_CHUNK = 64  # head-dim columns a step of the scores' loop, and a mix program's columns
-WARPS = 8  # 2 x HEADS x KEYS x D_CHUNK live sums: 64 registers a thread at 8 warps (255 at 4, offline)
+# H200, session 21 (calls E-F, N=1, a launch pair alone): 32 columns and 4 warps beat 64 and 8 (and
+# 16 columns or 2 warps) for both launches: ratio-4 keys 39.1 against 52.2 µs at split 8.
+D_CHUNK = 32  # head-dim columns a step of the scores' loop, and a mix program's columns
+WARPS = 4
 I32 = jnp.int32
 
 
@@ -63,6 +65,14 @@ def supported(q: jax.Array, parts) -> bool:
         if rows is not None and rows.shape != (T, K):
             return False
     return pow2(H) and pow2(hd) and H % HEADS == 0 and hd % D_CHUNK == 0
+
+
+def choose_split(parts) -> int:
+    """Key blocks a mix program walks, from the key count alone (H200, session 21, N=1): 16 for the
+    raw window with the indexer's 512 rows (36.9 µs against 39.1 at 8 and 44.2 at 4), 4 for the
+    raw window with a few dozen ratio-128 rows (22.9 µs against 26.2 at 8)."""
+    n_keys = sum(tab.shape[0] if rows is None else rows.shape[-1] for tab, rows, _ in parts)
+    return 16 if n_keys >= 512 else 4
 
 
 def _layout(parts, split):
@@ -184,7 +194,7 @@ def sink_attention(
     sink,
     scale: float,
     interpret: bool = False,
-    split: int = SPLIT,
+    split: int | None = SPLIT,
     step_keys: int = STEP_KEYS,
     warps: int = WARPS,
     stages: int = 2,
@@ -198,6 +208,7 @@ def sink_attention(
     T, H, hd = q.shape
     zero = kernel_zero(q, interpret)
     q = q.astype(F32)
+    split = split or choose_split(parts)
     spans, n_blocks = _layout(parts, split)
     shared = tuple(rows is None for _, rows, _ in parts)
     n_rows = tuple(int(tab.shape[0]) for tab, _, _ in parts)
