@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rounded_in_loop
+from pallas_kernels import attention as attention_kernel
 from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import hadamard as hadamard_kernel
 from pallas_kernels import hc_pre as hc_pre_kernel
@@ -250,3 +251,20 @@ def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: f
     splits = k.splits_for(H.shape[1] * H.shape[2], k.SPLITS)
     knobs = {"warps": k.WARPS, "stages": k.STAGES, "sums": sinkhorn_kernel.SUMS, "sq_chunk": k.SQ_CHUNK}
     return k.hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps, splits, **knobs)
+
+
+# The decode attention kernels (``attention.sink_attention``: scores, mix by key splits, finish)
+# in ``auto``. Session 21's first form (one mix program a head block) ran ~3x XLA's time; this
+# form is not timed yet, so off.
+ATTN_IN_AUTO = False
+
+
+def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference):
+    """The attention sums of q [T, H, hd] over ``parts`` ((f16 table, rows or None, visible), ...)
+    with the sink: the kernels where they are taken, else ``reference()``. Interpreted, they
+    compile in seconds, so the whole-model CPU tests run them."""
+    use, interpret = _use(q.shape[0], auto=ATTN_IN_AUTO)
+    if not use or not attention_kernel.supported(q, parts):
+        return reference()
+    knobs = {"split": attention_kernel.SPLIT, "step_keys": attention_kernel.STEP_KEYS}  # at trace time: ab variants
+    return attention_kernel.sink_attention(q, tuple(parts), sink, float(scale), interpret=interpret, **knobs)

@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,hc_pre] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,hc_pre,attention] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -38,11 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import devtime
 
+from ds4jax.model import attention as model_attention
 from ds4jax.model import hc
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from ds4jax.quant.formats import QType
 from ds4jax.quant.planes import QTensor
-from pallas_kernels import experts, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
+from pallas_kernels import attention, experts, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.common import TileConfig
 from pallas_kernels.testing import expert_planes
 
@@ -620,13 +621,72 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
             rec.best(f"hc_pre {best[n_tok][1]}", n_tok, shape, best[n_tok][0], nbytes, ref_s)
 
 
+# ---- decode attention ---------------------------------------------------------------------------
+# (split, warps, stages, head-dim columns) of the attention kernels
+ATTN_VARIANTS = (
+    (8, 4, 2, 32),
+    (8, 4, 2, 16),
+    (8, 2, 2, 32),
+    (8, 2, 2, 16),
+    (4, 2, 2, 16),
+    (4, 4, 2, 16),
+    (16, 4, 2, 32),
+    (16, 2, 2, 16),
+)
+
+
+def _f32_keys(table, rows):
+    """The reference's keys: the f16 table (or the rows read by index) as f32."""
+    return table.astype(jnp.float32) if rows is None else table.astype(jnp.float32)[rows]
+
+
+def bench_attention(rec: Recorder, n_head=64, head_dim=512, window=128, top_k=512, n_comp=1024, rounds=200):
+    """The attention kernels (scores, mix by key splits, finish) against the model's XLA path: the
+    raw window with the indexer's top-k rows read by index from the compressed table (ratio-4
+    layers), and with 32 shared compressed rows (ratio-128 layers at a 4096 context). Variants:
+    the key blocks a mix program walks (``split``) and the keys a step of its loop."""
+    scale = float(np.float32(1.0 / np.sqrt(head_dim)))
+    for n_tok in TOKENS:
+        k = iter(jax.random.split(jax.random.PRNGKey(21 + n_tok), 8))
+        q = jax.random.normal(next(k), (n_tok, n_head, head_dim)) * 3
+        f16 = lambda *shape, k=k: jax.random.normal(next(k), shape).astype(jnp.float16)
+        raw = f16(window + n_tok, head_dim)
+        raw_v = jax.random.uniform(next(k), (n_tok, window + n_tok)) < 0.9
+        sink = jax.random.normal(next(k), (n_head,))
+        comp = f16(n_comp, head_dim)
+        sel = jax.random.randint(next(k), (n_tok, top_k), 0, n_comp)
+        cases = (("ratio-4", comp, sel, jnp.ones((n_tok, top_k), bool)), ("ratio-128", f16(32, head_dim), None, None))
+        for label, second, rows, sec_v in cases:
+            if sec_v is None:
+                sec_v = jnp.ones((n_tok, second.shape[0]), bool)
+            args = (q, raw, raw_v, second, rows, sec_v, sink)
+            ref = lambda i, q, a, av, b, br, bv, s: model_attention.sink_attention(
+                q, ((_f32_keys(a, None), av), (_f32_keys(b, br), bv)), s, np.float32(scale)
+            )
+            ref_s, want = time_steps(ref, rounds, *args, show=n_tok == 1)
+            nbytes = (raw.size + (top_k * head_dim * n_tok if rows is not None else second.size)) * 2 + q.size * 8
+            shape = f"{n_head}x{head_dim} {label}"
+            best = None
+            for split, warps, stages, dc in ATTN_VARIANTS:
+                knobs = {"split": split, "warps": warps, "stages": stages, "dc": dc}
+                fn = lambda i, q, a, av, b, br, bv, s, knobs=knobs: attention.sink_attention(
+                    q, ((a, None, av), (b, br, bv)), s, scale, interpret=INTERPRET, **knobs
+                )
+                label = f"split{split}w{warps}st{stages}d{dc}"
+                t = time_variant(rec, "attention", n_tok, shape, label, fn, args, want, nbytes, ref_s, rounds)
+                if t is not None and (best is None or t < best[0]):
+                    best = (t, label)
+            if best is not None:
+                rec.best(f"attention {best[1]}", n_tok, shape, best[0], nbytes, ref_s)
+
+
 def main() -> None:
     global Q8_SHAPES, EXPERT_SHAPES, INTERPRET, N_EXPERT, TOKENS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
-    ap.add_argument("--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,hc_pre")
+    ap.add_argument("--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,hc_pre,attention")
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
     ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
@@ -727,6 +787,15 @@ def main() -> None:
         bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))
     if "hc_pre" in only and left() > 0:
         bench_hc_pre(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
+    if "attention" in only and left() > 0:
+        bench_attention(
+            rec,
+            **(
+                {"n_head": 8, "head_dim": 128, "window": 16, "top_k": 32, "n_comp": 64, "rounds": 3}
+                if INTERPRET
+                else {}
+            ),
+        )
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:

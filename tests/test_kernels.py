@@ -14,13 +14,14 @@ import pytest
 
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
+from ds4jax.model import attention as model_attention
 from ds4jax.model import hc
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from ds4jax.quant.formats import QType
 from ds4jax.quant.layouts import iq2_nib_planes
 from ds4jax.quant.planes import QTensor
 from ds4jax.sampling import SamplingParams
-from pallas_kernels import dispatch, experts, hadamard, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
+from pallas_kernels import attention, dispatch, experts, hadamard, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.testing import expert_planes
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -307,6 +308,31 @@ def test_iq2_xxs_narrow_programs_are_the_reference(monkeypatch, narrow):
     assert np.array_equal(np.asarray(got), np.asarray(dispatch.expert_matmul(x, experts.IQ2_XXS, planes, ids)))
 
 
+@pytest.mark.parametrize("T,second", [(1, "shared"), (3, "per-token"), (2, None)])
+def test_attention_kernels_are_the_reference(T, second):
+    """The decode attention sums (scores, then softmax with the sink and mix) against the model's
+    XLA path, bit for bit: the raw window (shared keys, not a whole key block) with random
+    visibility, and a second key set shared (ratio-128 rows) or read by index per token (the
+    indexer's rows, some indices out of the visible range, as top-k gives them); enough keys for
+    several mix splits in each part."""
+    H, hd, R1, R2 = 8, 128, 131 + T, 160
+    q = jnp.asarray(RNG.standard_normal((T, H, hd)).astype(np.float32) * 3)
+    f16 = lambda *shape: jnp.asarray(RNG.standard_normal(shape).astype(np.float16))
+    parts = [(f16(R1, hd), None, jnp.asarray(RNG.random((T, R1)) < 0.8))]
+    if second == "shared":
+        parts.append((f16(R2, hd), None, jnp.asarray(RNG.random((T, R2)) < 0.6)))
+    elif second == "per-token":
+        K = 100
+        rows = jnp.asarray(RNG.integers(0, R2, (T, K)).astype(np.int32))
+        parts.append((f16(R2, hd), rows, jnp.asarray(RNG.random((T, K)) < 0.6)))
+    sink = jnp.asarray(RNG.standard_normal(H).astype(np.float32))
+    scale = np.float32(1.0 / np.sqrt(hd))
+    ref_parts = [(t.astype(jnp.float32) if r is None else t.astype(jnp.float32)[r], v) for t, r, v in parts]
+    want = model_attention.sink_attention(q, tuple(ref_parts), sink, scale)
+    got = attention.sink_attention(q, tuple(parts), sink, float(scale), interpret=INTERPRET)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
 def hc_inputs(T, n, d):
     """Random hyper-connection state and mixer (magnitudes like a trained model's)."""
     R = n * (n + 2)
@@ -356,6 +382,18 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
     i8, f32 = jnp.int8, jnp.float32
     calls = [
         (lambda c: sinkhorn.sinkhorn(c, 20, 1e-6), S((3, 4, 4), f32)),
+        (
+            lambda q, k1, v1, k2, r2, v2, sink: attention.sink_attention(
+                q, ((k1, None, v1), (k2, r2, v2)), sink, 0.0625
+            ),
+            S((2, 8, 256), f32),
+            S((130, 256), jnp.float16),
+            S((2, 130), jnp.bool_),
+            S((300, 256), jnp.float16),
+            S((2, 64), jnp.int32),
+            S((2, 64), jnp.bool_),
+            S((8,), f32),
+        ),
         (
             lambda H, fn, s, b: hc_pre.hc_pre(H, fn, s, b, 20, 1e-6, 1e-6),
             S((2, 4, 1024), f32),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ds4jax.config import ModelConfig
@@ -81,7 +82,9 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
         raw_valid = raw_valid & jnp.concatenate([raw_mask, jnp.ones((T,), bool)])[None, :]
     pending = {"raw_all": raw_all}
 
-    parts = [(raw_all.astype(F32), raw_valid)]
+    # Each key set as (f16 table, rows each token reads or None for all of them, visible): the
+    # kernel reads rows by index, the reference gathers them as f32.
+    parts = [(raw_all, None, raw_valid)]
     r = cfg.ratio(L)
     if r:
         comp, pending["cmp_buf"] = compressor.compress_chunk(
@@ -95,12 +98,14 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
             )
             pending["idx"] = idx
             sel, ok = indexer.select_rows(cfg, w, qrn, xn, cos, sin, idx, n_vis)
-            parts.append((comp.astype(F32)[sel], ok))  # [T, K, hd]
+            parts.append((comp, sel, ok))  # the indexer's top-k rows [T, K]
         else:
-            parts.append((comp.astype(F32), jnp.arange(comp.shape[0])[None, :] < n_vis[:, None]))
+            parts.append((comp, None, jnp.arange(comp.shape[0])[None, :] < n_vis[:, None]))
 
     sink = w["attn_sinks"].planes["w"].astype(F32)
-    o = sink_attention(q, parts, sink, F32(1.0 / math.sqrt(hd)))
+    scale = np.float32(1.0 / math.sqrt(hd))  # a host scalar: the kernel path takes it as a literal
+    keys = lambda: [(t.astype(F32) if rows is None else t.astype(F32)[rows], v) for t, rows, v in parts]
+    o = kernels.sink_attention(q, tuple(parts), sink, scale, lambda: sink_attention(q, keys(), sink, scale))
 
     o = apply_rope_tail(o, cos[:, None, :], sin[:, None, :], inverse=True)
     low = q8_0_grouped_matmul(o.reshape(T, cfg.n_out_group, cfg.group_dim), w["attn_output_a"], cfg.n_out_group, aq)

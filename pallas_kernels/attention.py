@@ -1,0 +1,265 @@
+"""The decode step's attention sums (``ds4jax.model.attention.sink_attention`` at N = 1..4) as
+two launches and an elementwise epilogue, instead of XLA's fusions.
+
+Keys come as f16 tables with the rows each token sees: a part is (table [R, hd], rows [T, K] or
+None for "all R rows, shared by the tokens", visible [T, K]). The indexer's rows are read from the
+compressed table by index, so nothing is gathered into an f32 copy first. Each part's keys are cut
+into blocks of ``KEYS`` rows, padded to whole splits (padded keys invisible).
+
+1. ``attn_scores``, programs (token, head block, key block): each (head, key) score is the
+   double-float sum over the head dim of the rounded products q·k, times the scale, -inf where
+   the key is not visible.
+2. ``attn_mix``, programs (token, head block, head-dim block, split): over the split's keys, with
+   m = max(sink, every score) (one XLA reduction, which the epilogue shares), e = exp(s - m) into the denominator's and the mix's
+   double-float sums; the (s, e) pairs are written unrounded. Splitting the keys is what gives the
+   launch enough programs: session 21's first form (one program a head block walking every key)
+   ran at ~3x XLA's time on the H200, and serial loops over the scores row or the splits
+   (a max loop in each program, a finish kernel) cost ~1 µs a step; a whole-row max tile in
+   each program took 152 registers (one program an SM).
+3. ``_finish`` (XLA, elementwise, fuses with its neighbours): each part's split pairs added in
+   split order and rounded once, the parts added in order, the denominator's pairs likewise plus
+   exp(sink - m), then the reciprocal multiply, as the reference does.
+
+Every sum is a double-float sum rounded once, as ``numerics.asum``, so the bits are the XLA
+path's wherever those sums round correctly (the same premise as every other double-float kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ds4jax.model.numerics import dd_sum, div, exp
+from pallas_kernels.common import F32, finish, kernel_zero, opaque, two_sum_add
+
+__all__ = ["sink_attention", "supported"]
+
+HEADS = 8  # heads a program
+KEYS = 16  # keys a block (the scores launch's program, the mix loop's step)
+SPLIT = None  # key blocks a mix program walks; None: ``choose_split`` (from the key count)
+STEP_KEYS = KEYS  # keys a step of the mix loop (8 halves its live sums)
+# H200, session 21 (calls E-F, N=1, a launch pair alone): 32 columns and 4 warps beat 64 and 8 (and
+# 16 columns or 2 warps) for both launches: ratio-4 keys 39.1 against 52.2 µs at split 8.
+D_CHUNK = 32  # head-dim columns a step of the scores' loop, and a mix program's columns
+WARPS = 4
+I32 = jnp.int32
+
+
+def supported(q: jax.Array, parts) -> bool:
+    """q [T, H, hd] with H a multiple of HEADS and hd of D_CHUNK (powers of two); one or two parts
+    (table [R, hd], rows [T, K] int or None, visible [T, K or R])."""
+    if q.ndim != 3 or not 1 <= len(parts) <= 2:
+        return False
+    T, H, hd = q.shape
+    pow2 = lambda v: v >= 1 and v & (v - 1) == 0
+    for tab, rows, vis in parts:
+        K = tab.shape[0] if rows is None else rows.shape[-1]
+        if tab.ndim != 2 or tab.shape[1] != hd or vis.shape != (T, K):
+            return False
+        if rows is not None and rows.shape != (T, K):
+            return False
+    return pow2(H) and pow2(hd) and H % HEADS == 0 and hd % D_CHUNK == 0
+
+
+def choose_split(parts) -> int:
+    """Key blocks a mix program walks, from the key count alone (H200, session 21, N=1): 16 for the
+    raw window with the indexer's 512 rows (36.9 µs against 39.1 at 8 and 44.2 at 4), 4 for the
+    raw window with a few dozen ratio-128 rows (22.9 µs against 26.2 at 8)."""
+    n_keys = sum(tab.shape[0] if rows is None else rows.shape[-1] for tab, rows, _ in parts)
+    return 16 if n_keys >= 512 else 4
+
+
+def _layout(parts, split):
+    """Static per-part (first block, blocks) with each part padded to whole splits."""
+    spans, b0 = [], 0
+    for tab, rows, _ in parts:
+        K = tab.shape[0] if rows is None else rows.shape[-1]
+        nb = -(-K // (KEYS * split)) * split
+        spans.append((b0, nb))
+        b0 += nb
+    return tuple(spans), b0
+
+
+def _pick(parts_fn, n_parts, blk, spans):
+    """Run ``parts_fn(p)`` for the part that key block ``blk`` lies in (a uniform branch a program)."""
+    if n_parts == 1:
+        return parts_fn(0)
+    return lax.cond(blk < spans[1][0], lambda: parts_fn(0), lambda: parts_fn(1))
+
+
+def _rows(p, t, k0, n, row_refs, n_rows):
+    """Table rows of part p's local keys k0 .. k0 + n - 1 for token t: [n], clamped into the table
+    (padded and invisible keys read a real row; their e is 0)."""
+    if row_refs[p] is None:
+        r = k0 + lax.broadcasted_iota(I32, (n,), 0)
+    else:
+        r = row_refs[p][t, pl.ds(pl.multiple_of(k0, n), n)]
+    return jnp.clip(r, 0, n_rows[p] - 1)
+
+
+def _split_refs(refs, n_parts, shared):
+    """(tables, row refs with None for shared parts, rest)."""
+    tabs, rest = refs[:n_parts], refs[n_parts:]
+    row_refs = []
+    for p in range(n_parts):
+        if shared[p]:
+            row_refs.append(None)
+        else:
+            row_refs.append(rest[0])
+            rest = rest[1:]
+    return tabs, row_refs, rest
+
+
+def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd, dc):
+    rnd = functools.partial(opaque, zero=z_ref[0])
+    t, blk = pl.program_id(0), pl.program_id(2)
+    tabs, row_refs, (o_ref,) = _split_refs(refs, len(spans), shared)
+    cols = lax.broadcasted_iota(I32, (1, 1, dc), 2)
+    z = jnp.zeros((HEADS, KEYS, dc), F32)
+
+    def part(p):
+        base = _rows(p, t, (blk - spans[p][0]) * KEYS, KEYS, row_refs, n_rows)[None, :, None] * hd + cols
+
+        def step(c, acc):
+            c0 = pl.multiple_of(c * dc, dc)
+            qc = q_ref[0, :, :, pl.ds(c0, dc)]  # [HEADS, 1, D]: loaded in the product's layout
+            kc = tabs[p][base + c0].astype(F32)  # [1, KEYS, D]: the rows gathered from the f16 table
+            return two_sum_add(*acc, rnd(qc * kc))  # products rounded first (no FMA)
+
+        return lax.fori_loop(0, hd // dc, step, (z, z))
+
+    s, e = dd_sum(*_pick(part, len(spans), blk, spans))  # [HEADS, KEYS]
+    visible = v_ref[0, :] != 0  # [KEYS]
+    o_ref[0] = jnp.where(visible[None, :], rnd((s + e) * scale), -jnp.inf)
+
+
+def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, step_keys, dc):
+    rnd = functools.partial(opaque, zero=z_ref[0])
+    t, c, sp = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    tabs, row_refs, (ms_ref, me_ref, ds_ref, de_ref) = _split_refs(refs, len(spans), shared)
+    m = m_ref[0]  # [HEADS]: max(sink, every score), from XLA (one reduction, shared with the epilogue)
+    cols = lax.broadcasted_iota(I32, (1, 1, dc), 2) + c * dc
+    n = step_keys  # keys a step: the live sums are 2 x HEADS x n x D_CHUNK
+    zd = jnp.zeros((HEADS, n, 1), F32)
+    zm = jnp.zeros((HEADS, n, dc), F32)
+
+    def part(p):
+        def step(j, carry):
+            den, mix = carry
+            k0 = pl.multiple_of(sp * split * KEYS + j * n, n)  # in the scores row
+            e = exp(s_ref[0, :, pl.ds(k0, n), :] - m[:, None, None], rnd)  # [HEADS, n, 1]; 0 where masked
+            rows = _rows(p, t, k0 - spans[p][0] * KEYS, n, row_refs, n_rows)
+            k = tabs[p][rows[None, :, None] * hd + cols].astype(F32)  # [1, n, D]
+            return two_sum_add(*den, e), two_sum_add(*mix, rnd(e * k))
+
+        return lax.fori_loop(0, split * KEYS // n, step, ((zd, zd), (zm, zm)))
+
+    den, mix = _pick(part, len(spans), sp * split, spans)
+    ms_ref[0, 0], me_ref[0, 0] = dd_sum(*mix, axis=1)  # [HEADS, D], unrounded
+    ds, de = dd_sum(*den, axis=1)  # [HEADS, 1]
+    ds_ref[0, 0, 0], de_ref[0, 0, 0] = ds[:, 0], de[:, 0]
+
+
+def _visible(parts, spans, T):
+    """[T, blocks x KEYS] int32: each part's visibility, padded invisible to its blocks."""
+    cols = []
+    for (_, _, vis), (_, nb) in zip(parts, spans):
+        cols.append(jnp.pad(vis.astype(I32), ((0, 0), (0, nb * KEYS - vis.shape[1]))))
+    return jnp.concatenate(cols, axis=1)
+
+
+def _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split):
+    """XLA's elementwise epilogue (it fuses with its neighbours): each part's split pairs in split
+    order, rounded once, the parts added in order; the denominator's pairs likewise plus
+    exp(sink - m); then the reference's reciprocal multiply."""
+    o = None
+    for b0, nb in spans:
+        part = slice(b0 // split, (b0 + nb) // split)
+        mix = finish(mix_s[part], mix_e[part])
+        o = mix if o is None else o + mix
+    total = exp(sink[None, :] - m) + finish(den_s[:, :, 0], den_e[:, :, 0])
+    return o * div(1.0, total)[..., None]
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "split", "step_keys", "warps", "stages", "dc"))
+def sink_attention(
+    q,
+    parts,
+    sink,
+    scale: float,
+    interpret: bool = False,
+    split: int | None = SPLIT,
+    step_keys: int = STEP_KEYS,
+    warps: int = WARPS,
+    stages: int = 2,
+    dc: int = D_CHUNK,
+):
+    """q [T, H, hd] f32; ``parts``: ((table [R, hd], rows [T, K] or None, visible [T, K]), ...);
+    sink [H]; ``scale`` a static f32 → [T, H, hd], as ``ds4jax.model.attention.sink_attention``
+    over the keys table[rows] (K = V). ``split``: key blocks a mix program walks, ``step_keys``: keys
+    a step of its loop (powers of two ≤ split x KEYS), ``dc`` head-dim columns a step of the scores
+    and a mix program's; ``warps``, ``stages`` the launches' (only time depends on these)."""
+    T, H, hd = q.shape
+    zero = kernel_zero(q, interpret)
+    q = q.astype(F32)
+    split = split or choose_split(parts)
+    spans, n_blocks = _layout(parts, split)
+    shared = tuple(rows is None for _, rows, _ in parts)
+    n_rows = tuple(int(tab.shape[0]) for tab, _, _ in parts)
+    tabs = [tab.reshape(-1) for tab, _, _ in parts]  # flat: rows are gathered by offset
+    rows = []
+    for (_, r, _), (_, nb) in zip(parts, spans):
+        if r is not None:
+            rows.append(jnp.pad(r.astype(I32), ((0, 0), (0, nb * KEYS - r.shape[1]))))
+    whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+    one = pl.BlockSpec((1,), lambda *_: (0,))
+    params = plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+    static = {"spans": spans, "shared": shared, "n_rows": n_rows, "hd": hd, "dc": dc}
+    Rk = n_blocks * KEYS
+
+    scores = pl.pallas_call(
+        functools.partial(_scores_kernel, scale=float(np.float32(scale)), **static),  # a literal: exact in f32
+        grid=(T, H // HEADS, n_blocks),
+        in_specs=[
+            one,
+            pl.BlockSpec((1, HEADS, 1, hd), lambda t, h, b: (t, h, 0, 0)),
+            pl.BlockSpec((1, KEYS), lambda t, h, b: (t, b)),
+            *[whole(a) for a in tabs + rows],
+        ],
+        out_specs=pl.BlockSpec((1, HEADS, KEYS), lambda t, h, b: (t, h, b)),
+        out_shape=jax.ShapeDtypeStruct((T, H, Rk), F32),
+        compiler_params=params,
+        interpret=interpret,
+        name="attn_scores",
+    )(zero, q.reshape(T, H, 1, hd), _visible(parts, spans, T), *tabs, *rows)
+
+    n_split, n_c = n_blocks // split, hd // dc
+    sink = sink.astype(F32)
+    m = jnp.maximum(jnp.max(scores, axis=-1), sink[None, :])  # [T, H]: exact in any order
+    mix_shape = jax.ShapeDtypeStruct((n_split, T, H, hd), F32)
+    den_shape = jax.ShapeDtypeStruct((n_split, T, n_c, H), F32)
+    mix_spec = pl.BlockSpec((1, 1, HEADS, dc), lambda t, h, c, s: (s, t, h, c))
+    den_spec = pl.BlockSpec((1, 1, 1, HEADS), lambda t, h, c, s: (s, t, c, h))
+    mix_s, mix_e, den_s, den_e = pl.pallas_call(
+        functools.partial(_mix_kernel, split=split, step_keys=step_keys, **static),
+        grid=(T, H // HEADS, n_c, n_split),
+        in_specs=[
+            one,
+            pl.BlockSpec((1, HEADS), lambda t, h, *_: (t, h)),
+            # the mix loads [HEADS, KEYS, 1] tiles: the products' layout
+            pl.BlockSpec((1, HEADS, Rk, 1), lambda t, h, *_: (t, h, 0, 0)),
+            *[whole(a) for a in tabs + rows],
+        ],
+        out_specs=[mix_spec, mix_spec, den_spec, den_spec],
+        out_shape=[mix_shape, mix_shape, den_shape, den_shape],
+        compiler_params=params,
+        interpret=interpret,
+        name="attn_mix",
+    )(zero, m, scores.reshape(T, H, Rk, 1), *tabs, *rows)
+    return _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split)
