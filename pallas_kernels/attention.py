@@ -9,13 +9,13 @@ into blocks of ``KEYS`` rows, padded to whole splits (padded keys invisible).
 1. ``attn_scores``, programs (token, head block, key block): each (head, key) score is the
    double-float sum over the head dim of the rounded products q·k, times the scale, -inf where
    the key is not visible.
-2. ``attn_mix``, programs (token, head block, head-dim block, split): over the split's keys, with
-   m = max(sink, every score) (one XLA reduction, which the epilogue shares), e = exp(s - m) into the denominator's and the mix's
-   double-float sums; the (s, e) pairs are written unrounded. Splitting the keys is what gives the
-   launch enough programs: session 21's first form (one program a head block walking every key)
-   ran at ~3x XLA's time on the H200, and serial loops over the scores row or the splits
-   (a max loop in each program, a finish kernel) cost ~1 µs a step; a whole-row max tile in
-   each program took 152 registers (one program an SM).
+2. ``attn_mix``, programs (token, head block, head-dim block, split): with m = max(sink, every
+   score) (one XLA reduction, which the epilogue shares), e = exp(s - m) over the split's keys
+   into the denominator's and the mix's double-float sums; the (s, e) pairs are written
+   unrounded. Splitting the keys is what gives the launch enough programs (H200, session 21, the
+   raw window and the indexer's 512 rows at N=1; XLA's path 45.4 µs): one program a head block
+   walking every key took 139.6 µs; key splits with the max in each program and a finish kernel
+   53-67 µs; the max and the epilogue in XLA 52-59 µs; then 32 columns and 4 warps 36.9 µs.
 3. ``_finish`` (XLA, elementwise, fuses with its neighbours): each part's split pairs added in
    split order and rounded once, the parts added in order, the denominator's pairs likewise plus
    exp(sink - m), then the reciprocal multiply, as the reference does.
@@ -43,9 +43,9 @@ __all__ = ["sink_attention", "supported"]
 HEADS = 8  # heads a program
 KEYS = 16  # keys a block (the scores launch's program, the mix loop's step)
 SPLIT = None  # key blocks a mix program walks; None: ``choose_split`` (from the key count)
-STEP_KEYS = KEYS  # keys a step of the mix loop (8 halves its live sums)
-# H200, session 21 (calls E-F, N=1, a launch pair alone): 32 columns and 4 warps beat 64 and 8 (and
-# 16 columns or 2 warps) for both launches: ratio-4 keys 39.1 against 52.2 µs at split 8.
+STEP_KEYS = KEYS  # keys a step of the mix loop (8 halves its live sums but lost: 44.5 against 36.9 µs)
+# H200, session 21 (calls E-F, N=1, the launches alone): 32 columns and 4 warps beat 64 and 8, and
+# 16 columns or 2 warps, for both launches: 39.1 against 52.2 µs (the indexer's keys, split 8).
 D_CHUNK = 32  # head-dim columns a step of the scores' loop, and a mix program's columns
 WARPS = 4
 I32 = jnp.int32

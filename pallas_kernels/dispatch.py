@@ -253,17 +253,19 @@ def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: f
     return k.hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps, splits, **knobs)
 
 
-# The decode attention kernels (``attention.sink_attention``: scores, mix by key splits, finish)
-# in ``auto``. Session 21's first form (one mix program a head block) ran ~3x XLA's time; this
-# form is not timed yet, so off.
-ATTN_IN_AUTO = False
+# The decode attention kernels (``attention.sink_attention``: scores, then the mix by key splits,
+# with XLA's max and epilogue) in ``auto`` at N=1, the only N timed at the chosen launch. H200,
+# session 21, 8 full-size layers, one process: 2,524.2 against 2,538.8 µs of kernels a step, 29
+# kernels fewer (call G); a launch pair alone 36.9 against 45.6 µs (ratio-4 layers) and 22.9
+# against 22.1 (ratio-128). At N=2 an earlier launch shape lost (92.6 against 76.0 µs).
+ATTN_IN_AUTO = True
 
 
 def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference):
     """The attention sums of q [T, H, hd] over ``parts`` ((f16 table, rows or None, visible), ...)
     with the sink: the kernels where they are taken, else ``reference()``. Interpreted, they
     compile in seconds, so the whole-model CPU tests run them."""
-    use, interpret = _use(q.shape[0], auto=ATTN_IN_AUTO)
+    use, interpret = _use(q.shape[0], auto=ATTN_IN_AUTO and q.shape[0] == 1)
     if not use or not attention_kernel.supported(q, parts):
         return reference()
     knobs = {"split": attention_kernel.SPLIT, "step_keys": attention_kernel.STEP_KEYS}  # at trace time: ab variants

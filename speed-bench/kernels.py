@@ -622,17 +622,8 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
 
 
 # ---- decode attention ---------------------------------------------------------------------------
-# (split, warps, stages, head-dim columns) of the attention kernels
-ATTN_VARIANTS = (
-    (8, 4, 2, 32),
-    (8, 4, 2, 16),
-    (8, 2, 2, 32),
-    (8, 2, 2, 16),
-    (4, 2, 2, 16),
-    (4, 4, 2, 16),
-    (16, 4, 2, 32),
-    (16, 2, 2, 16),
-)
+# (split (None: chosen from the key count), warps, stages, head-dim columns) of the attention kernels
+ATTN_VARIANTS = ((None, 4, 2, 32), (4, 4, 2, 32), (8, 4, 2, 32), (16, 4, 2, 32), (8, 8, 2, 64))
 
 
 def _f32_keys(table, rows):
@@ -672,7 +663,7 @@ def bench_attention(rec: Recorder, n_head=64, head_dim=512, window=128, top_k=51
                 fn = lambda i, q, a, av, b, br, bv, s, knobs=knobs: attention.sink_attention(
                     q, ((a, None, av), (b, br, bv)), s, scale, interpret=INTERPRET, **knobs
                 )
-                label = f"split{split}w{warps}st{stages}d{dc}"
+                label = f"split{split or 'auto'}w{warps}st{stages}d{dc}"
                 t = time_variant(rec, "attention", n_tok, shape, label, fn, args, want, nbytes, ref_s, rounds)
                 if t is not None and (best is None or t < best[0]):
                     best = (t, label)
