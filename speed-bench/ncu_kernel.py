@@ -4,8 +4,13 @@
         --section SpeedOfLight python speed-bench/ncu_kernel.py q8_0 --out 129280 --k 4096 --n 1
     ncu --clock-control none -k regex:experts --launch-skip 1 --launch-count 1 --set full \
         python speed-bench/ncu_kernel.py experts --qtype IQ2_XXS --out 2048 --k 4096 --n 1
+    ncu --clock-control none -k regex:attn_ --launch-skip 2 --launch-count 2 --set full \
+        python speed-bench/ncu_kernel.py attention --n 1
 
 ``experts`` runs 6 routed experts per token out of 256, as the model does (kernels.py's shapes).
+``attention`` runs the decode attention kernels on a ratio-4 layer's keys (64 heads of 512, the
+raw window of 128 and the indexer's 512 rows read by index from 1024 compressed rows): one call
+is the ``attn_scores`` launch, then ``attn_mix``.
 ``--interpret`` runs the kernel interpreted (a CPU smoke test of this script).
 """
 
@@ -17,18 +22,34 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels import N_EXPERT, N_USED, expert_inputs, q8_case  # speed-bench/kernels.py, beside this script
 
-from pallas_kernels import experts, q8_0
+from pallas_kernels import attention, experts, q8_0
 from pallas_kernels.testing import expert_planes
+
+
+def attention_case(key, n_tok: int, interpret: bool):
+    """A ratio-4 layer's decode attention at full size (or small, interpreted)."""
+    H, hd, window, top_k, n_comp = (8, 128, 16, 32, 64) if interpret else (64, 512, 128, 512, 1024)
+    k = iter(jax.random.split(key, 6))
+    q = jax.random.normal(next(k), (n_tok, H, hd)) * 3
+    raw = jax.random.normal(next(k), (window + n_tok, hd)).astype(jnp.float16)
+    comp = jax.random.normal(next(k), (n_comp, hd)).astype(jnp.float16)
+    rows = jax.random.randint(next(k), (n_tok, top_k), 0, n_comp)
+    sink = jax.random.normal(next(k), (H,))
+    parts = ((raw, None, jnp.ones((n_tok, window + n_tok), bool)), (comp, rows, jnp.ones((n_tok, top_k), bool)))
+    scale = float(np.float32(1.0 / np.sqrt(hd)))
+    return lambda: attention.sink_attention(q, parts, sink, scale, interpret=interpret)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=("q8_0", "experts"))
+    ap.add_argument("kernel", choices=("q8_0", "experts", "attention"))
     ap.add_argument("--out", type=int, default=129280)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--groups", type=int, default=1, help="q8_0: block-diagonal groups")
@@ -44,6 +65,8 @@ def main() -> None:
     if a.kernel == "q8_0":
         xq, dx, qs, d = q8_case(key, a.n, a.out, a.k, a.groups)
         run = lambda: q8_0.matmul(xq, dx, qs, d, groups=a.groups, interpret=a.interpret)
+    elif a.kernel == "attention":
+        run = attention_case(key, a.n, a.interpret)
     else:
         qtype = getattr(experts, a.qtype)
         n_expert = 8 if a.interpret else N_EXPERT
