@@ -48,7 +48,6 @@ STEP_KEYS = KEYS  # keys a step of the mix loop (8 halves its live sums but lost
 # 16 columns or 2 warps, for both launches: 39.1 against 52.2 µs (the indexer's keys, split 8).
 D_CHUNK = 32  # head-dim columns a step of the scores' loop, and a mix program's columns
 WARPS = 4
-UNROLL = False  # both loops unrolled (built in session 21 after the device time ran out; not timed)
 I32 = jnp.int32
 
 
@@ -117,18 +116,7 @@ def _split_refs(refs, n_parts, shared):
     return tabs, row_refs, rest
 
 
-def _loop(n, body, init, unroll):
-    """``fori_loop(0, n, body, init)``, or the same steps unrolled in Python, so that every step's
-    loads are issued before the first step's sums (Triton does not pipeline the gathers: no
-    asynchronous copies in the SASS, so a rolled loop waits for each step's loads)."""
-    if not unroll:
-        return lax.fori_loop(0, n, body, init)
-    for i in range(n):
-        init = body(i, init)
-    return init
-
-
-def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd, dc, unroll):
+def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd, dc):
     rnd = functools.partial(opaque, zero=z_ref[0])
     t, blk = pl.program_id(0), pl.program_id(2)
     tabs, row_refs, (o_ref,) = _split_refs(refs, len(spans), shared)
@@ -139,19 +127,19 @@ def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd,
         base = _rows(p, t, (blk - spans[p][0]) * KEYS, KEYS, row_refs, n_rows)[None, :, None] * hd + cols
 
         def step(c, acc):
-            c0 = c * dc if unroll else pl.multiple_of(c * dc, dc)
+            c0 = pl.multiple_of(c * dc, dc)
             qc = q_ref[0, :, :, pl.ds(c0, dc)]  # [HEADS, 1, D]: loaded in the product's layout
             kc = tabs[p][base + c0].astype(F32)  # [1, KEYS, D]: the rows gathered from the f16 table
             return two_sum_add(*acc, rnd(qc * kc))  # products rounded first (no FMA)
 
-        return _loop(hd // dc, step, (z, z), unroll)
+        return lax.fori_loop(0, hd // dc, step, (z, z))
 
     s, e = dd_sum(*_pick(part, len(spans), blk, spans))  # [HEADS, KEYS]
     visible = v_ref[0, :] != 0  # [KEYS]
     o_ref[0] = jnp.where(visible[None, :], rnd((s + e) * scale), -jnp.inf)
 
 
-def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, step_keys, dc, unroll):
+def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, step_keys, dc):
     rnd = functools.partial(opaque, zero=z_ref[0])
     t, c, sp = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     tabs, row_refs, (ms_ref, me_ref, ds_ref, de_ref) = _split_refs(refs, len(spans), shared)
@@ -164,13 +152,13 @@ def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, st
     def part(p):
         def step(j, carry):
             den, mix = carry
-            k0 = pl.multiple_of(sp * split * KEYS + j * n, n)  # in the scores row (j static when unrolled)
+            k0 = pl.multiple_of(sp * split * KEYS + j * n, n)  # in the scores row
             e = exp(s_ref[0, :, pl.ds(k0, n), :] - m[:, None, None], rnd)  # [HEADS, n, 1]; 0 where masked
             rows = _rows(p, t, k0 - spans[p][0] * KEYS, n, row_refs, n_rows)
             k = tabs[p][rows[None, :, None] * hd + cols].astype(F32)  # [1, n, D]
             return two_sum_add(*den, e), two_sum_add(*mix, rnd(e * k))
 
-        return _loop(split * KEYS // n, step, ((zd, zd), (zm, zm)), unroll)
+        return lax.fori_loop(0, split * KEYS // n, step, ((zd, zd), (zm, zm)))
 
     den, mix = _pick(part, len(spans), sp * split, spans)
     ms_ref[0, 0], me_ref[0, 0] = dd_sum(*mix, axis=1)  # [HEADS, D], unrounded
@@ -199,9 +187,7 @@ def _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split):
     return o * div(1.0, total)[..., None]
 
 
-@functools.partial(
-    jax.jit, static_argnames=("scale", "interpret", "split", "step_keys", "warps", "stages", "dc", "unroll")
-)
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "split", "step_keys", "warps", "stages", "dc"))
 def sink_attention(
     q,
     parts,
@@ -213,14 +199,12 @@ def sink_attention(
     warps: int = WARPS,
     stages: int = 2,
     dc: int = D_CHUNK,
-    unroll: bool = UNROLL,
 ):
     """q [T, H, hd] f32; ``parts``: ((table [R, hd], rows [T, K] or None, visible [T, K]), ...);
     sink [H]; ``scale`` a static f32 → [T, H, hd], as ``ds4jax.model.attention.sink_attention``
     over the keys table[rows] (K = V). ``split``: key blocks a mix program walks, ``step_keys``: keys
     a step of its loop (powers of two ≤ split x KEYS), ``dc`` head-dim columns a step of the scores
-    and a mix program's; ``warps``, ``stages`` the launches'; ``unroll``: both loops unrolled (only
-    time depends on these)."""
+    and a mix program's; ``warps``, ``stages`` the launches' (only time depends on these)."""
     T, H, hd = q.shape
     zero = kernel_zero(q, interpret)
     q = q.astype(F32)
@@ -236,7 +220,7 @@ def sink_attention(
     whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
     one = pl.BlockSpec((1,), lambda *_: (0,))
     params = plgpu.CompilerParams(num_warps=warps, num_stages=stages)
-    static = {"spans": spans, "shared": shared, "n_rows": n_rows, "hd": hd, "dc": dc, "unroll": unroll}
+    static = {"spans": spans, "shared": shared, "n_rows": n_rows, "hd": hd, "dc": dc}
     Rk = n_blocks * KEYS
 
     scores = pl.pallas_call(
