@@ -626,11 +626,6 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
 ATTN_VARIANTS = ((None, 4, 2, 32), (4, 4, 2, 32), (8, 4, 2, 32), (16, 4, 2, 32), (8, 8, 2, 64))
 
 
-def _f32_keys(table, rows):
-    """The reference's keys: the f16 table (or the rows read by index) as f32."""
-    return table.astype(jnp.float32) if rows is None else table.astype(jnp.float32)[rows]
-
-
 def bench_attention(rec: Recorder, n_head=64, head_dim=512, window=128, top_k=512, n_comp=1024, rounds=200):
     """The attention kernels (scores, mix by key splits, finish) against the model's XLA path: the
     raw window with the indexer's top-k rows read by index from the compressed table (ratio-4
@@ -652,7 +647,7 @@ def bench_attention(rec: Recorder, n_head=64, head_dim=512, window=128, top_k=51
                 sec_v = jnp.ones((n_tok, second.shape[0]), bool)
             args = (q, raw, raw_v, second, rows, sec_v, sink)
             ref = lambda i, q, a, av, b, br, bv, s: model_attention.sink_attention(
-                q, ((_f32_keys(a, None), av), (_f32_keys(b, br), bv)), s, np.float32(scale)
+                q, tuple(model_attention.f32_keys(((a, None, av), (b, br, bv)))), s, np.float32(scale)
             )
             ref_s, want = time_steps(ref, rounds, *args, show=n_tok == 1)
             nbytes = (raw.size + (top_k * head_dim * n_tok if rows is not None else second.size)) * 2 + q.size * 8

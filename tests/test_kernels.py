@@ -313,8 +313,7 @@ def test_attention_kernels_are_the_reference(T, second):
     """The decode attention sums (scores, then softmax with the sink and mix) against the model's
     XLA path, bit for bit: the raw window (shared keys, not a whole key block) with random
     visibility, and a second key set shared (ratio-128 rows) or read by index per token (the
-    indexer's rows, some indices out of the visible range, as top-k gives them); enough keys for
-    several mix splits in each part."""
+    indexer's rows: random rows, some invisible); enough keys for several mix splits a part."""
     H, hd, R1, R2 = 8, 128, 131 + T, 160
     q = jnp.asarray(RNG.standard_normal((T, H, hd)).astype(np.float32) * 3)
     f16 = lambda *shape: jnp.asarray(RNG.standard_normal(shape).astype(np.float16))
@@ -327,8 +326,7 @@ def test_attention_kernels_are_the_reference(T, second):
         parts.append((f16(R2, hd), rows, jnp.asarray(RNG.random((T, K)) < 0.6)))
     sink = jnp.asarray(RNG.standard_normal(H).astype(np.float32))
     scale = np.float32(1.0 / np.sqrt(hd))
-    ref_parts = [(t.astype(jnp.float32) if r is None else t.astype(jnp.float32)[r], v) for t, r, v in parts]
-    want = model_attention.sink_attention(q, tuple(ref_parts), sink, scale)
+    want = model_attention.sink_attention(q, tuple(model_attention.f32_keys(parts)), sink, scale)
     got = attention.sink_attention(q, tuple(parts), sink, float(scale), interpret=INTERPRET)
     assert np.array_equal(np.asarray(got), np.asarray(want))
 

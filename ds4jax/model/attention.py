@@ -50,6 +50,12 @@ def sink_attention(q, parts, sink, scale):
     return o * div(1.0, den)[..., None]  # ds4 normalises with a reciprocal multiply
 
 
+def f32_keys(parts) -> list:
+    """Key sets as (f16 table [R, hd], rows [T, K] or None for all R, visible) → the reference's
+    (f32 keys [R, hd] or [T, K, hd], visible)."""
+    return [(t.astype(F32) if rows is None else t.astype(F32)[rows], v) for t, rows, v in parts]
+
+
 def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rope: dict, raw_mask=None):
     """x [T, n_embd] (HC-pre output) -> (y [T, n_embd], pending).
 
@@ -104,8 +110,7 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
 
     sink = w["attn_sinks"].planes["w"].astype(F32)
     scale = np.float32(1.0 / math.sqrt(hd))  # a host scalar: the kernel path takes it as a literal
-    keys = lambda: [(t.astype(F32) if rows is None else t.astype(F32)[rows], v) for t, rows, v in parts]
-    o = kernels.sink_attention(q, tuple(parts), sink, scale, lambda: sink_attention(q, keys(), sink, scale))
+    o = kernels.sink_attention(q, tuple(parts), sink, scale, lambda: sink_attention(q, f32_keys(parts), sink, scale))
 
     o = apply_rope_tail(o, cos[:, None, :], sin[:, None, :], inverse=True)
     low = q8_0_grouped_matmul(o.reshape(T, cfg.n_out_group, cfg.group_dim), w["attn_output_a"], cfg.n_out_group, aq)
