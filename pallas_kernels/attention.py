@@ -43,7 +43,6 @@ __all__ = ["sink_attention", "supported"]
 HEADS = 8  # heads a program
 KEYS = 16  # keys a block (the scores launch's program, the mix loop's step)
 SPLIT = None  # key blocks a mix program walks; None: ``choose_split`` (from the key count)
-STEP_KEYS = KEYS  # keys a step of the mix loop (8 halves its live sums but lost: 44.5 against 36.9 µs)
 # H200, session 21 (calls E-F, N=1, the launches alone): 32 columns and 4 warps beat 64 and 8, and
 # 16 columns or 2 warps, for both launches: 39.1 against 52.2 µs (the indexer's keys, split 8).
 D_CHUNK = 32  # head-dim columns a step of the scores' loop, and a mix program's columns
@@ -59,7 +58,7 @@ def supported(q: jax.Array, parts) -> bool:
     T, H, hd = q.shape
     pow2 = lambda v: v >= 1 and v & (v - 1) == 0
     for tab, rows, vis in parts:
-        K = tab.shape[0] if rows is None else rows.shape[-1]
+        K = _n_keys(tab, rows)
         if tab.ndim != 2 or tab.shape[1] != hd or vis.shape != (T, K):
             return False
         if rows is not None and rows.shape != (T, K):
@@ -67,11 +66,16 @@ def supported(q: jax.Array, parts) -> bool:
     return pow2(H) and pow2(hd) and H % HEADS == 0 and hd % D_CHUNK == 0
 
 
+def _n_keys(tab, rows) -> int:
+    """Keys a token sees in a part: the table's rows, or the rows it reads by index."""
+    return tab.shape[0] if rows is None else rows.shape[-1]
+
+
 def choose_split(parts) -> int:
     """Key blocks a mix program walks, from the key count alone (H200, session 21, N=1): 16 for the
     raw window with the indexer's 512 rows (36.9 µs against 39.1 at 8 and 44.2 at 4), 4 for the
     raw window with a few dozen ratio-128 rows (22.9 µs against 26.2 at 8)."""
-    n_keys = sum(tab.shape[0] if rows is None else rows.shape[-1] for tab, rows, _ in parts)
+    n_keys = sum(_n_keys(tab, rows) for tab, rows, _ in parts)
     return 16 if n_keys >= 512 else 4
 
 
@@ -79,8 +83,7 @@ def _layout(parts, split):
     """Static per-part (first block, blocks) with each part padded to whole splits."""
     spans, b0 = [], 0
     for tab, rows, _ in parts:
-        K = tab.shape[0] if rows is None else rows.shape[-1]
-        nb = -(-K // (KEYS * split)) * split
+        nb = -(-_n_keys(tab, rows) // (KEYS * split)) * split
         spans.append((b0, nb))
         b0 += nb
     return tuple(spans), b0
@@ -139,13 +142,13 @@ def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd,
     o_ref[0] = jnp.where(visible[None, :], rnd((s + e) * scale), -jnp.inf)
 
 
-def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, step_keys, dc):
+def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc):
     rnd = functools.partial(opaque, zero=z_ref[0])
     t, c, sp = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     tabs, row_refs, (ms_ref, me_ref, ds_ref, de_ref) = _split_refs(refs, len(spans), shared)
     m = m_ref[0]  # [HEADS]: max(sink, every score), from XLA (one reduction, shared with the epilogue)
     cols = lax.broadcasted_iota(I32, (1, 1, dc), 2) + c * dc
-    n = step_keys  # keys a step: the live sums are 2 x HEADS x n x D_CHUNK
+    n = KEYS  # keys a step: the live sums are 2 x HEADS x n x D_CHUNK (8 keys lost: 44.5 against 36.9 µs)
     zd = jnp.zeros((HEADS, n, 1), F32)
     zm = jnp.zeros((HEADS, n, dc), F32)
 
@@ -187,7 +190,7 @@ def _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split):
     return o * div(1.0, total)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "split", "step_keys", "warps", "stages", "dc"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "split", "warps", "stages", "dc"))
 def sink_attention(
     q,
     parts,
@@ -195,16 +198,14 @@ def sink_attention(
     scale: float,
     interpret: bool = False,
     split: int | None = SPLIT,
-    step_keys: int = STEP_KEYS,
     warps: int = WARPS,
     stages: int = 2,
     dc: int = D_CHUNK,
 ):
     """q [T, H, hd] f32; ``parts``: ((table [R, hd], rows [T, K] or None, visible [T, K]), ...);
     sink [H]; ``scale`` a static f32 → [T, H, hd], as ``ds4jax.model.attention.sink_attention``
-    over the keys table[rows] (K = V). ``split``: key blocks a mix program walks, ``step_keys``: keys
-    a step of its loop (powers of two ≤ split x KEYS), ``dc`` head-dim columns a step of the scores
-    and a mix program's; ``warps``, ``stages`` the launches' (only time depends on these)."""
+    over the keys table[rows] (K = V). ``split``: key blocks a mix program walks (None: from the key
+    count), ``dc`` head-dim columns a step of the scores and a mix program's; ``warps``, ``stages`` the launches' (only time depends on these)."""
     T, H, hd = q.shape
     zero = kernel_zero(q, interpret)
     q = q.astype(F32)
@@ -243,11 +244,13 @@ def sink_attention(
     sink = sink.astype(F32)
     m = jnp.maximum(jnp.max(scores, axis=-1), sink[None, :])  # [T, H]: exact in any order
     mix_shape = jax.ShapeDtypeStruct((n_split, T, H, hd), F32)
+    # every column block's programs sum the same denominator; each writes its own copy (no two
+    # programs write one block) and the epilogue reads column block 0's
     den_shape = jax.ShapeDtypeStruct((n_split, T, n_c, H), F32)
     mix_spec = pl.BlockSpec((1, 1, HEADS, dc), lambda t, h, c, s: (s, t, h, c))
     den_spec = pl.BlockSpec((1, 1, 1, HEADS), lambda t, h, c, s: (s, t, c, h))
     mix_s, mix_e, den_s, den_e = pl.pallas_call(
-        functools.partial(_mix_kernel, split=split, step_keys=step_keys, **static),
+        functools.partial(_mix_kernel, split=split, **static),
         grid=(T, H // HEADS, n_c, n_split),
         in_specs=[
             one,

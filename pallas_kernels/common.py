@@ -18,7 +18,7 @@ import numpy as np
 from jax import lax
 from jax.experimental.pallas import triton as pltriton
 
-from ds4jax.model.numerics import dd_add, dd_sum
+from ds4jax.model.numerics import dd_add
 
 F32 = jnp.float32
 
@@ -199,8 +199,3 @@ def _lower_variadic_reduce():
 
 _lower_variadic_reduce()
 
-
-def dd_total(s: jax.Array, e: jax.Array) -> jax.Array:
-    """Double-float sum of (s, e) pairs over the last axis, rounded once."""
-    s, e = dd_sum(s, e, -1)
-    return s + e

@@ -13,8 +13,8 @@ made at trace time from static shapes and the environment:
                               attn_q_a and attn_kv); the routed-expert kernels at
                               every N, prefill chunks too (v3: 3-6x XLA's gather + dot); the
                               hyper-connection Sinkhorn (one launch for ~40 per sublayer) and,
-                              at N = 1..4, its whole pre-mix (three launches for ~10); the
-                              Hadamard transform. The fused norms lost to XLA's fusions and
+                              at N = 1..4, its whole pre-mix (three launches for ~10); at N=1
+                              the attention sums (two launches for ~8); the Hadamard transform. The fused norms lost to XLA's fusions and
                               stay off.
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
     DS4JAX_KERNELS=off        the reference everywhere
@@ -268,5 +268,5 @@ def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference):
     use, interpret = _use(q.shape[0], auto=ATTN_IN_AUTO and q.shape[0] == 1)
     if not use or not attention_kernel.supported(q, parts):
         return reference()
-    knobs = {"split": attention_kernel.SPLIT, "step_keys": attention_kernel.STEP_KEYS}  # at trace time: ab variants
-    return attention_kernel.sink_attention(q, tuple(parts), sink, float(scale), interpret=interpret, **knobs)
+    split = attention_kernel.SPLIT  # read at trace time: ab_decode.py variants set it
+    return attention_kernel.sink_attention(q, tuple(parts), sink, float(scale), interpret=interpret, split=split)

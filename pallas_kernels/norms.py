@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import div, rms_norm, split12, sqrt
+from ds4jax.model.numerics import dd_total, div, rms_norm, split12, sqrt
 from ds4jax.model.rope import apply_rope_tail
-from pallas_kernels.common import F32, dd_total, kernel_zero, opaque, pick, two_sum_add
+from pallas_kernels.common import F32, kernel_zero, opaque, pick, two_sum_add
 
 
 def _pow2(n: int) -> bool:

@@ -626,42 +626,52 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
 ATTN_VARIANTS = ((None, 4, 2, 32), (4, 4, 2, 32), (8, 4, 2, 32), (16, 4, 2, 32), (8, 8, 2, 64))
 
 
-def bench_attention(rec: Recorder, n_head=64, head_dim=512, window=128, top_k=512, n_comp=1024, rounds=200):
-    """The attention kernels (scores, mix by key splits, finish) against the model's XLA path: the
-    raw window with the indexer's top-k rows read by index from the compressed table (ratio-4
-    layers), and with 32 shared compressed rows (ratio-128 layers at a 4096 context). Variants:
-    the key blocks a mix program walks (``split``) and the keys a step of its loop."""
-    scale = float(np.float32(1.0 / np.sqrt(head_dim)))
+ATTN_FULL = {"n_head": 64, "head_dim": 512, "window": 128, "top_k": 512, "n_comp": 1024}
+ATTN_SMALL = {"n_head": 8, "head_dim": 128, "window": 16, "top_k": 32, "n_comp": 64}  # interpreted
+
+
+def attention_inputs(key, n_tok, n_head, head_dim, window, top_k, n_comp, ratio=4):
+    """(q, raw, raw_visible, second table, its rows or None, its visible, sink) of a decode step's
+    attention: the raw window (90 % visible) and either the indexer's top-k rows read by index
+    from ``n_comp`` compressed rows (ratio 4) or 32 shared compressed rows (ratio 128)."""
+    k = iter(jax.random.split(key, 7))
+    f16 = lambda *shape: jax.random.normal(next(k), shape).astype(jnp.float16)
+    q = jax.random.normal(next(k), (n_tok, n_head, head_dim)) * 3
+    raw = f16(window + n_tok, head_dim)
+    raw_v = jax.random.uniform(next(k), (n_tok, window + n_tok)) < 0.9
+    sink = jax.random.normal(next(k), (n_head,))
+    if ratio == 4:
+        second, rows = f16(n_comp, head_dim), jax.random.randint(next(k), (n_tok, top_k), 0, n_comp)
+    else:
+        second, rows = f16(32, head_dim), None
+    return q, raw, raw_v, second, rows, jnp.ones((n_tok, top_k if ratio == 4 else 32), bool), sink
+
+
+def bench_attention(rec: Recorder, rounds=200, **dims):
+    """The attention kernels (scores, then the mix by key splits; XLA's max and epilogue) against
+    the model's XLA path on ``attention_inputs`` (ratio-4 and ratio-128 layers at a 4096 context).
+    Variants: ``ATTN_VARIANTS``."""
+    scale = float(np.float32(1.0 / np.sqrt(dims["head_dim"])))
     for n_tok in TOKENS:
-        k = iter(jax.random.split(jax.random.PRNGKey(21 + n_tok), 8))
-        q = jax.random.normal(next(k), (n_tok, n_head, head_dim)) * 3
-        f16 = lambda *shape, k=k: jax.random.normal(next(k), shape).astype(jnp.float16)
-        raw = f16(window + n_tok, head_dim)
-        raw_v = jax.random.uniform(next(k), (n_tok, window + n_tok)) < 0.9
-        sink = jax.random.normal(next(k), (n_head,))
-        comp = f16(n_comp, head_dim)
-        sel = jax.random.randint(next(k), (n_tok, top_k), 0, n_comp)
-        cases = (("ratio-4", comp, sel, jnp.ones((n_tok, top_k), bool)), ("ratio-128", f16(32, head_dim), None, None))
-        for label, second, rows, sec_v in cases:
-            if sec_v is None:
-                sec_v = jnp.ones((n_tok, second.shape[0]), bool)
-            args = (q, raw, raw_v, second, rows, sec_v, sink)
+        for ratio in (4, 128):
+            args = attention_inputs(jax.random.PRNGKey(21 + n_tok), n_tok, **dims, ratio=ratio)
+            q, raw, _, second, rows, _, _ = args
             ref = lambda i, q, a, av, b, br, bv, s: model_attention.sink_attention(
                 q, tuple(model_attention.f32_keys(((a, None, av), (b, br, bv)))), s, np.float32(scale)
             )
             ref_s, want = time_steps(ref, rounds, *args, show=n_tok == 1)
-            nbytes = (raw.size + (top_k * head_dim * n_tok if rows is not None else second.size)) * 2 + q.size * 8
-            shape = f"{n_head}x{head_dim} {label}"
+            nbytes = (raw.size + (rows.size * q.shape[-1] if rows is not None else second.size)) * 2 + q.size * 8
+            shape = f"{q.shape[1]}x{q.shape[2]} ratio-{ratio}"
             best = None
             for split, warps, stages, dc in ATTN_VARIANTS:
                 knobs = {"split": split, "warps": warps, "stages": stages, "dc": dc}
                 fn = lambda i, q, a, av, b, br, bv, s, knobs=knobs: attention.sink_attention(
                     q, ((a, None, av), (b, br, bv)), s, scale, interpret=INTERPRET, **knobs
                 )
-                label = f"split{split or 'auto'}w{warps}st{stages}d{dc}"
-                t = time_variant(rec, "attention", n_tok, shape, label, fn, args, want, nbytes, ref_s, rounds)
+                config = f"split{split or 'auto'}w{warps}st{stages}d{dc}"
+                t = time_variant(rec, "attention", n_tok, shape, config, fn, args, want, nbytes, ref_s, rounds)
                 if t is not None and (best is None or t < best[0]):
-                    best = (t, label)
+                    best = (t, config)
             if best is not None:
                 rec.best(f"attention {best[1]}", n_tok, shape, best[0], nbytes, ref_s)
 
@@ -774,14 +784,7 @@ def main() -> None:
     if "hc_pre" in only and left() > 0:
         bench_hc_pre(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
     if "attention" in only and left() > 0:
-        bench_attention(
-            rec,
-            **(
-                {"n_head": 8, "head_dim": 128, "window": 16, "top_k": 32, "n_comp": 64, "rounds": 3}
-                if INTERPRET
-                else {}
-            ),
-        )
+        bench_attention(rec, **({**ATTN_SMALL, "rounds": 3} if INTERPRET else ATTN_FULL))
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:

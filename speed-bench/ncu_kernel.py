@@ -22,29 +22,31 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels import N_EXPERT, N_USED, expert_inputs, q8_case  # speed-bench/kernels.py, beside this script
+from kernels import (  # speed-bench/kernels.py, beside this script
+    ATTN_FULL,
+    ATTN_SMALL,
+    N_EXPERT,
+    N_USED,
+    attention_inputs,
+    expert_inputs,
+    q8_case,
+)
 
 from pallas_kernels import attention, experts, q8_0
 from pallas_kernels.testing import expert_planes
 
 
 def attention_case(key, n_tok: int, interpret: bool):
-    """A ratio-4 layer's decode attention at full size (or small, interpreted)."""
-    H, hd, window, top_k, n_comp = (8, 128, 16, 32, 64) if interpret else (64, 512, 128, 512, 1024)
-    k = iter(jax.random.split(key, 6))
-    q = jax.random.normal(next(k), (n_tok, H, hd)) * 3
-    raw = jax.random.normal(next(k), (window + n_tok, hd)).astype(jnp.float16)
-    comp = jax.random.normal(next(k), (n_comp, hd)).astype(jnp.float16)
-    rows = jax.random.randint(next(k), (n_tok, top_k), 0, n_comp)
-    sink = jax.random.normal(next(k), (H,))
-    parts = ((raw, None, jnp.ones((n_tok, window + n_tok), bool)), (comp, rows, jnp.ones((n_tok, top_k), bool)))
-    scale = float(np.float32(1.0 / np.sqrt(hd)))
-    return lambda: attention.sink_attention(q, parts, sink, scale, interpret=interpret)
+    """A ratio-4 layer's decode attention at full size (or small, interpreted): kernels.py's inputs."""
+    q, raw, raw_v, comp, rows, comp_v, sink = attention_inputs(key, n_tok, **(ATTN_SMALL if interpret else ATTN_FULL))
+    scale = float(np.float32(1.0 / np.sqrt(q.shape[-1])))
+    return lambda: attention.sink_attention(
+        q, ((raw, None, raw_v), (comp, rows, comp_v)), sink, scale, interpret=interpret
+    )
 
 
 def main() -> None:

@@ -131,14 +131,19 @@ def asum(x: jax.Array, axis: int = -1) -> jax.Array:
     makes prefill, chunked prefill, decode and the N=2 verifier agree bit for bit.
     """
     x = x.astype(F32)
-    s, e = dd_sum(x, jnp.zeros_like(x), axis)
-    return s + e
+    return dd_total(x, jnp.zeros_like(x), axis)
 
 
 def dd_sum(s: jax.Array, e: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
     """Double-float sum of (s, e) pairs over ``axis`` in one variadic reduce: the (s, e) pair.
     ``asum``'s reduction; kernels call it too (one Triton reduction, ``pallas_kernels.common``)."""
     return lax.reduce((s, e), (F32(0), F32(0)), dd_add, (axis % s.ndim,))
+
+
+def dd_total(s: jax.Array, e: jax.Array, axis: int = -1) -> jax.Array:
+    """``dd_sum`` rounded once to f32."""
+    s, e = dd_sum(s, e, axis)
+    return s + e
 
 
 def take(x: jax.Array, axis: int, i: int) -> jax.Array:
