@@ -268,5 +268,5 @@ def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference):
     use, interpret = _use(q.shape[0], auto=ATTN_IN_AUTO and q.shape[0] == 1)
     if not use or not attention_kernel.supported(q, parts):
         return reference()
-    split = attention_kernel.SPLIT  # read at trace time: ab_decode.py variants set it
-    return attention_kernel.sink_attention(q, tuple(parts), sink, float(scale), interpret=interpret, split=split)
+    knobs = {"split": attention_kernel.SPLIT, "prefetch": attention_kernel.PREFETCH}  # at trace time: ab variants
+    return attention_kernel.sink_attention(q, tuple(parts), sink, float(scale), interpret=interpret, **knobs)
