@@ -47,7 +47,12 @@ SPLIT = None  # key blocks a mix program walks; None: ``choose_split`` (from the
 # 16 columns or 2 warps, for both launches: 39.1 against 52.2 µs (the indexer's keys, split 8).
 D_CHUNK = 32  # head-dim columns a step of the scores' loop, and a mix program's columns
 WARPS = 4
-PREFETCH = False  # each loop step's loads a step ahead (built in session 21 without a GPU; not timed)
+# Each loop step's loads issued a step ahead (None: at T >= 2 only). H200, session 22, a launch
+# pair (ratio-4 keys / ratio-128 keys, µs): N=1 36.1 -> 35.7 / 23.0 -> 23.6; N=2 62.6 -> 60.4 /
+# 34.8 -> 31.4; N=4 112.7 -> 111.1 / 59.2 -> 53.5. Predicted -20 to -30 %: the launches are bound
+# by their double-float adds at low occupancy (Nsight Compute: FADD 65 % of the scores'
+# instructions, 25 % theoretical occupancy by registers, 0.73 waves), not by waiting on loads.
+PREFETCH = None
 I32 = jnp.int32
 
 
@@ -221,17 +226,18 @@ def sink_attention(
     warps: int = WARPS,
     stages: int = 2,
     dc: int = D_CHUNK,
-    prefetch: bool = PREFETCH,
+    prefetch: bool | None = PREFETCH,
 ):
     """q [T, H, hd] f32; ``parts``: ((table [R, hd], rows [T, K] or None, visible [T, K]), ...);
     sink [H]; ``scale`` a static f32 → [T, H, hd], as ``ds4jax.model.attention.sink_attention``
     over the keys table[rows] (K = V). ``split``: key blocks a mix program walks (None: from the key
     count), ``dc`` head-dim columns a step of the scores and a mix program's; ``warps``, ``stages`` the launches'; ``prefetch``: each loop
-    step's loads issued a step ahead (only time depends on these)."""
+    step's loads issued a step ahead (None: at T >= 2). Only time depends on these."""
     T, H, hd = q.shape
     zero = kernel_zero(q, interpret)
     q = q.astype(F32)
     split = split or choose_split(parts)
+    prefetch = T >= 2 if prefetch is None else prefetch
     spans, n_blocks = _layout(parts, split)
     shared = tuple(rows is None for _, rows, _ in parts)
     n_rows = tuple(int(tab.shape[0]) for tab, _, _ in parts)
