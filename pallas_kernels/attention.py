@@ -47,6 +47,12 @@ SPLIT = None  # key blocks a mix program walks; None: ``choose_split`` (from the
 # 16 columns or 2 warps, for both launches: 39.1 against 52.2 µs (the indexer's keys, split 8).
 D_CHUNK = 32  # head-dim columns a step of the scores' loop, and a mix program's columns
 WARPS = 4
+# Each loop step's loads issued a step ahead (None: at T >= 2 only). H200, session 22, a launch
+# pair (ratio-4 keys / ratio-128 keys, µs): N=1 36.1 -> 35.7 / 23.0 -> 23.6; N=2 62.6 -> 60.4 /
+# 34.8 -> 31.4; N=4 112.7 -> 111.1 / 59.2 -> 53.5. Predicted -20 to -30 %: the launches are bound
+# by their double-float adds at low occupancy (Nsight Compute: FADD 65 % of the scores'
+# instructions, 25 % theoretical occupancy by registers, 0.73 waves), not by waiting on loads.
+PREFETCH = None
 I32 = jnp.int32
 
 
@@ -119,7 +125,21 @@ def _split_refs(refs, n_parts, shared):
     return tabs, row_refs, rest
 
 
-def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd, dc):
+def _loop(n, load, body, acc, prefetch):
+    """``acc = body(acc, load(i))`` for i < n. With ``prefetch`` the loads of step i + 1 are issued
+    before step i's sums and carried by the loop (Triton 3.6 pipelined no loads that feed no dot,
+    so a plain loop waits for each step's loads; the last step reloads its own tiles)."""
+    if not prefetch:
+        return lax.fori_loop(0, n, lambda i, a: body(a, load(i)), acc)
+
+    def step(i, carry):
+        a, tiles = carry
+        return body(a, tiles), load(jnp.minimum(i + 1, n - 1))
+
+    return lax.fori_loop(0, n, step, (acc, load(0)))[0]
+
+
+def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd, dc, prefetch):
     rnd = functools.partial(opaque, zero=z_ref[0])
     t, blk = pl.program_id(0), pl.program_id(2)
     tabs, row_refs, (o_ref,) = _split_refs(refs, len(spans), shared)
@@ -129,20 +149,23 @@ def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd,
     def part(p):
         base = _rows(p, t, (blk - spans[p][0]) * KEYS, KEYS, row_refs, n_rows)[None, :, None] * hd + cols
 
-        def step(c, acc):
-            c0 = pl.multiple_of(c * dc, dc)
-            qc = q_ref[0, :, :, pl.ds(c0, dc)]  # [HEADS, 1, D]: loaded in the product's layout
-            kc = tabs[p][base + c0].astype(F32)  # [1, KEYS, D]: the rows gathered from the f16 table
-            return two_sum_add(*acc, rnd(qc * kc))  # products rounded first (no FMA)
+        def load(c):
+            c0 = c * dc if isinstance(c, int) else pl.multiple_of(c * dc, dc)  # the prefetch's first: static
+            # q [HEADS, 1, D], loaded in the product's layout; the key rows [1, KEYS, D] gathered
+            return q_ref[0, :, :, pl.ds(c0, dc)], tabs[p][base + c0]
 
-        return lax.fori_loop(0, hd // dc, step, (z, z))
+        def step(acc, tiles):
+            qc, kc = tiles
+            return two_sum_add(*acc, rnd(qc * kc.astype(F32)))  # products rounded first (no FMA)
+
+        return _loop(hd // dc, load, step, (z, z), prefetch)
 
     s, e = dd_sum(*_pick(part, len(spans), blk, spans))  # [HEADS, KEYS]
     visible = v_ref[0, :] != 0  # [KEYS]
     o_ref[0] = jnp.where(visible[None, :], rnd((s + e) * scale), -jnp.inf)
 
 
-def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc):
+def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc, prefetch):
     rnd = functools.partial(opaque, zero=z_ref[0])
     t, c, sp = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     tabs, row_refs, (ms_ref, me_ref, ds_ref, de_ref) = _split_refs(refs, len(spans), shared)
@@ -153,15 +176,17 @@ def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc
     zm = jnp.zeros((HEADS, n, dc), F32)
 
     def part(p):
-        def step(j, carry):
-            den, mix = carry
+        def load(j):
             k0 = pl.multiple_of(sp * split * KEYS + j * n, n)  # in the scores row
-            e = exp(s_ref[0, :, pl.ds(k0, n), :] - m[:, None, None], rnd)  # [HEADS, n, 1]; 0 where masked
             rows = _rows(p, t, k0 - spans[p][0] * KEYS, n, row_refs, n_rows)
-            k = tabs[p][rows[None, :, None] * hd + cols].astype(F32)  # [1, n, D]
-            return two_sum_add(*den, e), two_sum_add(*mix, rnd(e * k))
+            return s_ref[0, :, pl.ds(k0, n), :], tabs[p][rows[None, :, None] * hd + cols]  # [HEADS, n, 1], [1, n, D]
 
-        return lax.fori_loop(0, split * KEYS // n, step, ((zd, zd), (zm, zm)))
+        def step(carry, tiles):
+            (den, mix), (sc, k) = carry, tiles
+            e = exp(sc - m[:, None, None], rnd)  # 0 where masked
+            return two_sum_add(*den, e), two_sum_add(*mix, rnd(e * k.astype(F32)))
+
+        return _loop(split * KEYS // n, load, step, ((zd, zd), (zm, zm)), prefetch)
 
     den, mix = _pick(part, len(spans), sp * split, spans)
     ms_ref[0, 0], me_ref[0, 0] = dd_sum(*mix, axis=1)  # [HEADS, D], unrounded
@@ -190,7 +215,7 @@ def _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split):
     return o * div(1.0, total)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "split", "warps", "stages", "dc"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "split", "warps", "stages", "dc", "prefetch"))
 def sink_attention(
     q,
     parts,
@@ -201,15 +226,18 @@ def sink_attention(
     warps: int = WARPS,
     stages: int = 2,
     dc: int = D_CHUNK,
+    prefetch: bool | None = PREFETCH,
 ):
     """q [T, H, hd] f32; ``parts``: ((table [R, hd], rows [T, K] or None, visible [T, K]), ...);
     sink [H]; ``scale`` a static f32 → [T, H, hd], as ``ds4jax.model.attention.sink_attention``
     over the keys table[rows] (K = V). ``split``: key blocks a mix program walks (None: from the key
-    count), ``dc`` head-dim columns a step of the scores and a mix program's; ``warps``, ``stages`` the launches' (only time depends on these)."""
+    count), ``dc`` head-dim columns a step of the scores and a mix program's; ``warps``, ``stages`` the launches'; ``prefetch``: each loop
+    step's loads issued a step ahead (None: at T >= 2). Only time depends on these."""
     T, H, hd = q.shape
     zero = kernel_zero(q, interpret)
     q = q.astype(F32)
     split = split or choose_split(parts)
+    prefetch = T >= 2 if prefetch is None else prefetch
     spans, n_blocks = _layout(parts, split)
     shared = tuple(rows is None for _, rows, _ in parts)
     n_rows = tuple(int(tab.shape[0]) for tab, _, _ in parts)
@@ -221,7 +249,7 @@ def sink_attention(
     whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
     one = pl.BlockSpec((1,), lambda *_: (0,))
     params = plgpu.CompilerParams(num_warps=warps, num_stages=stages)
-    static = {"spans": spans, "shared": shared, "n_rows": n_rows, "hd": hd, "dc": dc}
+    static = {"spans": spans, "shared": shared, "n_rows": n_rows, "hd": hd, "dc": dc, "prefetch": prefetch}
     Rk = n_blocks * KEYS
 
     scores = pl.pallas_call(

@@ -13,9 +13,9 @@ made at trace time from static shapes and the environment:
                               attn_q_a and attn_kv); the routed-expert kernels at
                               every N, prefill chunks too (v3: 3-6x XLA's gather + dot); the
                               hyper-connection Sinkhorn (one launch for ~40 per sublayer) and,
-                              at N = 1..4, its whole pre-mix (three launches for ~10); at N=1
-                              the attention sums (two launches for ~8); the Hadamard transform. The fused norms lost to XLA's fusions and
-                              stay off.
+                              at N = 1..4, its whole pre-mix (three launches for ~10) and the
+                              attention sums (two launches for ~8); the Hadamard transform.
+                              The fused norms lost to XLA's fusions and stay off.
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
     DS4JAX_KERNELS=off        the reference everywhere
     DS4JAX_KERNELS=interpret  every kernel at N = 1..4, interpreted off GPU (the CPU tests)
@@ -254,10 +254,10 @@ def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: f
 
 
 # The decode attention kernels (``attention.sink_attention``: scores, then the mix by key splits,
-# with XLA's max and epilogue) in ``auto`` at N=1, the only N timed at the chosen launch. H200,
-# session 21, 8 full-size layers, one process: 2,524.2 against 2,538.8 µs of kernels a step, 29
-# kernels fewer (call G); a launch pair alone 36.9 against 45.6 µs (ratio-4 layers) and 22.9
-# against 22.1 (ratio-128). At N=2 an earlier launch shape lost (92.6 against 76.0 µs).
+# with XLA's max and epilogue) in ``auto`` at N = 1..4. H200, session 21, 8 full-size layers, one
+# process: 2,524.2 against 2,538.8 µs of kernels a step, 29 kernels fewer (call G). Session 22, a
+# launch pair alone against XLA's path (ratio-4 keys / ratio-128 keys, µs): N=1 35.7 / 23.0
+# against 45.6 / 22.0; N=2 60.4 / 31.4 against 76.1 / 34.8; N=4 111.1 / 53.5 against 133.7 / 58.2.
 ATTN_IN_AUTO = True
 
 
@@ -265,8 +265,8 @@ def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference):
     """The attention sums of q [T, H, hd] over ``parts`` ((f16 table, rows or None, visible), ...)
     with the sink: the kernels where they are taken, else ``reference()``. Interpreted, they
     compile in seconds, so the whole-model CPU tests run them."""
-    use, interpret = _use(q.shape[0], auto=ATTN_IN_AUTO and q.shape[0] == 1)
+    use, interpret = _use(q.shape[0], auto=ATTN_IN_AUTO)
     if not use or not attention_kernel.supported(q, parts):
         return reference()
-    split = attention_kernel.SPLIT  # read at trace time: ab_decode.py variants set it
-    return attention_kernel.sink_attention(q, tuple(parts), sink, float(scale), interpret=interpret, split=split)
+    knobs = {"split": attention_kernel.SPLIT, "prefetch": attention_kernel.PREFETCH}  # at trace time: ab variants
+    return attention_kernel.sink_attention(q, tuple(parts), sink, float(scale), interpret=interpret, **knobs)

@@ -622,8 +622,16 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
 
 
 # ---- decode attention ---------------------------------------------------------------------------
-# (split (None: chosen from the key count), warps, stages, head-dim columns) of the attention kernels
-ATTN_VARIANTS = ((None, 4, 2, 32), (4, 4, 2, 32), (8, 4, 2, 32), (16, 4, 2, 32), (8, 8, 2, 64))
+# (split (None: chosen from the key count), warps, stages, head-dim columns, loads a step ahead) of the
+# attention kernels
+ATTN_VARIANTS = (
+    (None, 4, 2, 32, False),
+    (None, 4, 2, 32, True),
+    (None, 4, 3, 32, True),
+    (None, 8, 2, 32, True),
+    (8, 4, 2, 32, True),
+    (4, 4, 2, 32, True),
+)
 
 
 ATTN_FULL = {"n_head": 64, "head_dim": 512, "window": 128, "top_k": 512, "n_comp": 1024}
@@ -663,12 +671,12 @@ def bench_attention(rec: Recorder, rounds=200, **dims):
             nbytes = (raw.size + (rows.size * q.shape[-1] if rows is not None else second.size)) * 2 + q.size * 8
             shape = f"{q.shape[1]}x{q.shape[2]} ratio-{ratio}"
             best = None
-            for split, warps, stages, dc in ATTN_VARIANTS:
-                knobs = {"split": split, "warps": warps, "stages": stages, "dc": dc}
+            for split, warps, stages, dc, prefetch in ATTN_VARIANTS:
+                knobs = {"split": split, "warps": warps, "stages": stages, "dc": dc, "prefetch": prefetch}
                 fn = lambda i, q, a, av, b, br, bv, s, knobs=knobs: attention.sink_attention(
                     q, ((a, None, av), (b, br, bv)), s, scale, interpret=INTERPRET, **knobs
                 )
-                config = f"split{split or 'auto'}w{warps}st{stages}d{dc}"
+                config = f"split{split or 'auto'}w{warps}st{stages}d{dc}" + "pf" * prefetch
                 t = time_variant(rec, "attention", n_tok, shape, config, fn, args, want, nbytes, ref_s, rounds)
                 if t is not None and (best is None or t < best[0]):
                     best = (t, config)

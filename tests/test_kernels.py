@@ -308,12 +308,15 @@ def test_iq2_xxs_narrow_programs_are_the_reference(monkeypatch, narrow):
     assert np.array_equal(np.asarray(got), np.asarray(dispatch.expert_matmul(x, experts.IQ2_XXS, planes, ids)))
 
 
-@pytest.mark.parametrize("T,second", [(1, "shared"), (3, "per-token"), (2, None)])
-def test_attention_kernels_are_the_reference(T, second):
+@pytest.mark.parametrize(
+    "T,second,prefetch", [(1, "shared", False), (3, "per-token", False), (2, None, False), (3, "per-token", True)]
+)
+def test_attention_kernels_are_the_reference(T, second, prefetch):
     """The decode attention sums (scores, then softmax with the sink and mix) against the model's
     XLA path, bit for bit: the raw window (shared keys, not a whole key block) with random
     visibility, and a second key set shared (ratio-128 rows) or read by index per token (the
-    indexer's rows: random rows, some invisible); enough keys for several mix splits a part."""
+    indexer's rows: random rows, some invisible); enough keys for several mix splits a part; the
+    loops' loads in order or a step ahead (``prefetch``)."""
     H, hd, R1, R2 = 8, 128, 131 + T, 160
     q = jnp.asarray(RNG.standard_normal((T, H, hd)).astype(np.float32) * 3)
     f16 = lambda *shape: jnp.asarray(RNG.standard_normal(shape).astype(np.float16))
@@ -327,7 +330,7 @@ def test_attention_kernels_are_the_reference(T, second):
     sink = jnp.asarray(RNG.standard_normal(H).astype(np.float32))
     scale = np.float32(1.0 / np.sqrt(hd))
     want = model_attention.sink_attention(q, tuple(model_attention.f32_keys(parts)), sink, scale)
-    got = attention.sink_attention(q, tuple(parts), sink, float(scale), interpret=INTERPRET)
+    got = attention.sink_attention(q, tuple(parts), sink, float(scale), interpret=INTERPRET, prefetch=prefetch)
     assert np.array_equal(np.asarray(got), np.asarray(want))
 
 
