@@ -257,6 +257,9 @@ def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: f
 
 # The hyper-connection post-mix as one kernel (``hc_post``) that also sums the new state's squares
 # for the next pre-mix's RMS scale (its mixer then skips its own pass over the token's squares).
+# H200, session 22: 8 full-size layers, one process, 2,462.4 against 2,500.5 µs of kernels a step
+# (call C, at 128 columns a program); a post-mix then a pre-mix alone 15.0 against 19.8 µs at N=1,
+# 15.5 against 20.1 at N=2.
 HC_POST_IN_AUTO = True
 
 
