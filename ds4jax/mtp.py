@@ -33,7 +33,9 @@ from ds4jax.model.numerics import F32, rms_norm
 
 def block_config(cfg: ModelConfig) -> ModelConfig:
     """The base config seen by the MTP block: one ratio-0, non-hash layer."""
-    return dataclasses.replace(cfg, n_layer=1, compress_ratios=(0,), n_hash_layer=0, swiglu_clamp=(cfg.swiglu_clamp[0],))
+    return dataclasses.replace(
+        cfg, n_layer=1, compress_ratios=(0,), n_hash_layer=0, swiglu_clamp=(cfg.swiglu_clamp[0],)
+    )
 
 
 def init_mtp_state(cfg: ModelConfig) -> dict:
@@ -57,7 +59,7 @@ def draft_step(cfg: ModelConfig, weights: dict, mtp_state: dict, prev_hc, token,
     slot = jnp.mod(want, W)
     st = {"raw": mtp_state["ring"][slot]}
     have = mtp_state["ring_pos"][slot] == want
-    H, pending = layer(mcfg, 0, w, st, X, token[None], pos, weights["rope"], raw_mask=have)
+    H, pending, _ = layer(mcfg, 0, w, st, X, token[None], pos, weights["rope"], raw_mask=have)
     kv_row = pending["raw_all"][W]  # this step's K=V row
     new_state = {
         "ring": mtp_state["ring"].at[jnp.mod(pos, W)].set(kv_row),

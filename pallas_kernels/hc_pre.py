@@ -2,10 +2,11 @@
 launches beside the Sinkhorn's instead of ~8 XLA fusions (the mixer's norm and 24-row dot, its
 gates, the streams' weighted sum).
 
-1. ``hc_mix``, programs (token, K slice): every program sums the token's squares over the whole
-   flattened state (64 KB at full size, read from L2 by each: cheaper than a launch) for the RMS
-   scale, then the rounded products of its K slice against the mixer's rows, in double-float per
-   lane; it writes the slice's (s, e) pairs a row.
+1. ``hc_mix``, programs (token, K slice): the RMS scale from the squares' pairs that the
+   ``hc_post`` kernel wrote with H (``squares``), else every program sums the token's squares over
+   the whole flattened state itself (64 KB at full size, read from L2 by each); then the rounded
+   products of its K slice against the mixer's rows, in double-float per lane; it writes the
+   slice's (s, e) pairs a row.
 2. ``hc_gates``, a program a token: combines the slices' pairs, then the gates
    (``ds4jax.model.hc_gates``) and x = Σ_s pre_s·H[s], with the kernel's rounding barrier and
    register picks.
@@ -63,16 +64,21 @@ def splits_for(F: int, most: int = SPLITS) -> int:
     return max(1, min(most, F // (4 * MIX_CHUNK)))
 
 
-def _mix_kernel(z_ref, h_ref, fn_ref, s_ref, e_ref, *, eps, n_rows, slice_k, sq_chunk):
+def _mix_kernel(z_ref, h_ref, fn_ref, *refs, eps, n_rows, slice_k, sq_chunk, given):
     rnd = functools.partial(opaque, zero=z_ref[0])
     F = h_ref.shape[-1]
-    sq = min(sq_chunk, F)
-    z = jnp.zeros((sq,), F32)
+    if given:  # the squares' pairs from the hc_post kernel that wrote H: [slices, n] a token
+        qs_ref, qe_ref, s_ref, e_ref = refs
+        scale = scale_from_squares(*dd_sum(qs_ref[0], qe_ref[0], axis=0), F, eps, z_ref[0])
+    else:
+        s_ref, e_ref = refs
+        sq = min(sq_chunk, F)
+        z = jnp.zeros((sq,), F32)
 
-    def squares(i, acc):
-        return add_squares(*acc, h_ref[0, pl.ds(pl.multiple_of(i * sq, sq), sq)])
+        def squares(i, acc):
+            return add_squares(*acc, h_ref[0, pl.ds(pl.multiple_of(i * sq, sq), sq)])
 
-    scale = scale_from_squares(*lax.fori_loop(0, F // sq, squares, (z, z)), F, eps, z_ref[0])
+        scale = scale_from_squares(*lax.fori_loop(0, F // sq, squares, (z, z)), F, eps, z_ref[0])
     k0 = pl.program_id(1) * slice_k
     G = n_rows // ROWS
 
@@ -150,6 +156,7 @@ def hc_pre(
     n_iter: int,
     rms_eps: float,
     hc_eps: float,
+    squares=None,
     splits=0,
     warps=WARPS,
     stages=STAGES,
@@ -158,7 +165,9 @@ def hc_pre(
     interpret=False,
 ):
     """H [T, n, d] f32, fn [n(n+2), n·d] (f16/f32), scale [3], base [n(n+2)] → (x [T, d],
-    post [T, n], comb [T, n, n]), as ``ds4jax.model.hc.hc_pre``. ``splits``: K slices a token
+    post [T, n], comb [T, n, n]), as ``ds4jax.model.hc.hc_pre``. ``squares``: the double-float
+    pairs of Σ H² a token from ``pallas_kernels.hc_post`` (([T, S, n], [T, S, n])), or None: the
+    mixer sums them itself. ``splits``: K slices a token
     (0: ``splits_for``); ``warps``, ``stages``, ``sq_chunk``: the mixer launch's, ``sums``: the
     Sinkhorn's (they only time)."""
     T, n, d = H.shape
@@ -173,16 +182,18 @@ def hc_pre(
     zero = kernel_zero(flat, interpret)
     one = pl.BlockSpec((1,), lambda *_: (0,))
     part = jax.ShapeDtypeStruct((T, RP, S), F32)  # a slice's pairs in a column: the gates reduce along S
+    given = tuple(squares) if squares is not None else ()
+    sq_specs = [pl.BlockSpec((1, *a.shape[1:]), lambda t, k: (t, 0, 0)) for a in given]
     s, e = pl.pallas_call(
-        functools.partial(_mix_kernel, eps=rms_eps, n_rows=R, slice_k=F // S, sq_chunk=sq_chunk),
+        functools.partial(_mix_kernel, eps=rms_eps, n_rows=R, slice_k=F // S, sq_chunk=sq_chunk, given=bool(given)),
         grid=(T, S),
-        in_specs=[one, pl.BlockSpec((1, F), lambda t, k: (t, 0)), pl.BlockSpec((R, F), lambda t, k: (0, 0))],
+        in_specs=[one, pl.BlockSpec((1, F), lambda t, k: (t, 0)), pl.BlockSpec((R, F), lambda t, k: (0, 0)), *sq_specs],
         out_specs=[pl.BlockSpec((1, RP, 1), lambda t, k: (t, 0, k))] * 2,
         out_shape=[part, part],
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name="hc_mix",
-    )(zero, flat, fn)
+    )(zero, flat, fn, *given)
     whole = lambda a: pl.BlockSpec(a.shape, lambda t: (0,) * a.ndim)
     per_token = lambda *shape: pl.BlockSpec((1, *shape), lambda t: (t,) + (0,) * len(shape))
     scale, base = scale.astype(F32), base.astype(F32)

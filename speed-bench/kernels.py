@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,hc_pre,attention] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,hc_pre,hc_post,attention] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -43,7 +44,7 @@ from ds4jax.model import hc
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from ds4jax.quant.formats import QType
 from ds4jax.quant.planes import QTensor
-from pallas_kernels import attention, experts, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
+from pallas_kernels import attention, experts, hc_post, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.common import TileConfig
 from pallas_kernels.testing import expert_planes
 
@@ -621,6 +622,52 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
             rec.best(f"hc_pre {best[n_tok][1]}", n_tok, shape, best[n_tok][0], nbytes, ref_s)
 
 
+# (columns a program, warps) of the post-mix launch; the first is the engine's
+HC_POST_VARIANTS = [(128, 4), (64, 2), (64, 4), (256, 4), (512, 4)]
+
+
+def bench_hc_post(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
+    """A post-mix then the next pre-mix: the kernel that also sums the squares, then the pre-mix
+    kernels reading them, against XLA's post-mix (two fusions) then the pre-mix kernels summing
+    the squares themselves (the engine before session 22)."""
+    eps, R, F = 1e-6, n_hc * (n_hc + 2), n_hc * n_embd
+    flat = lambda outs: jnp.concatenate([o.reshape(-1) for o in outs])
+    pre = functools.partial(hc_pre.hc_pre, n_iter=n_iter, rms_eps=eps, hc_eps=eps, interpret=INTERPRET)
+    for n_tok in TOKENS:
+        k = iter(jax.random.split(jax.random.PRNGKey(21 + n_tok), 8))
+        H = jax.random.normal(next(k), (n_tok, n_hc, n_embd)) * 2
+        y = jax.random.normal(next(k), (n_tok, n_embd))
+        post = jax.random.uniform(next(k), (n_tok, n_hc), jnp.float32, 0.0, 2.0)
+        comb = jax.random.uniform(next(k), (n_tok, n_hc, n_hc))
+        fn = (jax.random.normal(next(k), (R, F)) * 0.05).astype(jnp.float16)
+        scale = jax.random.uniform(next(k), (3,), jnp.float32, 0.2, 2.0)
+        base = jax.random.normal(next(k), (R,))
+        args = (H, y, post, comb, fn, scale, base)
+
+        def ref(i, H, y, p, c, fn, s, b):
+            new = hc.hc_post(H, y, p, c)
+            return flat((new, *pre(new, fn, s, b)))
+
+        ref_s = time_steps(ref, rounds, *args, show=n_tok == 1)[0]
+        want = np.asarray(jax.jit(ref)(jnp.int32(rounds - 1), *args))
+        nbytes = fn.size * 2 + H.size * 4 * 4 + n_tok * n_embd * 4  # H read twice, H' written and read
+        shape = f"{n_hc}x{n_embd} post + pre"
+        best = None
+        for cols, warps in HC_POST_VARIANTS:
+            if cols > n_embd or (INTERPRET and (cols, warps) != HC_POST_VARIANTS[0]):
+                continue
+
+            def fn_k(i, H, y, p, c, fn, s, b, cols=cols, warps=warps):
+                new, sq = hc_post.hc_post(H, y, p, c, cols=cols, warps=warps, interpret=INTERPRET)
+                return flat((new, *pre(new, fn, s, b, squares=sq)))
+
+            t = time_variant(rec, "hc_post", n_tok, shape, f"c{cols}w{warps}", fn_k, args, want, nbytes, ref_s, rounds)
+            if t is not None and (best is None or t < best[0]):
+                best = (t, f"c{cols}w{warps}")
+        if best:
+            rec.best(f"hc_post {best[1]}", n_tok, shape, best[0], nbytes, ref_s)
+
+
 # ---- decode attention ---------------------------------------------------------------------------
 # (split (None: chosen from the key count), warps, stages, head-dim columns, loads a step ahead) of the
 # attention kernels
@@ -690,7 +737,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
-    ap.add_argument("--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,hc_pre,attention")
+    ap.add_argument(
+        "--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,hc_pre,hc_post,attention"
+    )
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
     ap.add_argument("--shapes", default="", help="comma-separated name parts: only these Q8_0 shapes")
@@ -791,6 +840,8 @@ def main() -> None:
         bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))
     if "hc_pre" in only and left() > 0:
         bench_hc_pre(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
+    if "hc_post" in only and left() > 0:
+        bench_hc_post(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
     if "attention" in only and left() > 0:
         bench_attention(rec, **({**ATTN_SMALL, "rounds": 3} if INTERPRET else ATTN_FULL))
     # 2. variants while time is left, at --sweep-n (variants.csv)

@@ -16,12 +16,12 @@ from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
 from ds4jax.model import attention as model_attention
 from ds4jax.model import hc
-from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
+from ds4jax.model.numerics import dd_total, quantize_q8_0, quantize_q8_k, sum_squares
 from ds4jax.quant.formats import QType
 from ds4jax.quant.layouts import iq2_nib_planes
 from ds4jax.quant.planes import QTensor
 from ds4jax.sampling import SamplingParams
-from pallas_kernels import attention, dispatch, experts, hadamard, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
+from pallas_kernels import attention, dispatch, experts, hadamard, hc_post, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
 from pallas_kernels.testing import expert_planes
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -357,6 +357,25 @@ def test_hc_pre_kernel_is_the_reference(T, splits):
         assert np.array_equal(np.asarray(g), np.asarray(w))
 
 
+@pytest.mark.parametrize("T,cols", [(1, 64), (3, 256)])
+def test_hc_post_kernel_is_the_reference_and_feeds_the_mixer(T, cols):
+    """The post-mix kernel against the model's XLA path, bit for bit; its squares' pairs total
+    Σ H'² as ``sum_squares`` rounds it; and the pre-mix kernel reading them gives the bits it gives
+    summing the squares itself (one slice, or four slices of 64 columns)."""
+    H, fn, scale, base = hc_inputs(T, 4, 256)
+    y = jnp.asarray(RNG.standard_normal((T, 256)).astype(np.float32))
+    post = jnp.asarray(RNG.uniform(0.0, 2.0, (T, 4)).astype(np.float32))
+    comb = jnp.asarray(RNG.uniform(0.0, 1.0, (T, 4, 4)).astype(np.float32))
+    new, (ss, se) = hc_post.hc_post(H, y, post, comb, cols=cols, interpret=INTERPRET)
+    assert np.array_equal(np.asarray(new), np.asarray(hc.hc_post(H, y, post, comb)))
+    assert ss.shape == (T, 256 // cols, 4)
+    total = dd_total(ss.reshape(T, -1), se.reshape(T, -1))
+    assert np.array_equal(np.asarray(total), np.asarray(sum_squares(new.reshape(T, -1))))
+    mix = functools.partial(hc_pre.hc_pre, n_iter=3, rms_eps=1e-6, hc_eps=1e-6, splits=2, interpret=INTERPRET)
+    for g, w in zip(mix(new, fn, scale, base, squares=(ss, se)), mix(new, fn, scale, base)):
+        assert np.array_equal(np.asarray(g), np.asarray(w))
+
+
 def _lower_for_cuda(fn, *args):
     """StableHLO of ``fn`` for CUDA: every Pallas call lowered (to Triton IR, or Mosaic GPU's) as
     a GPU compile would, on any machine."""
@@ -401,6 +420,22 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((24, 4096), jnp.float16),
             S((3,), f32),
             S((24,), f32),
+        ),
+        (
+            lambda H, y, p, c: hc_post.hc_post(H, y, p, c)[1][0],
+            S((2, 4, 1024), f32),
+            S((2, 1024), f32),
+            S((2, 4), f32),
+            S((2, 4, 4), f32),
+        ),
+        (  # the mixer reading hc_post's squares
+            lambda H, fn, s, b, qs, qe: hc_pre.hc_pre(H, fn, s, b, 20, 1e-6, 1e-6, squares=(qs, qe))[0],
+            S((2, 4, 1024), f32),
+            S((24, 4096), jnp.float16),
+            S((3,), f32),
+            S((24,), f32),
+            S((2, 8, 4), f32),
+            S((2, 8, 4), f32),
         ),
         (
             lambda x, dx, q, d: q8_0.matmul(x, dx, q, d),

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from ds4jax.config import ModelConfig
 from ds4jax.model.attention import attention_sublayer, commit_layer
-from ds4jax.model.hc import hc_head, hc_post, hc_pre
+from ds4jax.model.hc import hc_head, hc_post_carry, hc_pre
 from ds4jax.model.linear import dense
 from ds4jax.model.moe import ffn_sublayer
 from ds4jax.model.numerics import F32, rms_norm
@@ -24,20 +24,21 @@ def embed(weights: dict, tokens: jax.Array, n_hc: int) -> jax.Array:
     return jnp.broadcast_to(e[:, None, :], (e.shape[0], n_hc, e.shape[1]))
 
 
-def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, rope: dict, raw_mask=None):
-    """One block on the HC state H [T, n_hc, n_embd]: (H', pending layer state)."""
+def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, rope: dict, raw_mask=None, squares=None):
+    """One block on the HC state H [T, n_hc, n_embd]: (H', pending layer state, squares). ``squares``
+    goes with H from one post-mix to the next pre-mix (Σ H² on the kernel path, else None)."""
     it, eps, heps = cfg.hc_sinkhorn_iter, cfg.rms_eps, cfg.hc_eps
     x, post, comb = hc_pre(
-        H, w["hc_attn_fn"], w["hc_attn_scale"].planes["w"], w["hc_attn_base"].planes["w"], it, eps, heps
+        H, w["hc_attn_fn"], w["hc_attn_scale"].planes["w"], w["hc_attn_base"].planes["w"], it, eps, heps, squares
     )
     y, pending = attention_sublayer(cfg, L, w, st, x, pos0, rope, raw_mask)
-    H = hc_post(H, y, post, comb)
+    H, squares = hc_post_carry(H, y, post, comb)
     x, post, comb = hc_pre(
-        H, w["hc_ffn_fn"], w["hc_ffn_scale"].planes["w"], w["hc_ffn_base"].planes["w"], it, eps, heps
+        H, w["hc_ffn_fn"], w["hc_ffn_scale"].planes["w"], w["hc_ffn_base"].planes["w"], it, eps, heps, squares
     )
     z = rms_norm(x, w["ffn_norm"].planes["w"], eps)
-    H = hc_post(H, ffn_sublayer(cfg, L, w, z, tokens), post, comb)
-    return H, pending
+    H, squares = hc_post_carry(H, ffn_sublayer(cfg, L, w, z, tokens), post, comb)
+    return H, pending, squares
 
 
 def head(cfg: ModelConfig, weights: dict, H) -> jax.Array:
@@ -56,9 +57,11 @@ def forward_hidden(cfg: ModelConfig, weights: dict, state: dict, tokens):
     """Run the layers over the chunk: (final HC state H [T, n_hc, n_embd], pending states)."""
     pos0 = state["n_tokens"]
     H = embed(weights, tokens, cfg.n_hc)
-    pending = []
+    pending, squares = [], None
     for L in range(cfg.n_layer):
-        H, p = layer(cfg, L, weights["layers"][L], state["layers"][L], H, tokens, pos0, weights["rope"])
+        H, p, squares = layer(
+            cfg, L, weights["layers"][L], state["layers"][L], H, tokens, pos0, weights["rope"], None, squares
+        )
         pending.append(p)
     return H, pending
 

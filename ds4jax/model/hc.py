@@ -22,12 +22,15 @@ def _mixer(H: jax.Array, fn, eps: float) -> jax.Array:
     return dense(rms_norm(flat, None, eps), fn)
 
 
-def hc_pre(H: jax.Array, fn, scale: jax.Array, base: jax.Array, n_iter: int, rms_eps: float, hc_eps: float):
+def hc_pre(
+    H: jax.Array, fn, scale: jax.Array, base: jax.Array, n_iter: int, rms_eps: float, hc_eps: float, squares=None
+):
     """Returns (x [.., n_embd], post [.., n_hc], comb [.., n_hc, n_hc]). Decode and the verifier
-    take the kernels where dispatch says so (three launches for ~10 XLA fusions): the same bits."""
+    take the kernels where dispatch says so (three launches for ~10 XLA fusions): the same bits.
+    ``squares``: what ``hc_post_carry`` returned with H (the kernel path's Σ H²), or None."""
     plain = fn.planes["w"] if QType(fn.qtype) in FLOAT_TYPES else None
     reference = lambda: _hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps)
-    return kernels.hc_pre(H, plain, scale, base, n_iter, rms_eps, hc_eps, reference)
+    return kernels.hc_pre(H, plain, scale, base, n_iter, rms_eps, hc_eps, reference, squares)
 
 
 def _hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps):
@@ -45,6 +48,12 @@ def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array) -> jax
     """New stream j = post_j * y + Σ_a comb[a, j] * H[a] (column j of comb)."""
     mixed = asum(rounded(comb[..., :, :, None] * H[..., :, None, :]), -3)  # [.., j, d] = Σ_a C[a, j] H[a]
     return rounded(post[..., :, None] * y[..., None, :]) + mixed
+
+
+def hc_post_carry(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array):
+    """(``hc_post``'s H', squares): on the kernel path (decode and the verifier) one launch that
+    also sums Σ H'² for the next ``hc_pre``; elsewhere squares is None. The same H' bits."""
+    return kernels.hc_post(H, y, post, comb, lambda: hc_post(H, y, post, comb))
 
 
 def hc_head(H: jax.Array, fn, scale: jax.Array, base: jax.Array, rms_eps: float, hc_eps: float) -> jax.Array:

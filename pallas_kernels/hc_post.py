@@ -1,0 +1,86 @@
+"""The hyper-connection post-mix of decode and the verifier (``ds4jax.model.hc.hc_post``) as one
+launch that also sums the new state's squares for the next pre-mix.
+
+Programs (token, column slice): new[j, c] = post_j·y[c] + Σ_a comb[a, j]·H[a, c] for the slice's
+columns of every stream (the reference's rounded products, its correctly rounded sum over the
+streams, then one f32 add), written out, and the slice's double-float sum of new² per stream (as
+``numerics.sum_squares``: three exact split products). The next ``hc_pre`` kernel combines these
+pairs for its RMS scale instead of each of its programs summing the token's 64 KB of squares
+again (its serial squares loop was most of its work: session 20's mixer was latency-bound on it).
+XLA's path is two fusions a call (a reduce over the streams, then the add).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ds4jax.model.numerics import dd_sum
+from pallas_kernels.common import F32, kernel_zero, opaque, two_sum_add
+from pallas_kernels.norms import add_squares
+
+__all__ = ["hc_post", "supported"]
+
+# Columns a program (64 programs a token at full size, d = 4096) and warps. H200, session 22, the
+# post-mix then the pre-mix at N=1: 14.97 µs (post kernel 1.26) against 15.33 at 128 columns
+# (1.62-1.68), 15.34 at 64 columns and 2 warps, 16.08 at 256, 16.74 at 512; XLA's post-mix then
+# the mixer summing its own squares 19.81 µs (mixer 7.13 -> 3.47 µs).
+COLS = 64
+WARPS = 4
+
+
+def supported(H: jax.Array) -> bool:
+    """H [T, n, d] with n and d powers of two and d at least COLS."""
+    if H.ndim != 3:
+        return False
+    _, n, d = H.shape
+    pow2 = lambda v: v >= 1 and v & (v - 1) == 0
+    return n >= 2 and pow2(n) and pow2(d) and d >= COLS
+
+
+def _post_kernel(z_ref, h_ref, y_ref, p_ref, c_ref, o_ref, ss_ref, se_ref, *, n):
+    rnd = functools.partial(opaque, zero=z_ref[0])
+    y = y_ref[0, :]  # [cols]
+    z = jnp.zeros((n, y.shape[0]), F32)
+    acc = (z, z)
+    for a in range(n):  # Σ_a comb[a, j]·H[a, c]: each product rounded, then the TwoSum (no FMA)
+        acc = two_sum_add(*acc, rnd(c_ref[0, a, :][:, None] * h_ref[0, a, :][None, :]))
+    new = rnd(p_ref[0, :][:, None] * y[None, :]) + (acc[0] + acc[1])  # [n, cols]
+    o_ref[0] = new
+    s, e = dd_sum(*add_squares(z, z, new), axis=1)  # [n]: a stream's squares over the slice
+    ss_ref[0, 0, :] = s
+    se_ref[0, 0, :] = e
+
+
+@functools.partial(jax.jit, static_argnames=("cols", "warps", "interpret"))
+def hc_post(H, y, post, comb, cols: int = COLS, warps: int = WARPS, interpret: bool = False):
+    """H [T, n, d], y [T, d], post [T, n], comb [T, n, n] (f32) → (H' [T, n, d] as
+    ``ds4jax.model.hc.hc_post``, squares: ([T, S, n], [T, S, n]) double-float pairs whose total is
+    Σ H'² a token, for ``hc_pre``'s ``squares``). ``cols``, ``warps``: the launch (they only time)."""
+    T, n, d = H.shape
+    cols = min(cols, d)
+    S = d // cols
+    H, y, post, comb = (a.astype(F32) for a in (H, y, post, comb))
+    pair = jax.ShapeDtypeStruct((T, S, n), F32)
+    pair_spec = pl.BlockSpec((1, 1, n), lambda t, c: (t, c, 0))
+    new, ss, se = pl.pallas_call(
+        functools.partial(_post_kernel, n=n),
+        grid=(T, S),
+        in_specs=[
+            pl.BlockSpec((1,), lambda *_: (0,)),
+            pl.BlockSpec((1, n, cols), lambda t, c: (t, 0, c)),
+            pl.BlockSpec((1, cols), lambda t, c: (t, c)),
+            pl.BlockSpec((1, n), lambda t, c: (t, 0)),
+            pl.BlockSpec((1, n, n), lambda t, c: (t, 0, 0)),
+        ],
+        out_specs=[pl.BlockSpec((1, n, cols), lambda t, c: (t, 0, c)), pair_spec, pair_spec],
+        out_shape=[jax.ShapeDtypeStruct((T, n, d), F32), pair, pair],
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
+        interpret=interpret,
+        name="hc_post",
+    )(kernel_zero(H, interpret), H, y, post, comb)
+    return new, (ss, se)
