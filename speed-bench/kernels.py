@@ -622,8 +622,9 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
             rec.best(f"hc_pre {best[n_tok][1]}", n_tok, shape, best[n_tok][0], nbytes, ref_s)
 
 
-# (columns a program, warps) of the post-mix launch; the first is the engine's
-HC_POST_VARIANTS = [(128, 4), (64, 2), (64, 4), (256, 4), (512, 4)]
+# (columns a program, warps) of the post-mix launch, and the mixer's K slices (0: the engine's);
+# the first is the engine's
+HC_POST_VARIANTS = [(64, 4, 0), (128, 4, 0), (64, 2, 0), (256, 4, 0), (64, 4, 64), (64, 4, 16), (64, 4, 128)]
 
 
 def bench_hc_post(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
@@ -653,17 +654,20 @@ def bench_hc_post(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
         nbytes = fn.size * 2 + H.size * 4 * 4 + n_tok * n_embd * 4  # H read twice, H' written and read
         shape = f"{n_hc}x{n_embd} post + pre"
         best = None
-        for cols, warps in HC_POST_VARIANTS:
-            if cols > n_embd or (INTERPRET and (cols, warps) != HC_POST_VARIANTS[0]):
+        for cols, warps, splits in HC_POST_VARIANTS:
+            if cols > n_embd or (INTERPRET and (cols, warps, splits) != HC_POST_VARIANTS[0]):
+                continue
+            if splits and F % (splits * hc_pre.MIX_CHUNK):
                 continue
 
-            def fn_k(i, H, y, p, c, fn, s, b, cols=cols, warps=warps):
+            def fn_k(i, H, y, p, c, fn, s, b, cols=cols, warps=warps, splits=splits):
                 new, sq = hc_post.hc_post(H, y, p, c, cols=cols, warps=warps, interpret=INTERPRET)
-                return flat((new, *pre(new, fn, s, b, squares=sq)))
+                return flat((new, *pre(new, fn, s, b, squares=sq, splits=splits)))
 
-            t = time_variant(rec, "hc_post", n_tok, shape, f"c{cols}w{warps}", fn_k, args, want, nbytes, ref_s, rounds)
+            config = f"c{cols}w{warps}" + f"S{splits}" * bool(splits)
+            t = time_variant(rec, "hc_post", n_tok, shape, config, fn_k, args, want, nbytes, ref_s, rounds)
             if t is not None and (best is None or t < best[0]):
-                best = (t, f"c{cols}w{warps}")
+                best = (t, config)
         if best:
             rec.best(f"hc_post {best[1]}", n_tok, shape, best[0], nbytes, ref_s)
 
