@@ -525,3 +525,19 @@ def test_decode_through_kernels_equals_prefill_bit_for_bit(tiny_files, monkeypat
     for i, t in enumerate(ids):
         _, logits, state = eng.decode(state, int(t), greedy, jax.random.key(0))
         assert np.array_equal(np.asarray(logits), pre[i]), i
+
+
+@pytest.mark.skipif(INTERPRET, reason="on a GPU only: interpreted, the kernels at N=2 have their own tests above")
+def test_prefill_in_pairs_through_kernels_equals_prefill_bit_for_bit(tiny_files, monkeypatch):
+    """Chunks of 2 tokens (N=2, as the speculative verifier: every kernel `all` takes at N=2)
+    against chunks of 16 (the XLA path): the same logits, bit for bit."""
+    monkeypatch.setenv("DS4JAX_KERNELS", "all")
+    ids = RNG.integers(0, tiny_files.config.n_vocab, 12).astype(np.int32)
+    greedy = SamplingParams(temperature=0.0).arrays()
+    logits = []
+    for chunk in (16, 2):
+        eng = Engine(tiny_files, ctx=64, chunk=chunk)
+        _, rows, _ = eng.prefill(eng.new_state(), ids, greedy, jax.random.key(0), all_logits=True)
+        logits.append(np.asarray(rows))
+    assert logits[0].shape == logits[1].shape == (len(ids), tiny_files.config.n_vocab)
+    assert np.array_equal(logits[0], logits[1])
