@@ -59,9 +59,8 @@ def forward_hidden(cfg: ModelConfig, weights: dict, state: dict, tokens):
     H = embed(weights, tokens, cfg.n_hc)
     pending, squares = [], None
     for L in range(cfg.n_layer):
-        H, p, squares = layer(
-            cfg, L, weights["layers"][L], state["layers"][L], H, tokens, pos0, weights["rope"], None, squares
-        )
+        w, st = weights["layers"][L], state["layers"][L]
+        H, p, squares = layer(cfg, L, w, st, H, tokens, pos0, weights["rope"], squares=squares)
         pending.append(p)
     return H, pending
 
