@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import dd_sum, div, exp
-from pallas_kernels.common import F32, finish, kernel_zero, opaque, two_sum_add
+from pallas_kernels.common import F32, finish, is_pow2, kernel_zero, opaque, two_sum_add
 
 __all__ = ["sink_attention", "supported"]
 
@@ -62,14 +62,13 @@ def supported(q: jax.Array, parts) -> bool:
     if q.ndim != 3 or not 1 <= len(parts) <= 2:
         return False
     T, H, hd = q.shape
-    pow2 = lambda v: v >= 1 and v & (v - 1) == 0
     for tab, rows, vis in parts:
         K = _n_keys(tab, rows)
         if tab.ndim != 2 or tab.shape[1] != hd or vis.shape != (T, K):
             return False
         if rows is not None and rows.shape != (T, K):
             return False
-    return pow2(H) and pow2(hd) and H % HEADS == 0 and hd % D_CHUNK == 0
+    return is_pow2(H) and is_pow2(hd) and H % HEADS == 0 and hd % D_CHUNK == 0
 
 
 def _n_keys(tab, rows) -> int:

@@ -157,6 +157,11 @@ class TileConfig:
     cores: bool = False
 
 
+def is_pow2(n: int) -> bool:
+    """n a power of two (>= 1): a Triton tile dimension."""
+    return n >= 1 and n & (n - 1) == 0
+
+
 def pow2_at_least(n: int, lo: int = 1) -> int:
     p = lo
     while p < n:
@@ -198,4 +203,3 @@ def _lower_variadic_reduce():
 
 
 _lower_variadic_reduce()
-

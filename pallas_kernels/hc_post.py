@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import dd_sum
-from pallas_kernels.common import F32, kernel_zero, opaque, two_sum_add
+from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque, two_sum_add
 from pallas_kernels.norms import add_squares
 
 __all__ = ["hc_post", "supported"]
@@ -38,8 +38,7 @@ def supported(H: jax.Array) -> bool:
     if H.ndim != 3:
         return False
     _, n, d = H.shape
-    pow2 = lambda v: v >= 1 and v & (v - 1) == 0
-    return n >= 2 and pow2(n) and pow2(d) and d >= COLS
+    return n >= 2 and is_pow2(n) and is_pow2(d) and d >= COLS
 
 
 def _post_kernel(z_ref, h_ref, y_ref, p_ref, c_ref, o_ref, ss_ref, se_ref, *, n):

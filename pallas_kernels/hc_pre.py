@@ -34,7 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 from ds4jax.model.hc_gates import gates
 from ds4jax.model.numerics import chain_sum, dd_sum
 from pallas_kernels import sinkhorn as sinkhorn_kernel
-from pallas_kernels.common import F32, kernel_zero, opaque, pick, pow2_at_least, two_sum_add
+from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque, pick, pow2_at_least, two_sum_add
 from pallas_kernels.norms import add_squares, scale_from_squares
 
 __all__ = ["hc_pre", "supported"]
@@ -55,8 +55,7 @@ def supported(H: jax.Array, fn: jax.Array) -> bool:
     if H.ndim != 3:
         return False
     _, n, d = H.shape
-    pow2 = lambda v: v >= 1 and v & (v - 1) == 0
-    return n >= 2 and pow2(n) and pow2(d) and n * d >= MIX_CHUNK and fn.shape == (n * (n + 2), n * d)
+    return n >= 2 and is_pow2(n) and is_pow2(d) and n * d >= MIX_CHUNK and fn.shape == (n * (n + 2), n * d)
 
 
 def splits_for(F: int, most: int = SPLITS) -> int:

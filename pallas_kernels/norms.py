@@ -23,11 +23,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import dd_total, div, rms_norm, split12, sqrt
 from ds4jax.model.rope import apply_rope_tail
-from pallas_kernels.common import F32, kernel_zero, opaque, pick, two_sum_add
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque, pick, two_sum_add
 
 
 def add_squares(s, e, x):
@@ -64,7 +60,7 @@ def _pair_kernel(z_ref, a_ref, wa_ref, b_ref, wb_ref, ao_ref, bo_ref, *, eps):
 
 
 def pair_supported(a, b) -> bool:
-    return _pow2(a.shape[-1]) and _pow2(b.shape[-1])
+    return is_pow2(a.shape[-1]) and is_pow2(b.shape[-1])
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
@@ -110,7 +106,7 @@ def _head_kernel(z_ref, q_ref, c_ref, s_ref, o_ref, *, eps, n_pairs):
 
 
 def head_supported(q, cos) -> bool:
-    return _pow2(q.shape[-1]) and _pow2(q.shape[-2])
+    return is_pow2(q.shape[-1]) and is_pow2(q.shape[-2])
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "heads_per_program", "interpret"))

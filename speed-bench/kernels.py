@@ -582,21 +582,32 @@ def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, r
 HC_VARIANTS = [(32, 8, 3, 4096), (64, 8, 3, 4096), (32, 8, 3, 16384), (64, 8, 3, 16384), (16, 8, 3, 4096)]
 
 
+def _flat(outs):
+    """Outputs as one f32 row (the timed loop's result, compared bit for bit)."""
+    return jnp.concatenate([o.reshape(-1) for o in outs])
+
+
+def hc_pre_inputs(key, n_tok, n_hc, n_embd):
+    """(H [T, n, d], the mixer's f16 rows [n(n+2), n·d], scale [3], base [n(n+2)]) of a pre-mix."""
+    R = n_hc * (n_hc + 2)
+    k = iter(jax.random.split(key, 4))
+    H = jax.random.normal(next(k), (n_tok, n_hc, n_embd)) * 2
+    fn = (jax.random.normal(next(k), (R, n_hc * n_embd)) * 0.05).astype(jnp.float16)
+    scale = jax.random.uniform(next(k), (3,), jnp.float32, 0.2, 2.0)
+    return H, fn, scale, jax.random.normal(next(k), (R,))
+
+
 def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
     """The pre-mix kernels (the mixer, the gates, the Sinkhorn) against the model's XLA path (its Sinkhorn on the kernel,
     as the engine runs it), K slices a token swept."""
     eps, R, F = 1e-6, n_hc * (n_hc + 2), n_hc * n_embd
     best = {}
-    flat = lambda outs: jnp.concatenate([o.reshape(-1) for o in outs])
     w = lambda fn: QTensor(int(QType.F16), fn.shape, {"w": fn})
     for n_tok in TOKENS:
-        k = iter(jax.random.split(jax.random.PRNGKey(11 + n_tok), 5))
-        H = jax.random.normal(next(k), (n_tok, n_hc, n_embd)) * 2
-        fn = (jax.random.normal(next(k), (R, F)) * 0.05).astype(jnp.float16)
-        scale = jax.random.uniform(next(k), (3,), jnp.float32, 0.2, 2.0)
-        base = jax.random.normal(next(k), (R,))
-        args = (H, fn, scale, base)
-        ref = lambda i, H, fn, s, b: flat(hc._hc_pre(H, w(fn), s, b, n_iter, eps, eps))
+        k = iter(jax.random.split(jax.random.PRNGKey(11 + n_tok), 2))
+        args = hc_pre_inputs(next(k), n_tok, n_hc, n_embd)
+        H, fn = args[:2]
+        ref = lambda i, H, fn, s, b: _flat(hc._hc_pre(H, w(fn), s, b, n_iter, eps, eps))
         ref_s = time_steps(ref, rounds, *args, show=n_tok == 1)[0]
         want = np.asarray(jax.jit(ref)(jnp.int32(rounds - 1), *args))
         nbytes = fn.size * 2 + H.size * 4 * 2 + n_tok * (n_embd + n_hc + n_hc * n_hc) * 4
@@ -605,7 +616,7 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
             if F % (splits * hc_pre.MIX_CHUNK) or (INTERPRET and (splits, warps, stages, sq) != HC_VARIANTS[0]):
                 continue
             knobs = {"splits": splits, "warps": warps, "stages": stages, "sq_chunk": sq}
-            fn_k = lambda i, H, fn, s, b, knobs=knobs: flat(
+            fn_k = lambda i, H, fn, s, b, knobs=knobs: _flat(
                 hc_pre.hc_pre(H, fn, s, b, n_iter, eps, eps, **knobs, interpret=INTERPRET)
             )
             config = f"S{splits}w{warps}st{stages}" + f"sq{sq}" * (sq != hc_pre.SQ_CHUNK)
@@ -631,23 +642,19 @@ def bench_hc_post(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
     """A post-mix then the next pre-mix: the kernel that also sums the squares, then the pre-mix
     kernels reading them, against XLA's post-mix (two fusions) then the pre-mix kernels summing
     the squares themselves (the engine before session 22)."""
-    eps, R, F = 1e-6, n_hc * (n_hc + 2), n_hc * n_embd
-    flat = lambda outs: jnp.concatenate([o.reshape(-1) for o in outs])
+    eps, F = 1e-6, n_hc * n_embd
     pre = functools.partial(hc_pre.hc_pre, n_iter=n_iter, rms_eps=eps, hc_eps=eps, interpret=INTERPRET)
     for n_tok in TOKENS:
-        k = iter(jax.random.split(jax.random.PRNGKey(21 + n_tok), 8))
-        H = jax.random.normal(next(k), (n_tok, n_hc, n_embd)) * 2
+        k = iter(jax.random.split(jax.random.PRNGKey(21 + n_tok), 4))
+        H, fn, scale, base = hc_pre_inputs(next(k), n_tok, n_hc, n_embd)
         y = jax.random.normal(next(k), (n_tok, n_embd))
         post = jax.random.uniform(next(k), (n_tok, n_hc), jnp.float32, 0.0, 2.0)
         comb = jax.random.uniform(next(k), (n_tok, n_hc, n_hc))
-        fn = (jax.random.normal(next(k), (R, F)) * 0.05).astype(jnp.float16)
-        scale = jax.random.uniform(next(k), (3,), jnp.float32, 0.2, 2.0)
-        base = jax.random.normal(next(k), (R,))
         args = (H, y, post, comb, fn, scale, base)
 
         def ref(i, H, y, p, c, fn, s, b):
             new = hc.hc_post(H, y, p, c)
-            return flat((new, *pre(new, fn, s, b)))
+            return _flat((new, *pre(new, fn, s, b)))
 
         ref_s = time_steps(ref, rounds, *args, show=n_tok == 1)[0]
         want = np.asarray(jax.jit(ref)(jnp.int32(rounds - 1), *args))
@@ -662,7 +669,7 @@ def bench_hc_post(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
 
             def fn_k(i, H, y, p, c, fn, s, b, cols=cols, warps=warps, splits=splits):
                 new, sq = hc_post.hc_post(H, y, p, c, cols=cols, warps=warps, interpret=INTERPRET)
-                return flat((new, *pre(new, fn, s, b, squares=sq, splits=splits)))
+                return _flat((new, *pre(new, fn, s, b, squares=sq, splits=splits)))
 
             config = f"c{cols}w{warps}" + f"S{splits}" * bool(splits)
             t = time_variant(rec, "hc_post", n_tok, shape, config, fn_k, args, want, nbytes, ref_s, rounds)
