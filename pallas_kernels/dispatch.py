@@ -37,6 +37,7 @@ from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import hadamard as hadamard_kernel
 from pallas_kernels import hc_post as hc_post_kernel
 from pallas_kernels import hc_pre as hc_pre_kernel
+from pallas_kernels import quantize as quantize_kernel
 from pallas_kernels import sinkhorn as sinkhorn_kernel
 
 MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
@@ -72,6 +73,23 @@ def _use(n_tok: int, auto: bool, any_n: bool = False) -> tuple[bool, bool]:
 # small Q8_0 shapes, H200 session 12). Same bits either way. GPU time a step, 8 full-size layers
 # (H200, session 14, profiler): 2,857 µs in XLA against 2,960 µs in the kernels (-3.5 %).
 QUANTIZE_IN_KERNEL = False
+
+# Where XLA's side quantizes (QUANTIZE_IN_KERNEL False), one launch (``pallas_kernels.quantize``:
+# the same functions on register tiles) instead of XLA's three fusions a projection. Built in
+# session 22 without device time: not timed.
+QUANT_KERNEL = True
+
+
+def _quantize(x: jax.Array, kind: str, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """(q, d) of x [..., K] as ``numerics.quantize_q8_0`` ("q8_0") or ``quantize_q8_k`` ("q8_k"):
+    the quantize kernel on GPU where QUANT_KERNEL takes it, else XLA. Not interpreted in the whole
+    model (its own test runs it interpreted)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if QUANT_KERNEL and not interpret and jax.default_backend() == "gpu" and quantize_kernel.supported(x2, kind):
+        q, d = quantize_kernel.quantize(x2, kind, chunk=quantize_kernel.CHUNK, warps=quantize_kernel.WARPS)
+        return q.reshape(x.shape), d.reshape(*x.shape[:-1], d.shape[-1])
+    return (quantize_q8_0 if kind == "q8_0" else quantize_q8_k)(x)
+
 
 # The Hadamard kernel (indexer q and compressed rows) in ``auto`` (``all`` always takes it): GPU
 # time a step, 8 full-size layers (H200, session 14): 2,803 µs against 2,857 without (-1.9 %).
@@ -135,7 +153,7 @@ def _q8_0(x: jax.Array, mats: tuple, groups: int, auto) -> tuple:
         xq, dx = quantize_q8_0(x)
         return tuple(q8_0.reference(xq, dx, qs, d, groups) for qs, d in mats)
     x2 = x.reshape(n, -1)
-    xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else quantize_q8_0(x2)
+    xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else _quantize(x2, "q8_0", interpret)
     qs, d = zip(*mats)
     one = len(mats) == 1  # a single matrix may be grouped; several share one launch
     cores = n <= Q8_CORES_MAX_TOKENS and not QUANTIZE_IN_KERNEL
@@ -162,7 +180,7 @@ def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array):
         ys = tuple(_expert_reference(xq, dx, qtype, m, ids) for m in mats)
     else:
         rows = lambda a: jnp.broadcast_to(a, (T, k, a.shape[-1])).reshape(T * k, -1)
-        xq, dx = (rows(x), None) if QUANTIZE_IN_KERNEL else tuple(rows(a) for a in quantize_q8_k(x))
+        xq, dx = (rows(x), None) if QUANTIZE_IN_KERNEL else tuple(rows(a) for a in _quantize(x, "q8_k", interpret))
         # the launch chosen here, at trace time, so module knobs (experts.IQ2_NARROW) take effect
         cfg = experts.choose_config(qtype, out, x.shape[-1] // 256)
         ys = tuple(

@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,hc_pre,hc_post,attention] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,hc_pre,hc_post,quantize,attention] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -44,7 +44,7 @@ from ds4jax.model import hc
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from ds4jax.quant.formats import QType
 from ds4jax.quant.planes import QTensor
-from pallas_kernels import attention, experts, hc_post, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
+from pallas_kernels import attention, experts, hc_post, hc_pre, norms, q8_0, q8_0_mosaic, quantize, sinkhorn
 from pallas_kernels.common import TileConfig
 from pallas_kernels.testing import expert_planes
 
@@ -679,6 +679,49 @@ def bench_hc_post(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
             rec.best(f"hc_post {best[1]}", n_tok, shape, best[0], nbytes, ref_s)
 
 
+# ---- the activations' quantization ----------------------------------------------------------
+# (kind, what it feeds, rows a token, K) at full size
+QUANT_SHAPES = [
+    ("q8_0", "attn_q_a+kv / shexp gate+up in", 1, 4096),
+    ("q8_0", "attn_q_b in", 1, 1024),
+    ("q8_0", "attn_output_a in", 1, 32768),
+    ("q8_0", "attn_output_b in", 1, 8192),
+    ("q8_0", "shexp down in", 1, 2048),
+    ("q8_k", "experts gate+up in", 1, 4096),
+    ("q8_k", "experts down in", 6, 2048),
+]
+QUANT_VARIANTS = [(1024, 4), (512, 4), (2048, 4), (1024, 8)]  # (elements a program, warps); first: the engine's
+
+
+def _quant_flat(q, d):
+    return jnp.concatenate([q.astype(jnp.float32).reshape(-1), d.reshape(-1)])
+
+
+def bench_quantize(rec: Recorder, rounds=200, shapes=QUANT_SHAPES):
+    """The quantize launch against XLA's fusions of ``numerics.quantize_q8_0`` / ``quantize_q8_k``
+    on a materialized x (in the model XLA also fuses x's producer into its first fusion)."""
+    for n_tok in TOKENS:
+        for kind, what, rows, K in shapes:
+            x = jax.random.normal(jax.random.PRNGKey(K + n_tok), (n_tok * rows, K)) * 3
+            ref = quantize_q8_0 if kind == "q8_0" else quantize_q8_k
+            ref_s, want = time_steps(lambda i, x, ref=ref: _quant_flat(*ref(x)), rounds, x, show=n_tok == 1)
+            nbytes = x.size * 4 + x.size + x.size * 4 // quantize.BLOCK[kind]
+            best = None
+            for chunk, warps in QUANT_VARIANTS:
+                if INTERPRET and (chunk, warps) != QUANT_VARIANTS[0]:
+                    continue
+
+                def fn(i, x, kind=kind, chunk=chunk, warps=warps):
+                    return _quant_flat(*quantize.quantize(x, kind, chunk=chunk, warps=warps, interpret=INTERPRET))
+
+                config = f"c{chunk}w{warps}"
+                t = time_variant(rec, f"quantize {kind}", n_tok, what, config, fn, (x,), want, nbytes, ref_s, rounds)
+                if t is not None and (best is None or t < best[0]):
+                    best = (t, config)
+            if best:
+                rec.best(f"quantize {kind} {best[1]}", n_tok, what, best[0], nbytes, ref_s)
+
+
 # ---- decode attention ---------------------------------------------------------------------------
 # (split (None: chosen from the key count), warps, stages, head-dim columns, loads a step ahead) of the
 # attention kernels
@@ -749,7 +792,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
     ap.add_argument(
-        "--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,hc_pre,hc_post,attention"
+        "--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,hc_pre,hc_post,quantize,attention"
     )
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
@@ -851,6 +894,8 @@ def main() -> None:
         bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))
     if "hc_pre" in only and left() > 0:
         bench_hc_pre(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
+    if "quantize" in only and left() > 0:
+        bench_quantize(rec, **({"rounds": 3, "shapes": QUANT_SHAPES[:2]} if INTERPRET else {}))
     if "hc_post" in only and left() > 0:
         bench_hc_post(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
     if "attention" in only and left() > 0:

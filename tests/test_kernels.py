@@ -21,7 +21,19 @@ from ds4jax.quant.formats import QType
 from ds4jax.quant.layouts import iq2_nib_planes
 from ds4jax.quant.planes import QTensor
 from ds4jax.sampling import SamplingParams
-from pallas_kernels import attention, dispatch, experts, hadamard, hc_post, hc_pre, norms, q8_0, q8_0_mosaic, sinkhorn
+from pallas_kernels import (
+    attention,
+    dispatch,
+    experts,
+    hadamard,
+    hc_post,
+    hc_pre,
+    norms,
+    q8_0,
+    q8_0_mosaic,
+    quantize,
+    sinkhorn,
+)
 from pallas_kernels.testing import expert_planes
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -376,6 +388,21 @@ def test_hc_post_kernel_is_the_reference_and_feeds_the_mixer(T, cols):
         assert np.array_equal(np.asarray(g), np.asarray(w))
 
 
+@pytest.mark.parametrize("kind,n,K,chunk", [("q8_0", 3, 2048, 1024), ("q8_0", 1, 64, 1024), ("q8_k", 2, 2048, 512)])
+def test_quantize_kernel_is_the_reference(kind, n, K, chunk):
+    """The quantize launch against ``numerics.quantize_q8_0`` / ``quantize_q8_k``: the same int8
+    and scales, with a wide range of magnitudes, ties to the block's max, and one all-zero block."""
+    x = RNG.standard_normal((n, K)).astype(np.float32) * np.exp2(RNG.integers(-12, 12, (n, 1)))
+    x[0, :32] = 0.0  # a block of zeros: d = 0, q = 0
+    x[-1, 40] = -np.abs(x[-1, 32:64]).max()  # the max |x| twice in a block, once negative
+    x = jnp.asarray(x)
+    got = quantize.quantize(x, kind, chunk=chunk, interpret=INTERPRET)
+    want = (quantize_q8_0 if kind == "q8_0" else quantize_q8_k)(x)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert np.array_equal(np.asarray(g), np.asarray(w))
+
+
 def _lower_for_cuda(fn, *args):
     """StableHLO of ``fn`` for CUDA: every Pallas call lowered (to Triton IR, or Mosaic GPU's) as
     a GPU compile would, on any machine."""
@@ -481,6 +508,8 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((64,), f32),
         ),
         (lambda x: hadamard.hadamard(x), S((1, 64, 128), f32)),
+        (lambda x: quantize.quantize(x, "q8_0")[0], S((2, 4096), f32)),
+        (lambda x: quantize.quantize(x, "q8_k")[1], S((2, 2048), f32)),
         (
             lambda q, c, s: norms.head_norm_rope(q, c, s, 1e-6, heads_per_program=4),
             S((2, 8, 128), f32),
