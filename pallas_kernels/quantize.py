@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
-from pallas_kernels.common import F32, kernel_zero, opaque
+from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque
 
 __all__ = ["quantize", "supported"]
 
@@ -32,7 +32,7 @@ WARPS = 4
 def supported(x: jax.Array, kind: str) -> bool:
     """x [n, K] with K a power of two of at least one block."""
     K = x.shape[-1]
-    return x.ndim == 2 and K >= BLOCK[kind] and K & (K - 1) == 0
+    return x.ndim == 2 and K >= BLOCK[kind] and is_pow2(K)
 
 
 def _kernel(z_ref, x_ref, q_ref, d_ref, *, kind):
