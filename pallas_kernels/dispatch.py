@@ -268,7 +268,7 @@ def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: f
     if not use or interpret or fn is None or not hc_pre_kernel.supported(H, fn):
         return reference()
     k = hc_pre_kernel  # its launch knobs read here, at trace time (ab_decode.py variants set them)
-    splits = k.splits_for(H.shape[1] * H.shape[2], k.SPLITS, given=squares is not None)
+    splits = k.splits_for(H.shape[1] * H.shape[2], given=squares is not None)  # SPLITS or SPLITS_GIVEN
     knobs = {"warps": k.WARPS, "stages": k.STAGES, "sums": sinkhorn_kernel.SUMS, "sq_chunk": k.SQ_CHUNK}
     return k.hc_pre(H, fn, scale, base, n_iter, rms_eps, hc_eps, squares, splits, **knobs)
 
