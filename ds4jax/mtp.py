@@ -27,8 +27,8 @@ from jax import lax
 from ds4jax.config import ModelConfig
 from ds4jax.model.forward import embed, layer
 from ds4jax.model.hc import hc_head
-from ds4jax.model.linear import dense
-from ds4jax.model.numerics import F32, rms_norm
+from ds4jax.model.linear import dense, rms_norms
+from ds4jax.model.numerics import F32
 
 
 def block_config(cfg: ModelConfig) -> ModelConfig:
@@ -49,8 +49,10 @@ def draft_step(cfg: ModelConfig, weights: dict, mtp_state: dict, prev_hc, token,
     w = weights["mtp"]
     eps, aq = cfg.rms_eps, cfg.act_quant
     e = embed(weights, token[None], 1)[0, 0]  # [n_embd]
-    ep = dense(rms_norm(e, w["enorm"].planes["w"], eps), w["e_proj"], aq)
-    hp = dense(rms_norm(prev_hc, w["hnorm"].planes["w"], eps), w["h_proj"], aq)  # [n_hc, n_embd]
+    ((en, eq),) = rms_norms(((e[None], w["enorm"].planes["w"], ("q8_0",)),), eps, aq)
+    ep = dense(en, w["e_proj"], aq, eq)[0]
+    ((hn, hq),) = rms_norms(((prev_hc, w["hnorm"].planes["w"], ("q8_0",)),), eps, aq)
+    hp = dense(hn, w["h_proj"], aq, hq)  # [n_hc, n_embd]
     X = (hp + ep[None, :])[None]  # [1, n_hc, n_embd]
 
     # The ring in logical order (positions pos-W .. pos-1) and which of those rows exist.
@@ -66,7 +68,8 @@ def draft_step(cfg: ModelConfig, weights: dict, mtp_state: dict, prev_hc, token,
         "ring_pos": mtp_state["ring_pos"].at[jnp.mod(pos, W)].set(pos),
     }
     h = hc_head(H, w["hc_head_fn"], w["hc_head_scale"].planes["w"], w["hc_head_base"].planes["w"], eps, cfg.hc_eps)
-    logits = dense(rms_norm(h, w["norm"].planes["w"], eps), weights["output"], aq)[0]
+    ((hn, hq),) = rms_norms(((h, w["norm"].planes["w"], ("q8_0",)),), eps, aq)
+    logits = dense(hn, weights["output"], aq, hq)[0]
     return logits, H[0], new_state
 
 

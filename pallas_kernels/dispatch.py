@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
-from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rounded_in_loop
+from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rms_norm, rounded_in_loop
 from pallas_kernels import attention as attention_kernel
 from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import hadamard as hadamard_kernel
@@ -110,10 +110,11 @@ def _q8_auto(n: int, out: int, k: int) -> bool:
     return out * k >= Q8_AUTO_N1_BYTES
 
 
-def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1) -> jax.Array:
+def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1, pre=None) -> jax.Array:
     """x [..., G*K] f32, quantized per 32 (``numerics.quantize_q8_0``), against Q8_0 planes
-    qs [G*r, K], d [G*r, K/32] → [..., G*r]."""
-    return _q8_0(x, ((qs, d),), groups, lambda n: _q8_auto(n, qs.shape[0], qs.shape[1]))[0]
+    qs [G*r, K], d [G*r, K/32] → [..., G*r]. ``pre``: x's quantization where its norm made it
+    (``rms_norm_quant``), or None."""
+    return _q8_0(x, ((qs, d),), groups, lambda n: _q8_auto(n, qs.shape[0], qs.shape[1]), pre)[0]
 
 
 # Several Q8_0 matrices of one input in one launch (``q8_0_matmuls``: the shared expert's gate and
@@ -133,15 +134,15 @@ Q8_MANY_AUTO_N1_BYTES = 0
 Q8_CORES_MAX_TOKENS = 1
 
 
-def q8_0_matmuls(x: jax.Array, mats) -> tuple:
+def q8_0_matmuls(x: jax.Array, mats, pre=None) -> tuple:
     """``q8_0_matmul`` of one x [..., K] against several Q8_0 weights (qs, d) of that K: x is
     quantized once and, on the kernel path, one launch computes every output (a launch has a
     fixed cost of several µs, KERNELS.md). The same bits as separate calls."""
     total = sum(qs.shape[0] * qs.shape[1] for qs, _ in mats)
-    return _q8_0(x, tuple(mats), 1, lambda n: n >= 2 or total >= Q8_MANY_AUTO_N1_BYTES)
+    return _q8_0(x, tuple(mats), 1, lambda n: n >= 2 or total >= Q8_MANY_AUTO_N1_BYTES, pre)
 
 
-def _q8_0(x: jax.Array, mats: tuple, groups: int, auto) -> tuple:
+def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None) -> tuple:
     """The outputs of x against each (qs, d) of ``mats``: the Q8_0 kernel, one launch for all of
     them, where ``auto(n)`` (for ``auto``) and the mode take it; else the reference, x quantized once."""
     lead = x.shape[:-1]
@@ -153,7 +154,12 @@ def _q8_0(x: jax.Array, mats: tuple, groups: int, auto) -> tuple:
         xq, dx = quantize_q8_0(x)
         return tuple(q8_0.reference(xq, dx, qs, d, groups) for qs, d in mats)
     x2 = x.reshape(n, -1)
-    xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else _quantize(x2, "q8_0", interpret)
+    if QUANTIZE_IN_KERNEL:
+        xq, dx = x2, None
+    elif pre is not None and "q8_0" in pre:
+        xq, dx = (a.reshape(n, -1) for a in pre["q8_0"])
+    else:
+        xq, dx = _quantize(x2, "q8_0", interpret)
     qs, d = zip(*mats)
     one = len(mats) == 1  # a single matrix may be grouped; several share one launch
     cores = n <= Q8_CORES_MAX_TOKENS and not QUANTIZE_IN_KERNEL
@@ -161,13 +167,14 @@ def _q8_0(x: jax.Array, mats: tuple, groups: int, auto) -> tuple:
     return tuple(y.reshape(*lead, y.shape[-1]) for y in ((ys,) if one else ys))
 
 
-def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array):
+def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array, pre=None):
     """Routed experts: x [T, k|1, n] f32, quantized per 256 (Q8_K, ``numerics.quantize_q8_k``),
     ids [T, k] → [T, k, out]. On the kernel path the kernel quantizes x itself.
 
     A middle dim of 1 (the FFN input, shared by a token's experts) broadcasts over the k.
     ``planes`` may be a tuple of plane dicts of one shape (gate and up): the result is then the
-    tuple of their outputs, from one kernel launch."""
+    tuple of their outputs, from one kernel launch. ``pre``: x's quantization where its norm made
+    it (``rms_norm_quant``, for the shared input), or None."""
     many = isinstance(planes, (tuple, list))
     mats = tuple(planes) if many else (planes,)
     T, k = ids.shape
@@ -180,8 +187,13 @@ def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array):
         ys = tuple(_expert_reference(xq, dx, qtype, m, ids) for m in mats)
     else:
         rows = lambda a: jnp.broadcast_to(a, (T, k, a.shape[-1])).reshape(T * k, -1)
-        xq, dx = (rows(x), None) if QUANTIZE_IN_KERNEL else tuple(rows(a) for a in _quantize(x, "q8_k", interpret))
-        # the launch chosen here, at trace time, so module knobs (experts.IQ2_NARROW) take effect
+        if QUANTIZE_IN_KERNEL:
+            xq, dx = rows(x), None
+        elif pre is not None and "q8_k" in pre:
+            xq, dx = (rows(a.reshape(*x.shape[:-1], a.shape[-1])) for a in pre["q8_k"])
+        else:
+            xq, dx = (rows(a) for a in _quantize(x, "q8_k", interpret))
+        # the launch chosen here, at trace time, so module knobs (experts.IQ2_NARROW, Q2K_NARROW) take effect
         cfg = experts.choose_config(qtype, out, x.shape[-1] // 256)
         ys = tuple(
             y.reshape(T, k, out) for y in experts.matmul(xq, dx, ids.reshape(-1), qtype, mats, cfg, interpret=interpret)
@@ -205,17 +217,34 @@ def _expert_reference(xq, dx, qtype: int, planes: dict, ids):
     return ys.reshape(n * g, *ys.shape[2:])[:T]
 
 
-def rms_norm_pair(a: jax.Array, wa: jax.Array, b: jax.Array, wb: jax.Array, eps: float):
-    """(rms_norm(a, wa), rms_norm(b, wb)) for a [T, n1], b [T, n2]: one launch for both."""
-    use, interpret = _use(a.shape[0], auto=False)
-    if not use or not norms.pair_supported(a, b):
-        return norms.rms_norm_pair_reference(a, wa, b, wb, eps)
-    return tuple(norms.rms_norm_pair(a, wa, b, wb, eps, interpret=interpret))
+# RMS norms in one launch with the quantization of their outputs (``norms.rms_norm_quant``):
+# attn_norm, the Q_A/KV_A pair, ffn_norm and the output norms, whose outputs feed the Q8_0 and
+# expert kernels. Where XLA runs the norm (a reduce and a multiply) and the quantize launch follows.
+NORM_QUANT_IN_AUTO = True
+
+
+def rms_norm_quant(parts, eps: float):
+    """parts ((x [T, n], w [n], kinds), ...) → per part (rms_norm(x, w), pre): ``pre`` holds x's
+    quantization for each of ``kinds`` ("q8_0", "q8_k") as (q, d), for ``q8_0_matmul(s)`` and
+    ``expert_matmul`` to take as theirs, or is None (those functions then quantize it
+    themselves: the same bits). Not interpreted in the whole model (its own test runs it so)."""
+    T = parts[0][0].shape[0]
+    use, interpret = _use(T, auto=NORM_QUANT_IN_AUTO)
+    k = norms  # the launch knobs read here, at trace time (ab_decode.py variants set them)
+    if not use or interpret or QUANTIZE_IN_KERNEL or not k.quant_supported(parts, k.CHUNKS):
+        return tuple((rms_norm(x, w, eps), None) for x, w, _ in parts)
+    return k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS)
+
+
+# The per-head norm and tail RoPE kernel in ``auto``: off (slower than XLA's fusions in run 6, and
+# in the model: 8 full-size layers, H200, session 23, 2,353.1 against 2,298.7 µs of kernels a step
+# with it, 4 kernels fewer). A knob for ``ab_decode.py`` variants.
+HEAD_NORM_IN_AUTO = False
 
 
 def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> jax.Array:
     """Per-head weightless RMS norm of q [T, H, hd], then the tail RoPE (cos/sin [T, n_rot/2])."""
-    use, interpret = _use(q.shape[0], auto=False)
+    use, interpret = _use(q.shape[0], auto=HEAD_NORM_IN_AUTO)
     if not use or not norms.head_supported(q, cos):
         return norms.head_norm_rope_reference(q, cos, sin, eps)
     return norms.head_norm_rope(q, cos, sin, eps, interpret=interpret)

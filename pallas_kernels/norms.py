@@ -1,7 +1,8 @@
 """Fused RMS norms for the attention input side (decode and the verifier).
 
-* ``rms_norm_pair``: the Q_A and KV_A low-rank outputs of a token normalised (with their own
-  weights) in one launch instead of two chains of XLA fusions.
+* ``rms_norm_quant``: RMS norms with the int8 quantization of their outputs that the Q8_0 and
+  expert kernels read, in one launch: the layer's input norms, and the Q_A and KV_A low-rank
+  outputs of a token normalised (with their own weights) together.
 * ``head_norm_rope``: per-head weightless RMS norm of Q, then the tail RoPE rotation of the
   last n_rot dims, in one launch; the rotation reads the normalised values as the
   sequential path stores them (rounded products), so the result is the same bits.
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import dd_total, div, rms_norm, split12, sqrt
+from ds4jax.model.numerics import dd_total, div, quantize_q8_0, quantize_q8_k, rms_norm, split12, sqrt
 from ds4jax.model.rope import apply_rope_tail
 from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque, pick, two_sum_add
 
@@ -47,39 +48,91 @@ def _rms_scale(x, eps, zero):
     return scale_from_squares(*add_squares(z, z, x), x.shape[-1], eps, zero)[:, None]
 
 
-# ---- pair-fused norm -------------------------------------------------------------------------
-def rms_norm_pair_reference(a, wa, b, wb, eps: float):
-    return rms_norm(a, wa, eps), rms_norm(b, wb, eps)
+# ---- norms with their activations' quantization ---------------------------------------------
+QUANTIZERS = {"q8_0": (quantize_q8_0, 32), "q8_k": (quantize_q8_k, 256)}
+# Programs a token: each sums its whole rows' squares, then writes 1/CHUNKS of them. H200, session
+# 23: a launch at N=1 attn_norm 3.20 µs (8 warps) against XLA's norm then the quantize launch 5.48,
+# the Q_A/KV_A pair 2.96 against 6.16, ffn_norm with both kinds 4.09 against 6.94; 1 program a token
+# 4.87 / 3.33 / 7.31, 2 warps 5.54 / 3.57 / 6.34. 8 full-size layers, GPU time a step: 2,327.4 µs
+# and 560 kernels (4 chunks, 4 warps) against 2,375.6 and 616 without it; 8 chunks 2,320.5, 2 2,327.9.
+CHUNKS = 4
+WARPS = 8  # 4: attn_norm 4.00 µs at N=1, 4.32 at N=2 (8: 3.20, 3.26); the others within 0.1 µs
 
 
-def _pair_kernel(z_ref, a_ref, wa_ref, b_ref, wb_ref, ao_ref, bo_ref, *, eps):
+def rms_norm_quant_reference(parts, eps: float):
+    """parts ((x [T, n], w [n], kinds), ...) → per part (rms_norm(x, w), {kind: (q, d)}): the
+    normalised rows and their int8 quantization for each of ``kinds`` ("q8_0", "q8_k")."""
+    out = []
+    for x, w, kinds in parts:
+        y = rms_norm(x, w, eps)
+        out.append((y, {k: QUANTIZERS[k][0](y) for k in kinds}))
+    return tuple(out)
+
+
+def _norm_quant_kernel(z_ref, *refs, eps, kinds):
     zero = z_ref[0]
-    for x_ref, w_ref, o_ref in ((a_ref, wa_ref, ao_ref), (b_ref, wb_ref, bo_ref)):
-        x = x_ref[...].astype(F32)  # [1, n]
-        o_ref[...] = (x * _rms_scale(x, eps, zero)) * w_ref[...].astype(F32)[None, :]
+    rnd = functools.partial(opaque, zero=zero)
+    ins, outs = refs[: 3 * len(kinds)], iter(refs[3 * len(kinds) :])
+    for i, part in enumerate(kinds):
+        row_ref, x_ref, w_ref = ins[3 * i : 3 * i + 3]
+        scale = _rms_scale(row_ref[...].astype(F32), eps, zero)  # [1, 1]: the whole row's
+        y = (x_ref[...].astype(F32) * scale) * w_ref[...].astype(F32)[None, :]  # this program's slice
+        next(outs)[...] = y
+        for k in part:  # blocks never straddle a slice (quant_supported)
+            q, d = QUANTIZERS[k][0](y, rnd, in_kernel=True)
+            next(outs)[...] = q
+            next(outs)[...] = d
 
 
-def pair_supported(a, b) -> bool:
-    return is_pow2(a.shape[-1]) and is_pow2(b.shape[-1])
+def quant_supported(parts, chunks: int) -> bool:
+    """Every part's rows split into ``chunks`` power-of-two slices of whole quantization blocks."""
+    for x, _, kinds in parts:
+        n = x.shape[-1]
+        if x.ndim != 2 or not is_pow2(n) or n % chunks or any((n // chunks) % QUANTIZERS[k][1] for k in kinds):
+            return False
+    return is_pow2(chunks) and len({x.shape[0] for x, _, _ in parts}) == 1
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def rms_norm_pair(a, wa, b, wb, eps: float, interpret: bool = False):
-    """a [T, n1], b [T, n2] (powers of two) with weights wa [n1], wb [n2] → both normalised."""
-    T, n1 = a.shape
-    n2 = b.shape[1]
-    row = lambda n: pl.BlockSpec((1, n), lambda t: (t, 0))
-    vec = lambda n: pl.BlockSpec((n,), lambda t: (0,))
+@functools.partial(jax.jit, static_argnames=("eps", "kinds", "chunks", "warps", "interpret"))
+def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret):
+    T = xs[0].shape[0]
+    in_specs, args, out_specs, out_shape = [pl.BlockSpec((1,), lambda t, c: (0,))], [z], [], []
+    for x, w, part in zip(xs, ws, kinds):
+        n = x.shape[1]
+        c = n // chunks
+        in_specs += [
+            pl.BlockSpec((1, n), lambda t, j: (t, 0)),  # the whole row, for its squares
+            pl.BlockSpec((1, c), lambda t, j: (t, j)),
+            pl.BlockSpec((c,), lambda t, j: (j,)),
+        ]
+        args += [x, x, w]
+        out_specs.append(pl.BlockSpec((1, c), lambda t, j: (t, j)))
+        out_shape.append(jax.ShapeDtypeStruct((T, n), F32))
+        for k in part:
+            b = QUANTIZERS[k][1]
+            out_specs += [pl.BlockSpec((1, c), lambda t, j: (t, j)), pl.BlockSpec((1, c // b), lambda t, j: (t, j))]
+            out_shape += [jax.ShapeDtypeStruct((T, n), jnp.int8), jax.ShapeDtypeStruct((T, n // b), F32)]
     return pl.pallas_call(
-        functools.partial(_pair_kernel, eps=eps),
-        grid=(T,),
-        in_specs=[pl.BlockSpec((1,), lambda t: (0,)), row(n1), vec(n1), row(n2), vec(n2)],
-        out_specs=[row(n1), row(n2)],
-        out_shape=[jax.ShapeDtypeStruct(a.shape, F32), jax.ShapeDtypeStruct(b.shape, F32)],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        functools.partial(_norm_quant_kernel, eps=eps, kinds=kinds),
+        grid=(T, chunks),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
-        name="rms_norm_pair",
-    )(kernel_zero(a, interpret), a, wa, b, wb)
+        name="rms_norm_quant",
+    )(*args)
+
+
+def rms_norm_quant(parts, eps: float, chunks: int = CHUNKS, warps: int = 4, interpret: bool = False):
+    """``rms_norm_quant_reference`` in one launch: programs (token, slice) normalise every part's
+    slice and quantize it, so XLA's norm fusions and the quantize launch become one launch, and
+    the pair Q_A/KV_A reads each input once. The same bits: the model's functions on tiles."""
+    xs = tuple(x for x, _, _ in parts)
+    ws = tuple(w for _, w, _ in parts)
+    kinds = tuple(tuple(k) for _, _, k in parts)
+    flat = iter(_norm_quant(kernel_zero(xs[0], interpret), xs, ws, eps, kinds, chunks, warps, interpret))
+    return tuple((next(flat), {k: (next(flat), next(flat)) for k in part}) for part in kinds)
 
 
 # ---- head norm + tail RoPE ---------------------------------------------------------------------

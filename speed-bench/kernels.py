@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,hc_pre,hc_post,quantize,attention] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -41,7 +41,7 @@ import devtime
 
 from ds4jax.model import attention as model_attention
 from ds4jax.model import hc
-from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
+from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rms_norm
 from ds4jax.quant.formats import QType
 from ds4jax.quant.planes import QTensor
 from pallas_kernels import attention, experts, hc_post, hc_pre, norms, q8_0, q8_0_mosaic, quantize, sinkhorn
@@ -533,21 +533,9 @@ def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, r
     best = {}
     for n_tok in TOKENS:
         k = iter(jax.random.split(jax.random.PRNGKey(7 + n_tok), 8))
-        a = jax.random.normal(next(k), (n_tok, q_rank))
-        b = jax.random.normal(next(k), (n_tok, head_dim))
-        wa, wb = jax.random.normal(next(k), (q_rank,)), jax.random.normal(next(k), (head_dim,))
         q = jax.random.normal(next(k), (n_tok, n_head, head_dim))
         ang = jax.random.uniform(next(k), (n_tok, n_rot // 2), jnp.float32, 0, 6)
-        cases = [
-            (
-                "rms_norm_pair",
-                f"q_a {q_rank} + kv {head_dim}",
-                (a, wa, b, wb),
-                lambda i, a, wa, b, wb: norms.rms_norm_pair(a, wa, b, wb, eps, interpret=INTERPRET)[0],
-                lambda i, a, wa, b, wb: norms.rms_norm_pair_reference(a, wa, b, wb, eps)[0],
-                (a.size + b.size) * 8 + (wa.size + wb.size) * 4,
-            ),
-        ]
+        cases = []
         for hpp in (16, 4, 1):  # heads per program: 16 (the default) left 4 programs a token (run 6)
             cases.append(
                 (
@@ -722,6 +710,60 @@ def bench_quantize(rec: Recorder, rounds=200, shapes=QUANT_SHAPES):
                 rec.best(f"quantize {kind} {best[1]}", n_tok, what, best[0], nbytes, ref_s)
 
 
+# (programs a token, warps) of the norm + quantize launch
+NORM_QUANT_VARIANTS = ((4, 4), (1, 4), (2, 4), (8, 4), (4, 8), (4, 2))
+
+
+def bench_norm_quant(rec: Recorder, n_embd=4096, q_rank=1024, head_dim=512, rounds=200):
+    """The RMS norms with their outputs' quantization in one launch (``norms.rms_norm_quant``)
+    against what the model ran before: XLA's norm fusions, then the quantize launch per kind (all
+    outputs flattened into one array on both sides, for the bits check)."""
+    eps = 1e-6
+
+    def before(parts):  # interpreted (the CPU smoke run), numerics' own functions
+        quant = {"q8_0": quantize_q8_0, "q8_k": quantize_q8_k}
+        q = (lambda y, k: quant[k](y)) if INTERPRET else (lambda y, k: quantize.quantize(y, k))
+        return [(y, {k: q(y, k) for k in kinds}) for x, w, kinds in parts for y in (rms_norm(x, w, eps),)]
+
+    def flat(outs):
+        return jnp.concatenate([a.astype(jnp.float32).reshape(-1) for a in jax.tree.leaves(outs)])
+
+    for n_tok in TOKENS:
+        k = iter(jax.random.split(jax.random.PRNGKey(11 + n_tok), 8))
+        row = functools.partial(lambda n, k, t: jax.random.normal(next(k), (t, n)) * 3, k=k, t=n_tok)
+        vec = functools.partial(lambda n, k: jax.random.normal(next(k), (n,)), k=k)
+        cases = [
+            ("attn_norm -> q8_0", ((row(n_embd), vec(n_embd), ("q8_0",)),)),
+            ("q_a -> q8_0 + kv_a", ((row(q_rank), vec(q_rank), ("q8_0",)), (row(head_dim), vec(head_dim), ()))),
+            ("ffn_norm -> q8_0 + q8_k", ((row(n_embd), vec(n_embd), ("q8_0", "q8_k")),)),
+        ]
+        for what, parts in cases:
+            xs, ws = tuple(p[0] for p in parts), tuple(p[1] for p in parts)
+            kinds = tuple(p[2] for p in parts)
+            rebuild = lambda xs, ws, kinds=kinds: tuple(zip(xs, ws, kinds))
+            ref = lambda i, xs, ws, rebuild=rebuild: flat(before(rebuild(xs, ws)))
+            ref_s, want = time_steps(ref, rounds, xs, ws, show=n_tok == 1)
+            nbytes = sum(x.size * 9 + w.size * 4 + x.size * 5 * len(kd) for x, w, kd in parts)
+            best = None
+            for chunks, warps in NORM_QUANT_VARIANTS:
+                if not norms.quant_supported(parts, chunks) or (
+                    INTERPRET and (chunks, warps) != NORM_QUANT_VARIANTS[0]
+                ):
+                    continue
+
+                def fn(i, xs, ws, chunks=chunks, warps=warps, rebuild=rebuild):
+                    return flat(
+                        norms.rms_norm_quant(rebuild(xs, ws), eps, chunks=chunks, warps=warps, interpret=INTERPRET)
+                    )
+
+                config = f"c{chunks}w{warps}"
+                t = time_variant(rec, "rms_norm_quant", n_tok, what, config, fn, (xs, ws), want, nbytes, ref_s, rounds)
+                if t is not None and (best is None or t < best[0]):
+                    best = (t, config)
+            if best:
+                rec.best(f"rms_norm_quant {best[1]}", n_tok, what, best[0], nbytes, ref_s)
+
+
 # ---- decode attention ---------------------------------------------------------------------------
 # (split (None: chosen from the key count), warps, stages, head-dim columns, loads a step ahead) of the
 # attention kernels
@@ -792,7 +834,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--quick", action="store_true", help="base configurations only")
     ap.add_argument(
-        "--only", default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,hc_pre,hc_post,quantize,attention"
+        "--only",
+        default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention",
     )
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
@@ -896,6 +939,8 @@ def main() -> None:
         bench_hc_pre(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
     if "quantize" in only and left() > 0:
         bench_quantize(rec, **({"rounds": 3, "shapes": QUANT_SHAPES[:2]} if INTERPRET else {}))
+    if "norm_quant" in only and left() > 0:
+        bench_norm_quant(rec, **({"n_embd": 1024, "q_rank": 256, "head_dim": 128, "rounds": 3} if INTERPRET else {}))
     if "hc_post" in only and left() > 0:
         bench_hc_post(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
     if "attention" in only and left() > 0:

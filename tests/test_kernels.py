@@ -259,6 +259,28 @@ def test_dispatch_quantizes_either_side_with_the_same_bits(in_kernel, monkeypatc
     assert np.array_equal(dispatch.expert_matmul(xe, experts.Q2_K, planes, ids), want)
 
 
+def test_dispatch_takes_the_norms_quantization(monkeypatch):
+    """``pre`` (the quantization ``rms_norm_quant`` made in the norm's launch) is what the Q8_0
+    and expert kernels read: given another row's quantization, they return that row's result."""
+    monkeypatch.setenv("DS4JAX_KERNELS", "interpret")
+    _, _, qs, d = q8_inputs(2, 64, 256)
+    x, other = (jnp.asarray(RNG.standard_normal((2, 256)).astype(np.float32)) for _ in range(2))
+    want = q8_0.reference(*quantize_q8_0(other), qs, d)
+    assert np.array_equal(dispatch.q8_0_matmul(x, qs, d, pre={"q8_0": quantize_q8_0(other)}), want)
+    got = dispatch.q8_0_matmuls(x, ((qs, d), (qs[:32], d[:32])), pre={"q8_0": quantize_q8_0(other)})
+    assert np.array_equal(got[0], want) and np.array_equal(got[1], want[:, :32])
+    E, out, nb, T, k = 4, 32, 2, 2, 3
+    planes = expert_planes(jax.random.PRNGKey(1), experts.Q2_K, E, out, nb)
+    xe, oe = (jnp.asarray(RNG.standard_normal((T, 1, nb * 256)).astype(np.float32) * 3) for _ in range(2))
+    ids = jnp.asarray(RNG.integers(0, E, (T, k)), jnp.int32)
+    xq, dx = quantize_q8_k(oe)
+    want = experts.reference(
+        jnp.broadcast_to(xq, (T, k, nb * 256)), jnp.broadcast_to(dx, (T, k, nb)), experts.Q2_K, planes, ids
+    )
+    got = dispatch.expert_matmul(xe, experts.Q2_K, planes, ids, pre={"q8_k": quantize_q8_k(oe[:, 0])})
+    assert np.array_equal(got, want)
+
+
 def test_q8_0_auto_policy_at_one_token():
     """``auto`` at N=1: the kernel on weights of 16 MB and more, XLA on the small ones (the
     decode step's GPU time, 8 full-size layers, KERNELS.md session 14)."""
@@ -282,14 +304,30 @@ def test_hadamard_kernel_is_the_reference(shape):
     assert np.array_equal(np.asarray(dispatch.hadamard(x)), want)
 
 
-@pytest.mark.parametrize("T", [1, 3])
-def test_fused_norm_kernels_are_the_reference(T):
+def _same_norms(got, want):
+    for (y, pre), (y_ref, pre_ref) in zip(got, want, strict=True):
+        assert np.array_equal(np.asarray(y).view(np.uint32), np.asarray(y_ref).view(np.uint32))
+        assert pre.keys() == pre_ref.keys()
+        for k in pre:
+            for g, w in zip(pre[k], pre_ref[k], strict=True):
+                assert g.dtype == w.dtype and np.array_equal(g, w), k
+
+
+@pytest.mark.parametrize("T,chunks", [(1, 4), (3, 2)])
+def test_fused_norm_kernels_are_the_reference(T, chunks):
     a = jnp.asarray(RNG.standard_normal((T, 1024)).astype(np.float32) * 3)
     b = jnp.asarray(RNG.standard_normal((T, 512)).astype(np.float32))
     wa, wb = (jnp.asarray(RNG.standard_normal(n).astype(np.float32)) for n in (1024, 512))
-    got = norms.rms_norm_pair(a, wa, b, wb, 1e-6, interpret=INTERPRET)
-    for g, w in zip(got, norms.rms_norm_pair_reference(a, wa, b, wb, 1e-6)):
-        assert np.array_equal(g, w)
+    # The Q_A/KV_A pair (Q_A quantized for attn_q_b), then an FFN input quantized both ways, with
+    # a zero block and a block whose largest |x| is tied between signs (Q8_K takes the first).
+    x = RNG.standard_normal((T, 2048)).astype(np.float32)
+    x[0, 256:512] = 0.0
+    x[-1, 600], x[-1, 700] = -9.0, 9.0
+    parts = [((a, wa, ("q8_0",)), (b, wb, ())), ((jnp.asarray(x), jnp.ones(2048, jnp.float32), ("q8_0", "q8_k")),)]
+    for p in parts:
+        assert norms.quant_supported(p, chunks)
+        got = norms.rms_norm_quant(p, 1e-6, chunks=chunks, interpret=INTERPRET)
+        _same_norms(got, norms.rms_norm_quant_reference(p, 1e-6))
     q = jnp.asarray(RNG.standard_normal((T, 8, 128)).astype(np.float32) * 2)  # 8 heads of 128, 32 rope pairs
     ang = RNG.uniform(0, 6, (T, 32)).astype(np.float32)
     cos, sin = jnp.asarray(np.cos(ang)), jnp.asarray(np.sin(ang))
@@ -304,20 +342,28 @@ def test_sinkhorn_kernel_is_the_reference(sums):
     assert np.array_equal(got, sinkhorn.reference(c, 20, 1e-6))
 
 
+@pytest.mark.parametrize("qtype", ["IQ2_XXS", "Q2_K"])
 @pytest.mark.parametrize("narrow", [True, False])
-def test_iq2_xxs_narrow_programs_are_the_reference(monkeypatch, narrow):
-    """IQ2_XXS at 32 rows and 2 warps a program (``experts.IQ2_NARROW``, the default) or at 64 rows
-    and 4 warps, as dispatch picks it at trace time: the reference's bits either way."""
-    monkeypatch.setattr(experts, "IQ2_NARROW", narrow)
-    want_cfg = experts.ExpertConfig(32, 2, num_warps=2) if narrow else experts.ExpertConfig(64, 2)
-    assert experts.choose_config(experts.IQ2_XXS, 64, 8) == want_cfg
-    planes = expert_planes(jax.random.PRNGKey(70), experts.IQ2_XXS, 4, 64, 2)
+def test_narrow_expert_programs_are_the_reference(monkeypatch, narrow, qtype):
+    """IQ2_XXS at 32 rows and 2 warps a program (``experts.IQ2_NARROW``), Q2_K at 16 rows and 1 warp
+    (``Q2K_NARROW``; both the default) or at 64 rows and 4 warps, as dispatch picks them at trace
+    time: the reference's bits either way."""
+    qt = getattr(experts, qtype)
+    monkeypatch.setattr(experts, "IQ2_NARROW" if qtype == "IQ2_XXS" else "Q2K_NARROW", narrow)
+    splits = 2 if qtype == "IQ2_XXS" else 8  # 4 super-blocks a program, 1 for Q2_K
+    narrow_cfg = (
+        experts.ExpertConfig(32, splits, num_warps=2)
+        if qtype == "IQ2_XXS"
+        else experts.ExpertConfig(16, splits, num_warps=1)
+    )
+    assert experts.choose_config(qt, 64, 8) == (narrow_cfg if narrow else experts.ExpertConfig(64, splits))
+    planes = expert_planes(jax.random.PRNGKey(70), qt, 4, 64, 2)
     x = jnp.asarray(RNG.standard_normal((2, 1, 512)).astype(np.float32))
     ids = jnp.asarray([[3, 0, 1], [2, 2, 0]], jnp.int32)
     monkeypatch.setenv("DS4JAX_KERNELS", "interpret" if INTERPRET else "all")
-    got = dispatch.expert_matmul(x, experts.IQ2_XXS, planes, ids)
+    got = dispatch.expert_matmul(x, qt, planes, ids)
     monkeypatch.setenv("DS4JAX_KERNELS", "off")
-    assert np.array_equal(np.asarray(got), np.asarray(dispatch.expert_matmul(x, experts.IQ2_XXS, planes, ids)))
+    assert np.array_equal(np.asarray(got), np.asarray(dispatch.expert_matmul(x, qt, planes, ids)))
 
 
 @pytest.mark.parametrize(
@@ -501,9 +547,9 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((16, 64), jnp.float16),
         ),
         (
-            lambda a, wa, b, wb: norms.rms_norm_pair(a, wa, b, wb, 1e-6),
-            S((2, 128), f32),
-            S((128,), f32),
+            lambda a, wa, b, wb: norms.rms_norm_quant(((a, wa, ("q8_0", "q8_k")), (b, wb, ())), 1e-6, chunks=2)[0][1],
+            S((2, 512), f32),
+            S((512,), f32),
             S((2, 64), f32),
             S((64,), f32),
         ),

@@ -17,8 +17,8 @@ from jax import lax
 
 from ds4jax.config import ModelConfig
 from ds4jax.model import compressor, indexer
-from ds4jax.model.linear import dense, dense_many, q8_0_grouped_matmul
-from ds4jax.model.numerics import F32, asum, div, exp, f16_round, fp8_e4m3_round_trip, rms_norm, rounded
+from ds4jax.model.linear import dense, dense_many, q8_0_grouped_matmul, rms_norms
+from ds4jax.model.numerics import F32, asum, div, exp, f16_round, fp8_e4m3_round_trip, rounded
 from ds4jax.model.rope import apply_rope_tail, rope_angles
 from pallas_kernels import dispatch as kernels
 
@@ -68,11 +68,13 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
     pos = pos0 + jnp.arange(T, dtype=jnp.int32)
     cos, sin = rope_angles(pos, cfg, L, rope)  # [T, n_rot/2]
 
-    xn = rms_norm(x, w["attn_norm"].planes["w"], eps)
     aq = cfg.act_quant
-    qa, kva = dense_many(xn, (w["attn_q_a"], w["attn_kv"]), aq)  # one input: one launch on the kernel path
-    qrn, kv = kernels.rms_norm_pair(qa, w["attn_q_a_norm"].planes["w"], kva, w["attn_kv_a_norm"].planes["w"], eps)
-    q = dense(qrn, w["attn_q_b"], aq).reshape(T, H, hd)
+    # Each norm launch also quantizes its output for the Q8_0 kernels that read it (kernel path).
+    ((xn, xq),) = rms_norms(((x, w["attn_norm"].planes["w"], ("q8_0",)),), eps, aq)
+    qa, kva = dense_many(xn, (w["attn_q_a"], w["attn_kv"]), aq, xq)  # one input: one launch on the kernel path
+    pair = ((qa, w["attn_q_a_norm"].planes["w"], ("q8_0",)), (kva, w["attn_kv_a_norm"].planes["w"], ()))
+    (qrn, qq), (kv, _) = rms_norms(pair, eps, aq)  # Q_A and KV_A in one launch
+    q = dense(qrn, w["attn_q_b"], aq, qq).reshape(T, H, hd)
     q = kernels.head_norm_rope(q, cos, sin, eps)  # per-head weightless norm, then the tail RoPE
 
     kv = apply_rope_tail(kv, cos, sin)

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from ds4jax.config import ModelConfig
 from ds4jax.model.attention import attention_sublayer, commit_layer
 from ds4jax.model.hc import hc_head, hc_post_carry, hc_pre
-from ds4jax.model.linear import dense
+from ds4jax.model.linear import dense, rms_norms
 from ds4jax.model.moe import ffn_sublayer
-from ds4jax.model.numerics import F32, rms_norm
+from ds4jax.model.numerics import F32
 
 
 def embed(weights: dict, tokens: jax.Array, n_hc: int) -> jax.Array:
@@ -36,8 +36,8 @@ def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, rope: di
     x, post, comb = hc_pre(
         H, w["hc_ffn_fn"], w["hc_ffn_scale"].planes["w"], w["hc_ffn_base"].planes["w"], it, eps, heps, squares
     )
-    z = rms_norm(x, w["ffn_norm"].planes["w"], eps)
-    H, squares = hc_post_carry(H, ffn_sublayer(cfg, L, w, z, tokens), post, comb)
+    ((z, zq),) = rms_norms(((x, w["ffn_norm"].planes["w"], ("q8_0", "q8_k")),), eps, cfg.act_quant)
+    H, squares = hc_post_carry(H, ffn_sublayer(cfg, L, w, z, tokens, zq), post, comb)
     return H, pending, squares
 
 
@@ -50,7 +50,8 @@ def head(cfg: ModelConfig, weights: dict, H) -> jax.Array:
         cfg.rms_eps,
         cfg.hc_eps,
     )
-    return dense(rms_norm(h, weights["output_norm"].planes["w"], cfg.rms_eps), weights["output"], cfg.act_quant)
+    ((hn, hq),) = rms_norms(((h, weights["output_norm"].planes["w"], ("q8_0",)),), cfg.rms_eps, cfg.act_quant)
+    return dense(hn, weights["output"], cfg.act_quant, hq)
 
 
 def forward_hidden(cfg: ModelConfig, weights: dict, state: dict, tokens):

@@ -26,29 +26,38 @@ from pallas_kernels import dispatch as kernels
 FLOAT_TYPES = (QType.F16, QType.F32, QType.BF16)  # weights multiplied as f32 products, not quantized
 
 
-def dense(x: jax.Array, w: QTensor, act_quant: bool = True) -> jax.Array:
+def dense(x: jax.Array, w: QTensor, act_quant: bool = True, pre=None) -> jax.Array:
     """y[..., o] = Σ_i W[o, i] x[..., i] for a 2-D weight of any supported type.
 
-    ``act_quant=False`` keeps Q8_0 activations in f32 (the weights stay quantized)."""
+    ``act_quant=False`` keeps Q8_0 activations in f32 (the weights stay quantized). ``pre``:
+    x's quantization made with its norm (``dispatch.rms_norm_quant``), or None."""
     q = QType(w.qtype)
     if q == QType.Q8_0:
-        return q8_0_matmul(x, w) if act_quant else adot(x, dequantize(w))
+        return q8_0_matmul(x, w, pre) if act_quant else adot(x, dequantize(w))
     if q in FLOAT_TYPES:
         return adot(x, w.planes["w"])
     raise NotImplementedError(f"dense matmul for {q.name}")
 
 
-def dense_many(x: jax.Array, ws: tuple[QTensor, ...], act_quant: bool = True) -> tuple:
+def dense_many(x: jax.Array, ws: tuple[QTensor, ...], act_quant: bool = True, pre=None) -> tuple:
     """``dense`` of one x against several weights: Q8_0 weights of one K share one quantization
     of x and, on the kernel path, one launch (``dispatch.q8_0_matmuls``); the same bits."""
     k = x.shape[-1]
     if act_quant and all(QType(w.qtype) == QType.Q8_0 and w.shape[-1] == k for w in ws):
-        return kernels.q8_0_matmuls(x, tuple((w.planes["qs"], w.planes["d"]) for w in ws))
-    return tuple(dense(x, w, act_quant) for w in ws)
+        return kernels.q8_0_matmuls(x, tuple((w.planes["qs"], w.planes["d"]) for w in ws), pre)
+    return tuple(dense(x, w, act_quant, pre) for w in ws)
 
 
-def q8_0_matmul(x: jax.Array, w: QTensor) -> jax.Array:
-    return kernels.q8_0_matmul(x, w.planes["qs"], w.planes["d"])  # quantizes x per 32 first
+def rms_norms(parts, eps: float, act_quant: bool = True) -> tuple:
+    """(rms_norm(x, w), pre) for each (x [T, n], w [n], kinds) of ``parts``, in one launch on the
+    kernel path (``dispatch.rms_norm_quant``): ``pre`` is then the normed x's quantization for each
+    of ``kinds`` ("q8_0", "q8_k") made in that launch, else None, for ``dense``, ``dense_many``
+    and ``expert_linears`` to take (without it they quantize x themselves: the same bits)."""
+    return kernels.rms_norm_quant(tuple((x, w, tuple(k) if act_quant else ()) for x, w, k in parts), eps)
+
+
+def q8_0_matmul(x: jax.Array, w: QTensor, pre=None) -> jax.Array:
+    return kernels.q8_0_matmul(x, w.planes["qs"], w.planes["d"], pre=pre)  # quantizes x per 32 first
 
 
 def q8_0_grouped_matmul(x: jax.Array, w: QTensor, groups: int, act_quant: bool = True) -> jax.Array:
@@ -72,11 +81,12 @@ def expert_linear(x: jax.Array, w: QTensor, ids: jax.Array, act_quant: bool = Tr
     return expert_linears(x, (w,), ids, act_quant)[0]
 
 
-def expert_linears(x: jax.Array, ws: tuple[QTensor, ...], ids: jax.Array, act_quant: bool = True) -> tuple:
+def expert_linears(x: jax.Array, ws: tuple[QTensor, ...], ids: jax.Array, act_quant: bool = True, pre=None) -> tuple:
     """``expert_linear`` of one x against several expert tensors (gate and up): tensors of one
-    type and shape share one kernel launch (and one quantization of x)."""
+    type and shape share one kernel launch (and one quantization of x, or ``pre``: the one its
+    norm made)."""
     if not act_quant:
         return tuple(asum(rounded(x[..., None, :] * dequantize(take(w, ids))), -1) for w in ws)
     if len({(w.qtype, w.shape) for w in ws}) == 1:  # x is quantized per 256 (Q8_K) in there
-        return kernels.expert_matmul(x, ws[0].qtype, tuple(w.planes for w in ws), ids)
-    return tuple(kernels.expert_matmul(x, w.qtype, w.planes, ids) for w in ws)
+        return kernels.expert_matmul(x, ws[0].qtype, tuple(w.planes for w in ws), ids, pre)
+    return tuple(kernels.expert_matmul(x, w.qtype, w.planes, ids, pre) for w in ws)
