@@ -349,6 +349,10 @@ _BLOCKS_PER_PROGRAM = {IQ2_XXS: 4, Q4_K: 4, Q2_K: 1, IQ2_NIB: 4}
 # 2,520.0 against 2,534.2 µs of kernels a step (call A), and 2,614.4 against 2,617.3 with the
 # attention kernels on (call B). Dispatch reads it at trace time (ab_decode.py variants set it).
 IQ2_NARROW = True
+# Q2_K (the down projection) in programs of 16 rows and 1 warp instead of 64 and 4, likewise. H200,
+# session 23, a launch alone (2048->4096, 8 splits): 12.46 against 13.64 µs at N=1, 21.01 against
+# 24.57 at N=2 (32 rows and 1 warp: 12.28 / 22.95; 32 rows and 2 warps: 14.01 / 25.19).
+Q2K_NARROW = True
 
 
 def choose_config(qtype: int, out: int, nb: int) -> ExpertConfig:
@@ -359,6 +363,8 @@ def choose_config(qtype: int, out: int, nb: int) -> ExpertConfig:
         splits -= 1
     if qtype == IQ2_XXS and IQ2_NARROW and out % 32 == 0:
         return ExpertConfig(block_rows=32, k_splits=splits, num_warps=2)
+    if qtype == Q2_K and Q2K_NARROW and out % 16 == 0:
+        return ExpertConfig(block_rows=16, k_splits=splits, num_warps=1)
     return ExpertConfig(block_rows=rows, k_splits=splits)
 
 
