@@ -75,8 +75,9 @@ def _use(n_tok: int, auto: bool, any_n: bool = False) -> tuple[bool, bool]:
 QUANTIZE_IN_KERNEL = False
 
 # Where XLA's side quantizes (QUANTIZE_IN_KERNEL False), one launch (``pallas_kernels.quantize``:
-# the same functions on register tiles) instead of XLA's three fusions a projection. Built in
-# session 22 without device time: not timed.
+# the same functions on register tiles) instead of XLA's three fusions a projection. 8 full-size
+# layers (H200, session 23, one process): 2,385.9 against 2,452.6 µs of kernels a step, 616
+# against 678 kernels. Where a norm feeds the matmul, ``rms_norm_quant`` quantizes instead.
 QUANT_KERNEL = True
 
 
