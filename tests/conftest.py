@@ -15,6 +15,19 @@ os.environ["DS4JAX_CACHE"] = _SESSION_CACHE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+# The test files that take longest on CPU (2 cores, session 23: ~630, ~470 and ~450 s of ~1,800 s
+# in all), collected first. With ``-n 2 --dist loadfile`` and xdist's reordering off (pyproject's
+# addopts), the workers take whole files in collection order, so the longest go first and the
+# short ones fill in after them: xdist's default order (files by their number of tests) put two
+# long files on one worker, 1,044 s for the suite.
+LONGEST_FIRST = ("test_forward.py", "test_kernels.py", "test_speculative.py")
+
+
+def pytest_collection_modifyitems(items):
+    names = {n: i for i, n in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: names.get(item.path.name, len(names)))  # stable: a file keeps its order
+
+
 def pytest_configure(config):
     """Under xdist, the controller writes the tiny model once before the workers start (each
     would otherwise generate its own copy into the shared cache at the same time)."""
