@@ -89,7 +89,16 @@ def _quantize(x: jax.Array, kind: str, interpret: bool) -> tuple[jax.Array, jax.
     if QUANT_KERNEL and not interpret and jax.default_backend() == "gpu" and quantize_kernel.supported(x2, kind):
         q, d = quantize_kernel.quantize(x2, kind, chunk=quantize_kernel.CHUNK, warps=quantize_kernel.WARPS)
         return q.reshape(x.shape), d.reshape(*x.shape[:-1], d.shape[-1])
-    return (quantize_q8_0 if kind == "q8_0" else quantize_q8_k)(x)
+    return quantize_kernel.KINDS[kind][0](x)
+
+
+def _given(pre, kind: str, x: jax.Array):
+    """x's quantization for ``kind`` from ``pre`` (made in its norm's launch, ``rms_norm_quant``)
+    in x's leading shape, or None."""
+    if pre is None or kind not in pre:
+        return None
+    q, d = pre[kind]
+    return q.reshape(x.shape), d.reshape(*x.shape[:-1], d.shape[-1])
 
 
 # The Hadamard kernel (indexer q and compressed rows) in ``auto`` (``all`` always takes it): GPU
@@ -152,15 +161,10 @@ def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None) -> tuple:
     if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
         use = False
     if not use or not all(q8_0.supported(*qs.shape, groups) for qs, _ in mats):
-        xq, dx = quantize_q8_0(x)
+        xq, dx = _given(pre, "q8_0", x) or quantize_q8_0(x)
         return tuple(q8_0.reference(xq, dx, qs, d, groups) for qs, d in mats)
     x2 = x.reshape(n, -1)
-    if QUANTIZE_IN_KERNEL:
-        xq, dx = x2, None
-    elif pre is not None and "q8_0" in pre:
-        xq, dx = (a.reshape(n, -1) for a in pre["q8_0"])
-    else:
-        xq, dx = _quantize(x2, "q8_0", interpret)
+    xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else _given(pre, "q8_0", x2) or _quantize(x2, "q8_0", interpret)
     qs, d = zip(*mats)
     one = len(mats) == 1  # a single matrix may be grouped; several share one launch
     cores = n <= Q8_CORES_MAX_TOKENS and not QUANTIZE_IN_KERNEL
@@ -182,7 +186,7 @@ def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array, pre=None):
     out = mats[0]["d"].shape[1]
     use, interpret = _use(T, auto=True, any_n=True)
     if not use or not experts.supported(qtype, out):
-        xq, dx = quantize_q8_k(x)  # once per token where x is shared by its experts
+        xq, dx = _given(pre, "q8_k", x) or quantize_q8_k(x)  # once per token where x is shared by its experts
         xq = jnp.broadcast_to(xq, (T, k, xq.shape[-1]))
         dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
         ys = tuple(_expert_reference(xq, dx, qtype, m, ids) for m in mats)
@@ -190,10 +194,8 @@ def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array, pre=None):
         rows = lambda a: jnp.broadcast_to(a, (T, k, a.shape[-1])).reshape(T * k, -1)
         if QUANTIZE_IN_KERNEL:
             xq, dx = rows(x), None
-        elif pre is not None and "q8_k" in pre:
-            xq, dx = (rows(a.reshape(*x.shape[:-1], a.shape[-1])) for a in pre["q8_k"])
         else:
-            xq, dx = (rows(a) for a in _quantize(x, "q8_k", interpret))
+            xq, dx = (rows(a) for a in _given(pre, "q8_k", x) or _quantize(x, "q8_k", interpret))
         # the launch chosen here, at trace time, so module knobs (experts.IQ2_NARROW, Q2K_NARROW) take effect
         cfg = experts.choose_config(qtype, out, x.shape[-1] // 256)
         ys = tuple(

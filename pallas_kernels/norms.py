@@ -22,9 +22,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import dd_total, div, quantize_q8_0, quantize_q8_k, rms_norm, split12, sqrt
+from ds4jax.model.numerics import dd_total, div, rms_norm, split12, sqrt
 from ds4jax.model.rope import apply_rope_tail
 from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque, pick, two_sum_add
+from pallas_kernels.quantize import KINDS
 
 
 def add_squares(s, e, x):
@@ -49,7 +50,6 @@ def _rms_scale(x, eps, zero):
 
 
 # ---- norms with their activations' quantization ---------------------------------------------
-QUANTIZERS = {"q8_0": (quantize_q8_0, 32), "q8_k": (quantize_q8_k, 256)}
 # Programs a token: each sums its whole rows' squares, then writes 1/CHUNKS of them. H200, session
 # 23: a launch at N=1 attn_norm 3.20 µs (8 warps) against XLA's norm then the quantize launch 5.48,
 # the Q_A/KV_A pair 2.96 against 6.16, ffn_norm with both kinds 4.09 against 6.94; 1 program a token
@@ -65,7 +65,7 @@ def rms_norm_quant_reference(parts, eps: float):
     out = []
     for x, w, kinds in parts:
         y = rms_norm(x, w, eps)
-        out.append((y, {k: QUANTIZERS[k][0](y) for k in kinds}))
+        out.append((y, {k: KINDS[k][0](y) for k in kinds}))
     return tuple(out)
 
 
@@ -79,7 +79,7 @@ def _norm_quant_kernel(z_ref, *refs, eps, kinds):
         y = (x_ref[...].astype(F32) * scale) * w_ref[...].astype(F32)[None, :]  # this program's slice
         next(outs)[...] = y
         for k in part:  # blocks never straddle a slice (quant_supported)
-            q, d = QUANTIZERS[k][0](y, rnd, in_kernel=True)
+            q, d = KINDS[k][0](y, rnd, in_kernel=True)
             next(outs)[...] = q
             next(outs)[...] = d
 
@@ -88,7 +88,7 @@ def quant_supported(parts, chunks: int) -> bool:
     """Every part's rows split into ``chunks`` power-of-two slices of whole quantization blocks."""
     for x, _, kinds in parts:
         n = x.shape[-1]
-        if x.ndim != 2 or not is_pow2(n) or n % chunks or any((n // chunks) % QUANTIZERS[k][1] for k in kinds):
+        if x.ndim != 2 or not is_pow2(n) or n % chunks or any((n // chunks) % KINDS[k][1] for k in kinds):
             return False
     return is_pow2(chunks) and len({x.shape[0] for x, _, _ in parts}) == 1
 
@@ -109,7 +109,7 @@ def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret):
         out_specs.append(pl.BlockSpec((1, c), lambda t, j: (t, j)))
         out_shape.append(jax.ShapeDtypeStruct((T, n), F32))
         for k in part:
-            b = QUANTIZERS[k][1]
+            b = KINDS[k][1]
             out_specs += [pl.BlockSpec((1, c), lambda t, j: (t, j)), pl.BlockSpec((1, c // b), lambda t, j: (t, j))]
             out_shape += [jax.ShapeDtypeStruct((T, n), jnp.int8), jax.ShapeDtypeStruct((T, n // b), F32)]
     return pl.pallas_call(
@@ -124,7 +124,7 @@ def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret):
     )(*args)
 
 
-def rms_norm_quant(parts, eps: float, chunks: int = CHUNKS, warps: int = 4, interpret: bool = False):
+def rms_norm_quant(parts, eps: float, chunks: int = CHUNKS, warps: int = WARPS, interpret: bool = False):
     """``rms_norm_quant_reference`` in one launch: programs (token, slice) normalise every part's
     slice and quantize it, so XLA's norm fusions and the quantize launch become one launch, and
     the pair Q_A/KV_A reads each input once. The same bits: the model's functions on tiles."""

@@ -22,9 +22,10 @@ from jax.experimental.pallas import triton as plgpu
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k
 from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque
 
-__all__ = ["quantize", "supported"]
+__all__ = ["KINDS", "quantize", "supported"]
 
-BLOCK = {"q8_0": 32, "q8_k": 256}
+# kind -> (numerics' function, its block): this launch's, and the norms' (``norms.rms_norm_quant``)
+KINDS = {"q8_0": (quantize_q8_0, 32), "q8_k": (quantize_q8_k, 256)}
 CHUNK = 1024  # elements a program: 32 Q8_0 or 4 Q8_K blocks
 WARPS = 4
 
@@ -32,13 +33,12 @@ WARPS = 4
 def supported(x: jax.Array, kind: str) -> bool:
     """x [n, K] with K a power of two of at least one block."""
     K = x.shape[-1]
-    return x.ndim == 2 and K >= BLOCK[kind] and is_pow2(K)
+    return x.ndim == 2 and K >= KINDS[kind][1] and is_pow2(K)
 
 
 def _kernel(z_ref, x_ref, q_ref, d_ref, *, kind):
     rnd = functools.partial(opaque, zero=z_ref[0])
-    fn = quantize_q8_0 if kind == "q8_0" else quantize_q8_k
-    q, d = fn(x_ref[...], rnd, in_kernel=True)
+    q, d = KINDS[kind][0](x_ref[...], rnd, in_kernel=True)
     q_ref[...] = q
     d_ref[...] = d
 
@@ -48,7 +48,7 @@ def quantize(x, kind: str, chunk: int = CHUNK, warps: int = WARPS, interpret: bo
     """x [n, K] f32 → (q int8 [n, K], d f32 [n, K/block]) as ``numerics.quantize_q8_0`` (``kind``
     "q8_0") or ``quantize_q8_k`` ("q8_k"). ``chunk``, ``warps``: the launch (they only time)."""
     n, K = x.shape
-    blk = BLOCK[kind]
+    blk = KINDS[kind][1]
     c = max(min(chunk, K), blk)
     return pl.pallas_call(
         functools.partial(_kernel, kind=kind),

@@ -571,8 +571,8 @@ HC_VARIANTS = [(32, 8, 3, 4096), (64, 8, 3, 4096), (32, 8, 3, 16384), (64, 8, 3,
 
 
 def _flat(outs):
-    """Outputs as one f32 row (the timed loop's result, compared bit for bit)."""
-    return jnp.concatenate([o.reshape(-1) for o in outs])
+    """Outputs (any pytree of arrays) as one f32 row: the timed loop's result, compared bit for bit."""
+    return jnp.concatenate([a.astype(jnp.float32).reshape(-1) for a in jax.tree.leaves(outs)])
 
 
 def hc_pre_inputs(key, n_tok, n_hc, n_embd):
@@ -681,26 +681,22 @@ QUANT_SHAPES = [
 QUANT_VARIANTS = [(1024, 4), (512, 4), (2048, 4), (1024, 8)]  # (elements a program, warps); first: the engine's
 
 
-def _quant_flat(q, d):
-    return jnp.concatenate([q.astype(jnp.float32).reshape(-1), d.reshape(-1)])
-
-
 def bench_quantize(rec: Recorder, rounds=200, shapes=QUANT_SHAPES):
     """The quantize launch against XLA's fusions of ``numerics.quantize_q8_0`` / ``quantize_q8_k``
     on a materialized x (in the model XLA also fuses x's producer into its first fusion)."""
     for n_tok in TOKENS:
         for kind, what, rows, K in shapes:
             x = jax.random.normal(jax.random.PRNGKey(K + n_tok), (n_tok * rows, K)) * 3
-            ref = quantize_q8_0 if kind == "q8_0" else quantize_q8_k
-            ref_s, want = time_steps(lambda i, x, ref=ref: _quant_flat(*ref(x)), rounds, x, show=n_tok == 1)
-            nbytes = x.size * 4 + x.size + x.size * 4 // quantize.BLOCK[kind]
+            ref, block = quantize.KINDS[kind]
+            ref_s, want = time_steps(lambda i, x, ref=ref: _flat(ref(x)), rounds, x, show=n_tok == 1)
+            nbytes = x.size * 4 + x.size + x.size * 4 // block
             best = None
             for chunk, warps in QUANT_VARIANTS:
                 if INTERPRET and (chunk, warps) != QUANT_VARIANTS[0]:
                     continue
 
                 def fn(i, x, kind=kind, chunk=chunk, warps=warps):
-                    return _quant_flat(*quantize.quantize(x, kind, chunk=chunk, warps=warps, interpret=INTERPRET))
+                    return _flat(quantize.quantize(x, kind, chunk=chunk, warps=warps, interpret=INTERPRET))
 
                 config = f"c{chunk}w{warps}"
                 t = time_variant(rec, f"quantize {kind}", n_tok, what, config, fn, (x,), want, nbytes, ref_s, rounds)
@@ -721,12 +717,8 @@ def bench_norm_quant(rec: Recorder, n_embd=4096, q_rank=1024, head_dim=512, roun
     eps = 1e-6
 
     def before(parts):  # interpreted (the CPU smoke run), numerics' own functions
-        quant = {"q8_0": quantize_q8_0, "q8_k": quantize_q8_k}
-        q = (lambda y, k: quant[k](y)) if INTERPRET else (lambda y, k: quantize.quantize(y, k))
+        q = (lambda y, k: quantize.KINDS[k][0](y)) if INTERPRET else (lambda y, k: quantize.quantize(y, k))
         return [(y, {k: q(y, k) for k in kinds}) for x, w, kinds in parts for y in (rms_norm(x, w, eps),)]
-
-    def flat(outs):
-        return jnp.concatenate([a.astype(jnp.float32).reshape(-1) for a in jax.tree.leaves(outs)])
 
     for n_tok in TOKENS:
         k = iter(jax.random.split(jax.random.PRNGKey(11 + n_tok), 8))
@@ -741,7 +733,7 @@ def bench_norm_quant(rec: Recorder, n_embd=4096, q_rank=1024, head_dim=512, roun
             xs, ws = tuple(p[0] for p in parts), tuple(p[1] for p in parts)
             kinds = tuple(p[2] for p in parts)
             rebuild = lambda xs, ws, kinds=kinds: tuple(zip(xs, ws, kinds))
-            ref = lambda i, xs, ws, rebuild=rebuild: flat(before(rebuild(xs, ws)))
+            ref = lambda i, xs, ws, rebuild=rebuild: _flat(before(rebuild(xs, ws)))
             ref_s, want = time_steps(ref, rounds, xs, ws, show=n_tok == 1)
             nbytes = sum(x.size * 9 + w.size * 4 + x.size * 5 * len(kd) for x, w, kd in parts)
             best = None
@@ -752,7 +744,7 @@ def bench_norm_quant(rec: Recorder, n_embd=4096, q_rank=1024, head_dim=512, roun
                     continue
 
                 def fn(i, xs, ws, chunks=chunks, warps=warps, rebuild=rebuild):
-                    return flat(
+                    return _flat(
                         norms.rms_norm_quant(rebuild(xs, ws), eps, chunks=chunks, warps=warps, interpret=INTERPRET)
                     )
 
