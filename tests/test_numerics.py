@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from jax import lax
 
+from ds4jax.model import indexer
 from ds4jax.model import numerics as N
 from ds4jax.model.linear import expert_linear, q8_0_grouped_matmul, q8_0_matmul
 from ds4jax.quant import QType, decode_numpy, encode, pack
@@ -140,3 +142,20 @@ def test_expert_matmul_equals_dequantized_dot_with_q8_k(qt):
     wd = decode_numpy(raw, qt, 512).astype(np.float64).reshape(5, 16, 512)[np.asarray(ids)]
     ref = np.einsum("teoi,tei->teo", wd, xd)
     assert np.max(np.abs(got - ref)) <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_top_indices_by_rank_are_lax_top_k(monkeypatch, k):
+    """The indexer's top-k from ranks gives lax.top_k's indices: ties to the lower index, +0
+    above −0, −inf (invisible rows) last, k up to n."""
+    rng = np.random.default_rng(11)
+    s = rng.integers(-3, 4, (3, 40)).astype(np.float32)  # many ties
+    s[0, ::5] = -np.inf
+    s[1, rng.random(40) < 0.5] = -0.0
+    s[1, rng.random(40) < 0.3] = 0.0
+    s[2] = rng.standard_normal(40).astype(np.float32)
+    s = jnp.asarray(s)
+    want = np.asarray(lax.top_k(s, k)[1])
+    assert np.array_equal(np.asarray(indexer.top_indices(s, k)), want)
+    monkeypatch.setattr(indexer, "RANK_TOP_K_MAX", 0)  # the sort beyond the bound
+    assert np.array_equal(np.asarray(indexer.top_indices(s, k)), want)

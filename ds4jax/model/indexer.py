@@ -18,6 +18,31 @@ from ds4jax.model.numerics import F32, asum, fp4_e2m1_round_trip, rounded
 from ds4jax.model.rope import apply_rope_tail
 from pallas_kernels import dispatch as kernels
 
+# Up to this many score comparisons (T·n²), the top-k comes from every score's rank (one
+# compare-and-count fusion and a scatter) instead of XLA's sort: a decode step's sort of 1,041
+# rows took 12.1 µs on an H200 (session 22's profile), once a ratio-4 layer. Larger (long
+# contexts, prefill chunks), the sort. 0 turns the rank form off (ab_decode.py variants).
+RANK_TOP_K_MAX = 1 << 24
+
+
+def top_indices(scores, k: int):
+    """``lax.top_k(scores, k)[1]`` for scores [T, n]: descending in float total order (+0 above
+    −0), ties to the lower index. Where T·n² ≤ RANK_TOP_K_MAX, from each score's rank: the count
+    of scores above it or equal at a lower index, a permutation of 0..n−1, so rank r < k goes to
+    output slot r."""
+    T, n = scores.shape
+    if T * n * n > RANK_TOP_K_MAX:
+        return lax.top_k(scores, k)[1]
+    bits = lax.bitcast_convert_type(scores.astype(F32), jnp.int32)
+    key = bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))  # integer order = float total order
+    i = jnp.arange(n, dtype=jnp.int32)
+    a, b = key[:, :, None], key[:, None, :]  # [T, i, j]
+    beats = (b > a) | ((b == a) & (i[None, :] < i[:, None])[None])
+    rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)  # [T, n]
+    rows = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, n))
+    out = jnp.zeros((T, k), jnp.int32)
+    return out.at[rows, rank].set(jnp.broadcast_to(i, (T, n)), mode="drop")  # ranks ≥ k fall off
+
 
 def select_rows(cfg: ModelConfig, w: dict, qrn, xn, cos, sin, idx_cache, n_visible):
     """Row indices [T, K] and their validity [T, K] for each query of the chunk.
@@ -37,5 +62,5 @@ def select_rows(cfg: ModelConfig, w: dict, qrn, xn, cos, sin, idx_cache, n_visib
     visible = jnp.arange(cap)[None, :] < n_visible[:, None]
     scores = jnp.where(visible, scores, -jnp.inf)
     K = min(cfg.idx_top_k, cap)
-    _, sel = lax.top_k(scores, K)  # descending, ties to the lower index
+    sel = top_indices(scores, K)  # descending, ties to the lower index
     return sel, sel < n_visible[:, None]
