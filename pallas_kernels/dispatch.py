@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
-from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rms_norm, rounded_in_loop
+from ds4jax.model.numerics import asum, quantize_q8_0, quantize_q8_k, rms_norm, rounded_in_loop
 from pallas_kernels import attention as attention_kernel
 from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import hadamard as hadamard_kernel
@@ -313,15 +313,23 @@ def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: f
 HC_POST_IN_AUTO = True
 
 
-def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, reference):
+# The FFN's output summed inside the post-mix's launch (``terms``: the routed experts' outputs and the
+# shared expert's, instead of XLA's sum over the experts and add, 2 fusions a layer).
+HC_POST_TERMS = True
+
+
+def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, reference, terms=None):
     """(H', squares): the post-mix from the kernel with Σ H'² a token as double-float pairs for
-    ``hc_pre``, else (``reference()``, None). Not interpreted in the whole model, as ``hc_pre``
-    (which alone reads the squares); its own test runs it interpreted."""
+    ``hc_pre``, else (``reference()``, None). ``terms`` [T, k, d] or None: the sublayer's output
+    is Σ_k terms + y (``reference`` sums them itself). Not interpreted in the whole model, as
+    ``hc_pre`` (which alone reads the squares); its own test runs it interpreted."""
     use, interpret = _use(H.shape[0], auto=HC_POST_IN_AUTO)
     if not use or interpret or not hc_post_kernel.supported(H):
         return reference(), None
     k = hc_post_kernel  # launch knobs read at trace time (ab_decode.py variants set them)
-    return k.hc_post(H, y, post, comb, cols=k.COLS, warps=k.WARPS)
+    if terms is not None and not HC_POST_TERMS:
+        y, terms = asum(terms, 1) + y, None
+    return k.hc_post(H, y, post, comb, terms, cols=k.COLS, warps=k.WARPS)
 
 
 # The decode attention kernels (``attention.sink_attention``: scores, then the mix by key splits,

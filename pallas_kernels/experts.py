@@ -343,16 +343,25 @@ class ExpertConfig:
 _BLOCKS_PER_PROGRAM = {IQ2_XXS: 4, Q4_K: 4, Q2_K: 1, IQ2_NIB: 4}
 
 
-# IQ2_XXS programs of 32 rows and 2 warps instead of 64 and 4 (the same bits: rows and warps only
-# time). H200, session 20, a launch alone: gate+up 34.26 against 35.51 µs at N=1, equal at N=2 and 4
-# (62.95 / 63.03, 117.90 / 118.58). In the model (8 layers, one process, interleaved, session 21):
-# 2,520.0 against 2,534.2 µs of kernels a step (call A), and 2,614.4 against 2,617.3 with the
-# attention kernels on (call B). Dispatch reads it at trace time (ab_decode.py variants set it).
+# Narrow programs (rows, warps) instead of 64 rows and 4 warps: the same bits (rows and warps only
+# time). Dispatch reads the flags at trace time (ab_decode.py variants set them). H200, launches alone:
+# - IQ2_XXS, session 20: 32 rows and 2 warps, gate+up 34.26 against 35.51 µs at N=1, equal at N=2
+#   and 4; in the model (8 layers, session 21) 2,520.0 against 2,534.2 µs of kernels a step.
+#   Session 24 (call 3): 16 rows and 1 warp, gate+up 33.76 / 61.76 / 116.41 µs at N = 1 / 2 / 4
+#   against 35.13 / 63.06 / 118.24 at 32 rows and 2 warps (32 rows and 1 warp: 36.85 / 63.85 / 120.07).
+# - Q2_K (down, 2048->4096, 8 splits), session 23: 16 rows and 1 warp, 12.46 against 13.64 µs at
+#   N=1, 21.01 against 24.57 at N=2 (32 rows and 1 warp: 12.28 / 22.95; 2 warps: 14.01 / 25.19).
+# - Q4_K, session 24 (call 3), 16 rows and 1 warp against 64 and 4: gate+up 26.82 / 49.32 / 101.01
+#   µs at N = 1 / 2 / 4 against 27.54 / 50.72 / 106.83; down 13.25 / 23.26 / 43.90 against
+#   12.93 / 24.20 / 44.02 (at 2 splits, its own).
 IQ2_NARROW = True
-# Q2_K (the down projection) in programs of 16 rows and 1 warp instead of 64 and 4, likewise. H200,
-# session 23, a launch alone (2048->4096, 8 splits): 12.46 against 13.64 µs at N=1, 21.01 against
-# 24.57 at N=2 (32 rows and 1 warp: 12.28 / 22.95; 32 rows and 2 warps: 14.01 / 25.19).
 Q2K_NARROW = True
+Q4K_NARROW = True
+NARROW_LAUNCH = {IQ2_XXS: (16, 1), Q2_K: (16, 1), Q4_K: (16, 1)}  # (rows, warps) a program
+
+
+def _narrow(qtype: int) -> bool:
+    return {IQ2_XXS: IQ2_NARROW, Q2_K: Q2K_NARROW, Q4_K: Q4K_NARROW}.get(qtype, False)
 
 
 def choose_config(qtype: int, out: int, nb: int) -> ExpertConfig:
@@ -361,10 +370,9 @@ def choose_config(qtype: int, out: int, nb: int) -> ExpertConfig:
     splits = max(1, nb // _BLOCKS_PER_PROGRAM[qtype])
     while nb % splits:
         splits -= 1
-    if qtype == IQ2_XXS and IQ2_NARROW and out % 32 == 0:
-        return ExpertConfig(block_rows=32, k_splits=splits, num_warps=2)
-    if qtype == Q2_K and Q2K_NARROW and out % 16 == 0:
-        return ExpertConfig(block_rows=16, k_splits=splits, num_warps=1)
+    if _narrow(qtype) and out % NARROW_LAUNCH[qtype][0] == 0:
+        narrow_rows, warps = NARROW_LAUNCH[qtype]
+        return ExpertConfig(block_rows=narrow_rows, k_splits=splits, num_warps=warps)
     return ExpertConfig(block_rows=rows, k_splits=splits)
 
 

@@ -8,6 +8,12 @@ streams, then one f32 add), written out, and the slice's double-float sum of new
 pairs for its RMS scale instead of each of its programs summing the token's 64 KB of squares
 again (its serial squares loop was most of its work: session 20's mixer was latency-bound on it).
 XLA's path is two fusions a call (a reduce over the streams, then the add).
+
+After the FFN, y may come as its parts (``terms``): the routed experts' outputs [T, k, d] and the
+shared expert's [T, d], y = Σ_k terms + shared as ``moe.ffn_sublayer`` sums them (a double-float
+sum over the k experts rounded once, then one f32 add). Each program sums its columns' k terms
+itself, so XLA's two fusions for that sum and add (4.5 µs a layer at N=1, session 24's profile)
+are gone.
 """
 
 from __future__ import annotations
@@ -41,9 +47,15 @@ def supported(H: jax.Array) -> bool:
     return n >= 2 and is_pow2(n) and is_pow2(d) and d >= COLS
 
 
-def _post_kernel(z_ref, h_ref, y_ref, p_ref, c_ref, o_ref, ss_ref, se_ref, *, n):
+def _post_kernel(z_ref, h_ref, y_ref, p_ref, c_ref, *refs, n, n_terms):
+    t_refs, (o_ref, ss_ref, se_ref) = refs[:n_terms], refs[n_terms:]
     rnd = functools.partial(opaque, zero=z_ref[0])
     y = y_ref[0, :]  # [cols]
+    if n_terms:  # y = Σ_k terms + y: the k terms in order as a double-float, rounded once, then the add
+        s = e = jnp.zeros_like(y)
+        for r in t_refs:
+            s, e = two_sum_add(s, e, r[:])
+        y = (s + e) + y
     z = jnp.zeros((n, y.shape[0]), F32)
     acc = (z, z)
     for a in range(n):  # Σ_a comb[a, j]·H[a, c]: each product rounded, then the TwoSum (no FMA)
@@ -56,18 +68,24 @@ def _post_kernel(z_ref, h_ref, y_ref, p_ref, c_ref, o_ref, ss_ref, se_ref, *, n)
 
 
 @functools.partial(jax.jit, static_argnames=("cols", "warps", "interpret"))
-def hc_post(H, y, post, comb, cols: int = COLS, warps: int = WARPS, interpret: bool = False):
+def hc_post(H, y, post, comb, terms=None, cols: int = COLS, warps: int = WARPS, interpret: bool = False):
     """H [T, n, d], y [T, d], post [T, n], comb [T, n, n] (f32) → (H' [T, n, d] as
     ``ds4jax.model.hc.hc_post``, squares: ([T, S, n], [T, S, n]) double-float pairs whose total is
-    Σ H'² a token, for ``hc_pre``'s ``squares``). ``cols``, ``warps``: the launch (they only time)."""
+    Σ H'² a token, for ``hc_pre``'s ``squares``). ``terms`` [T, k, d] or None: the sublayer's output
+    is then Σ_k terms + y (``ds4jax.model.hc.with_terms``). ``cols``, ``warps``: the launch (they
+    only time)."""
     T, n, d = H.shape
     cols = min(cols, d)
     S = d // cols
     H, y, post, comb = (a.astype(F32) for a in (H, y, post, comb))
+    k = 0 if terms is None else terms.shape[1]
+    # one operand per term, each a [cols] row of the same array: k (6) is no power of two, so a
+    # [k, cols] block would need padding, which Triton cannot take and XLA would copy for
+    term_specs = [pl.BlockSpec((None, None, cols), lambda t, c, i=i: (t, i, c)) for i in range(k)]
     pair = jax.ShapeDtypeStruct((T, S, n), F32)
     pair_spec = pl.BlockSpec((1, 1, n), lambda t, c: (t, c, 0))
     new, ss, se = pl.pallas_call(
-        functools.partial(_post_kernel, n=n),
+        functools.partial(_post_kernel, n=n, n_terms=k),
         grid=(T, S),
         in_specs=[
             pl.BlockSpec((1,), lambda *_: (0,)),
@@ -75,11 +93,12 @@ def hc_post(H, y, post, comb, cols: int = COLS, warps: int = WARPS, interpret: b
             pl.BlockSpec((1, cols), lambda t, c: (t, c)),
             pl.BlockSpec((1, n), lambda t, c: (t, 0)),
             pl.BlockSpec((1, n, n), lambda t, c: (t, 0, 0)),
+            *term_specs,
         ],
         out_specs=[pl.BlockSpec((1, n, cols), lambda t, c: (t, 0, c)), pair_spec, pair_spec],
         out_shape=[jax.ShapeDtypeStruct((T, n, d), F32), pair, pair],
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="hc_post",
-    )(kernel_zero(H, interpret), H, y, post, comb)
+    )(kernel_zero(H, interpret), H, y, post, comb, *([terms.astype(F32)] * k if k else []))
     return new, (ss, se)

@@ -342,20 +342,18 @@ def test_sinkhorn_kernel_is_the_reference(sums):
     assert np.array_equal(got, sinkhorn.reference(c, 20, 1e-6))
 
 
-@pytest.mark.parametrize("qtype", ["IQ2_XXS", "Q2_K"])
+@pytest.mark.parametrize("qtype", ["IQ2_XXS", "Q2_K", "Q4_K"])
 @pytest.mark.parametrize("narrow", [True, False])
 def test_narrow_expert_programs_are_the_reference(monkeypatch, narrow, qtype):
-    """IQ2_XXS at 32 rows and 2 warps a program (``experts.IQ2_NARROW``), Q2_K at 16 rows and 1 warp
-    (``Q2K_NARROW``; both the default) or at 64 rows and 4 warps, as dispatch picks them at trace
+    """Each expert type in its narrow programs (``experts.NARROW_LAUNCH``: 16 rows and 1 warp, the
+    default) or at 64 rows and 4 warps (``IQ2_NARROW`` etc. off), as dispatch picks them at trace
     time: the reference's bits either way."""
     qt = getattr(experts, qtype)
-    monkeypatch.setattr(experts, "IQ2_NARROW" if qtype == "IQ2_XXS" else "Q2K_NARROW", narrow)
-    splits = 2 if qtype == "IQ2_XXS" else 8  # 4 super-blocks a program, 1 for Q2_K
-    narrow_cfg = (
-        experts.ExpertConfig(32, splits, num_warps=2)
-        if qtype == "IQ2_XXS"
-        else experts.ExpertConfig(16, splits, num_warps=1)
-    )
+    flag = {"IQ2_XXS": "IQ2_NARROW", "Q2_K": "Q2K_NARROW", "Q4_K": "Q4K_NARROW"}[qtype]
+    monkeypatch.setattr(experts, flag, narrow)
+    splits = 8 if qtype == "Q2_K" else 2  # 1 super-block a program for Q2_K, else 4
+    rows, warps = experts.NARROW_LAUNCH[qt]
+    narrow_cfg = experts.ExpertConfig(rows, splits, num_warps=warps)
     assert experts.choose_config(qt, 64, 8) == (narrow_cfg if narrow else experts.ExpertConfig(64, splits))
     planes = expert_planes(jax.random.PRNGKey(70), qt, 4, 64, 2)
     x = jnp.asarray(RNG.standard_normal((2, 1, 512)).astype(np.float32))
@@ -434,6 +432,23 @@ def test_hc_post_kernel_is_the_reference_and_feeds_the_mixer(T, cols):
         assert np.array_equal(np.asarray(g), np.asarray(w))
 
 
+def test_hc_post_kernel_sums_the_ffn_terms_as_the_reference():
+    """With the FFN's parts (6 routed experts' outputs beside the shared expert's) the post-mix
+    kernel gives the bits of the XLA path fed their sum (``hc.with_terms``): terms of mixed scales
+    and signs, some cancelling to a few ulps of the largest."""
+    T, k = 2, 6
+    H = hc_inputs(T, 4, 256)[0]
+    y = jnp.asarray(RNG.standard_normal((T, 256)).astype(np.float32))
+    t = RNG.standard_normal((T, k, 256)) * 10.0 ** RNG.integers(-3, 3, (T, k, 1))
+    t[:, 1] = -t[:, 0] * (1 + 2.0**-20)  # near-cancelling pairs: the sum's order must not matter
+    terms = jnp.asarray(t.astype(np.float32))
+    post = jnp.asarray(RNG.uniform(0.0, 2.0, (T, 4)).astype(np.float32))
+    comb = jnp.asarray(RNG.uniform(0.0, 1.0, (T, 4, 4)).astype(np.float32))
+    new, _ = hc_post.hc_post(H, y, post, comb, terms, cols=64, interpret=INTERPRET)
+    want = hc.hc_post(H, hc.with_terms(y, terms), post, comb)
+    assert np.array_equal(np.asarray(new), np.asarray(want))
+
+
 @pytest.mark.parametrize("kind,n,K,chunk", [("q8_0", 3, 2048, 1024), ("q8_0", 1, 64, 1024), ("q8_k", 2, 2048, 512)])
 def test_quantize_kernel_is_the_reference(kind, n, K, chunk):
     """The quantize launch against ``numerics.quantize_q8_0`` / ``quantize_q8_k``: the same int8
@@ -500,6 +515,14 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((2, 1024), f32),
             S((2, 4), f32),
             S((2, 4, 4), f32),
+        ),
+        (  # the FFN's parts summed in the post-mix
+            lambda H, y, p, c, t: hc_post.hc_post(H, y, p, c, t)[0],
+            S((2, 4, 1024), f32),
+            S((2, 1024), f32),
+            S((2, 4), f32),
+            S((2, 4, 4), f32),
+            S((2, 6, 1024), f32),
         ),
         (  # the mixer reading hc_post's squares
             lambda H, fn, s, b, qs, qe: hc_pre.hc_pre(H, fn, s, b, 20, 1e-6, 1e-6, squares=(qs, qe))[0],

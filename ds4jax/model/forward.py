@@ -15,7 +15,7 @@ from ds4jax.config import ModelConfig
 from ds4jax.model.attention import attention_sublayer, commit_layer
 from ds4jax.model.hc import hc_head, hc_post_carry, hc_pre
 from ds4jax.model.linear import dense, rms_norms
-from ds4jax.model.moe import ffn_sublayer
+from ds4jax.model.moe import ffn_parts
 from ds4jax.model.numerics import F32
 
 
@@ -37,7 +37,8 @@ def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, rope: di
         H, w["hc_ffn_fn"], w["hc_ffn_scale"].planes["w"], w["hc_ffn_base"].planes["w"], it, eps, heps, squares
     )
     ((z, zq),) = rms_norms(((x, w["ffn_norm"].planes["w"], ("q8_0", "q8_k")),), eps, cfg.act_quant)
-    H, squares = hc_post_carry(H, ffn_sublayer(cfg, L, w, z, tokens, zq), post, comb)
+    shared, routed = ffn_parts(cfg, L, w, z, tokens, zq)
+    H, squares = hc_post_carry(H, shared, post, comb, routed)  # the FFN's sum inside the post-mix
     return H, pending, squares
 
 

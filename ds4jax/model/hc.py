@@ -50,10 +50,17 @@ def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array) -> jax
     return rounded(post[..., :, None] * y[..., None, :]) + mixed
 
 
-def hc_post_carry(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array):
+def hc_post_carry(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, terms=None):
     """(``hc_post``'s H', squares): on the kernel path (decode and the verifier) one launch that
-    also sums Σ H'² for the next ``hc_pre``; elsewhere squares is None. The same H' bits."""
-    return kernels.hc_post(H, y, post, comb, lambda: hc_post(H, y, post, comb))
+    also sums Σ H'² for the next ``hc_pre``; elsewhere squares is None. The same H' bits.
+    ``terms`` [T, k, d] or None: the sublayer's output is then Σ_k terms + y (``with_terms``)."""
+    return kernels.hc_post(H, y, post, comb, lambda: hc_post(H, with_terms(y, terms), post, comb), terms)
+
+
+def with_terms(y: jax.Array, terms) -> jax.Array:
+    """Σ_k terms + y (terms [T, k, d]: the routed experts' outputs beside the shared expert's y),
+    the FFN's output as ``moe.ffn_sublayer`` sums it; y where terms is None."""
+    return y if terms is None else asum(terms, 1) + y
 
 
 def hc_head(H: jax.Array, fn, scale: jax.Array, base: jax.Array, rms_eps: float, hc_eps: float) -> jax.Array:

@@ -35,17 +35,26 @@ def _swiglu(g, u, clamp: float):
     return silu(jnp.minimum(g, clamp)) * jnp.clip(u, -clamp, clamp)
 
 
-def ffn_sublayer(cfg: ModelConfig, L: int, w: dict, z, tokens, pre=None):
-    """z [T, n_embd] (ffn_norm output), tokens [T] -> [T, n_embd]. ``pre``: z's Q8_0 and Q8_K
-    quantizations from the norm's launch (``linear.rms_norms``), or None."""
+def ffn_parts(cfg: ModelConfig, L: int, w: dict, z, tokens, pre=None):
+    """The FFN's output before its last sum: (shared [T, n_embd], routed [T, k, n_embd]), the shared
+    expert's and each routed expert's (weighted). ``ffn_sublayer`` sums them; the post-mix's kernel
+    takes them as they are (``hc.hc_post_carry``'s terms). z, tokens, ``pre``: as ``ffn_sublayer``."""
     clamp = cfg.swiglu_clamp[L]
     sel, wt = route(cfg, L, w, z, tokens)
     aq = cfg.act_quant
     zk = z[:, None]  # [T, 1, n_embd]: broadcast over the k experts (quantized once per token)
     g, u = expert_linears(zk, (w["ffn_gate_exps"], w["ffn_up_exps"]), sel, aq, pre)  # [T, k, n_ff] each
     mid = _swiglu(g, u, clamp) * wt[..., None]
-    routed = asum(expert_linear(mid, w["ffn_down_exps"], sel, aq), 1)
+    routed = expert_linear(mid, w["ffn_down_exps"], sel, aq)
 
     gs, us = dense_many(z, (w["ffn_gate_shexp"], w["ffn_up_shexp"]), aq, pre)  # one launch on the kernel path
     shared = dense(_swiglu(gs, us, clamp), w["ffn_down_shexp"], aq)
-    return routed + shared
+    return shared, routed
+
+
+def ffn_sublayer(cfg: ModelConfig, L: int, w: dict, z, tokens, pre=None):
+    """z [T, n_embd] (ffn_norm output), tokens [T] -> [T, n_embd]: Σ over the routed experts (one
+    double-float sum, rounded once) + the shared expert (``hc.with_terms``' order). ``pre``: z's Q8_0
+    and Q8_K quantizations from the norm's launch (``linear.rms_norms``), or None."""
+    shared, routed = ffn_parts(cfg, L, w, z, tokens, pre)
+    return asum(routed, 1) + shared
