@@ -313,8 +313,9 @@ def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: f
 HC_POST_IN_AUTO = True
 
 
-# The FFN's output summed inside the post-mix's launch (``terms``: the routed experts' outputs and the
-# shared expert's, instead of XLA's sum over the experts and add, 2 fusions a layer).
+# The FFN's output summed inside the post-mix's launch (``terms``: the routed experts' outputs beside
+# the shared expert's, instead of XLA's sum over the experts and the add). 8 full-size layers, one
+# process (H200, session 24): 2,248.4 against 2,258.2 µs of kernels a step.
 HC_POST_TERMS = True
 
 
