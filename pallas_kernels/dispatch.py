@@ -37,6 +37,7 @@ from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import hadamard as hadamard_kernel
 from pallas_kernels import hc_post as hc_post_kernel
 from pallas_kernels import hc_pre as hc_pre_kernel
+from pallas_kernels import indexer_scores as indexer_kernel
 from pallas_kernels import quantize as quantize_kernel
 from pallas_kernels import sinkhorn as sinkhorn_kernel
 
@@ -339,6 +340,20 @@ def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, refere
 # launch pair alone against XLA's path (ratio-4 keys / ratio-128 keys, µs): N=1 35.7 / 23.0
 # against 45.6 / 22.0; N=2 60.4 / 31.4 against 76.1 / 34.8; N=4 111.1 / 53.5 against 133.7 / 58.2.
 ATTN_IN_AUTO = True
+
+# The indexer's scores (per head ReLU(q·k), then the heads' weighted sum) as one launch and XLA's
+# epilogue. Off until timed on a GPU.
+INDEXER_IN_AUTO = False
+
+
+def indexer_scores(q: jax.Array, weights: jax.Array, table: jax.Array, reference):
+    """The indexer's scores [T, R] of q [T, H, hd] with the heads' weights [T, H] over the f16 rows
+    table [R, hd]: the kernel where it is taken, else ``reference()``. Interpreted it compiles in
+    seconds, so the whole-model CPU tests run it."""
+    use, interpret = _use(q.shape[0], auto=INDEXER_IN_AUTO)
+    if not use or not indexer_kernel.supported(q, table):
+        return reference()
+    return indexer_kernel.scores(q, weights, table, interpret=interpret)
 
 
 def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference):

@@ -16,6 +16,7 @@ from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
 from ds4jax.model import attention as model_attention
 from ds4jax.model import hc
+from ds4jax.model import indexer as model_indexer
 from ds4jax.model.numerics import dd_total, quantize_q8_0, quantize_q8_k, sum_squares
 from ds4jax.quant.formats import QType
 from ds4jax.quant.layouts import iq2_nib_planes
@@ -28,6 +29,7 @@ from pallas_kernels import (
     hadamard,
     hc_post,
     hc_pre,
+    indexer_scores,
     norms,
     q8_0,
     q8_0_mosaic,
@@ -432,6 +434,23 @@ def test_hc_post_kernel_is_the_reference_and_feeds_the_mixer(T, cols):
         assert np.array_equal(np.asarray(g), np.asarray(w))
 
 
+@pytest.mark.parametrize("T,H", [(1, 16), (3, 4)])
+def test_indexer_scores_kernel_is_the_reference(T, H):
+    """The indexer's scores launch against ``indexer.head_scores``, bit for bit: 2 head blocks or
+    one of 4 heads (the tiny model's), 2 head-dim steps, 37 rows (the last key block padded),
+    weights of both signs, and dots of both signs (the ReLU), one row all zeros (an unwritten
+    slot) and one with a single term."""
+    hd, R = 64, 37
+    q = RNG.standard_normal((T, H, hd)).astype(np.float32)
+    tab = RNG.standard_normal((R, hd)).astype(np.float16)
+    tab[5] = 0
+    tab[9, 1:] = 0
+    w = (RNG.standard_normal((T, H)) * 10.0 ** RNG.integers(-2, 2, (T, H))).astype(np.float32)
+    q, w, tab = jnp.asarray(q), jnp.asarray(w), jnp.asarray(tab)
+    got = indexer_scores.scores(q, w, tab, interpret=INTERPRET)
+    assert np.array_equal(np.asarray(got), np.asarray(model_indexer.head_scores(q, w, tab)))
+
+
 def test_hc_post_kernel_sums_the_ffn_terms_as_the_reference():
     """With the FFN's parts (6 routed experts' outputs beside the shared expert's) the post-mix
     kernel gives the bits of the XLA path fed their sum (``hc.with_terms``): terms of mixed scales
@@ -490,6 +509,7 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
     i8, f32 = jnp.int8, jnp.float32
     calls = [
         (lambda c: sinkhorn.sinkhorn(c, 20, 1e-6), S((3, 4, 4), f32)),
+        (indexer_scores.scores, S((2, 64, 128), f32), S((2, 64), f32), S((1041, 128), jnp.float16)),
         (
             lambda q, k1, v1, k2, r2, v2, sink: attention.sink_attention(
                 q, ((k1, None, v1), (k2, r2, v2)), sink, 0.0625

@@ -46,6 +46,14 @@ def top_indices(scores, k: int):
     return out.at[rows, rank].set(jnp.broadcast_to(i, (T, n)), mode="drop")  # ranks ≥ k fall off
 
 
+def head_scores(q, wh, idx_cache):
+    """scores [T, cap] = Σ_h wh[t, h]·ReLU(q[t, h]·k) over the compressed rows k [cap, ihd]: every
+    product rounded, each sum a double-float sum rounded once (``asum``)."""
+    k = idx_cache.astype(F32)  # [cap, ihd]
+    dots = jnp.maximum(asum(rounded(q[:, :, None, :] * k[None, None]), -1), 0.0)  # [T, H, cap]
+    return asum(rounded(wh[:, :, None] * dots), 1)
+
+
 def select_rows(cfg: ModelConfig, w: dict, qrn, xn, cos, sin, idx_cache, n_visible):
     """Row indices [T, K] and their validity [T, K] for each query of the chunk.
 
@@ -57,10 +65,8 @@ def select_rows(cfg: ModelConfig, w: dict, qrn, xn, cos, sin, idx_cache, n_visib
     q = apply_rope_tail(q, cos[:, None, :], sin[:, None, :])
     q = fp4_e2m1_round_trip(kernels.hadamard(q), cfg.fp4_block)
     wh = dense(xn, w["indexer_proj"]) * F32(1.0 / math.sqrt(cfg.idx_head_dim * cfg.n_idx_head))
-    k = idx_cache.astype(F32)  # [cap, ihd]
-    dots = jnp.maximum(asum(rounded(q[:, :, None, :] * k[None, None]), -1), 0.0)  # [T, H, cap]
-    scores = asum(rounded(wh[:, :, None] * dots), 1)
-    cap = k.shape[0]
+    scores = kernels.indexer_scores(q, wh, idx_cache, lambda: head_scores(q, wh, idx_cache))
+    cap = idx_cache.shape[0]
     visible = jnp.arange(cap)[None, :] < n_visible[:, None]
     scores = jnp.where(visible, scores, -jnp.inf)
     K = min(cfg.idx_top_k, cap)
