@@ -342,8 +342,9 @@ def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, refere
 ATTN_IN_AUTO = True
 
 # The indexer's scores (per head ReLU(q·k), then the heads' weighted sum) as one launch and XLA's
-# epilogue. Off until timed on a GPU.
-INDEXER_IN_AUTO = False
+# epilogue, at N = 1..4. 8 full-size layers (3 with the indexer), one process (H200, session 24):
+# 2,225.9 against 2,250.6 µs of kernels a step with XLA's reductions (11.5 µs a layer for the dots).
+INDEXER_IN_AUTO = True
 
 
 def indexer_scores(q: jax.Array, weights: jax.Array, table: jax.Array, reference):

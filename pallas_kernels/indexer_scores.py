@@ -12,6 +12,9 @@ XLA's epilogue (``common.finish``) adds the head blocks' pairs in order and roun
 fuses with the visibility mask. Every sum is a double-float sum rounded once, as ``numerics.asum``,
 so the bits are the XLA path's wherever those sums round correctly (the premise of every
 double-float kernel here).
+
+H200, session 24, 8 full-size layers in one process: 2,225.9 against 2,250.6 µs of kernels a step
+(−8.2 µs a layer with the indexer), the same number of kernels.
 """
 
 from __future__ import annotations
