@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
-from ds4jax.model.numerics import asum, quantize_q8_0, quantize_q8_k, rms_norm, rounded_in_loop
+from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rms_norm, rounded_in_loop, with_terms
 from pallas_kernels import attention as attention_kernel
 from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import hadamard as hadamard_kernel
@@ -330,7 +330,7 @@ def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, refere
         return reference(), None
     k = hc_post_kernel  # launch knobs read at trace time (ab_decode.py variants set them)
     if terms is not None and not HC_POST_TERMS:
-        y, terms = asum(terms, 1) + y, None
+        y, terms = with_terms(y, terms), None
     return k.hc_post(H, y, post, comb, terms, cols=k.COLS, warps=k.WARPS)
 
 

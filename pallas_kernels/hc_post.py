@@ -10,7 +10,7 @@ again (its serial squares loop was most of its work: session 20's mixer was late
 XLA's path is two fusions a call (a reduce over the streams, then the add).
 
 After the FFN, y may come as its parts (``terms``): the routed experts' outputs [T, k, d] and the
-shared expert's [T, d], y = Σ_k terms + shared as ``moe.ffn_sublayer`` sums them (a double-float
+shared expert's [T, d], y = Σ_k terms + shared as ``numerics.with_terms`` sums them (a double-float
 sum over the k experts rounded once, then one f32 add). Each program sums its columns' k terms
 itself, so XLA's two fusions for that sum and add (4.5 µs a layer at N=1, session 24's profile)
 are gone.
@@ -72,7 +72,7 @@ def hc_post(H, y, post, comb, terms=None, cols: int = COLS, warps: int = WARPS, 
     """H [T, n, d], y [T, d], post [T, n], comb [T, n, n] (f32) → (H' [T, n, d] as
     ``ds4jax.model.hc.hc_post``, squares: ([T, S, n], [T, S, n]) double-float pairs whose total is
     Σ H'² a token, for ``hc_pre``'s ``squares``). ``terms`` [T, k, d] or None: the sublayer's output
-    is then Σ_k terms + y (``ds4jax.model.hc.with_terms``). ``cols``, ``warps``: the launch (they
+    is then Σ_k terms + y (``ds4jax.model.numerics.with_terms``). ``cols``, ``warps``: the launch (they
     only time)."""
     T, n, d = H.shape
     cols = min(cols, d)
@@ -100,5 +100,5 @@ def hc_post(H, y, post, comb, terms=None, cols: int = COLS, warps: int = WARPS, 
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="hc_post",
-    )(kernel_zero(H, interpret), H, y, post, comb, *([terms.astype(F32)] * k if k else []))
+    )(kernel_zero(H, interpret), H, y, post, comb, *(() if terms is None else (terms.astype(F32),) * k))
     return new, (ss, se)

@@ -12,7 +12,7 @@ import jax
 
 from ds4jax.model.hc_gates import gates
 from ds4jax.model.linear import FLOAT_TYPES, dense
-from ds4jax.model.numerics import F32, asum, rms_norm, rounded, sigmoid
+from ds4jax.model.numerics import F32, asum, rms_norm, rounded, sigmoid, with_terms
 from ds4jax.quant.formats import QType
 from pallas_kernels import dispatch as kernels
 
@@ -55,12 +55,6 @@ def hc_post_carry(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, 
     also sums Σ H'² for the next ``hc_pre``; elsewhere squares is None. The same H' bits.
     ``terms`` [T, k, d] or None: the sublayer's output is then Σ_k terms + y (``with_terms``)."""
     return kernels.hc_post(H, y, post, comb, lambda: hc_post(H, with_terms(y, terms), post, comb), terms)
-
-
-def with_terms(y: jax.Array, terms) -> jax.Array:
-    """Σ_k terms + y (terms [T, k, d]: the routed experts' outputs beside the shared expert's y),
-    the FFN's output as ``moe.ffn_sublayer`` sums it; y where terms is None."""
-    return y if terms is None else asum(terms, 1) + y
 
 
 def hc_head(H: jax.Array, fn, scale: jax.Array, base: jax.Array, rms_eps: float, hc_eps: float) -> jax.Array:

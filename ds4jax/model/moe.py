@@ -15,7 +15,7 @@ from jax import lax
 
 from ds4jax.config import ModelConfig
 from ds4jax.model.linear import dense, dense_many, expert_linear, expert_linears
-from ds4jax.model.numerics import F32, asum, div, silu, softplus, sqrt
+from ds4jax.model.numerics import F32, asum, div, silu, softplus, sqrt, with_terms
 
 
 def route(cfg: ModelConfig, L: int, w: dict, z, tokens):
@@ -54,7 +54,7 @@ def ffn_parts(cfg: ModelConfig, L: int, w: dict, z, tokens, pre=None):
 
 def ffn_sublayer(cfg: ModelConfig, L: int, w: dict, z, tokens, pre=None):
     """z [T, n_embd] (ffn_norm output), tokens [T] -> [T, n_embd]: Σ over the routed experts (one
-    double-float sum, rounded once) + the shared expert (``hc.with_terms``' order). ``pre``: z's Q8_0
+    double-float sum, rounded once) + the shared expert (``numerics.with_terms``). ``pre``: z's Q8_0
     and Q8_K quantizations from the norm's launch (``linear.rms_norms``), or None."""
     shared, routed = ffn_parts(cfg, L, w, z, tokens, pre)
-    return asum(routed, 1) + shared
+    return with_terms(shared, routed)

@@ -134,6 +134,13 @@ def asum(x: jax.Array, axis: int = -1) -> jax.Array:
     return dd_total(x, jnp.zeros_like(x), axis)
 
 
+def with_terms(y: jax.Array, terms) -> jax.Array:
+    """Σ_k terms + y (terms [T, k, d]: the routed experts' outputs beside the shared expert's y):
+    the FFN's output, one ``asum`` over the k then one f32 add; y where terms is None. The XLA path
+    of ``hc.hc_post_carry``'s terms, which the post-mix kernel sums itself."""
+    return y if terms is None else asum(terms, 1) + y
+
+
 def dd_sum(s: jax.Array, e: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
     """Double-float sum of (s, e) pairs over ``axis`` in one variadic reduce: the (s, e) pair.
     ``asum``'s reduction; kernels call it too (one Triton reduction, ``pallas_kernels.common``)."""
