@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention,compressor_pool] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -40,11 +40,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import devtime
 
 from ds4jax.model import attention as model_attention
+from ds4jax.model import compressor as model_compressor
 from ds4jax.model import hc
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rms_norm
 from ds4jax.quant.formats import QType
 from ds4jax.quant.planes import QTensor
-from pallas_kernels import attention, experts, hc_post, hc_pre, norms, q8_0, q8_0_mosaic, quantize, sinkhorn
+from pallas_kernels import (
+    attention,
+    compressor_pool,
+    experts,
+    hc_post,
+    hc_pre,
+    norms,
+    q8_0,
+    q8_0_mosaic,
+    quantize,
+    sinkhorn,
+)
 from pallas_kernels.common import TileConfig
 from pallas_kernels.testing import expert_planes
 
@@ -819,6 +831,43 @@ def bench_attention(rec: Recorder, rounds=200, **dims):
                 rec.best(f"attention {best[1]}", n_tok, shape, best[0], nbytes, ref_s)
 
 
+# (what, ratio, coff, head dim) of DeepSeek V4 Flash's compressors; decode pools one window slot
+POOL_SHAPES = [("attn ratio-4", 4, 2, 512), ("indexer ratio-4", 4, 2, 128), ("attn ratio-128", 128, 1, 512)]
+POOL_VARIANTS = [(None, 4), (64, 4), (128, 4), (None, 2), (None, 1)]  # (columns a program, warps); first: the engine's
+
+
+def bench_compressor_pool(rec: Recorder, rounds=200, shapes=POOL_SHAPES):
+    """A compressor's window pooling (``compressor_pool.pool``) against ``compressor._pool`` on
+    XLA, at the slots a chunk of N tokens touches; scores of a partly filled window."""
+    for n_tok in TOKENS:
+        for what, ratio, coff, hd in shapes:
+            n_slots = -(-(ratio - 1 + n_tok) // ratio)
+            L = (coff - 1 + n_slots) * ratio
+            k1, k2 = jax.random.split(jax.random.PRNGKey(31 + n_tok))
+            kv = jax.random.normal(k1, (L, coff * hd))
+            sc = jax.random.normal(k2, (L, coff * hd)) * 4.0
+            sc = jnp.where(jnp.arange(L)[:, None] >= L - ratio // 2, -1e30, sc)  # the unfilled rows
+            args = (kv, sc)
+            dims = (ratio, coff, hd, n_slots)
+            ref = lambda i, kv, sc, d=dims: model_compressor._pool(kv, sc, *d)
+            ref_s, want = time_steps(ref, rounds, *args, show=n_tok == 1)
+            nbytes = 2 * kv.size * 4 + n_slots * hd * 4
+            shape = f"{what} {coff * hd} cols, {n_slots} slot(s)"
+            best = None
+            for cols, warps in POOL_VARIANTS:
+                if (cols or 1) > hd or (INTERPRET and (cols, warps) != POOL_VARIANTS[0]):
+                    continue
+                fn = lambda i, kv, sc, d=dims, cols=cols, warps=warps: compressor_pool.pool(
+                    kv, sc, *d, interpret=INTERPRET, cols=cols, warps=warps
+                )
+                config = f"c{cols or compressor_pool.cols_for(ratio, hd)}w{warps}"
+                t = time_variant(rec, "compressor_pool", n_tok, shape, config, fn, args, want, nbytes, ref_s, rounds)
+                if t is not None and (best is None or t < best[0]):
+                    best = (t, config)
+            if best is not None:
+                rec.best(f"compressor_pool {best[1]}", n_tok, shape, best[0], nbytes, ref_s)
+
+
 def main() -> None:
     global Q8_SHAPES, EXPERT_SHAPES, INTERPRET, N_EXPERT, TOKENS
     ap = argparse.ArgumentParser()
@@ -827,7 +876,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="base configurations only")
     ap.add_argument(
         "--only",
-        default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention",
+        default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention,"
+        "compressor_pool",
     )
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
@@ -937,6 +987,10 @@ def main() -> None:
         bench_hc_post(rec, **({"n_embd": 1024, "rounds": 3, "n_iter": 3} if INTERPRET else {}))
     if "attention" in only and left() > 0:
         bench_attention(rec, **({**ATTN_SMALL, "rounds": 3} if INTERPRET else ATTN_FULL))
+    if "compressor_pool" in only and left() > 0:
+        bench_compressor_pool(
+            rec, **({"rounds": 3, "shapes": [(w, r, c, 64) for w, r, c, _ in POOL_SHAPES]} if INTERPRET else {})
+        )
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:

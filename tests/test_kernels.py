@@ -15,6 +15,7 @@ import pytest
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
 from ds4jax.model import attention as model_attention
+from ds4jax.model import compressor as model_compressor
 from ds4jax.model import hc
 from ds4jax.model import indexer as model_indexer
 from ds4jax.model.numerics import dd_total, quantize_q8_0, quantize_q8_k, sum_squares
@@ -24,6 +25,7 @@ from ds4jax.quant.planes import QTensor
 from ds4jax.sampling import SamplingParams
 from pallas_kernels import (
     attention,
+    compressor_pool,
     dispatch,
     experts,
     hadamard,
@@ -451,6 +453,28 @@ def test_indexer_scores_kernel_is_the_reference(T, H):
     assert np.array_equal(np.asarray(got), np.asarray(model_indexer.head_scores(q, w, tab)))
 
 
+@pytest.mark.parametrize("ratio,coff,hd,n_slots", [(4, 2, 128, 3), (32, 1, 64, 2)])
+def test_compressor_pool_kernel_is_the_reference(ratio, coff, hd, n_slots):
+    """A compressor's window pooling against ``compressor._pool``, bit for bit: the overlapping
+    form (previous window through the first half of the columns) and the plain one at 16 columns
+    a program; scores of wide range, windows partly filled (the NEG_INF sentinel behind the
+    frontier) and one column with no real score in a window (pools to 0)."""
+    L = (coff - 1 + n_slots) * ratio
+    kv = RNG.standard_normal((L, coff * hd)).astype(np.float32)
+    sc = (RNG.standard_normal((L, coff * hd)) * 10.0 ** RNG.integers(-1, 2, (L, 1))).astype(np.float32)
+    sc[-(ratio // 2) :] = -1e30  # the last window's unfilled rows
+    kv[-(ratio // 2) :] = 0.0
+    col = coff * hd - 3
+    sc[(coff - 1) * ratio : coff * ratio, col] = -1e30  # slot 0 of that column: no real score
+    if coff == 2:
+        sc[:ratio, col - hd] = -1e30
+    kv, sc = jnp.asarray(kv), jnp.asarray(sc)
+    got = np.asarray(compressor_pool.pool(kv, sc, ratio, coff, hd, n_slots, interpret=INTERPRET))
+    want = np.asarray(model_compressor._pool(kv, sc, ratio, coff, hd, n_slots))
+    assert np.all(want[0, hd - 3] == 0) and np.any(want != 0)
+    assert np.array_equal(got, want)
+
+
 def test_hc_post_kernel_sums_the_ffn_terms_as_the_reference():
     """With the FFN's parts (6 routed experts' outputs beside the shared expert's) the post-mix
     kernel gives the bits of the XLA path fed their sum (``hc.with_terms``): terms of mixed scales
@@ -510,6 +534,8 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
     calls = [
         (lambda c: sinkhorn.sinkhorn(c, 20, 1e-6), S((3, 4, 4), f32)),
         (indexer_scores.scores, S((2, 64, 128), f32), S((2, 64), f32), S((1041, 128), jnp.float16)),
+        (lambda k, s: compressor_pool.pool(k, s, 4, 2, 512, 2), S((12, 1024), f32), S((12, 1024), f32)),
+        (lambda k, s: compressor_pool.pool(k, s, 128, 1, 128, 1), S((128, 128), f32), S((128, 128), f32)),
         (
             lambda q, k1, v1, k2, r2, v2, sink: attention.sink_attention(
                 q, ((k1, None, v1), (k2, r2, v2)), sink, 0.0625
