@@ -13,9 +13,12 @@ made at trace time from static shapes and the environment:
                               attn_q_a and attn_kv); the routed-expert kernels at
                               every N, prefill chunks too (v3: 3-6x XLA's gather + dot); the
                               hyper-connection Sinkhorn (one launch for ~40 per sublayer) and,
-                              at N = 1..4, its whole pre-mix (three launches for ~10) and the
-                              attention sums (two launches for ~8); the Hadamard transform.
-                              The fused norms lost to XLA's fusions and stay off.
+                              at N = 1..4, its whole pre-mix (three launches for ~10), its
+                              post-mix, the attention sums (two launches for ~8), the
+                              indexer's scores, a compressor's window pooling, and the RMS
+                              norms with their outputs' quantization; the Hadamard transform.
+                              The per-head norm with the tail RoPE lost to XLA's fusions and
+                              stays off (HEAD_NORM_IN_AUTO).
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
     DS4JAX_KERNELS=off        the reference everywhere
     DS4JAX_KERNELS=interpret  every kernel at N = 1..4, interpreted off GPU (the CPU tests)
