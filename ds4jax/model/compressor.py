@@ -71,10 +71,18 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
 
     rem = pos0 % ratio
     L = P + n_slots * ratio
-    buf_kv = jnp.zeros((L, coff * hd), F32).at[: P + ratio].set(st_kv)
-    buf_sc = jnp.full((L, coff * hd), NEG_INF, F32).at[: P + ratio].set(st_sc)
-    buf_kv = lax.dynamic_update_slice(buf_kv, kvc, (P + rem, 0))
-    buf_sc = lax.dynamic_update_slice(buf_sc, sc, (P + rem, 0))
+    # The window buffer: each row picked from the chunk or the frontier into a fresh buffer. Built
+    # by writing the chunk into the frontier (``.at[].set``, ``dynamic_update_slice``), the donated
+    # frontier was copied first (84 copies a 43-layer decode step). 8 layers, H200, session 25: 18
+    # kernels and 31.7 µs of kernels a step fewer this way (timed beside a ring-buffer raw window).
+    j = jnp.arange(L, dtype=jnp.int32) - (P + rem)
+    in_chunk = ((j >= 0) & (j < T))[:, None]
+    pad = L - P - ratio
+    head_kv = jnp.concatenate([st_kv, jnp.zeros((pad, coff * hd), F32)]) if pad else st_kv
+    head_sc = jnp.concatenate([st_sc, jnp.full((pad, coff * hd), NEG_INF, F32)]) if pad else st_sc
+    src = jnp.clip(j, 0, T - 1)  # the chunk's row each buffer row would take
+    buf_kv = jnp.where(in_chunk, jnp.take(kvc, src, axis=0), head_kv)
+    buf_sc = jnp.where(in_chunk, jnp.take(sc, src, axis=0), head_sc)
 
     rows = kernels.compressor_pool(
         buf_kv, buf_sc, ratio, coff, hd, n_slots, T, lambda: _pool(buf_kv, buf_sc, ratio, coff, hd, n_slots)
