@@ -84,6 +84,8 @@ def pool(
     """``compressor._pool``'s [n_slots, hd] from the window-aligned buffers [L, coff·hd] f32 (L =
     (coff − 1 + n_slots)·ratio), bit for bit. ``cols`` and ``warps`` change only the launch."""
     cols = cols or cols_for(ratio, hd)
+    # The current window: row block s (s + 1 behind the history window when coff = 2), and there
+    # the second half of the columns; the previous window: row block s, the first half.
     tile = pl.BlockSpec((ratio, cols), lambda s, c: (s + coff - 1, c + (coff - 1) * (hd // cols)))
     specs = [tile, tile]
     args = [buf_kv, buf_sc]
