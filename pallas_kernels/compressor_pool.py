@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import dd_add, dd_sum, div, exp
+from ds4jax.model.numerics import NO_SCORE, dd_add, dd_sum, div, exp
 from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque
 
 __all__ = ["pool", "supported"]
@@ -35,7 +35,6 @@ COLS = 32  # columns a program (H200, session 25, ratio 4: 1.55 µs against 1.72
 COLS_LONG = 16  # ... for windows of LONG rows and more (ratio 128: 3.21 µs against 4.97 at 32)
 LONG = 32
 WARPS = 4
-EMPTY = -5e29  # a max at or below this: the window holds only the NEG_INF sentinel (no real score)
 
 
 def cols_for(ratio: int, hd: int) -> int:
@@ -66,7 +65,7 @@ def _kernel(z_ref, *refs, two: bool):
         num = n_part if num is None else dd_add(num, n_part)
         den = d_part if den is None else dd_add(den, d_part)
     pooled = div(num[0] + num[1], den[0] + den[1], rnd)
-    o_ref[...] = jnp.where(m <= EMPTY, 0.0, pooled)[None, :]
+    o_ref[...] = jnp.where(m <= NO_SCORE, 0.0, pooled)[None, :]
 
 
 @functools.partial(jax.jit, static_argnames=("ratio", "coff", "hd", "n_slots", "interpret", "cols", "warps"))

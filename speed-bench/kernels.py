@@ -45,6 +45,7 @@ from ds4jax.model import hc
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rms_norm
 from ds4jax.quant.formats import QType
 from ds4jax.quant.planes import QTensor
+from ds4jax.state import window_slots
 from pallas_kernels import (
     attention,
     compressor_pool,
@@ -841,7 +842,7 @@ def bench_compressor_pool(rec: Recorder, rounds=200, shapes=POOL_SHAPES):
     XLA, at the slots a chunk of N tokens touches; scores of a partly filled window."""
     for n_tok in TOKENS:
         for what, ratio, coff, hd in shapes:
-            n_slots = -(-(ratio - 1 + n_tok) // ratio)
+            n_slots = window_slots(ratio, n_tok)
             L = (coff - 1 + n_slots) * ratio
             k1, k2 = jax.random.split(jax.random.PRNGKey(31 + n_tok))
             kv = jax.random.normal(k1, (L, coff * hd))

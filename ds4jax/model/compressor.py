@@ -18,6 +18,7 @@ from ds4jax.model.linear import dense
 from ds4jax.model.numerics import (
     F32,
     NEG_INF,
+    NO_SCORE,
     asum,
     div,
     exp,
@@ -47,7 +48,7 @@ def _pool(buf_kv, buf_sc, ratio: int, coff: int, hd: int, n_slots: int):
     m = jnp.max(sc, axis=1, keepdims=True)
     e = exp(sc - m)
     pooled = div(asum(rounded(e * kv), 1), asum(e, 1))
-    return jnp.where(m[:, 0] <= -5e29, 0.0, pooled)  # a window with no real scores pools to 0
+    return jnp.where(m[:, 0] <= NO_SCORE, 0.0, pooled)  # a window with no real scores pools to 0
 
 
 def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0, cache, st_kv, st_sc, rope):
@@ -77,9 +78,8 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
     # kernels and 31.7 µs of kernels a step fewer this way (timed beside a ring-buffer raw window).
     j = jnp.arange(L, dtype=jnp.int32) - (P + rem)
     in_chunk = ((j >= 0) & (j < T))[:, None]
-    pad = L - P - ratio
-    head_kv = jnp.concatenate([st_kv, jnp.zeros((pad, coff * hd), F32)]) if pad else st_kv
-    head_sc = jnp.concatenate([st_sc, jnp.full((pad, coff * hd), NEG_INF, F32)]) if pad else st_sc
+    pad = ((0, L - P - ratio), (0, 0))  # the frontier, then empty rows for the chunk's later windows
+    head_kv, head_sc = jnp.pad(st_kv, pad), jnp.pad(st_sc, pad, constant_values=NEG_INF)
     src = jnp.clip(j, 0, T - 1)  # the chunk's row each buffer row would take
     buf_kv = jnp.where(in_chunk, jnp.take(kvc, src, axis=0), head_kv)
     buf_sc = jnp.where(in_chunk, jnp.take(sc, src, axis=0), head_sc)

@@ -16,6 +16,7 @@ from jax import lax
 
 F32 = jnp.float32
 NEG_INF = -1e30  # ds4's "minus infinity" sentinel in masks and compressor state
+NO_SCORE = NEG_INF / 2  # a compressor window whose max score is at or below this holds no real score
 
 
 def round_to_grid(x: jax.Array, mant_bits: int, min_exp: int) -> jax.Array:
