@@ -55,16 +55,14 @@ def draft_step(cfg: ModelConfig, weights: dict, mtp_state: dict, prev_hc, token,
     hp = dense(hn, w["h_proj"], aq, hq)  # [n_hc, n_embd]
     X = (hp + ep[None, :])[None]  # [1, n_hc, n_embd]
 
-    # The ring in logical order (positions pos-W .. pos-1) and which of those rows exist.
+    # The ring as the block's raw window (the base layers' layout: position p in slot p mod W), and
+    # which slots hold the position the window expects there (pos - W .. pos - 1).
     W = cfg.n_swa
-    want = pos - W + jnp.arange(W, dtype=jnp.int32)
-    slot = jnp.mod(want, W)
-    st = {"raw": mtp_state["ring"][slot]}
-    have = mtp_state["ring_pos"][slot] == want
-    H, pending, _ = layer(mcfg, 0, w, st, X, token[None], pos, weights["rope"], raw_mask=have)
-    kv_row = pending["raw_all"][W]  # this step's K=V row
+    slots = jnp.arange(W, dtype=jnp.int32)
+    have = mtp_state["ring_pos"] == pos - W + jnp.mod(slots - pos, W)
+    H, pending, _ = layer(mcfg, 0, w, {"raw": mtp_state["ring"]}, X, token[None], pos, weights["rope"], raw_mask=have)
     new_state = {
-        "ring": mtp_state["ring"].at[jnp.mod(pos, W)].set(kv_row),
+        "ring": pending["ring"],  # this step's K=V row in its slot
         "ring_pos": mtp_state["ring_pos"].at[jnp.mod(pos, W)].set(pos),
     }
     h = hc_head(H, w["hc_head_fn"], w["hc_head_scale"].planes["w"], w["hc_head_base"].planes["w"], eps, cfg.hc_eps)

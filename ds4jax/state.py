@@ -1,7 +1,7 @@
 """The KV-cache pytree: everything that persists between steps, with static capacities.
 
     {"n_tokens": int32 [],                     # tokens already processed (= next position)
-     "layers": ({"raw": f16 [n_swa, hd],      # raw K=V rows of positions n-n_swa .. n-1, oldest first
+     "layers": ({"raw": f16 [n_swa, hd],      # raw K=V rows of positions n-n_swa .. n-1, a ring: position p in row p mod n_swa
                  # compressed layers (ratio r > 0), coff = 2 for ratio 4 else 1:
                  "comp": f16 [cap_r, hd],       # compressed rows 0 .. n//r - 1 (rest: not yet visible)
                  "cmp_kv": f32 [coff*r, coff*hd], "cmp_score": f32 [coff*r, coff*hd],  # frontier

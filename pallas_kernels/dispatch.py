@@ -7,8 +7,8 @@ made at trace time from static shapes and the environment:
 
     DS4JAX_KERNELS=auto       on GPU, the kernels where they measured faster than XLA (default):
                               the Q8_0 kernel for the verifier's 2..4-token batches at every
-                              shape and at N=1 on weights of 16 MB and more (the LM head,
-                              attn_q_b, attn_output_a and _b), and two matrices of one input
+                              shape and at N=1 on weights of 8 MB and more (the LM head,
+                              attn_q_b, attn_output_a and _b, the shared expert's down), and two matrices of one input
                               as one launch at every N (the shared expert's gate and up,
                               attn_q_a and attn_kv); the routed-expert kernels at
                               every N, prefill chunks too (v3: 3-6x XLA's gather + dot); the
@@ -111,11 +111,13 @@ def _given(pre, kind: str, x: jax.Array):
 HADAMARD_IN_AUTO = True
 
 # At N=1 the Q8_0 kernel is taken from this many weights up (below, XLA's fused int8 dot beats
-# the kernel's fixed cost: 4-9 MB matrices). GPU time a step, 8 full-size layers (H200, session
+# the kernel's fixed cost: 4 MB matrices). GPU time a step, 8 full-size layers (H200, session
 # 14): 2,725 µs with the grouped attn_output_a (32 MB) on the kernel against 2,857 µs on XLA,
 # whose in-model fusions took 37.5 µs a layer for it (6 kernels) against the kernel's ~17 µs;
-# every Q8_0 weight on the kernel (the small ones too): 2,783 µs.
-Q8_AUTO_N1_BYTES = 16 << 20
+# every Q8_0 weight on the kernel (the small ones too): 2,783 µs. Session 26 (H200, one process,
+# since the quantize launch and the CUDA-core dots): from 8 MB, i.e. the shared expert's down too,
+# 2,173.9 against 2,181.4 µs of kernels a step at 8 layers, 8 kernels fewer.
+Q8_AUTO_N1_BYTES = 8 << 20
 
 
 def _q8_auto(n: int, out: int, k: int) -> bool:

@@ -286,14 +286,14 @@ def test_dispatch_takes_the_norms_quantization(monkeypatch):
 
 
 def test_q8_0_auto_policy_at_one_token():
-    """``auto`` at N=1: the kernel on weights of 16 MB and more, XLA on the small ones (the
-    decode step's GPU time, 8 full-size layers, KERNELS.md session 14)."""
+    """``auto`` at N=1: the kernel on weights of 8 MB and more, XLA on the small ones (the
+    decode step's GPU time, 8 full-size layers, KERNELS.md sessions 14 and 26)."""
     assert dispatch._q8_auto(1, 129280, 4096)  # LM head
     assert dispatch._q8_auto(1, 32768, 1024)  # attn_q_b
     assert dispatch._q8_auto(1, 4096, 8192)  # attn_output_b
     assert dispatch._q8_auto(1, 8192, 4096)  # attn_output_a (grouped)
-    assert not dispatch._q8_auto(1, 2048, 4096)  # shared expert gate
-    assert dispatch._q8_auto(1, 4096, 4096)  # mtp_e_proj (16 Mi weights: the threshold)
+    assert dispatch._q8_auto(1, 4096, 2048)  # shared expert down (8 Mi weights: the threshold)
+    assert not dispatch._q8_auto(1, 1024, 4096)  # attn_q_a alone
     assert all(dispatch._q8_auto(n, 512, 4096) for n in (2, 3, 4))
 
 

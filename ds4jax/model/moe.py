@@ -15,7 +15,7 @@ from jax import lax
 
 from ds4jax.config import ModelConfig
 from ds4jax.model.linear import dense, dense_many, expert_linear, expert_linears
-from ds4jax.model.numerics import F32, asum, div, silu, softplus, sqrt, with_terms
+from ds4jax.model.numerics import F32, asum, div, softplus, sqrt, swiglu, with_terms
 
 
 def route(cfg: ModelConfig, L: int, w: dict, z, tokens):
@@ -31,10 +31,6 @@ def route(cfg: ModelConfig, L: int, w: dict, z, tokens):
     return sel, wt
 
 
-def _swiglu(g, u, clamp: float):
-    return silu(jnp.minimum(g, clamp)) * jnp.clip(u, -clamp, clamp)
-
-
 def ffn_parts(cfg: ModelConfig, L: int, w: dict, z, tokens, pre=None):
     """The FFN's output before its last sum: (shared [T, n_embd], routed [T, k, n_embd]), the shared
     expert's and each routed expert's (weighted). ``ffn_sublayer`` sums them; the post-mix's kernel
@@ -44,11 +40,11 @@ def ffn_parts(cfg: ModelConfig, L: int, w: dict, z, tokens, pre=None):
     aq = cfg.act_quant
     zk = z[:, None]  # [T, 1, n_embd]: broadcast over the k experts (quantized once per token)
     g, u = expert_linears(zk, (w["ffn_gate_exps"], w["ffn_up_exps"]), sel, aq, pre)  # [T, k, n_ff] each
-    mid = _swiglu(g, u, clamp) * wt[..., None]
+    mid = swiglu(g, u, clamp) * wt[..., None]
     routed = expert_linear(mid, w["ffn_down_exps"], sel, aq)
 
     gs, us = dense_many(z, (w["ffn_gate_shexp"], w["ffn_up_shexp"]), aq, pre)  # one launch on the kernel path
-    shared = dense(_swiglu(gs, us, clamp), w["ffn_down_shexp"], aq)
+    shared = dense(swiglu(gs, us, clamp), w["ffn_down_shexp"], aq)
     return shared, routed
 
 

@@ -254,6 +254,11 @@ def silu(x):
     return x * sigmoid(x)
 
 
+def swiglu(g, u, clamp: float):
+    """The FFN's SwiGLU as ds4 computes it: the gate clamped above only, the up on both sides."""
+    return silu(jnp.minimum(g, clamp)) * jnp.clip(u, -clamp, clamp)
+
+
 def softplus(x):
     """ds4's stable softplus: x above 20, exp(x) below -20, log1p(exp(x)) between."""
     u = exp(jnp.clip(x, -20.0, 20.0))
@@ -327,6 +332,14 @@ def fp8_e4m3_round_trip(x: jax.Array, block: int) -> jax.Array:
     v = jnp.clip(jnp.ldexp(xb, -e), -448.0, 448.0)
     v = round_to_grid(v, 3, -6)  # E4M3FN: 3 mantissa bits, normals from 2^-6, nearest even
     return jnp.ldexp(v, e).reshape(x.shape)
+
+
+def fp8_e4m3_head(x: jax.Array, n: int, block: int) -> jax.Array:
+    """x [..., d] with its first n values through ``fp8_e4m3_round_trip`` (the KV rows' non-rotary
+    dims), the rest as they are. A concatenation: written back into x (2,208.7 µs of kernels a
+    step at 8 layers) or selected over the whole row (2,182.7) was not faster (2,181.4; H200,
+    session 26)."""
+    return jnp.concatenate([fp8_e4m3_round_trip(x[..., :n], block), x[..., n:]], axis=-1)
 
 
 _FP4_LEVELS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)

@@ -86,11 +86,14 @@ def apply_rope_tail(x: jax.Array, cos: jax.Array, sin: jax.Array, inverse: bool 
 
     ``cos``/``sin`` broadcast against x's leading dims ([..., n_pairs])."""
     n_rot = 2 * cos.shape[-1]
-    head, tail = x[..., :-n_rot], x[..., -n_rot:]
-    t = tail.reshape(*tail.shape[:-1], n_rot // 2, 2)
+    t = x[..., -n_rot:].reshape(*x.shape[:-1], n_rot // 2, 2)
     x0, x1 = t[..., 0], t[..., 1]
     s = -sin if inverse else sin
     r0 = rounded(x0 * cos) - rounded(x1 * s)
     r1 = rounded(x0 * s) + rounded(x1 * cos)
-    out = jnp.stack([r0, r1], axis=-1).reshape(tail.shape)
-    return jnp.concatenate([head, out], axis=-1)
+    out = jnp.stack([r0, r1], axis=-1).reshape(*x.shape[:-1], n_rot)
+    # Written back into x rather than concatenated after the head: XLA:GPU ran each concatenation
+    # as a kernel of its own (128 a 43-layer decode step). H200, session 26, 8 layers, one process:
+    # 2,161.0 against 2,181.4 µs of kernels a step, 12 kernels fewer; the rotation over the whole
+    # head and a select lost (2,192.5).
+    return x.at[..., -n_rot:].set(out)
