@@ -37,6 +37,7 @@ from ds4jax.errors import DS4Error
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rms_norm, rounded_in_loop, with_terms
 from pallas_kernels import attention as attention_kernel
 from pallas_kernels import compressor_pool as compressor_pool_kernel
+from pallas_kernels import compressor_row as compressor_row_kernel
 from pallas_kernels import experts, norms, q8_0
 from pallas_kernels import hadamard as hadamard_kernel
 from pallas_kernels import hc_post as hc_post_kernel
@@ -380,6 +381,27 @@ def compressor_pool(
     if not use or not compressor_pool_kernel.supported(ratio, coff, hd):
         return reference()
     return compressor_pool_kernel.pool(buf_kv, buf_sc, ratio, coff, hd, n_slots, interpret=interpret)
+
+
+# An attention compressor's new rows (norm, tail RoPE, FP8 head, f16) written into its cache by one
+# launch whose programs return at once on incomplete windows, instead of ~5 XLA kernels on every
+# token. Off in ``auto`` until timed: built after session 26's device budget (exact interpreted,
+# lowered for sm_90); ``all`` and ``interpret`` take it.
+COMPRESSOR_ROW_IN_AUTO = False
+
+
+def compressor_rows(
+    rows, w, cache, pos0, n_tok: int, ratio: int, tables: dict, eps: float, n_nope: int, block: int, reference
+):
+    """The cache after an attention compressor's chunk of ``n_tok`` tokens: the pooled rows [S, hd]
+    normed (weight w), rotated (``tables``: the compressed layers' RoPE tables), FP8-rounded below
+    ``n_nope``, as f16 at row pos0 // ratio on: the kernel (complete windows' rows only; the others
+    stay invisible) where it is taken, else ``reference()`` (every row)."""
+    use, interpret = _use(n_tok, auto=COMPRESSOR_ROW_IN_AUTO)
+    if not use or not compressor_row_kernel.supported(rows.shape[-1], tables["cos"].shape[-1], n_nope, block):
+        return reference()
+    args = (rows, w, tables["cos"], tables["sin"], cache, pos0)
+    return compressor_row_kernel.rows_into_cache(*args, n_tok, ratio, eps, n_nope, block, interpret=interpret)
 
 
 def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference):

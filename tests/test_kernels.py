@@ -26,6 +26,7 @@ from ds4jax.sampling import SamplingParams
 from pallas_kernels import (
     attention,
     compressor_pool,
+    compressor_row,
     dispatch,
     experts,
     hadamard,
@@ -475,6 +476,38 @@ def test_compressor_pool_kernel_is_the_reference(ratio, coff, hd, n_slots):
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize(
+    "ratio,hd,n_pairs,n_nope,block,pos0,n_tok,n_slots",
+    [(4, 512, 32, 448, 64, 5, 4, 2), (4, 128, 8, 64, 32, 6, 1, 1), (128, 128, 8, 96, 32, 255, 1, 1)],
+)
+def test_compressor_row_kernel_writes_the_references_complete_rows(
+    ratio, hd, n_pairs, n_nope, block, pos0, n_tok, n_slots
+):
+    """The attention compressor's rows into the cache (norm, tail RoPE, FP8 head, f16) against the
+    XLA path, bit for bit, on the rows of complete windows; the rows of incomplete windows keep what
+    the cache held (rows of wide range, random RoPE tables and cache)."""
+    from ds4jax.model.numerics import f16_round, fp8_e4m3_head, rms_norm
+    from ds4jax.model.rope import apply_rope_tail
+
+    rows = RNG.standard_normal((n_slots, hd)) * np.exp2(RNG.integers(-6, 6, (n_slots, 1)))
+    rows = jnp.asarray((rows * np.exp2(RNG.integers(-3, 3, (1, hd)))).astype(np.float32))
+    w = jnp.asarray(RNG.uniform(0.2, 3.0, hd).astype(np.float32))
+    ang = RNG.uniform(0, 2 * np.pi, (400, n_pairs))
+    cos, sin = (jnp.asarray(f(ang).astype(np.float32)) for f in (np.cos, np.sin))
+    cache = jnp.asarray(RNG.standard_normal((8, hd)).astype(np.float16))
+    got = compressor_row.rows_into_cache(
+        rows, w, cos, sin, cache, jnp.int32(pos0), n_tok, ratio, 1e-6, n_nope, block, interpret=INTERPRET
+    )
+    start = pos0 - pos0 % ratio + ratio * np.arange(n_slots)
+    r = apply_rope_tail(rms_norm(rows, w, 1e-6), cos[start], sin[start])
+    r = f16_round(fp8_e4m3_head(r, n_nope, block)).astype(jnp.float16)
+    done = (pos0 % ratio + n_tok) // ratio
+    want = np.asarray(cache).copy()
+    want[pos0 // ratio : pos0 // ratio + done] = np.asarray(r)[:done]
+    assert done in (0, 1) and np.asarray(got).dtype == np.float16
+    assert np.array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
+
+
 def test_hc_post_kernel_sums_the_ffn_terms_as_the_reference():
     """With the FFN's parts (6 routed experts' outputs beside the shared expert's) the post-mix
     kernel gives the bits of the XLA path fed their sum (``hc.with_terms``): terms of mixed scales
@@ -536,6 +569,15 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
         (indexer_scores.scores, S((2, 64, 128), f32), S((2, 64), f32), S((1041, 128), jnp.float16)),
         (lambda k, s: compressor_pool.pool(k, s, 4, 2, 512, 2), S((12, 1024), f32), S((12, 1024), f32)),
         (lambda k, s: compressor_pool.pool(k, s, 128, 1, 128, 1), S((128, 128), f32), S((128, 128), f32)),
+        (
+            lambda r, w, c, s, cache, p: compressor_row.rows_into_cache(r, w, c, s, cache, p, 1, 4, 1e-6, 448, 64),
+            S((1, 512), f32),
+            S((512,), f32),
+            S((4096, 32), f32),
+            S((4096, 32), f32),
+            S((1041, 512), jnp.float16),
+            S((), jnp.int32),
+        ),
         (
             lambda q, k1, v1, k2, r2, v2, sink: attention.sink_attention(
                 q, ((k1, None, v1), (k2, r2, v2)), sink, 0.0625

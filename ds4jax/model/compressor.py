@@ -87,20 +87,29 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
     rows = kernels.compressor_pool(
         buf_kv, buf_sc, ratio, coff, hd, n_slots, T, lambda: _pool(buf_kv, buf_sc, ratio, coff, hd, n_slots)
     )
-    rows = rms_norm(rows, w[f"{prefix}_norm"].planes["w"], cfg.rms_eps)
-    start = pos0 - rem + ratio * jnp.arange(n_slots, dtype=jnp.int32)  # window start positions
-    cos, sin = rope_angles(start, cfg, layer, rope)
-    rows = apply_rope_tail(rows, cos, sin)
+    norm_w = w[f"{prefix}_norm"].planes["w"]
+
+    def into_cache():
+        r = rms_norm(rows, norm_w, cfg.rms_eps)
+        start = pos0 - rem + ratio * jnp.arange(n_slots, dtype=jnp.int32)  # window start positions
+        cos, sin = rope_angles(start, cfg, layer, rope)
+        r = apply_rope_tail(r, cos, sin)
+        if indexer:
+            r = fp4_e2m1_round_trip(kernels.hadamard(r), cfg.fp4_block)
+        else:
+            r = fp8_e4m3_head(r, cfg.n_nope, cfg.fp8_block)
+        # Incomplete slots are written too: they sit past n // ratio, invisible until rewritten.
+        # (Decode could compute a row only on the token that completes its window, under a
+        # lax.cond: 364 µs of kernels fewer a 43-layer step but 0.58 ms a token slower, the host's
+        # time in the calls up 0.49 ms: XLA:GPU runs a conditional from the host. H200, session 25.)
+        return lax.dynamic_update_slice(cache, f16_round(r).astype(cache.dtype), (pos0 // ratio, 0))
+
     if indexer:
-        rows = fp4_e2m1_round_trip(kernels.hadamard(rows), cfg.fp4_block)
-    else:
-        rows = fp8_e4m3_head(rows, cfg.n_nope, cfg.fp8_block)
-    # Incomplete slots are written too: they sit past n // ratio, invisible until rewritten. (Decode
-    # could compute a row only on the token that completes its window, under a lax.cond: 364 µs of
-    # kernels fewer a 43-layer step but 0.58 ms a token slower, the host's time in the calls up
-    # 0.49 ms: XLA:GPU runs a conditional from the host. H200, session 25, speed-bench/KERNELS.md.)
-    cache = lax.dynamic_update_slice(cache, f16_round(rows).astype(cache.dtype), (pos0 // ratio, 0))
-    return cache, (buf_kv, buf_sc)
+        return into_cache(), (buf_kv, buf_sc)
+    # The attention compressor's rows: one launch that writes only complete windows' rows, where taken
+    tables = rope["compressed"]
+    args = (rows, norm_w, cache, pos0, T, ratio, tables, cfg.rms_eps, cfg.n_nope, cfg.fp8_block)
+    return kernels.compressor_rows(*args, into_cache), (buf_kv, buf_sc)
 
 
 def frontier_after(cfg: ModelConfig, layer: int, buffers, pos0, n):

@@ -32,6 +32,30 @@ def round_to_grid(x: jax.Array, mant_bits: int, min_exp: int) -> jax.Array:
     return jnp.ldexp(jnp.round(jnp.ldexp(x, -q)), q)
 
 
+def pow2(k: jax.Array) -> jax.Array:
+    """2^k as f32 from its exponent bits, for integer k in [-126, 127]."""
+    return lax.bitcast_convert_type(lax.shift_left(k.astype(jnp.int32) + 127, 23), F32)
+
+
+def round_to_grid_bits(x: jax.Array, mant_bits: int, min_exp: int, rnd) -> jax.Array:
+    """``round_to_grid`` inside a kernel (Triton has no frexp, ldexp or round): the exponent from
+    x's bits, the scalings as products by powers of two (exact: every value here stays normal),
+    the round by adding and removing 1.5·2^23, a zero keeping x's sign as ``jnp.round`` does. The
+    same bits for every finite x whose results are normal; ``rnd``: the kernel's barrier."""
+    biased = lax.shift_right_logical(lax.bitcast_convert_type(x, jnp.int32), 23) & 0xFF
+    q = jnp.maximum(biased - 127, min_exp) - mant_bits  # frexp's e - 1 is biased - 127 (subnormals: min_exp)
+    v = x * pow2(-q)
+    r = rnd(rnd(v) + _ROUND_MAGIC) - _ROUND_MAGIC
+    return jnp.where(r == 0, v * 0.0, r) * pow2(q)
+
+
+def ceil_log2_bits(r: jax.Array) -> jax.Array:
+    """``_ceil_log2`` of normal r > 0 from its bits (inside a kernel)."""
+    b = lax.bitcast_convert_type(r, jnp.int32)
+    biased = lax.shift_right_logical(b, 23) & 0xFF
+    return jnp.where((b & 0x7FFFFF) == 0, biased - 127, biased - 126)  # a power of two keeps its exponent
+
+
 def f16_round(x: jax.Array) -> jax.Array:
     """float32(float16(x)), round to nearest even: how ds4 stores cache rows (|x| < 65504)."""
     return round_to_grid(x.astype(F32), 10, -14)
@@ -324,10 +348,15 @@ def _ceil_log2(r: jax.Array) -> jax.Array:
     return jnp.where(m == 0.5, e - 1, e)  # exact powers of two keep their exponent
 
 
-def fp8_e4m3_round_trip(x: jax.Array, block: int) -> jax.Array:
-    """FP8-E4M3FN simulation per ``block`` values: power-of-two scale from amax/448."""
+def fp8_e4m3_round_trip(x: jax.Array, block: int, rnd=None) -> jax.Array:
+    """FP8-E4M3FN simulation per ``block`` values: power-of-two scale from amax/448. ``rnd``: inside
+    a kernel, its barrier (the exponent-bit forms of frexp, ldexp and round; the same bits)."""
     xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
     amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), F32(1e-4))
+    if rnd is not None:
+        e = ceil_log2_bits(divide_by(amax, 448.0, rnd))
+        v = round_to_grid_bits(jnp.clip(xb * pow2(-e), -448.0, 448.0), 3, -6, rnd)
+        return (v * pow2(e)).reshape(x.shape)
     e = _ceil_log2(divide_by(amax, 448.0))
     v = jnp.clip(jnp.ldexp(xb, -e), -448.0, 448.0)
     v = round_to_grid(v, 3, -6)  # E4M3FN: 3 mantissa bits, normals from 2^-6, nearest even

@@ -1,0 +1,103 @@
+"""An attention compressor's new rows, from the pooled windows to the f16 cache, as one launch that
+skips the windows still incomplete.
+
+After the pooling (``compressor_pool``) XLA runs a row's RMS norm, its tail RoPE, the FP8 round trip
+of its non-rotary dims, the f16 rounding and the write into the cache as ~5 kernels a compressor,
+on every decode token, although a ratio-4 window completes on every 4th token and a ratio-128 one
+on every 128th (session 26's 43-layer table: ~190 µs a step for the 41 attention compressors).
+A row of an incomplete window sits past ``n // ratio``, invisible until the window's last token
+rewrites it, so here a program (one a window slot) returns at once unless its window is complete,
+and writes its row into the cache (aliased: the other rows stay) only then. The arithmetic is the
+model's own functions on register tiles (``numerics``: the norm's sums, the RoPE's rounded
+products, ``fp8_e4m3_round_trip`` and ``round_to_grid`` in their exponent-bit forms), so a
+written row has the XLA path's bits; the rows it skips keep what the cache held.
+
+Not in ``auto`` yet (``dispatch.COMPRESSOR_ROW_IN_AUTO``): built after session 26's device budget,
+checked interpreted and lowered for sm_90 only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ds4jax.model.numerics import fp8_e4m3_round_trip, round_to_grid_bits
+from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque, pick
+from pallas_kernels.norms import _rms_scale
+
+__all__ = ["rows_into_cache", "supported"]
+
+WARPS = 4
+
+
+def supported(hd: int, n_pairs: int, n_nope: int, block: int) -> bool:
+    """Triton tiles: the row and its FP8 blocks powers of two."""
+    return is_pow2(hd) and is_pow2(block) and n_nope % block == 0 and 0 < 2 * n_pairs < hd
+
+
+def _kernel(
+    z_ref, meta_ref, rows_ref, w_ref, cos_ref, sin_ref, _cache_ref, o_ref, *, eps, ratio, n_pairs, n_nope, block
+):
+    zero = z_ref[0]
+    rnd = functools.partial(opaque, zero=zero)
+    s = pl.program_id(0)
+
+    @pl.when(s < meta_ref[1])  # this slot's window is complete
+    def _():
+        x = rows_ref[...]  # [1, hd]
+        hd = x.shape[-1]
+        y = (x * _rms_scale(x, eps, zero)) * w_ref[...][None, :]  # numerics.rms_norm's order
+        # The tail RoPE at the window's start position (rope.apply_rope_tail): pairs (2k, 2k + 1).
+        y3 = y.reshape(1, hd // 2, 2)
+        y0, y1 = pick(y3, 2, 0), pick(y3, 2, 1)  # [1, hd/2]
+        lane = lax.broadcasted_iota(jnp.int32, (1, hd // 2), 1)
+        first = hd // 2 - n_pairs
+        at = (meta_ref[2] + ratio * s) * n_pairs + jnp.maximum(lane - first, 0)  # the tables' flat index
+        c, sn = cos_ref[at], sin_ref[at]
+        r0 = rnd(y0 * c) - rnd(y1 * sn)
+        r1 = rnd(y0 * sn) + rnd(y1 * c)
+        r0, r1 = jnp.where(lane >= first, r0, y0), jnp.where(lane >= first, r1, y1)
+        which = lax.broadcasted_iota(jnp.int32, (1, hd // 2, 2), 2)
+        y = jnp.where(which == 0, r0[:, :, None], r1[:, :, None]).reshape(1, hd)
+        # FP8 round trip of the non-rotary dims, by blocks (numerics.fp8_e4m3_head)
+        f = fp8_e4m3_round_trip(y, block, rnd)
+        y = jnp.where(lax.broadcasted_iota(jnp.int32, (1, hd), 1) < n_nope, f, y)
+        row = round_to_grid_bits(y, 10, -14, rnd).astype(jnp.float16)  # numerics.f16_round
+        o_ref[pl.ds(pl.multiple_of((meta_ref[0] + s) * hd, hd), hd)] = row.reshape(hd)
+
+
+@functools.partial(jax.jit, static_argnames=("n_tok", "ratio", "eps", "n_nope", "block", "interpret"))
+def rows_into_cache(
+    rows, w, cos_tab, sin_tab, cache, pos0, n_tok: int, ratio: int, eps: float, n_nope: int, block: int, interpret=False
+):
+    """The cache [cap, hd] f16 with the rows of the chunk's complete windows written: rows [S, hd] the
+    pooled slots (slot s starts at position pos0 − pos0 mod ratio + s·ratio, its cache row
+    pos0 // ratio + s), w [hd] the norm's weight, cos_tab / sin_tab [ctx, n_pairs] the compressed
+    layers' RoPE tables; ``n_tok`` the chunk's tokens (padding included: a row a padding token
+    completes is invisible too). Rows of incomplete windows are not written."""
+    S, hd = rows.shape
+    n_pairs = cos_tab.shape[-1]
+    rem = pos0 % ratio
+    meta = jnp.stack([pos0 // ratio, (rem + n_tok) // ratio, pos0 - rem]).astype(jnp.int32)
+    flat = cache.reshape(-1)
+    whole = lambda a: pl.BlockSpec(a.shape, lambda s: (0,) * a.ndim)
+    args = [kernel_zero(rows, interpret), meta, rows.astype(F32), w.astype(F32)]
+    args += [cos_tab.reshape(-1).astype(F32), sin_tab.reshape(-1).astype(F32), flat]
+    kernel = functools.partial(_kernel, eps=eps, ratio=ratio, n_pairs=n_pairs, n_nope=n_nope, block=block)
+    out = pl.pallas_call(
+        kernel,
+        grid=(S,),
+        in_specs=[whole(args[0]), whole(meta), pl.BlockSpec((1, hd), lambda s: (s, 0)), *map(whole, args[3:])],
+        out_specs=whole(flat),
+        out_shape=jax.ShapeDtypeStruct(flat.shape, flat.dtype),
+        input_output_aliases={len(args) - 1: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=WARPS, num_stages=1),
+        interpret=interpret,
+        name="compressor_row",
+    )(*args)
+    return out.reshape(cache.shape)
