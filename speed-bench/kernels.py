@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention,compressor_pool] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention,compressor_pool,compressor_row] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -49,6 +49,7 @@ from ds4jax.state import window_slots
 from pallas_kernels import (
     attention,
     compressor_pool,
+    compressor_row,
     experts,
     hc_post,
     hc_pre,
@@ -869,6 +870,55 @@ def bench_compressor_pool(rec: Recorder, rounds=200, shapes=POOL_SHAPES):
                 rec.best(f"compressor_pool {best[1]}", n_tok, shape, best[0], nbytes, ref_s)
 
 
+# (what, ratio, pos0) of a decode token: a window's last token (the row written) or not (skipped)
+ROW_SHAPES = [
+    ("ratio-4 complete", 4, 7),
+    ("ratio-4 incomplete", 4, 5),
+    ("ratio-128 complete", 128, 255),
+    ("ratio-128 incomplete", 128, 250),
+]
+
+
+def bench_compressor_row(rec: Recorder, rounds=200, hd=512, n_rot=64, block=64, cap=1041, shapes=ROW_SHAPES):
+    """An attention compressor's rows into its cache (``compressor_row.rows_into_cache``) against
+    XLA's tail (norm, tail RoPE, FP8 head, f16, the row's write) at decode (N=1). Both write into a
+    cache that is not donated here, so both times include XLA's copy of the cache."""
+    from ds4jax.model.numerics import f16_round, fp8_e4m3_head, rms_norm
+    from ds4jax.model.rope import apply_rope_tail
+
+    eps, n_nope = 1e-6, hd - n_rot
+    k = iter(jax.random.split(jax.random.PRNGKey(41), 5))
+    rows = jax.random.normal(next(k), (1, hd)) * 3.0
+    w = jax.random.uniform(next(k), (hd,), jnp.float32, 0.5, 2.0)
+    ang = jax.random.uniform(next(k), (4096, n_rot // 2), jnp.float32, 0, 6)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    cache = jax.random.normal(next(k), (cap, hd)).astype(jnp.float16)
+    for what, ratio, pos0 in shapes:
+        start = pos0 - pos0 % ratio
+
+        def ref(i, rows, w, cos, sin, cache, ratio=ratio, pos0=pos0, start=start):
+            r = apply_rope_tail(rms_norm(rows, w, eps), cos[start][None], sin[start][None])
+            r16 = f16_round(fp8_e4m3_head(r, n_nope, block)).astype(jnp.float16)
+            if (pos0 % ratio + 1) // ratio == 0:  # incomplete: the XLA path writes the row all the same
+                return jax.lax.dynamic_update_slice(cache, r16, (pos0 // ratio, 0))
+            return cache.at[pos0 // ratio].set(r16[0])
+
+        args = (rows, w, cos, sin, cache)
+        ref_s, want = time_steps(ref, rounds, *args, show=True)
+        if (pos0 % ratio + 1) // ratio == 0:  # the kernel leaves an incomplete window's row as it was
+            want = np.asarray(cache)
+        fn = lambda i, rows, w, c, s, cache, ratio=ratio, pos0=pos0: compressor_row.rows_into_cache(
+            rows, w, c, s, cache, jnp.int32(pos0), 1, ratio, eps, n_nope, block, interpret=INTERPRET
+        )
+        nbytes = hd * 4 * 2 + hd * 2
+        shape = f"{what} {hd} cols"
+        t = time_variant(
+            rec, "compressor_row", 1, shape, f"w{compressor_row.WARPS}", fn, args, want, nbytes, ref_s, rounds
+        )
+        if t is not None:
+            rec.best(f"compressor_row w{compressor_row.WARPS}", 1, shape, t, nbytes, ref_s)
+
+
 def main() -> None:
     global Q8_SHAPES, EXPERT_SHAPES, INTERPRET, N_EXPERT, TOKENS
     ap = argparse.ArgumentParser()
@@ -878,7 +928,7 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention,"
-        "compressor_pool",
+        "compressor_pool,compressor_row",
     )
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
@@ -992,6 +1042,8 @@ def main() -> None:
         bench_compressor_pool(
             rec, **({"rounds": 3, "shapes": [(w, r, c, 64) for w, r, c, _ in POOL_SHAPES]} if INTERPRET else {})
         )
+    if "compressor_row" in only and left() > 0:
+        bench_compressor_row(rec, **({"rounds": 3, "hd": 128, "n_rot": 32, "block": 32} if INTERPRET else {}))
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:
