@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ds4jax.config import ModelConfig
+from ds4jax.model.attention import ring_positions
 from ds4jax.model.forward import embed, layer
 from ds4jax.model.hc import hc_head
 from ds4jax.model.linear import dense, rms_norms
@@ -58,8 +59,7 @@ def draft_step(cfg: ModelConfig, weights: dict, mtp_state: dict, prev_hc, token,
     # The ring as the block's raw window (the base layers' layout: position p in slot p mod W), and
     # which slots hold the position the window expects there (pos - W .. pos - 1).
     W = cfg.n_swa
-    slots = jnp.arange(W, dtype=jnp.int32)
-    have = mtp_state["ring_pos"] == pos - W + jnp.mod(slots - pos, W)
+    have = mtp_state["ring_pos"] == ring_positions(pos, W)
     H, pending, _ = layer(mcfg, 0, w, {"raw": mtp_state["ring"]}, X, token[None], pos, weights["rope"], raw_mask=have)
     new_state = {
         "ring": pending["ring"],  # this step's K=V row in its slot

@@ -27,8 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import fp8_e4m3_round_trip, round_to_grid_bits
-from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque, pick
-from pallas_kernels.norms import _rms_scale
+from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque
+from pallas_kernels.norms import rms_scale, rotate_tail
 
 __all__ = ["rows_into_cache", "supported"]
 
@@ -51,19 +51,11 @@ def _kernel(
     def _():
         x = rows_ref[...]  # [1, hd]
         hd = x.shape[-1]
-        y = (x * _rms_scale(x, eps, zero)) * w_ref[...][None, :]  # numerics.rms_norm's order
-        # The tail RoPE at the window's start position (rope.apply_rope_tail): pairs (2k, 2k + 1).
-        y3 = y.reshape(1, hd // 2, 2)
-        y0, y1 = pick(y3, 2, 0), pick(y3, 2, 1)  # [1, hd/2]
+        y = (x * rms_scale(x, eps, zero)) * w_ref[...][None, :]  # numerics.rms_norm's order
+        # The tail RoPE at the window's start position, its cos/sin gathered from the flat tables
         lane = lax.broadcasted_iota(jnp.int32, (1, hd // 2), 1)
-        first = hd // 2 - n_pairs
-        at = (meta_ref[2] + ratio * s) * n_pairs + jnp.maximum(lane - first, 0)  # the tables' flat index
-        c, sn = cos_ref[at], sin_ref[at]
-        r0 = rnd(y0 * c) - rnd(y1 * sn)
-        r1 = rnd(y0 * sn) + rnd(y1 * c)
-        r0, r1 = jnp.where(lane >= first, r0, y0), jnp.where(lane >= first, r1, y1)
-        which = lax.broadcasted_iota(jnp.int32, (1, hd // 2, 2), 2)
-        y = jnp.where(which == 0, r0[:, :, None], r1[:, :, None]).reshape(1, hd)
+        at = (meta_ref[2] + ratio * s) * n_pairs + jnp.maximum(lane - (hd // 2 - n_pairs), 0)
+        y = rotate_tail(y, cos_ref[at], sin_ref[at], n_pairs, rnd)
         # FP8 round trip of the non-rotary dims, by blocks (numerics.fp8_e4m3_head)
         f = fp8_e4m3_round_trip(y, block, rnd)
         y = jnp.where(lax.broadcasted_iota(jnp.int32, (1, hd), 1) < n_nope, f, y)

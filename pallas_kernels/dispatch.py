@@ -8,11 +8,11 @@ made at trace time from static shapes and the environment:
     DS4JAX_KERNELS=auto       on GPU, the kernels where they measured faster than XLA (default):
                               the Q8_0 kernel for the verifier's 2..4-token batches at every
                               shape and at N=1 on weights of 8 MB and more (the LM head,
-                              attn_q_b, attn_output_a and _b, the shared expert's down), and two matrices of one input
-                              as one launch at every N (the shared expert's gate and up,
-                              attn_q_a and attn_kv); the routed-expert kernels at
-                              every N, prefill chunks too (v3: 3-6x XLA's gather + dot); the
-                              hyper-connection Sinkhorn (one launch for ~40 per sublayer) and,
+                              attn_q_b, attn_output_a and _b, the shared expert's down), and
+                              two matrices of one input as one launch at every N (the
+                              shared expert's gate and up, attn_q_a and attn_kv); the
+                              routed-expert kernels at every N, prefill chunks too (v3: 3-6x
+                              XLA's gather + dot); the hyper-connection Sinkhorn (one launch for ~40 per sublayer) and,
                               at N = 1..4, its whole pre-mix (three launches for ~10), its
                               post-mix, the attention sums (two launches for ~8), the
                               indexer's scores, a compressor's window pooling, and the RMS

@@ -43,7 +43,7 @@ def scale_from_squares(s, e, n: int, eps, zero):
     return div(jnp.ones_like(ms), sqrt(ms + F32(eps), rnd), rnd)
 
 
-def _rms_scale(x, eps, zero):
+def rms_scale(x, eps, zero):
     """1/sqrt(mean(x²) + eps) per row of x [R, n] (keepdims)."""
     z = jnp.zeros_like(x)
     return scale_from_squares(*add_squares(z, z, x), x.shape[-1], eps, zero)[:, None]
@@ -75,7 +75,7 @@ def _norm_quant_kernel(z_ref, *refs, eps, kinds):
     ins, outs = refs[: 3 * len(kinds)], iter(refs[3 * len(kinds) :])
     for i, part in enumerate(kinds):
         row_ref, x_ref, w_ref = ins[3 * i : 3 * i + 3]
-        scale = _rms_scale(row_ref[...].astype(F32), eps, zero)  # [1, 1]: the whole row's
+        scale = rms_scale(row_ref[...].astype(F32), eps, zero)  # [1, 1]: the whole row's
         y = (x_ref[...].astype(F32) * scale) * w_ref[...].astype(F32)[None, :]  # this program's slice
         next(outs)[...] = y
         for k in part:  # blocks never straddle a slice (quant_supported)
@@ -141,21 +141,28 @@ def head_norm_rope_reference(q, cos, sin, eps: float):
     return apply_rope_tail(rms_norm(q, None, eps), cos[:, None, :], sin[:, None, :])
 
 
+def rotate_tail(y, c, s, n_pairs: int, rnd):
+    """``rope.apply_rope_tail`` on register tiles: y [R, hd], c/s [R or 1, hd/2] each pair's angle
+    (the pairs before the last n_pairs keep their values, whatever c/s hold there); ``rnd``: the
+    kernel's rounding barrier."""
+    R, hd = y.shape
+    y3 = y.reshape(R, hd // 2, 2)
+    y0, y1 = pick(y3, 2, 0), pick(y3, 2, 1)  # [R, hd/2] pair members
+    r0 = rnd(y0 * c) - rnd(y1 * s)
+    r1 = rnd(y0 * s) + rnd(y1 * c)
+    tail = jax.lax.broadcasted_iota(jnp.int32, (1, hd // 2), 1) >= hd // 2 - n_pairs
+    r0, r1 = jnp.where(tail, r0, y0), jnp.where(tail, r1, y1)
+    which = jax.lax.broadcasted_iota(jnp.int32, (R, hd // 2, 2), 2)
+    return jnp.where(which == 0, r0[:, :, None], r1[:, :, None]).reshape(R, hd)
+
+
 def _head_kernel(z_ref, q_ref, c_ref, s_ref, o_ref, *, eps, n_pairs):
     zero = z_ref[0]
     x = q_ref[...].astype(F32)  # [HB, hd]
-    HB, hd = x.shape
-    y = x * _rms_scale(x, eps, zero)  # the normalised values, as stored by the sequential path
-    y3 = y.reshape(HB, hd // 2, 2)
-    y0, y1 = pick(y3, 2, 0), pick(y3, 2, 1)  # [HB, hd/2] pair members
-    c = c_ref[...][None, :]  # [1, hd/2]: cos for the tail pairs, 1 elsewhere (unused there)
-    s = s_ref[...][None, :]
-    r0 = opaque(y0 * c, zero) - opaque(y1 * s, zero)
-    r1 = opaque(y0 * s, zero) + opaque(y1 * c, zero)
-    tail = jax.lax.broadcasted_iota(jnp.int32, (1, hd // 2), 1) >= hd // 2 - n_pairs
-    r0, r1 = jnp.where(tail, r0, y0), jnp.where(tail, r1, y1)
-    which = jax.lax.broadcasted_iota(jnp.int32, (HB, hd // 2, 2), 2)
-    o_ref[...] = jnp.where(which == 0, r0[:, :, None], r1[:, :, None]).reshape(HB, hd)
+    y = x * rms_scale(x, eps, zero)  # the normalised values, as stored by the sequential path
+    # c/s [1, hd/2]: cos and sin for the tail pairs, 1 and 0 elsewhere (unused there)
+    rnd = functools.partial(opaque, zero=zero)
+    o_ref[...] = rotate_tail(y, c_ref[...][None, :], s_ref[...][None, :], n_pairs, rnd)
 
 
 def head_supported(q, cos) -> bool:

@@ -42,7 +42,7 @@ import devtime
 from ds4jax.model import attention as model_attention
 from ds4jax.model import compressor as model_compressor
 from ds4jax.model import hc
-from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rms_norm
+from ds4jax.model.numerics import fp8_e4m3_head, quantize_q8_0, quantize_q8_k, rms_norm
 from ds4jax.quant.formats import QType
 from ds4jax.quant.planes import QTensor
 from ds4jax.state import window_slots
@@ -883,10 +883,8 @@ def bench_compressor_row(rec: Recorder, rounds=200, hd=512, n_rot=64, block=64, 
     """An attention compressor's rows into its cache (``compressor_row.rows_into_cache``) against
     XLA's tail (norm, tail RoPE, FP8 head, f16, the row's write) at decode (N=1). Both write into a
     cache that is not donated here, so both times include XLA's copy of the cache."""
-    from ds4jax.model.numerics import f16_round, fp8_e4m3_head, rms_norm
-    from ds4jax.model.rope import apply_rope_tail
-
     eps, n_nope = 1e-6, hd - n_rot
+    trip = lambda r: fp8_e4m3_head(r, n_nope, block)
     k = iter(jax.random.split(jax.random.PRNGKey(41), 5))
     rows = jax.random.normal(next(k), (1, hd)) * 3.0
     w = jax.random.uniform(next(k), (hd,), jnp.float32, 0.5, 2.0)
@@ -897,8 +895,8 @@ def bench_compressor_row(rec: Recorder, rounds=200, hd=512, n_rot=64, block=64, 
         start = pos0 - pos0 % ratio
 
         def ref(i, rows, w, cos, sin, cache, ratio=ratio, pos0=pos0, start=start):
-            r = apply_rope_tail(rms_norm(rows, w, eps), cos[start][None], sin[start][None])
-            r16 = f16_round(fp8_e4m3_head(r, n_nope, block)).astype(jnp.float16)
+            r16 = model_compressor.row_values(rows, w, cos[start][None], sin[start][None], eps, trip)
+            r16 = r16.astype(jnp.float16)
             if (pos0 % ratio + 1) // ratio == 0:  # incomplete: the XLA path writes the row all the same
                 return jax.lax.dynamic_update_slice(cache, r16, (pos0 // ratio, 0))
             return cache.at[pos0 // ratio].set(r16[0])

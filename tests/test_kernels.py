@@ -486,8 +486,7 @@ def test_compressor_row_kernel_writes_the_references_complete_rows(
     """The attention compressor's rows into the cache (norm, tail RoPE, FP8 head, f16) against the
     XLA path, bit for bit, on the rows of complete windows; the rows of incomplete windows keep what
     the cache held (rows of wide range, random RoPE tables and cache)."""
-    from ds4jax.model.numerics import f16_round, fp8_e4m3_head, rms_norm
-    from ds4jax.model.rope import apply_rope_tail
+    from ds4jax.model.numerics import fp8_e4m3_head
 
     rows = RNG.standard_normal((n_slots, hd)) * np.exp2(RNG.integers(-6, 6, (n_slots, 1)))
     rows = jnp.asarray((rows * np.exp2(RNG.integers(-3, 3, (1, hd)))).astype(np.float32))
@@ -499,8 +498,8 @@ def test_compressor_row_kernel_writes_the_references_complete_rows(
         rows, w, cos, sin, cache, jnp.int32(pos0), n_tok, ratio, 1e-6, n_nope, block, interpret=INTERPRET
     )
     start = pos0 - pos0 % ratio + ratio * np.arange(n_slots)
-    r = apply_rope_tail(rms_norm(rows, w, 1e-6), cos[start], sin[start])
-    r = f16_round(fp8_e4m3_head(r, n_nope, block)).astype(jnp.float16)
+    trip = lambda v: fp8_e4m3_head(v, n_nope, block)
+    r = model_compressor.row_values(rows, w, cos[start], sin[start], 1e-6, trip).astype(jnp.float16)
     done = (pos0 % ratio + n_tok) // ratio
     want = np.asarray(cache).copy()
     want[pos0 // ratio : pos0 // ratio + done] = np.asarray(r)[:done]

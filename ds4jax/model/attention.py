@@ -56,6 +56,12 @@ def f32_keys(parts) -> list:
     return [(t.astype(F32) if rows is None else t.astype(F32)[rows], v) for t, rows, v in parts]
 
 
+def ring_positions(pos0, W: int):
+    """The position each slot of a raw-window ring holds before position pos0: the one in
+    [pos0 - W, pos0) congruent to the slot mod W (negative: no token yet)."""
+    return pos0 - W + jnp.mod(jnp.arange(W, dtype=jnp.int32) - pos0, W)
+
+
 def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rope: dict, raw_mask=None):
     """x [T, n_embd] (HC-pre output) -> (y [T, n_embd], pending).
 
@@ -84,12 +90,11 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
     # Raw window: a ring, position p in slot p mod n_swa (``state.py``). Every sum over keys is a
     # double-float sum rounded once, so the keys' order does not change the bits.
     W = cfg.n_swa
-    slots = jnp.arange(W, dtype=jnp.int32)
     if T == 1:
         # Decode: the token's row goes into its slot first, over the one row leaving the window, in
         # place in the donated window. Shifting the window instead (a concatenation with the row,
         # then a slice) cost a copy and a concatenation a layer: 2 kernels, ~3.7 µs (H200, session 26).
-        here = pos0 % W
+        here, slots = pos0 % W, jnp.arange(W, dtype=jnp.int32)
         raw_keys = lax.dynamic_update_slice(st["raw"], kv16, (here, 0))
         kpos = pos0 - jnp.mod(pos0 - slots, W)  # slot s: the position in (pos0 - W, pos0] ≡ s
         raw_valid = (kpos >= 0)[None, :]
@@ -99,7 +104,7 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
     else:
         # A chunk: the stored rows, then the chunk's (whose rows ``commit_layer`` writes into the ring).
         raw_keys = jnp.concatenate([st["raw"], kv16], axis=0)  # [W + T, hd]
-        kpos = jnp.concatenate([pos0 - W + jnp.mod(slots - pos0, W), pos])  # slot s: in [pos0 - W, pos0)
+        kpos = jnp.concatenate([ring_positions(pos0, W), pos])
         raw_valid = (kpos[None, :] >= 0) & (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - W)
         if raw_mask is not None:
             raw_valid = raw_valid & jnp.concatenate([raw_mask, jnp.ones((T,), bool)])[None, :]
