@@ -26,7 +26,7 @@ from ds4jax.model.numerics import F32
 from ds4jax.model.numerics import hadamard as reference
 from pallas_kernels.common import pick
 
-__all__ = ["hadamard", "reference", "supported"]
+__all__ = ["hadamard", "reference", "supported", "transform"]
 
 MAX_N = 256  # rows live in registers: [block_rows, n] f32
 
@@ -35,9 +35,9 @@ def supported(n: int) -> bool:
     return 2 <= n <= MAX_N and n & (n - 1) == 0
 
 
-def _kernel(x_ref, o_ref, *, n):
-    h = x_ref[...]  # [R, n]
-    R = h.shape[0]
+def transform(h: jax.Array) -> jax.Array:
+    """The scaled transform of a register tile's rows h [R, n] (also the compressor-row kernel's)."""
+    R, n = h.shape
     upper = lax.broadcasted_iota(jnp.int32, (1, 1, 2, 1), 2) == 1
     s = 1
     while s < n:  # stride 1, 2, 4, ...: the reference's order
@@ -46,7 +46,11 @@ def _kernel(x_ref, o_ref, *, n):
         b = pick(h4, 2, 1)[:, :, None, :]
         h = jnp.where(upper, a - b, a + b).reshape(R, n)
         s *= 2
-    o_ref[...] = h * F32(1.0 / np.sqrt(n))
+    return h * F32(1.0 / np.sqrt(n))
+
+
+def _kernel(x_ref, o_ref, *, n):
+    o_ref[...] = transform(x_ref[...])  # [R, n]
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "interpret"))

@@ -42,7 +42,8 @@ import devtime
 from ds4jax.model import attention as model_attention
 from ds4jax.model import compressor as model_compressor
 from ds4jax.model import hc
-from ds4jax.model.numerics import fp8_e4m3_head, quantize_q8_0, quantize_q8_k, rms_norm
+from ds4jax.model.numerics import fp4_e2m1_round_trip, fp8_e4m3_head, quantize_q8_0, quantize_q8_k, rms_norm
+from ds4jax.model.numerics import hadamard as hadamard_ref
 from ds4jax.quant.formats import QType
 from ds4jax.quant.planes import QTensor
 from ds4jax.state import window_slots
@@ -879,42 +880,50 @@ ROW_SHAPES = [
 ]
 
 
-def bench_compressor_row(rec: Recorder, rounds=200, hd=512, n_rot=64, block=64, cap=1041, shapes=ROW_SHAPES):
-    """An attention compressor's rows into its cache (``compressor_row.rows_into_cache``) against
-    XLA's tail (norm, tail RoPE, FP8 head, f16, the row's write) at decode (N=1). Both write into a
-    cache that is not donated here, so both times include XLA's copy of the cache."""
-    eps, n_nope = 1e-6, hd - n_rot
-    trip = lambda r: fp8_e4m3_head(r, n_nope, block)
-    k = iter(jax.random.split(jax.random.PRNGKey(41), 5))
-    rows = jax.random.normal(next(k), (1, hd)) * 3.0
-    w = jax.random.uniform(next(k), (hd,), jnp.float32, 0.5, 2.0)
-    ang = jax.random.uniform(next(k), (4096, n_rot // 2), jnp.float32, 0, 6)
-    cos, sin = jnp.cos(ang), jnp.sin(ang)
-    cache = jax.random.normal(next(k), (cap, hd)).astype(jnp.float16)
-    for what, ratio, pos0 in shapes:
-        start = pos0 - pos0 % ratio
+# (what, hd, n_rot, trip) of the full model's compressors: the attention's (FP8 head) and the indexer's
+ROW_KINDS = [("attention", 512, 64, ("fp8", 448, 64)), ("indexer", 128, 64, ("fp4", 32))]
 
-        def ref(i, rows, w, cos, sin, cache, ratio=ratio, pos0=pos0, start=start):
-            r16 = model_compressor.row_values(rows, w, cos[start][None], sin[start][None], eps, trip)
-            r16 = r16.astype(jnp.float16)
-            if (pos0 % ratio + 1) // ratio == 0:  # incomplete: the XLA path writes the row all the same
-                return jax.lax.dynamic_update_slice(cache, r16, (pos0 // ratio, 0))
-            return cache.at[pos0 // ratio].set(r16[0])
 
-        args = (rows, w, cos, sin, cache)
-        ref_s, want = time_steps(ref, rounds, *args, show=True)
-        if (pos0 % ratio + 1) // ratio == 0:  # the kernel leaves an incomplete window's row as it was
-            want = np.asarray(cache)
-        fn = lambda i, rows, w, c, s, cache, ratio=ratio, pos0=pos0: compressor_row.rows_into_cache(
-            rows, w, c, s, cache, jnp.int32(pos0), 1, ratio, eps, n_nope, block, interpret=INTERPRET
-        )
-        nbytes = hd * 4 * 2 + hd * 2
-        shape = f"{what} {hd} cols"
-        t = time_variant(
-            rec, "compressor_row", 1, shape, f"w{compressor_row.WARPS}", fn, args, want, nbytes, ref_s, rounds
-        )
-        if t is not None:
-            rec.best(f"compressor_row w{compressor_row.WARPS}", 1, shape, t, nbytes, ref_s)
+def bench_compressor_row(rec: Recorder, rounds=200, kinds=ROW_KINDS, cap=1041, shapes=ROW_SHAPES):
+    """A compressor's rows into its cache (``compressor_row.rows_into_cache``) against XLA's tail
+    (norm, tail RoPE, the FP8 head or the Hadamard and FP4, f16, the row's write) at decode (N=1).
+    Both write into a cache that is not donated here, so both times include XLA's copy of the cache."""
+    eps = 1e-6
+    for kind, hd, n_rot, trip in kinds:
+        if trip[0] == "fp8":
+            fn_trip = lambda r, trip=trip: fp8_e4m3_head(r, trip[1], trip[2])
+        else:
+            fn_trip = lambda r, trip=trip: fp4_e2m1_round_trip(hadamard_ref(r), trip[1])
+        k = iter(jax.random.split(jax.random.PRNGKey(41), 5))
+        rows = jax.random.normal(next(k), (1, hd)) * 3.0
+        w = jax.random.uniform(next(k), (hd,), jnp.float32, 0.5, 2.0)
+        ang = jax.random.uniform(next(k), (4096, n_rot // 2), jnp.float32, 0, 6)
+        cos, sin = jnp.cos(ang), jnp.sin(ang)
+        cache = jax.random.normal(next(k), (cap, hd)).astype(jnp.float16)
+        for what, ratio, pos0 in shapes:
+            start = pos0 - pos0 % ratio
+
+            def ref(i, rows, w, cos, sin, cache, ratio=ratio, pos0=pos0, start=start, fn_trip=fn_trip):
+                r16 = model_compressor.row_values(rows, w, cos[start][None], sin[start][None], eps, fn_trip)
+                r16 = r16.astype(jnp.float16)
+                if (pos0 % ratio + 1) // ratio == 0:  # incomplete: the XLA path writes the row all the same
+                    return jax.lax.dynamic_update_slice(cache, r16, (pos0 // ratio, 0))
+                return cache.at[pos0 // ratio].set(r16[0])
+
+            args = (rows, w, cos, sin, cache)
+            ref_s, want = time_steps(ref, rounds, *args, show=True)
+            if (pos0 % ratio + 1) // ratio == 0:  # the kernel leaves an incomplete window's row as it was
+                want = np.asarray(cache)
+            fn = lambda i, rows, w, c, s, cache, ratio=ratio, pos0=pos0, trip=trip: compressor_row.rows_into_cache(
+                rows, w, c, s, cache, jnp.int32(pos0), 1, ratio, eps, trip, interpret=INTERPRET
+            )
+            nbytes = hd * 4 * 2 + hd * 2
+            shape = f"{kind} {what} {hd} cols"
+            t = time_variant(
+                rec, "compressor_row", 1, shape, f"w{compressor_row.WARPS}", fn, args, want, nbytes, ref_s, rounds
+            )
+            if t is not None:
+                rec.best(f"compressor_row w{compressor_row.WARPS}", 1, shape, t, nbytes, ref_s)
 
 
 def main() -> None:
@@ -1041,7 +1050,8 @@ def main() -> None:
             rec, **({"rounds": 3, "shapes": [(w, r, c, 64) for w, r, c, _ in POOL_SHAPES]} if INTERPRET else {})
         )
     if "compressor_row" in only and left() > 0:
-        bench_compressor_row(rec, **({"rounds": 3, "hd": 128, "n_rot": 32, "block": 32} if INTERPRET else {}))
+        small = [("attention", 128, 32, ("fp8", 96, 32)), ("indexer", 64, 16, ("fp4", 32))]
+        bench_compressor_row(rec, **({"rounds": 3, "kinds": small} if INTERPRET else {}))
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:

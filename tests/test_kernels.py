@@ -477,16 +477,21 @@ def test_compressor_pool_kernel_is_the_reference(ratio, coff, hd, n_slots):
 
 
 @pytest.mark.parametrize(
-    "ratio,hd,n_pairs,n_nope,block,pos0,n_tok,n_slots",
-    [(4, 512, 32, 448, 64, 5, 4, 2), (4, 128, 8, 64, 32, 6, 1, 1), (128, 128, 8, 96, 32, 255, 1, 1)],
+    "ratio,hd,n_pairs,trip,pos0,n_tok,n_slots",
+    [
+        (4, 512, 32, ("fp8", 448, 64), 5, 4, 2),
+        (4, 128, 8, ("fp8", 64, 32), 6, 1, 1),
+        (128, 128, 8, ("fp8", 96, 32), 255, 1, 1),
+        (4, 128, 32, ("fp4", 32), 7, 1, 1),
+        (4, 64, 8, ("fp4", 32), 2, 4, 2),
+    ],
 )
-def test_compressor_row_kernel_writes_the_references_complete_rows(
-    ratio, hd, n_pairs, n_nope, block, pos0, n_tok, n_slots
-):
-    """The attention compressor's rows into the cache (norm, tail RoPE, FP8 head, f16) against the
-    XLA path, bit for bit, on the rows of complete windows; the rows of incomplete windows keep what
-    the cache held (rows of wide range, random RoPE tables and cache)."""
-    from ds4jax.model.numerics import fp8_e4m3_head
+def test_compressor_row_kernel_writes_the_references_complete_rows(ratio, hd, n_pairs, trip, pos0, n_tok, n_slots):
+    """A compressor's rows into the cache (norm, tail RoPE, the attention's FP8 head or the
+    indexer's Hadamard and FP4, f16) against the XLA path, bit for bit, on the rows of complete
+    windows; the rows of incomplete windows keep what the cache held (rows of wide range, random
+    RoPE tables and cache)."""
+    from ds4jax.model.numerics import fp4_e2m1_round_trip, fp8_e4m3_head, hadamard
 
     rows = RNG.standard_normal((n_slots, hd)) * np.exp2(RNG.integers(-6, 6, (n_slots, 1)))
     rows = jnp.asarray((rows * np.exp2(RNG.integers(-3, 3, (1, hd)))).astype(np.float32))
@@ -495,11 +500,14 @@ def test_compressor_row_kernel_writes_the_references_complete_rows(
     cos, sin = (jnp.asarray(f(ang).astype(np.float32)) for f in (np.cos, np.sin))
     cache = jnp.asarray(RNG.standard_normal((8, hd)).astype(np.float16))
     got = compressor_row.rows_into_cache(
-        rows, w, cos, sin, cache, jnp.int32(pos0), n_tok, ratio, 1e-6, n_nope, block, interpret=INTERPRET
+        rows, w, cos, sin, cache, jnp.int32(pos0), n_tok, ratio, 1e-6, trip, interpret=INTERPRET
     )
     start = pos0 - pos0 % ratio + ratio * np.arange(n_slots)
-    trip = lambda v: fp8_e4m3_head(v, n_nope, block)
-    r = model_compressor.row_values(rows, w, cos[start], sin[start], 1e-6, trip).astype(jnp.float16)
+    if trip[0] == "fp8":
+        fn = lambda v: fp8_e4m3_head(v, trip[1], trip[2])
+    else:
+        fn = lambda v: fp4_e2m1_round_trip(hadamard(v), trip[1])
+    r = model_compressor.row_values(rows, w, cos[start], sin[start], 1e-6, fn).astype(jnp.float16)
     done = (pos0 % ratio + n_tok) // ratio
     want = np.asarray(cache).copy()
     want[pos0 // ratio : pos0 // ratio + done] = np.asarray(r)[:done]
@@ -568,14 +576,19 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
         (indexer_scores.scores, S((2, 64, 128), f32), S((2, 64), f32), S((1041, 128), jnp.float16)),
         (lambda k, s: compressor_pool.pool(k, s, 4, 2, 512, 2), S((12, 1024), f32), S((12, 1024), f32)),
         (lambda k, s: compressor_pool.pool(k, s, 128, 1, 128, 1), S((128, 128), f32), S((128, 128), f32)),
-        (
-            lambda r, w, c, s, cache, p: compressor_row.rows_into_cache(r, w, c, s, cache, p, 1, 4, 1e-6, 448, 64),
-            S((1, 512), f32),
-            S((512,), f32),
-            S((4096, 32), f32),
-            S((4096, 32), f32),
-            S((1041, 512), jnp.float16),
-            S((), jnp.int32),
+        *(
+            (
+                lambda r, w, c, s, cache, p, trip=trip: compressor_row.rows_into_cache(
+                    r, w, c, s, cache, p, 1, 4, 1e-6, trip
+                ),
+                S((1, hd), f32),
+                S((hd,), f32),
+                S((4096, 32), f32),
+                S((4096, 32), f32),
+                S((1041, hd), jnp.float16),
+                S((), jnp.int32),
+            )
+            for hd, trip in ((512, ("fp8", 448, 64)), (128, ("fp4", 32)))
         ),
         (
             lambda q, k1, v1, k2, r2, v2, sink: attention.sink_attention(

@@ -110,11 +110,9 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
         # time in the calls up 0.49 ms: XLA:GPU runs a conditional from the host. H200, session 25.)
         return lax.dynamic_update_slice(cache, r.astype(cache.dtype), (pos0 // ratio, 0))
 
-    if indexer:
-        return into_cache(), (buf_kv, buf_sc)
-    # The attention compressor's rows: one launch that writes only complete windows' rows, where taken
-    tables = rope["compressed"]
-    args = (rows, norm_w, cache, pos0, T, ratio, tables, cfg.rms_eps, cfg.n_nope, cfg.fp8_block)
+    # One launch that writes only complete windows' rows, where taken
+    trip = ("fp4", cfg.fp4_block) if indexer else ("fp8", cfg.n_nope, cfg.fp8_block)
+    args = (rows, norm_w, cache, pos0, T, ratio, rope["compressed"], cfg.rms_eps, trip)
     return kernels.compressor_rows(*args, into_cache), (buf_kv, buf_sc)
 
 

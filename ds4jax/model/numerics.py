@@ -7,6 +7,7 @@ in ``linear.py``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -374,15 +375,30 @@ def fp8_e4m3_head(x: jax.Array, n: int, block: int) -> jax.Array:
 _FP4_LEVELS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 
 
-def fp4_e2m1_round_trip(x: jax.Array, block: int) -> jax.Array:
-    """FP4-E2M1 simulation per ``block`` values (ties to the even level index)."""
+def fp4_e2m1_round_trip(x: jax.Array, block: int, rnd=None) -> jax.Array:
+    """FP4-E2M1 simulation per ``block`` values (ties to the even level index). ``rnd``: inside a
+    kernel, its barrier (exponent-bit forms of frexp and ldexp, the level picked by selects; the
+    same bits)."""
     xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
     amax = jnp.maximum(jnp.max(jnp.abs(xb), axis=-1, keepdims=True), F32(7.052966104933725e-38))
+    lv = _FP4_LEVELS
+    mids = (lv[:-1] + lv[1:]) / 2
+    if rnd is not None:  # Triton: no frexp, ldexp, gathers from constants or sign
+        e = ceil_log2_bits(divide_by(amax, 6.0, rnd))
+        v = jnp.clip(xb * pow2(-e), -6.0, 6.0)
+        a = jnp.abs(v)
+        i = sum((a > F32(m)).astype(jnp.int32) for m in mids)
+        at = lambda table, k: functools.reduce(
+            lambda acc, j: jnp.where(k == j, F32(table[j]), acc), range(1, len(table)), F32(table[0])
+        )
+        tie = (i < 7) & (a == at(mids, jnp.minimum(i, 6)))
+        i = jnp.where(tie & (i % 2 == 1), i + 1, i)
+        sign = jnp.where(v > 0, F32(1.0), jnp.where(v < 0, F32(-1.0), v))  # jnp.sign: ±0 stays ±0
+        return (at(lv, i) * sign * pow2(e)).reshape(x.shape)
     e = _ceil_log2(divide_by(amax, 6.0))
     v = jnp.clip(jnp.ldexp(xb, -e), -6.0, 6.0)
     a = jnp.abs(v)
-    lv = jnp.asarray(_FP4_LEVELS)
-    mids = (lv[:-1] + lv[1:]) / 2
+    lv, mids = jnp.asarray(lv), jnp.asarray(mids)
     i = jnp.sum(a[..., None] > mids, axis=-1)  # level below a, or the one above a midpoint
     # a exactly on the midpoint between levels i and i+1: ties go to the even index
     # (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4).
