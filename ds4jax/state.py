@@ -4,14 +4,17 @@
      "layers": ({"raw": f16 [n_swa, hd],      # raw K=V rows of positions n-n_swa .. n-1, a ring: position p in row p mod n_swa
                  # compressed layers (ratio r > 0), coff = 2 for ratio 4 else 1:
                  "comp": f16 [cap_r, hd],       # compressed rows 0 .. n//r - 1 (rest: not yet visible)
-                 "cmp_kv": f32 [coff*r, coff*hd], "cmp_score": f32 [coff*r, coff*hd],  # frontier
+                 "cmp_kv": f32 [coff*r, coff*hd], "cmp_score": f32 [coff*r, coff*hd],  # frontier, a ring
                  # ratio-4 layers (indexer):
                  "idx": f16 [cap_r, idx_hd], "icmp_kv": f32 [8, 2*idx_hd], "icmp_score": ...,
                 }, ...)}
 
-Frontier rows follow MODEL.md §5.2: ratio 4 keeps the last complete window in rows
-0..r-1 and the partial window in rows r..r+rem-1; ratio 128 keeps the partial window in
-rows 0..rem-1; unused rows are (0, -1e30). Rows are f16 because ds4's CPU reference
+A frontier is a ring: the (kv, score) row of position p in row p mod (coff*r), so ratio 4 keeps
+window w in half w mod 2 (the other half: the last complete window) and ratio 128 the partial
+window; rows of the partial window at or past n mod r are stale (written two windows ago, or
+(0, -1e30) from the start) and never read. ``compressor.frontier_view`` gives MODEL.md §5.2's
+layout (the last complete window in rows 0..r-1 and the partial one in rows r..r+rem-1 for ratio 4;
+the partial one in rows 0..rem-1 otherwise; unused rows (0, -1e30)). Rows are f16 because ds4's CPU reference
 rounds cached rows to f16. ``cap_r`` leaves room for one chunk's worth of window slots
 past ``ctx // r`` so a chunk can write whole window slots without a bounds clamp.
 """

@@ -15,8 +15,9 @@ made at trace time from static shapes and the environment:
                               XLA's gather + dot); the hyper-connection Sinkhorn (one launch for ~40 per sublayer) and,
                               at N = 1..4, its whole pre-mix (three launches for ~10), its
                               post-mix, the attention sums (two launches for ~8), the
-                              indexer's scores, a compressor's window pooling and an attention
-                              compressor's new rows into its cache, and the RMS
+                              indexer's scores, a compressor's window pooling (at decode from
+                              its frontier ring, the token's row written in place) and its
+                              new rows into its cache, and the RMS
                               norms with their outputs' quantization; the Hadamard transform.
                               The per-head norm with the tail RoPE lost to XLA's fusions and
                               stays off (HEAD_NORM_IN_AUTO).
@@ -382,6 +383,22 @@ def compressor_pool(
     if not use or not compressor_pool_kernel.supported(ratio, coff, hd):
         return reference()
     return compressor_pool_kernel.pool(buf_kv, buf_sc, ratio, coff, hd, n_slots, interpret=interpret)
+
+
+# Decode's pooling read from the frontier ring, the token's row written into it in the same launch:
+# no window buffer (XLA's select) and no row written by XLA. H200, session 27, one process against
+# XLA's decode on the same ring: 2,078.4 against 2,098.8 µs of kernels an 8-layer step (480.8 against
+# 499.8 kernels), 10,900.1 against 11,011.8 µs at 43 layers (2,642.8 against 2,751.8 kernels).
+POOL_RING_IN_AUTO = True
+
+
+def compressor_pool_ring(ring_kv, ring_sc, kv, sc, pos0, ratio: int, coff: int, hd: int, reference):
+    """(pooled [1, hd], (ring_kv', ring_sc')) of a decode token (``compressor_pool.pool_ring``): the
+    kernel where it is taken, else ``reference()``."""
+    use, interpret = _use(1, auto=POOL_RING_IN_AUTO)
+    if not use or not compressor_pool_kernel.supported(ratio, coff, hd):
+        return reference()
+    return compressor_pool_kernel.pool_ring(ring_kv, ring_sc, kv, sc, pos0, ratio, coff, hd, interpret=interpret)
 
 
 # A compressor's new rows (norm, tail RoPE, the FP8 head or the indexer's Hadamard and FP4, f16)

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import run_cli
 from ds4jax.engine import Engine
+from ds4jax.model.compressor import frontier_view
 from ds4jax.sampling import SamplingParams
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -137,11 +138,14 @@ def test_whole_chunked_and_token_by_token_agree_bit_for_bit(tiny_files, engine, 
     vc = _visible_state(cfg, sc)
     _assert_same_state(_visible_state(cfg, sw), vc)
     _assert_same_state(vc, _visible_state(cfg, state))
-    # The frontier holds exactly the partial windows (MODEL.md §5.2): 150 = 4*37 + 2.
-    kv, score = vc["2.cmp"]
+    # The frontier (a ring; its MODEL.md §5.2 view) holds exactly the partial windows: 150 = 4*37 + 2.
+    kv, score = frontier_view(*vc["2.cmp"], N_PROMPT, 4, 2)
     assert np.all(score[6:] == -1e30) and np.all(kv[6:] == 0) and np.all(score[:6] > -1e29)
-    kv, score = vc["3.cmp"]
+    kv, score = frontier_view(*vc["3.cmp"], N_PROMPT, 128, 1)
     assert np.all(score[N_PROMPT % 128 :] == -1e30) and np.all(score[: N_PROMPT % 128] > -1e29)
+    # ... while the ring holds the latest 8 positions' rows: window 36 in half 0, then 148, 149 and
+    # the stale 142, 143 in half 1
+    assert np.all(vc["2.cmp"][1] > -1e29)
     # ... and feeding itself, the greedy continuation of the token-by-token decode
     nxt = int(np.argmax(ld[N_FED - 1]))
     assert int(io["token"]) == nxt

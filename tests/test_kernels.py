@@ -476,6 +476,29 @@ def test_compressor_pool_kernel_is_the_reference(ratio, coff, hd, n_slots):
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("ratio,coff,hd,pos0", [(4, 2, 128, 13), (4, 2, 128, 16), (4, 2, 64, 7), (32, 1, 64, 77)])
+def test_compressor_pool_ring_kernel_is_the_reference(ratio, coff, hd, pos0):
+    """Decode's pooling from the frontier ring with the token's row written in place, against the
+    XLA path (the window buffer from ``frontier_view`` and the row, ``_pool``, the row put into its
+    slot), bit for bit: rings full of rows of older windows (which must read as absent), an odd and
+    an even ratio-4 window, a window's first and last token."""
+    R, C = coff * ratio, coff * hd
+    ring_kv = jnp.asarray(RNG.standard_normal((R, C)).astype(np.float32))
+    ring_sc = jnp.asarray((RNG.standard_normal((R, C)) * 10.0 ** RNG.integers(-1, 2, (R, 1))).astype(np.float32))
+    kv = jnp.asarray(RNG.standard_normal((1, C)).astype(np.float32))
+    sc = jnp.asarray((RNG.standard_normal((1, C)) * 3).astype(np.float32))
+    p = jnp.int32(pos0)
+    got, (gkv, gsc) = compressor_pool.pool_ring(ring_kv, ring_sc, kv, sc, p, ratio, coff, hd, interpret=INTERPRET)
+    front_kv, front_sc = model_compressor.frontier_view(ring_kv, ring_sc, p, ratio, coff)
+    at = (coff - 1) * ratio + pos0 % ratio
+    buf_kv, buf_sc = front_kv.at[at].set(kv[0]), front_sc.at[at].set(sc[0])
+    want = model_compressor._pool(buf_kv, buf_sc, ratio, coff, hd, 1)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    here = pos0 % R
+    assert np.array_equal(np.asarray(gkv), np.asarray(ring_kv.at[here].set(kv[0])))
+    assert np.array_equal(np.asarray(gsc), np.asarray(ring_sc.at[here].set(sc[0])))
+
+
 @pytest.mark.parametrize(
     "ratio,hd,n_pairs,trip,pos0,n_tok,n_slots",
     [
@@ -576,6 +599,17 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
         (indexer_scores.scores, S((2, 64, 128), f32), S((2, 64), f32), S((1041, 128), jnp.float16)),
         (lambda k, s: compressor_pool.pool(k, s, 4, 2, 512, 2), S((12, 1024), f32), S((12, 1024), f32)),
         (lambda k, s: compressor_pool.pool(k, s, 128, 1, 128, 1), S((128, 128), f32), S((128, 128), f32)),
+        *(
+            (
+                lambda rk, rs, k, s, p, coff=coff: compressor_pool.pool_ring(rk, rs, k, s, p, 4, coff, 512),
+                S((4 * coff, 512 * coff), f32),
+                S((4 * coff, 512 * coff), f32),
+                S((1, 512 * coff), f32),
+                S((1, 512 * coff), f32),
+                S((), jnp.int32),
+            )
+            for coff in (1, 2)
+        ),
         *(
             (
                 lambda r, w, c, s, cache, p, trip=trip: compressor_row.rows_into_cache(

@@ -115,13 +115,13 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
     parts = [(raw_keys, None, raw_valid)]
     r = cfg.ratio(L)
     if r:
-        comp, pending["cmp_buf"] = compressor.compress_chunk(
+        comp, pending["cmp_front"] = compressor.compress_chunk(
             cfg, L, w, "attn_compressor", xn, pos0, st["comp"], st["cmp_kv"], st["cmp_score"], rope
         )
         pending["comp"] = comp
         n_vis = compressor.visible_rows(pos, r)  # [T]
         if cfg.has_indexer(L):
-            idx, pending["icmp_buf"] = compressor.compress_chunk(
+            idx, pending["icmp_front"] = compressor.compress_chunk(
                 cfg, L, w, "indexer_compressor", xn, pos0, st["idx"], st["icmp_kv"], st["icmp_score"], rope
             )
             pending["idx"] = idx
@@ -145,7 +145,7 @@ def commit_layer(cfg: ModelConfig, L: int, pending: dict, pos0, n) -> dict:
 
     Compressed-row caches need no cut: rows past ``(pos0 + n) // ratio`` are invisible
     until a later chunk rewrites them. A one-token chunk (decode) always commits its token (its
-    row is in the ring already)."""
+    rows are in the rings already: the raw window's and the compressors' frontiers)."""
     raw = pending["ring"]
     if "rows" in pending:  # the first n rows into their slots; a row a later committed row overwrites is dropped
         W = cfg.n_swa
@@ -155,8 +155,8 @@ def commit_layer(cfg: ModelConfig, L: int, pending: dict, pos0, n) -> dict:
     st = {"raw": raw}
     if cfg.ratio(L):
         st["comp"] = pending["comp"]
-        st["cmp_kv"], st["cmp_score"] = compressor.frontier_after(cfg, L, pending["cmp_buf"], pos0, n)
+        st["cmp_kv"], st["cmp_score"] = compressor.commit_frontier(cfg, L, pending["cmp_front"], pos0, n)
         if cfg.has_indexer(L):
             st["idx"] = pending["idx"]
-            st["icmp_kv"], st["icmp_score"] = compressor.frontier_after(cfg, L, pending["icmp_buf"], pos0, n)
+            st["icmp_kv"], st["icmp_score"] = compressor.commit_frontier(cfg, L, pending["icmp_front"], pos0, n)
     return st

@@ -2,9 +2,11 @@
 
 A chunk of T tokens (the first ``n_valid`` real) is laid into a window-aligned buffer
 behind the frontier, every window slot is pooled at once, and only the complete
-ones count: they are appended to the cache at row ``n // r``; the new frontier is
-cut from the buffer. Decode is the same code with T = 1, so prefill, chunked
-prefill and decode reach the same state.
+ones count: they are appended to the cache at row ``n // r``. The frontier is kept as a
+ring (``state.py``): the committed rows go into their slots, and the frontier of MODEL.md §5.2
+is a view of the ring (``frontier_view``). Decode writes its row into its slot in place (one
+launch with the pooling on the kernel path), so prefill, chunked prefill and decode reach the
+same state.
 """
 
 from __future__ import annotations
@@ -58,12 +60,26 @@ def row_values(rows, norm_w, cos, sin, eps: float, round_trip):
     return f16_round(round_trip(apply_rope_tail(rms_norm(rows, norm_w, eps), cos, sin)))
 
 
+def frontier_view(ring_kv, ring_sc, pos0, ratio: int, coff: int):
+    """The frontier before position ``pos0`` as MODEL.md §5.2 lays it out, from the ring: ratio 4
+    (coff 2) the last complete window then the partial one, otherwise the partial one; the partial
+    window's rows from pos0 mod ratio on as (0, −1e30). The ring puts position p in row p mod
+    (coff·ratio), so for ratio 4 window w sits in half w mod 2 and the other half holds w − 1."""
+    if coff == 2:
+        even = (pos0 // ratio) % 2 == 0  # the current window in the first half: the halves swap
+        swap = lambda a: jnp.concatenate([a[ratio:], a[:ratio]])
+        ring_kv = jnp.where(even, swap(ring_kv), ring_kv)
+        ring_sc = jnp.where(even, swap(ring_sc), ring_sc)
+    live = (jnp.arange(coff * ratio) < (coff - 1) * ratio + pos0 % ratio)[:, None]
+    return jnp.where(live, ring_kv, 0.0), jnp.where(live, ring_sc, NEG_INF)
+
+
 def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0, cache, st_kv, st_sc, rope):
     """One compressor (``prefix`` "attn_compressor" or "indexer_compressor") over a chunk.
 
-    Returns (cache', buffers): the cache with every window slot of the chunk written,
-    and the window-aligned (kv, score) buffers from which ``frontier_after`` cuts the
-    frontier for any number of committed tokens. ``xn`` [T, n_embd] is the normed input.
+    Returns (cache', front): the cache with every window slot of the chunk written, and what
+    ``commit_frontier`` makes the frontier ring from for any number of committed tokens (decode:
+    the ring with its row in place). ``xn`` [T, n_embd] is the normed input; (st_kv, st_sc) the ring.
     """
     indexer = prefix.startswith("indexer")
     ratio, coff = cfg.ratio(layer), cfg.coff(layer)
@@ -77,27 +93,39 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
     ape = w[f"{prefix}_ape"].planes["w"].astype(F32)  # [ratio, coff*hd]
     sc = dense(xn, w[f"{prefix}_gate"]) + ape[pos % ratio]
 
-    rem = pos0 % ratio
-    L = P + n_slots * ratio
-    # The window buffer: each row picked from the chunk or the frontier into a fresh buffer. Built
-    # by writing the chunk into the frontier (``.at[].set``, ``dynamic_update_slice``), the donated
-    # frontier was copied first (84 copies a 43-layer decode step). 8 layers, H200, session 25: 18
-    # kernels and 31.7 µs of kernels a step fewer this way (timed beside a ring-buffer raw window).
-    j = jnp.arange(L, dtype=jnp.int32) - (P + rem)
-    in_chunk = ((j >= 0) & (j < T))[:, None]
-    pad = ((0, L - P - ratio), (0, 0))  # the frontier, then empty rows for the chunk's later windows
-    head_kv, head_sc = jnp.pad(st_kv, pad), jnp.pad(st_sc, pad, constant_values=NEG_INF)
-    src = jnp.clip(j, 0, T - 1)  # the chunk's row each buffer row would take
-    buf_kv = jnp.where(in_chunk, jnp.take(kvc, src, axis=0), head_kv)
-    buf_sc = jnp.where(in_chunk, jnp.take(sc, src, axis=0), head_sc)
+    def pooled():
+        rem = pos0 % ratio
+        L = P + n_slots * ratio
+        # The window buffer: each row picked from the chunk or the frontier into a fresh buffer (writes
+        # into the frontier copied it first: 84 copies a 43-layer decode step. 8 layers, H200, session
+        # 25: 18 kernels and 31.7 µs of kernels a step fewer this way).
+        j = jnp.arange(L, dtype=jnp.int32) - (P + rem)
+        in_chunk = ((j >= 0) & (j < T))[:, None]
+        pad = ((0, L - P - ratio), (0, 0))  # the frontier, then empty rows for the chunk's later windows
+        front_kv, front_sc = frontier_view(st_kv, st_sc, pos0, ratio, coff)
+        head_kv, head_sc = jnp.pad(front_kv, pad), jnp.pad(front_sc, pad, constant_values=NEG_INF)
+        src = jnp.clip(j, 0, T - 1)  # the chunk's row each buffer row would take
+        buf_kv = jnp.where(in_chunk, jnp.take(kvc, src, axis=0), head_kv)
+        buf_sc = jnp.where(in_chunk, jnp.take(sc, src, axis=0), head_sc)
+        return kernels.compressor_pool(
+            buf_kv, buf_sc, ratio, coff, hd, n_slots, T, lambda: _pool(buf_kv, buf_sc, ratio, coff, hd, n_slots)
+        )
 
-    rows = kernels.compressor_pool(
-        buf_kv, buf_sc, ratio, coff, hd, n_slots, T, lambda: _pool(buf_kv, buf_sc, ratio, coff, hd, n_slots)
-    )
+    if T == 1:  # decode: its row into its ring slot now, in place (with the pooling, on the kernel path)
+
+        def reference():
+            here = pos0 % (coff * ratio)
+            ring = tuple(lax.dynamic_update_slice(a, r, (here, 0)) for a, r in ((st_kv, kvc), (st_sc, sc)))
+            return pooled(), ring
+
+        rows, ring = kernels.compressor_pool_ring(st_kv, st_sc, kvc, sc, pos0, ratio, coff, hd, reference)
+        front = {"ring": ring}
+    else:
+        rows, front = pooled(), {"ring": (st_kv, st_sc), "rows": (kvc, sc)}
     norm_w = w[f"{prefix}_norm"].planes["w"]
 
     def into_cache():
-        start = pos0 - rem + ratio * jnp.arange(n_slots, dtype=jnp.int32)  # window start positions
+        start = pos0 - pos0 % ratio + ratio * jnp.arange(n_slots, dtype=jnp.int32)  # window start positions
         cos, sin = rope_angles(start, cfg, layer, rope)
         if indexer:
             trip = lambda r: fp4_e2m1_round_trip(kernels.hadamard(r), cfg.fp4_block)
@@ -113,26 +141,20 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
     # One launch that writes only complete windows' rows, where taken
     trip = ("fp4", cfg.fp4_block) if indexer else ("fp8", cfg.n_nope, cfg.fp8_block)
     args = (rows, norm_w, cache, pos0, T, ratio, rope["compressed"], cfg.rms_eps, trip)
-    return kernels.compressor_rows(*args, into_cache), (buf_kv, buf_sc)
+    return kernels.compressor_rows(*args, into_cache), front
 
 
-def frontier_after(cfg: ModelConfig, layer: int, buffers, pos0, n):
-    """The compressor frontier (MODEL.md §5.2) after committing the chunk's first ``n`` tokens."""
-    buf_kv, buf_sc = buffers
-    ratio, coff = cfg.ratio(layer), cfg.coff(layer)
-    P = ratio if coff == 2 else 0
-    rem = pos0 % ratio
-    done = (rem + n) // ratio
-    rem2 = (rem + n) % ratio
-    keep = (jnp.arange(ratio) < rem2)[:, None]
-    cur_kv = jnp.where(keep, lax.dynamic_slice_in_dim(buf_kv, P + done * ratio, ratio), 0.0)
-    cur_sc = jnp.where(keep, lax.dynamic_slice_in_dim(buf_sc, P + done * ratio, ratio), NEG_INF)
-    if coff == 2:
-        prev_kv = lax.dynamic_slice_in_dim(buf_kv, done * ratio, ratio)
-        prev_sc = lax.dynamic_slice_in_dim(buf_sc, done * ratio, ratio)
-        cur_kv = jnp.concatenate([prev_kv, cur_kv])
-        cur_sc = jnp.concatenate([prev_sc, cur_sc])
-    return cur_kv, cur_sc
+def commit_frontier(cfg: ModelConfig, layer: int, front: dict, pos0, n):
+    """The frontier ring after committing the chunk's first ``n`` tokens: their rows into their
+    slots (a row that a later committed row overwrites is dropped); decode's row is in already."""
+    ring_kv, ring_sc = front["ring"]
+    if "rows" not in front:
+        return ring_kv, ring_sc
+    R = cfg.coff(layer) * cfg.ratio(layer)
+    kvc, sc = front["rows"]
+    i = jnp.arange(kvc.shape[0], dtype=jnp.int32)
+    slot = jnp.where((i < n) & (i >= n - R), jnp.mod(pos0 + i, R), R)  # R: out of range, dropped
+    return ring_kv.at[slot].set(kvc, mode="drop"), ring_sc.at[slot].set(sc, mode="drop")
 
 
 def visible_rows(pos: jax.Array, ratio: int) -> jax.Array:
