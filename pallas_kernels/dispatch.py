@@ -236,17 +236,33 @@ def _expert_reference(xq, dx, qtype: int, planes: dict, ids):
 NORM_QUANT_IN_AUTO = True
 
 
-def rms_norm_quant(parts, eps: float):
+# The KV row's tail RoPE, FP8 head and f16 in the Q_A/KV_A norms' launch (``kv_row``), instead of
+# XLA's in-place rotation and the FP8 head's fusion a layer. Built in session 27 after its device
+# budget: exact interpreted, lowered for sm_90, not timed; off until an A/B.
+KV_ROW_IN_NORM = False
+
+
+def rms_norm_quant(parts, eps: float, kv_row=None):
     """parts ((x [T, n], w [n], kinds), ...) → per part (rms_norm(x, w), pre): ``pre`` holds x's
     quantization for each of ``kinds`` ("q8_0", "q8_k") as (q, d), for ``q8_0_matmul(s)`` and
     ``expert_matmul`` to take as theirs, or is None (those functions then quantize it
-    themselves: the same bits). Not interpreted in the whole model (its own test runs it so)."""
+    themselves: the same bits). Not interpreted in the whole model (its own test runs it so).
+    ``kv_row`` (cos, sin, n_nope, block, reference): the last part's first item is
+    ``reference(its normed rows)`` instead (the KV rows as the raw window stores them), made in the
+    launch where ``KV_ROW_IN_NORM``."""
     T = parts[0][0].shape[0]
     use, interpret = _use(T, auto=NORM_QUANT_IN_AUTO)
     k = norms  # the launch knobs read here, at trace time (ab_decode.py variants set them)
+    kv = None if kv_row is None else (kv_row[2], kv_row[3], kv_row[0].shape[-1])
     if not use or interpret or QUANTIZE_IN_KERNEL or not k.quant_supported(parts, k.CHUNKS):
-        return tuple((rms_norm(x, w, eps), None) for x, w, _ in parts)
-    return k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS)
+        out = tuple((rms_norm(x, w, eps), None) for x, w, _ in parts)
+    elif kv is not None and KV_ROW_IN_NORM and k.quant_supported(parts, k.CHUNKS, kv):
+        return k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS, kv_row=kv_row[:4])
+    else:
+        out = k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS)
+    if kv_row is None:
+        return out
+    return (*out[:-1], (kv_row[4](out[-1][0]), out[-1][1]))
 
 
 # The per-head norm and tail RoPE kernel in ``auto``: off (slower than XLA's fusions in run 6, and

@@ -19,10 +19,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import dd_total, div, rms_norm, split12, sqrt
+from ds4jax.model.numerics import dd_total, div, fp8_e4m3_round_trip, rms_norm, round_to_grid_bits, split12, sqrt
 from ds4jax.model.rope import apply_rope_tail
 from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque, pick, two_sum_add
 from pallas_kernels.quantize import KINDS
@@ -69,14 +70,33 @@ def rms_norm_quant_reference(parts, eps: float):
     return tuple(out)
 
 
-def _norm_quant_kernel(z_ref, *refs, eps, kinds):
+def _kv_row(y, cos_ref, sin_ref, n: int, kv, rnd):
+    """This program's slice y [1, c] of a KV row as the raw window stores it: the tail RoPE (cos/sin
+    gathered from the flat [T·n_pairs] tables), the FP8 round trip of the first n_nope dims, f16
+    (``attention.kv_row``'s functions on the tile)."""
+    n_nope, block, n_pairs = kv
+    c = y.shape[-1]
+    t, j = pl.program_id(0), pl.program_id(1)
+    pair = j * (c // 2) + lax.broadcasted_iota(jnp.int32, (1, c // 2), 1)  # the row's pair index
+    at = t * n_pairs + jnp.clip(pair - (n // 2 - n_pairs), 0, n_pairs - 1)
+    rot = rotate_tail(y, cos_ref[at], sin_ref[at], c // 2, rnd)  # every pair; the head's are dropped
+    col = j * c + lax.broadcasted_iota(jnp.int32, (1, c), 1)
+    y = jnp.where(col >= n - 2 * n_pairs, rot, y)
+    y = jnp.where(col < n_nope, fp8_e4m3_round_trip(y, block, rnd), y)
+    return round_to_grid_bits(y, 10, -14, rnd).astype(jnp.float16)
+
+
+def _norm_quant_kernel(z_ref, *refs, eps, kinds, kv, width):
     zero = z_ref[0]
     rnd = functools.partial(opaque, zero=zero)
-    ins, outs = refs[: 3 * len(kinds)], iter(refs[3 * len(kinds) :])
+    ins, outs = refs[: 3 * len(kinds)], iter(refs[3 * len(kinds) + (2 if kv else 0) :])
     for i, part in enumerate(kinds):
         row_ref, x_ref, w_ref = ins[3 * i : 3 * i + 3]
         scale = rms_scale(row_ref[...].astype(F32), eps, zero)  # [1, 1]: the whole row's
         y = (x_ref[...].astype(F32) * scale) * w_ref[...].astype(F32)[None, :]  # this program's slice
+        if kv and i == len(kinds) - 1:  # the KV row (no quantization of it: part == ())
+            next(outs)[...] = _kv_row(y, *refs[3 * len(kinds) : 3 * len(kinds) + 2], width, kv, rnd)
+            continue
         next(outs)[...] = y
         for k in part:  # blocks never straddle a slice (quant_supported)
             q, d = KINDS[k][0](y, rnd, in_kernel=True)
@@ -84,20 +104,28 @@ def _norm_quant_kernel(z_ref, *refs, eps, kinds):
             next(outs)[...] = d
 
 
-def quant_supported(parts, chunks: int) -> bool:
-    """Every part's rows split into ``chunks`` power-of-two slices of whole quantization blocks."""
+def quant_supported(parts, chunks: int, kv=None) -> bool:
+    """Every part's rows split into ``chunks`` power-of-two slices of whole quantization blocks;
+    with ``kv`` (n_nope, block, n_pairs) the last part unquantized and its slices of whole FP8 blocks."""
     for x, _, kinds in parts:
         n = x.shape[-1]
         if x.ndim != 2 or not is_pow2(n) or n % chunks or any((n // chunks) % KINDS[k][1] for k in kinds):
             return False
+    if kv is not None:
+        n_nope, block, n_pairs = kv
+        x, _, kinds = parts[-1]
+        n = x.shape[-1]
+        c = n // chunks
+        if kinds or not is_pow2(block) or c % block or n_nope % block or not 0 < 2 * n_pairs <= n - n_nope:
+            return False
     return is_pow2(chunks) and len({x.shape[0] for x, _, _ in parts}) == 1
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "kinds", "chunks", "warps", "interpret"))
-def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret):
+@functools.partial(jax.jit, static_argnames=("eps", "kinds", "chunks", "warps", "interpret", "kv"))
+def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret, kv=None, tables=()):
     T = xs[0].shape[0]
     in_specs, args, out_specs, out_shape = [pl.BlockSpec((1,), lambda t, c: (0,))], [z], [], []
-    for x, w, part in zip(xs, ws, kinds):
+    for i, (x, w, part) in enumerate(zip(xs, ws, kinds)):
         n = x.shape[1]
         c = n // chunks
         in_specs += [
@@ -107,13 +135,18 @@ def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret):
         ]
         args += [x, x, w]
         out_specs.append(pl.BlockSpec((1, c), lambda t, j: (t, j)))
-        out_shape.append(jax.ShapeDtypeStruct((T, n), F32))
+        row16 = kv is not None and i == len(xs) - 1  # the KV row, as the raw window stores it
+        out_shape.append(jax.ShapeDtypeStruct((T, n), jnp.float16 if row16 else F32))
         for k in part:
             b = KINDS[k][1]
             out_specs += [pl.BlockSpec((1, c), lambda t, j: (t, j)), pl.BlockSpec((1, c // b), lambda t, j: (t, j))]
             out_shape += [jax.ShapeDtypeStruct((T, n), jnp.int8), jax.ShapeDtypeStruct((T, n // b), F32)]
+    for tab in tables:  # the KV row's RoPE cos/sin [T, n_pairs], flat: gathered per pair
+        flat = tab.reshape(-1).astype(F32)
+        in_specs.append(pl.BlockSpec(flat.shape, lambda t, j: (0,)))
+        args.append(flat)
     return pl.pallas_call(
-        functools.partial(_norm_quant_kernel, eps=eps, kinds=kinds),
+        functools.partial(_norm_quant_kernel, eps=eps, kinds=kinds, kv=kv, width=xs[-1].shape[-1]),
         grid=(T, chunks),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -124,14 +157,21 @@ def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret):
     )(*args)
 
 
-def rms_norm_quant(parts, eps: float, chunks: int = CHUNKS, warps: int = WARPS, interpret: bool = False):
+def rms_norm_quant(parts, eps: float, chunks: int = CHUNKS, warps: int = WARPS, interpret: bool = False, kv_row=None):
     """``rms_norm_quant_reference`` in one launch: programs (token, slice) normalise every part's
     slice and quantize it, so XLA's norm fusions and the quantize launch become one launch, and
-    the pair Q_A/KV_A reads each input once. The same bits: the model's functions on tiles."""
+    the pair Q_A/KV_A reads each input once. The same bits: the model's functions on tiles.
+    ``kv_row`` (cos, sin [T, n_pairs], n_nope, block): the last part's output is its row as the raw
+    window stores it (tail RoPE, FP8 head, f16), not the normed f32 row."""
     xs = tuple(x for x, _, _ in parts)
     ws = tuple(w for _, w, _ in parts)
     kinds = tuple(tuple(k) for _, _, k in parts)
-    flat = iter(_norm_quant(kernel_zero(xs[0], interpret), xs, ws, eps, kinds, chunks, warps, interpret))
+    kv, tables = None, ()
+    if kv_row is not None:
+        cos, sin, n_nope, block = kv_row
+        kv, tables = (n_nope, block, cos.shape[-1]), (cos, sin)
+    z = kernel_zero(xs[0], interpret)
+    flat = iter(_norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret, kv, tables))
     return tuple((next(flat), {k: (next(flat), next(flat)) for k in part}) for part in kinds)
 
 

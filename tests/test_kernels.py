@@ -340,6 +340,32 @@ def test_fused_norm_kernels_are_the_reference(T, chunks):
     assert np.array_equal(got, norms.head_norm_rope_reference(q, cos, sin, 1e-6))
 
 
+@pytest.mark.parametrize("T,chunks", [(1, 4), (3, 2)])
+def test_norm_launch_makes_the_kv_rows_as_the_reference(T, chunks):
+    """The Q_A/KV_A norms' launch with ``kv_row``: Q_A's normed rows and quantization as before, and
+    KV_A's rows as the raw window stores them (tail RoPE, FP8 head, f16) with the bits of
+    ``attention.kv_row_values``; rows of wide range, random angles."""
+    from types import SimpleNamespace
+
+    from ds4jax.model.attention import kv_row_values
+
+    a = jnp.asarray(RNG.standard_normal((T, 1024)).astype(np.float32) * 3)
+    b = RNG.standard_normal((T, 512)) * np.exp2(RNG.integers(-4, 4, (1, 512)))
+    b = jnp.asarray(b.astype(np.float32))
+    wa, wb = (jnp.asarray(RNG.uniform(0.2, 3.0, n).astype(np.float32)) for n in (1024, 512))
+    ang = RNG.uniform(0, 6, (T, 32)).astype(np.float32)
+    cos, sin = jnp.asarray(np.cos(ang)), jnp.asarray(np.sin(ang))
+    parts = ((a, wa, ("q8_0",)), (b, wb, ()))
+    kv = (448, 64, 32)
+    assert norms.quant_supported(parts, chunks, kv) and not norms.quant_supported(parts[::-1], chunks, kv)
+    got = norms.rms_norm_quant(parts, 1e-6, chunks=chunks, interpret=INTERPRET, kv_row=(cos, sin, 448, 64))
+    want = norms.rms_norm_quant_reference(parts, 1e-6)
+    _same_norms(got[:1], want[:1])
+    cfg = SimpleNamespace(n_nope=448, fp8_block=64)
+    row = np.asarray(kv_row_values(want[1][0], cos, sin, cfg))
+    assert got[1][0].dtype == jnp.float16 and np.array_equal(np.asarray(got[1][0]).view(np.uint16), row.view(np.uint16))
+
+
 @pytest.mark.parametrize("sums", ["reduce", "chain"])
 def test_sinkhorn_kernel_is_the_reference(sums):
     c = jnp.asarray(RNG.standard_normal((3, 4, 4)).astype(np.float32) * 3)
@@ -709,6 +735,17 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((512,), f32),
             S((2, 64), f32),
             S((64,), f32),
+        ),
+        (
+            lambda a, wa, b, wb, c, s: norms.rms_norm_quant(
+                ((a, wa, ("q8_0",)), (b, wb, ())), 1e-6, chunks=4, kv_row=(c, s, 448, 64)
+            )[1][0],
+            S((1, 1024), f32),
+            S((1024,), f32),
+            S((1, 512), f32),
+            S((512,), f32),
+            S((1, 32), f32),
+            S((1, 32), f32),
         ),
         (lambda x: hadamard.hadamard(x), S((1, 64, 128), f32)),
         (lambda x: quantize.quantize(x, "q8_0")[0], S((2, 4096), f32)),

@@ -62,6 +62,13 @@ def ring_positions(pos0, W: int):
     return pos0 - W + jnp.mod(jnp.arange(W, dtype=jnp.int32) - pos0, W)
 
 
+def kv_row_values(kv, cos, sin, cfg: ModelConfig):
+    """The normed KV rows [T, hd] as the raw window stores them: tail RoPE (cos/sin [T, n_rot/2]),
+    the FP8 round trip of the non-rotary dims, f16 (exact: already on the f16 grid)."""
+    kv = fp8_e4m3_head(apply_rope_tail(kv, cos, sin), cfg.n_nope, cfg.fp8_block)
+    return f16_round(kv).astype(jnp.float16)
+
+
 def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rope: dict, raw_mask=None):
     """x [T, n_embd] (HC-pre output) -> (y [T, n_embd], pending).
 
@@ -79,13 +86,10 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
     ((xn, xq),) = rms_norms(((x, w["attn_norm"].planes["w"], ("q8_0",)),), eps, aq)
     qa, kva = dense_many(xn, (w["attn_q_a"], w["attn_kv"]), aq, xq)  # one input: one launch on the kernel path
     pair = ((qa, w["attn_q_a_norm"].planes["w"], ("q8_0",)), (kva, w["attn_kv_a_norm"].planes["w"], ()))
-    (qrn, qq), (kv, _) = rms_norms(pair, eps, aq)  # Q_A and KV_A in one launch
+    kv_row = (cos, sin, cfg.n_nope, cfg.fp8_block, lambda kv: kv_row_values(kv, cos, sin, cfg))
+    (qrn, qq), (kv16, _) = rms_norms(pair, eps, aq, kv_row)  # Q_A and KV_A in one launch
     q = dense(qrn, w["attn_q_b"], aq, qq).reshape(T, H, hd)
     q = kernels.head_norm_rope(q, cos, sin, eps)  # per-head weightless norm, then the tail RoPE
-
-    kv = apply_rope_tail(kv, cos, sin)
-    kv = fp8_e4m3_head(kv, cfg.n_nope, cfg.fp8_block)
-    kv16 = f16_round(kv).astype(jnp.float16)  # exact: already on the f16 grid
 
     # Raw window: a ring, position p in slot p mod n_swa (``state.py``). Every sum over keys is a
     # double-float sum rounded once, so the keys' order does not change the bits.

@@ -48,12 +48,14 @@ def dense_many(x: jax.Array, ws: tuple[QTensor, ...], act_quant: bool = True, pr
     return tuple(dense(x, w, act_quant, pre) for w in ws)
 
 
-def rms_norms(parts, eps: float, act_quant: bool = True) -> tuple:
+def rms_norms(parts, eps: float, act_quant: bool = True, kv_row=None) -> tuple:
     """(rms_norm(x, w), pre) for each (x [T, n], w [n], kinds) of ``parts``, in one launch on the
     kernel path (``dispatch.rms_norm_quant``): ``pre`` is then the normed x's quantization for each
     of ``kinds`` ("q8_0", "q8_k") made in that launch, else None, for ``dense``, ``dense_many``
-    and ``expert_linears`` to take (without it they quantize x themselves: the same bits)."""
-    return kernels.rms_norm_quant(tuple((x, w, tuple(k) if act_quant else ()) for x, w, k in parts), eps)
+    and ``expert_linears`` to take (without it they quantize x themselves: the same bits).
+    ``kv_row``: the last part's rows go on to the raw window's form (``dispatch.rms_norm_quant``)."""
+    parts = tuple((x, w, tuple(k) if act_quant else ()) for x, w, k in parts)
+    return kernels.rms_norm_quant(parts, eps, kv_row)
 
 
 def q8_0_matmul(x: jax.Array, w: QTensor, pre=None) -> jax.Array:
