@@ -2,7 +2,8 @@
 
 * ``rms_norm_quant``: RMS norms with the int8 quantization of their outputs that the Q8_0 and
   expert kernels read, in one launch: the layer's input norms, and the Q_A and KV_A low-rank
-  outputs of a token normalised (with their own weights) together.
+  outputs of a token normalised (with their own weights) together; with ``kv_row`` the KV_A rows
+  come out as the raw window stores them (tail RoPE, FP8 head, f16).
 * ``head_norm_rope``: per-head weightless RMS norm of Q, then the tail RoPE rotation of the
   last n_rot dims, in one launch; the rotation reads the normalised values as the
   sequential path stores them (rounded products), so the result is the same bits.
