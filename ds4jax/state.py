@@ -27,6 +27,16 @@ from ds4jax.config import ModelConfig
 from ds4jax.model.numerics import NEG_INF
 
 
+def ring_commit(ring, rows, pos0, n):
+    """``ring`` [R, ...] after a chunk's first ``n`` rows [T, ...] (positions pos0 + i) go into their
+    slots (pos0 + i) mod R; a row that a later committed row overwrites is dropped, so every slot
+    gets at most one write. The raw window's and the compressor frontiers' commit."""
+    R = ring.shape[0]
+    i = jnp.arange(rows.shape[0], dtype=jnp.int32)
+    slot = jnp.where((i < n) & (i >= n - R), jnp.mod(pos0 + i, R), R)  # R: out of range, dropped
+    return ring.at[slot].set(rows, mode="drop")
+
+
 def window_slots(ratio: int, chunk: int) -> int:
     """Compression windows a chunk of ``chunk`` tokens can touch (partial ones included)."""
     return -(-(ratio - 1 + chunk) // ratio)

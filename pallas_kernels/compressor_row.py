@@ -13,8 +13,7 @@ the RoPE's rounded products, ``fp8_e4m3_round_trip`` / ``fp4_e2m1_round_trip`` a
 in their exponent-bit forms, the Hadamard kernel's stages), so a written row has the XLA path's bits;
 the rows it skips keep what the cache held.
 
-The attention compressors' rows are in ``auto`` (``dispatch.COMPRESSOR_ROW_IN_AUTO``); the
-indexer's are not yet (``INDEXER_ROW_IN_AUTO``).
+Both kinds are in ``auto`` (``dispatch.COMPRESSOR_ROW_IN_AUTO``, ``INDEXER_ROW_IN_AUTO``).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import fp4_e2m1_round_trip, fp8_e4m3_round_trip, round_to_grid_bits
+from ds4jax.model.numerics import f16_round_bits, fp4_e2m1_round_trip, fp8_e4m3_round_trip
 from pallas_kernels import hadamard
 from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque
 from pallas_kernels.norms import rms_scale, rotate_tail
@@ -67,7 +66,7 @@ def _kernel(z_ref, meta_ref, rows_ref, w_ref, cos_ref, sin_ref, _cache_ref, o_re
             y = jnp.where(lax.broadcasted_iota(jnp.int32, (1, hd), 1) < trip[1], f, y)
         else:  # the indexer's: Hadamard, then FP4 round trip of the whole row
             y = fp4_e2m1_round_trip(hadamard.transform(y), trip[1], rnd)
-        row = round_to_grid_bits(y, 10, -14, rnd).astype(jnp.float16)  # numerics.f16_round
+        row = f16_round_bits(y, rnd)
         o_ref[pl.ds(pl.multiple_of((meta_ref[0] + s) * hd, hd), hd)] = row.reshape(hd)
 
 
@@ -78,8 +77,9 @@ def rows_into_cache(
     """The cache [cap, hd] f16 with the rows of the chunk's complete windows written: rows [S, hd] the
     pooled slots (slot s starts at position pos0 − pos0 mod ratio + s·ratio, its cache row
     pos0 // ratio + s), w [hd] the norm's weight, cos_tab / sin_tab [ctx, n_pairs] the compressed
-    layers' RoPE tables, ``trip`` as in ``supported``; ``n_tok`` the chunk's tokens (padding included: a row a padding token
-    completes is invisible too). Rows of incomplete windows are not written."""
+    layers' RoPE tables, ``trip`` as in ``supported``; ``n_tok`` the chunk's tokens (padding
+    included: a row a padding token completes is invisible too). Rows of incomplete windows are
+    not written."""
     S, hd = rows.shape
     n_pairs = cos_tab.shape[-1]
     rem = pos0 % ratio

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import dd_total, div, fp8_e4m3_round_trip, rms_norm, round_to_grid_bits, split12, sqrt
+from ds4jax.model.numerics import dd_total, div, f16_round_bits, fp8_e4m3_round_trip, rms_norm, split12, sqrt
 from ds4jax.model.rope import apply_rope_tail
 from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque, pick, two_sum_add
 from pallas_kernels.quantize import KINDS
@@ -74,7 +74,7 @@ def rms_norm_quant_reference(parts, eps: float):
 def _kv_row(y, cos_ref, sin_ref, n: int, kv, rnd):
     """This program's slice y [1, c] of a KV row as the raw window stores it: the tail RoPE (cos/sin
     gathered from the flat [T·n_pairs] tables), the FP8 round trip of the first n_nope dims, f16
-    (``attention.kv_row``'s functions on the tile)."""
+    (``attention.kv_row_values``' functions on the tile)."""
     n_nope, block, n_pairs = kv
     c = y.shape[-1]
     t, j = pl.program_id(0), pl.program_id(1)
@@ -84,7 +84,7 @@ def _kv_row(y, cos_ref, sin_ref, n: int, kv, rnd):
     col = j * c + lax.broadcasted_iota(jnp.int32, (1, c), 1)
     y = jnp.where(col >= n - 2 * n_pairs, rot, y)
     y = jnp.where(col < n_nope, fp8_e4m3_round_trip(y, block, rnd), y)
-    return round_to_grid_bits(y, 10, -14, rnd).astype(jnp.float16)
+    return f16_round_bits(y, rnd)
 
 
 def _norm_quant_kernel(z_ref, *refs, eps, kinds, kv, width):
@@ -191,9 +191,9 @@ def rotate_tail(y, c, s, n_pairs: int, rnd):
     y0, y1 = pick(y3, 2, 0), pick(y3, 2, 1)  # [R, hd/2] pair members
     r0 = rnd(y0 * c) - rnd(y1 * s)
     r1 = rnd(y0 * s) + rnd(y1 * c)
-    tail = jax.lax.broadcasted_iota(jnp.int32, (1, hd // 2), 1) >= hd // 2 - n_pairs
+    tail = lax.broadcasted_iota(jnp.int32, (1, hd // 2), 1) >= hd // 2 - n_pairs
     r0, r1 = jnp.where(tail, r0, y0), jnp.where(tail, r1, y1)
-    which = jax.lax.broadcasted_iota(jnp.int32, (R, hd // 2, 2), 2)
+    which = lax.broadcasted_iota(jnp.int32, (R, hd // 2, 2), 2)
     return jnp.where(which == 0, r0[:, :, None], r1[:, :, None]).reshape(R, hd)
 
 

@@ -20,6 +20,7 @@ from ds4jax.model import compressor, indexer
 from ds4jax.model.linear import dense, dense_many, q8_0_grouped_matmul, rms_norms
 from ds4jax.model.numerics import F32, asum, div, exp, f16_round, fp8_e4m3_head, rounded
 from ds4jax.model.rope import apply_rope_tail, rope_angles
+from ds4jax.state import ring_commit
 from pallas_kernels import dispatch as kernels
 
 
@@ -151,12 +152,7 @@ def commit_layer(cfg: ModelConfig, L: int, pending: dict, pos0, n) -> dict:
     until a later chunk rewrites them. A one-token chunk (decode) always commits its token (its
     rows are in the rings already: the raw window's and the compressors' frontiers)."""
     raw = pending["ring"]
-    if "rows" in pending:  # the first n rows into their slots; a row a later committed row overwrites is dropped
-        W = cfg.n_swa
-        i = jnp.arange(pending["rows"].shape[0], dtype=jnp.int32)
-        slot = jnp.where((i < n) & (i >= n - W), jnp.mod(pos0 + i, W), W)  # W: out of range, dropped
-        raw = raw.at[slot].set(pending["rows"], mode="drop")
-    st = {"raw": raw}
+    st = {"raw": ring_commit(raw, pending["rows"], pos0, n) if "rows" in pending else raw}
     if cfg.ratio(L):
         st["comp"] = pending["comp"]
         st["cmp_kv"], st["cmp_score"] = compressor.commit_frontier(cfg, L, pending["cmp_front"], pos0, n)

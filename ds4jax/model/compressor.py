@@ -31,7 +31,7 @@ from ds4jax.model.numerics import (
     rounded,
 )
 from ds4jax.model.rope import apply_rope_tail, rope_angles
-from ds4jax.state import window_slots
+from ds4jax.state import ring_commit, window_slots
 from pallas_kernels import dispatch as kernels
 
 
@@ -147,14 +147,9 @@ def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0,
 def commit_frontier(cfg: ModelConfig, layer: int, front: dict, pos0, n):
     """The frontier ring after committing the chunk's first ``n`` tokens: their rows into their
     slots (a row that a later committed row overwrites is dropped); decode's row is in already."""
-    ring_kv, ring_sc = front["ring"]
     if "rows" not in front:
-        return ring_kv, ring_sc
-    R = cfg.coff(layer) * cfg.ratio(layer)
-    kvc, sc = front["rows"]
-    i = jnp.arange(kvc.shape[0], dtype=jnp.int32)
-    slot = jnp.where((i < n) & (i >= n - R), jnp.mod(pos0 + i, R), R)  # R: out of range, dropped
-    return ring_kv.at[slot].set(kvc, mode="drop"), ring_sc.at[slot].set(sc, mode="drop")
+        return front["ring"]
+    return tuple(ring_commit(ring, rows, pos0, n) for ring, rows in zip(front["ring"], front["rows"], strict=True))
 
 
 def visible_rows(pos: jax.Array, ratio: int) -> jax.Array:

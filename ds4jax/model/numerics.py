@@ -7,7 +7,6 @@ in ``linear.py``.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -60,6 +59,11 @@ def ceil_log2_bits(r: jax.Array) -> jax.Array:
 def f16_round(x: jax.Array) -> jax.Array:
     """float32(float16(x)), round to nearest even: how ds4 stores cache rows (|x| < 65504)."""
     return round_to_grid(x.astype(F32), 10, -14)
+
+
+def f16_round_bits(x: jax.Array, rnd) -> jax.Array:
+    """``f16_round`` inside a kernel, as f16 (``round_to_grid_bits``; ``rnd``: the kernel's barrier)."""
+    return round_to_grid_bits(x, 10, -14, rnd).astype(jnp.float16)
 
 
 # ---- fused-multiply-add control ----------------------------------------------
@@ -372,6 +376,14 @@ def fp8_e4m3_head(x: jax.Array, n: int, block: int) -> jax.Array:
     return jnp.concatenate([fp8_e4m3_round_trip(x[..., :n], block), x[..., n:]], axis=-1)
 
 
+def _select_const(table: np.ndarray, k: jax.Array) -> jax.Array:
+    """table[k] for a small constant table, by a chain of selects (a kernel cannot gather from it)."""
+    out = jnp.full(k.shape, F32(table[0]))
+    for j in range(1, len(table)):
+        out = jnp.where(k == j, F32(table[j]), out)
+    return out
+
+
 _FP4_LEVELS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 
 
@@ -388,13 +400,10 @@ def fp4_e2m1_round_trip(x: jax.Array, block: int, rnd=None) -> jax.Array:
         v = jnp.clip(xb * pow2(-e), -6.0, 6.0)
         a = jnp.abs(v)
         i = sum((a > F32(m)).astype(jnp.int32) for m in mids)
-        at = lambda table, k: functools.reduce(
-            lambda acc, j: jnp.where(k == j, F32(table[j]), acc), range(1, len(table)), F32(table[0])
-        )
-        tie = (i < 7) & (a == at(mids, jnp.minimum(i, 6)))
+        tie = (i < 7) & (a == _select_const(mids, jnp.minimum(i, 6)))
         i = jnp.where(tie & (i % 2 == 1), i + 1, i)
         sign = jnp.where(v > 0, F32(1.0), jnp.where(v < 0, F32(-1.0), v))  # jnp.sign: ±0 stays ±0
-        return (at(lv, i) * sign * pow2(e)).reshape(x.shape)
+        return (_select_const(lv, i) * sign * pow2(e)).reshape(x.shape)
     e = _ceil_log2(divide_by(amax, 6.0))
     v = jnp.clip(jnp.ldexp(xb, -e), -6.0, 6.0)
     a = jnp.abs(v)
