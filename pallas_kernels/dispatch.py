@@ -18,7 +18,10 @@ made at trace time from static shapes and the environment:
                               indexer's scores, a compressor's window pooling (at decode from
                               its frontier ring, the token's row written in place) and its
                               new rows into its cache, and the RMS
-                              norms with their outputs' quantization; the Hadamard transform.
+                              norms with their outputs' quantization (the Q_A/KV_A pair also
+                              making the KV row and, at decode, writing it into the raw
+                              window); the Hadamard transform; at N=1 the float-weight
+                              matmuls (the normed input's five F16 matrices in one launch).
                               The per-head norm with the tail RoPE lost to XLA's fusions and
                               stays off (HEAD_NORM_IN_AUTO).
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
@@ -36,11 +39,11 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
-from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, rms_norm, rounded_in_loop, with_terms
+from ds4jax.model.numerics import adot, quantize_q8_0, quantize_q8_k, rms_norm, rounded_in_loop, with_terms
 from pallas_kernels import attention as attention_kernel
 from pallas_kernels import compressor_pool as compressor_pool_kernel
 from pallas_kernels import compressor_row as compressor_row_kernel
-from pallas_kernels import experts, norms, q8_0
+from pallas_kernels import experts, float_dense, norms, q8_0
 from pallas_kernels import hadamard as hadamard_kernel
 from pallas_kernels import hc_post as hc_post_kernel
 from pallas_kernels import hc_pre as hc_pre_kernel
@@ -182,6 +185,32 @@ def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None) -> tuple:
     return tuple(y.reshape(*lead, y.shape[-1]) for y in ((ys,) if one else ys))
 
 
+# Float-weight matmuls (F16 in ds4's files: the compressors' kv and gate, the indexer's q_b and
+# projection) as one launch, the matrices of one input together (``float_dense``), in ``auto`` at N=1
+# (at N=2 its launches lost to XLA's: session 28, H200). Session 28, H200, one process each: with 8
+# rows, BK 128 and a launch a compressor, +16.6 µs of kernels an 8-layer step (call B); with 16 rows,
+# BK 256, 8 warps and the normed input's five matrices in one launch, −9.0 µs and −12 kernels (call C).
+FLOAT_IN_AUTO = True
+# ``auto`` takes the float launch up to this many tokens, and for launches of at least this many weight
+# bytes. Session 28 call E (H200, 8 layers, one process): the router (2 MB) back on XLA −8.7 µs of
+# kernels a step; the launch at N=2 in the always-verifying MTP step +12.4 µs.
+FLOAT_MAX_N = 1
+FLOAT_MIN_BYTES = 4 << 20
+
+
+def float_matmuls(x: jax.Array, ws: tuple) -> tuple:
+    """``numerics.adot`` of x [..., K] against each float weight [O_m, K] of ``ws``: on the kernel
+    path one launch for all of them; the same bits."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = math.prod(lead)
+    nbytes = sum(w.size * w.dtype.itemsize for w in ws)
+    use, interpret = _use(n, auto=FLOAT_IN_AUTO and n <= FLOAT_MAX_N and nbytes >= FLOAT_MIN_BYTES)
+    if not use or not float_dense.supported(tuple(w.shape[0] for w in ws), k):
+        return tuple(adot(x, w) for w in ws)
+    ys = float_dense.matmul(x.reshape(n, k), tuple(ws), interpret=interpret)
+    return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
+
+
 def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array, pre=None):
     """Routed experts: x [T, k|1, n] f32, quantized per 256 (Q8_K, ``numerics.quantize_q8_k``),
     ids [T, k] → [T, k, out]. On the kernel path the kernel quantizes x itself.
@@ -237,9 +266,16 @@ NORM_QUANT_IN_AUTO = True
 
 
 # The KV row's tail RoPE, FP8 head and f16 in the Q_A/KV_A norms' launch (``kv_row``), instead of
-# XLA's in-place rotation and the FP8 head's fusion a layer. Built in session 27 after its device
-# budget: exact interpreted, lowered for sm_90, not timed; off until an A/B.
-KV_ROW_IN_NORM = False
+# XLA's in-place rotation and the FP8 head's fusion a layer. 8 full-size layers, one process (H200,
+# session 28): 2,071.9 against 2,085.1 µs of kernels a step, 475.8 against 480.8 kernels.
+KV_ROW_IN_NORM = True
+
+# At decode, that launch also writes the row into its slot of the raw window (in place), instead of
+# XLA's in-place update a layer (attention.py's ring write: 89.2 µs and 43 kernels a 43-layer step,
+# H200 session 27). Session 28, H200, 8 layers, one process each: −0.7 µs and −7 kernels a step
+# (call B), −5.3 µs and −7 kernels (call C). With FLOAT_IN_AUTO, 43 layers (call C): 10,747.6 against
+# 10,842.9 µs of kernels a step, 2,478.8 against 2,603.8 kernels, 10.481 against 10.538 ms a token.
+RAW_RING_IN_NORM = True
 
 
 def rms_norm_quant(parts, eps: float, kv_row=None):
@@ -247,9 +283,10 @@ def rms_norm_quant(parts, eps: float, kv_row=None):
     quantization for each of ``kinds`` ("q8_0", "q8_k") as (q, d), for ``q8_0_matmul(s)`` and
     ``expert_matmul`` to take as theirs, or is None (those functions then quantize it
     themselves: the same bits). Not interpreted in the whole model (its own test runs it so).
-    ``kv_row`` (cos, sin, n_nope, block, reference): the last part's first item is
-    ``reference(its normed rows)`` instead (the KV rows as the raw window stores them), made in the
-    launch where ``KV_ROW_IN_NORM``."""
+    ``kv_row`` (cos, sin, n_nope, block, values, ring): the last part's first item is instead
+    ``values(its normed rows)`` (the KV rows as the raw window stores them) or, with ``ring`` (raw
+    [W, n], slot; one token), the raw window with that row in row ``slot``. Made in the launch where
+    ``KV_ROW_IN_NORM`` (and ``RAW_RING_IN_NORM`` for the ring) or under ``DS4JAX_KERNELS=all``."""
     T = parts[0][0].shape[0]
     use, interpret = _use(T, auto=NORM_QUANT_IN_AUTO)
     k = norms  # the launch knobs read here, at trace time (ab_decode.py variants set them)
@@ -258,14 +295,23 @@ def rms_norm_quant(parts, eps: float, kv_row=None):
     elif kv_row is None:
         return k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS)
     else:
-        cos, sin, n_nope, block, _ = kv_row
-        if KV_ROW_IN_NORM and k.quant_supported(parts, k.CHUNKS, (n_nope, block, cos.shape[-1])):
-            return k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS, kv_row=(cos, sin, n_nope, block))
+        cos, _, n_nope, block, _, ring = kv_row
+        every = mode() == "all"  # ``all``: every kernel (the GPU tests)
+        kv = (n_nope, block, cos.shape[-1])
+        if (KV_ROW_IN_NORM or every) and k.quant_supported(parts, k.CHUNKS, kv):
+            if ring is not None and not ((RAW_RING_IN_NORM or every) and k.quant_supported(parts, k.CHUNKS, kv, ring)):
+                out = k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS, kv_row=kv_row[:4])
+                (rows, pre) = out[-1]
+                return (*out[:-1], (jax.lax.dynamic_update_slice(ring[0], rows, (ring[1], 0)), pre))
+            return k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS, kv_row=kv_row[:4], ring=ring)
         out = k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS)
     if kv_row is None:
         return out
-    (kv, pre), row_values = out[-1], kv_row[-1]
-    return (*out[:-1], (row_values(kv), pre))
+    (kv, pre), values, ring = out[-1], kv_row[4], kv_row[5]
+    rows = values(kv)
+    if ring is not None:
+        rows = jax.lax.dynamic_update_slice(ring[0], rows, (ring[1], 0))
+    return (*out[:-1], (rows, pre))
 
 
 # The per-head norm and tail RoPE kernel in ``auto``: off (slower than XLA's fusions in run 6, and

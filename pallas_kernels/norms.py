@@ -3,7 +3,8 @@
 * ``rms_norm_quant``: RMS norms with the int8 quantization of their outputs that the Q8_0 and
   expert kernels read, in one launch: the layer's input norms, and the Q_A and KV_A low-rank
   outputs of a token normalised (with their own weights) together; with ``kv_row`` the KV_A rows
-  come out as the raw window stores them (tail RoPE, FP8 head, f16).
+  come out as the raw window stores them (tail RoPE, FP8 head, f16), and with ``ring`` (decode)
+  the launch writes the token's row straight into its slot of the raw window, in place.
 * ``head_norm_rope``: per-head weightless RMS norm of Q, then the tail RoPE rotation of the
   last n_rot dims, in one launch; the rotation reads the normalised values as the
   sequential path stores them (rounded products), so the result is the same bits.
@@ -87,16 +88,25 @@ def _kv_row(y, cos_ref, sin_ref, n: int, kv, rnd):
     return f16_round_bits(y, rnd)
 
 
-def _norm_quant_kernel(z_ref, *refs, eps, kinds, kv, width):
+def _norm_quant_kernel(z_ref, *refs, eps, kinds, kv, width, ring):
     zero = z_ref[0]
     rnd = functools.partial(opaque, zero=zero)
-    ins, outs = refs[: 3 * len(kinds)], iter(refs[3 * len(kinds) + (2 if kv else 0) :])
+    n_in = 3 * len(kinds) + (2 if kv else 0) + (2 if ring else 0)
+    ins, extra, outs = refs[: 3 * len(kinds)], refs[3 * len(kinds) : n_in], iter(refs[n_in:])
     for i, part in enumerate(kinds):
         row_ref, x_ref, w_ref = ins[3 * i : 3 * i + 3]
         scale = rms_scale(row_ref[...].astype(F32), eps, zero)  # [1, 1]: the whole row's
         y = (x_ref[...].astype(F32) * scale) * w_ref[...].astype(F32)[None, :]  # this program's slice
         if kv and i == len(kinds) - 1:  # the KV row (no quantization of it: part == ())
-            next(outs)[...] = _kv_row(y, *refs[3 * len(kinds) : 3 * len(kinds) + 2], width, kv, rnd)
+            row = _kv_row(y, *extra[:2], width, kv, rnd)
+            if not ring:
+                next(outs)[...] = row
+                continue
+            # Decode: this program's slice of the row into the token's slot of the flat ring [W·n]
+            # (aliased: the other rows stay as they are; no program writes another's columns).
+            c = row.shape[-1]
+            at = pl.multiple_of(extra[3][0] * width + pl.program_id(1) * c, c)
+            next(outs)[pl.ds(at, c)] = row.reshape(c)
             continue
         next(outs)[...] = y
         for k in part:  # blocks never straddle a slice (quant_supported)
@@ -105,9 +115,10 @@ def _norm_quant_kernel(z_ref, *refs, eps, kinds, kv, width):
             next(outs)[...] = d
 
 
-def quant_supported(parts, chunks: int, kv=None) -> bool:
+def quant_supported(parts, chunks: int, kv=None, ring=None) -> bool:
     """Every part's rows split into ``chunks`` power-of-two slices of whole quantization blocks;
-    with ``kv`` (n_nope, block, n_pairs) the last part unquantized and its slices of whole FP8 blocks."""
+    with ``kv`` (n_nope, block, n_pairs) the last part unquantized and its slices of whole FP8 blocks;
+    with ``ring`` (the raw window [W, n], slot) one token and a power-of-two ring of n-wide rows."""
     for x, _, kinds in parts:
         n = x.shape[-1]
         if x.ndim != 2 or not is_pow2(n) or n % chunks or any((n // chunks) % KINDS[k][1] for k in kinds):
@@ -119,11 +130,17 @@ def quant_supported(parts, chunks: int, kv=None) -> bool:
         c = n // chunks
         if kinds or not is_pow2(block) or c % block or n_nope % block or not 0 < 2 * n_pairs <= n - n_nope:
             return False
+    if ring is not None:
+        raw = ring[0]
+        if kv is None or parts[-1][0].shape[0] != 1 or raw.ndim != 2 or raw.shape[1] != parts[-1][0].shape[1]:
+            return False
+        if raw.dtype != jnp.float16 or not is_pow2(raw.size):
+            return False
     return is_pow2(chunks) and len({x.shape[0] for x, _, _ in parts}) == 1
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "kinds", "chunks", "warps", "interpret", "kv"))
-def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret, kv=None, tables=()):
+def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret, kv=None, tables=(), ring=()):
     T = xs[0].shape[0]
     in_specs, args, out_specs, out_shape = [pl.BlockSpec((1,), lambda t, c: (0,))], [z], [], []
     for i, (x, w, part) in enumerate(zip(xs, ws, kinds)):
@@ -135,9 +152,13 @@ def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret, kv=None, tables
             pl.BlockSpec((c,), lambda t, j: (j,)),
         ]
         args += [x, x, w]
-        out_specs.append(pl.BlockSpec((1, c), lambda t, j: (t, j)))
         row16 = kv is not None and i == len(xs) - 1  # the KV row, as the raw window stores it
-        out_shape.append(jax.ShapeDtypeStruct((T, n), jnp.float16 if row16 else F32))
+        if row16 and ring:  # ... written into its slot of the flat ring
+            out_specs.append(pl.BlockSpec((ring[0].size,), lambda t, j: (0,)))
+            out_shape.append(jax.ShapeDtypeStruct((ring[0].size,), jnp.float16))
+        else:
+            out_specs.append(pl.BlockSpec((1, c), lambda t, j: (t, j)))
+            out_shape.append(jax.ShapeDtypeStruct((T, n), jnp.float16 if row16 else F32))
         for k in part:
             b = KINDS[k][1]
             out_specs += [pl.BlockSpec((1, c), lambda t, j: (t, j)), pl.BlockSpec((1, c // b), lambda t, j: (t, j))]
@@ -146,24 +167,35 @@ def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret, kv=None, tables
         flat = tab.reshape(-1).astype(F32)
         in_specs.append(pl.BlockSpec(flat.shape, lambda t, j: (0,)))
         args.append(flat)
+    aliases = {}
+    if ring:  # the raw window, flat, aliased to the KV part's output (the last: it has no quantization)
+        raw, slot = ring
+        aliases = {len(args): len(out_shape) - 1}
+        in_specs += [pl.BlockSpec((raw.size,), lambda t, j: (0,)), pl.BlockSpec((1,), lambda t, j: (0,))]
+        args += [raw.reshape(-1), jnp.reshape(slot, (1,)).astype(jnp.int32)]
     return pl.pallas_call(
-        functools.partial(_norm_quant_kernel, eps=eps, kinds=kinds, kv=kv, width=xs[-1].shape[-1]),
+        functools.partial(_norm_quant_kernel, eps=eps, kinds=kinds, kv=kv, width=xs[-1].shape[-1], ring=bool(ring)),
         grid=(T, chunks),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="rms_norm_quant",
     )(*args)
 
 
-def rms_norm_quant(parts, eps: float, chunks: int = CHUNKS, warps: int = WARPS, interpret: bool = False, kv_row=None):
+def rms_norm_quant(
+    parts, eps: float, chunks: int = CHUNKS, warps: int = WARPS, interpret: bool = False, kv_row=None, ring=None
+):
     """``rms_norm_quant_reference`` in one launch: programs (token, slice) normalise every part's
     slice and quantize it, so XLA's norm fusions and the quantize launch become one launch, and
     the pair Q_A/KV_A reads each input once. The same bits: the model's functions on tiles.
     ``kv_row`` (cos, sin [T, n_pairs], n_nope, block): the last part's output is its row as the raw
-    window stores it (tail RoPE, FP8 head, f16), not the normed f32 row."""
+    window stores it (tail RoPE, FP8 head, f16), not the normed f32 row; with ``ring`` (raw [W, n]
+    f16, slot) as well, one token's: the raw window with that row in row ``slot``, written in place
+    (the window is aliased; donate it to keep the write in place)."""
     xs = tuple(x for x, _, _ in parts)
     ws = tuple(w for _, w, _ in parts)
     kinds = tuple(tuple(k) for _, _, k in parts)
@@ -172,7 +204,10 @@ def rms_norm_quant(parts, eps: float, chunks: int = CHUNKS, warps: int = WARPS, 
         cos, sin, n_nope, block = kv_row
         kv, tables = (n_nope, block, cos.shape[-1]), (cos, sin)
     z = kernel_zero(xs[0], interpret)
-    flat = iter(_norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret, kv, tables))
+    flat = list(_norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret, kv, tables, ring or ()))
+    if ring is not None:
+        flat[-1] = flat[-1].reshape(ring[0].shape)
+    flat = iter(flat)
     return tuple((next(flat), {k: (next(flat), next(flat)) for k in part}) for part in kinds)
 
 

@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention,compressor_pool,compressor_row] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention,compressor_pool,compressor_row,float_dense] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -52,6 +52,7 @@ from pallas_kernels import (
     compressor_pool,
     compressor_row,
     experts,
+    float_dense,
     hc_post,
     hc_pre,
     norms,
@@ -926,6 +927,74 @@ def bench_compressor_row(rec: Recorder, rounds=200, kinds=ROW_KINDS, cap=1041, s
                 rec.best(f"compressor_row w{compressor_row.WARPS}", 1, shape, t, nbytes, ref_s)
 
 
+# (what, rows of each matrix, K) of the full model's float-weight launches (F16 in ds4's files)
+FLOAT_SHAPES = [
+    ("compressor kv+gate ratio-4", (1024, 1024), 4096),
+    ("compressor kv+gate ratio-128", (512, 512), 4096),
+    ("indexer compressor kv+gate", (256, 256), 4096),
+    ("indexer q_b 1024->8192", (8192,), 1024),
+    ("xn-fed ratio-4: both compressors + indexer proj", (1024, 1024, 256, 256, 64), 4096),
+]
+# (rows, BK, warps, stages) beside the base (8, 128, 4, 2); BK changes the sums' order, so each
+# variant is checked exact against XLA's ``adot`` by itself
+FLOAT_VARIANTS = [
+    (4, 128, 4, 2),
+    (16, 128, 4, 2),
+    (8, 256, 4, 2),
+    (8, 64, 4, 2),
+    (8, 128, 2, 2),
+    (8, 128, 8, 2),
+    (8, 128, 4, 1),
+    (8, 128, 4, 3),
+    (16, 256, 8, 2),
+    (4, 256, 4, 2),
+]
+
+
+def bench_float_dense(rec: Recorder, shapes=FLOAT_SHAPES, variants=FLOAT_VARIANTS, tokens=(1, 2)):
+    """The float-weight matmul launch (``float_dense.matmul``, several matrices of one input) against
+    XLA's ``adot`` of each, on C weight copies a loop step (≥ 1.5 L2: the weights come from DRAM)."""
+    for what, outs, k in shapes:
+        wbytes = 2 * sum(outs) * k
+        C = 2 if INTERPRET else max(2, min(24, -(-3 * L2_BYTES // (2 * wbytes))))
+        key = iter(jax.random.split(jax.random.PRNGKey(17), C * len(outs) + 1))
+        copies = [tuple(jax.random.normal(next(key), (o, k)).astype(jnp.float16) for o in outs) for _ in range(C)]
+        rounds = 3 if INTERPRET else max(3, min(50, int(2e9 // (wbytes * C))))
+        shape = f"{what} {'+'.join(map(str, outs))}x{k}"
+        xkey = next(key)
+        for n in tokens:
+            x = jax.random.normal(xkey, (n, k)) * 2.0
+            # x an argument, not a constant: interpreted (CPU), a constant x lets XLA fold the kernel's
+            # zero (``kernel_zero``) and with it the products' forced rounding
+            xc = [(x, *c) for c in copies]
+            ref = lambda x, *ws: tuple(float_dense.reference(x, w) for w in ws)
+            want = jax.jit(ref)(*xc[-1])
+            ref_s = time_xla_copies(ref, xc, rounds)
+            base = float_dense.choose_config(outs, k)
+            cfgs = [base] + [
+                float_dense.choose_config(outs, k, rows=r, block_k=bk).__class__(
+                    **{**vars(float_dense.choose_config(outs, k, rows=r, block_k=bk)), "num_warps": w, "num_stages": st}
+                )
+                for r, bk, w, st in (variants if n == 1 and not INTERPRET else ())
+            ]
+            best = None
+            for cfg in cfgs:
+                kern = lambda x, *ws, cfg=cfg: float_dense.matmul(x, ws, cfg, interpret=INTERPRET)
+                try:
+                    got = jax.jit(kern)(*xc[-1])
+                    s = time_xla_copies(kern, xc, rounds, show=n == 1 and cfg == base)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  float_dense N={n} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                ok = all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(got, want))
+                label = f"r{cfg.block_rows}k{cfg.block_k}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages} C{C}"
+                rec.variant("float_dense", n, shape, label, ok, s, wbytes + 4 * n * (k + sum(outs)), ref_s)
+                if ok and (best is None or s < best[0]):
+                    best = (s, label)
+            if best is not None:
+                rec.best(f"float_dense {best[1]}", n, shape, best[0], wbytes + 4 * n * (k + sum(outs)), ref_s)
+
+
 def main() -> None:
     global Q8_SHAPES, EXPERT_SHAPES, INTERPRET, N_EXPERT, TOKENS
     ap = argparse.ArgumentParser()
@@ -935,7 +1004,7 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default="q8_0,q8_0_quant,q8_0_mosaic,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention,"
-        "compressor_pool,compressor_row",
+        "compressor_pool,compressor_row,float_dense",
     )
     ap.add_argument("--sweep-u", default="4", help="blocks per step U to sweep (with rows × K splits)")
     ap.add_argument("--sweep-n", default="1", help="token counts of the sweep")
@@ -1052,6 +1121,9 @@ def main() -> None:
     if "compressor_row" in only and left() > 0:
         small = [("attention", 128, 32, ("fp8", 96, 32)), ("indexer", 64, 16, ("fp4", 32))]
         bench_compressor_row(rec, **({"rounds": 3, "kinds": small} if INTERPRET else {}))
+    if "float_dense" in only and left() > 0:
+        small = [(w, tuple(o // 16 for o in outs), k // 8) for w, outs, k in FLOAT_SHAPES[:2]]
+        bench_float_dense(rec, **({"shapes": small, "tokens": (1,)} if INTERPRET else {}))
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:

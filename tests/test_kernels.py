@@ -29,6 +29,7 @@ from pallas_kernels import (
     compressor_row,
     dispatch,
     experts,
+    float_dense,
     hadamard,
     hc_post,
     hc_pre,
@@ -364,6 +365,19 @@ def test_norm_launch_makes_the_kv_rows_as_the_reference(T, chunks):
     cfg = SimpleNamespace(n_nope=448, fp8_block=64)
     row = np.asarray(kv_row_values(want[1][0], cos, sin, cfg))
     assert got[1][0].dtype == jnp.float16 and np.array_equal(np.asarray(got[1][0]).view(np.uint16), row.view(np.uint16))
+    if T == 1:  # decode: the row written into its slot of a raw window (a ring of 8 rows), in place
+        raw = jnp.asarray(RNG.standard_normal((8, 512)).astype(np.float16))
+        assert norms.quant_supported(parts, chunks, kv, (raw, 5)) and not norms.quant_supported(
+            parts, chunks, None, (raw, 5)
+        )
+        ring = norms.rms_norm_quant(
+            parts, 1e-6, chunks=chunks, interpret=INTERPRET, kv_row=(cos, sin, 448, 64), ring=(raw, jnp.int32(5))
+        )
+        _same_norms(ring[:1], want[:1])
+        want_ring = np.asarray(raw).copy()
+        want_ring[5] = row[0]
+        assert ring[1][0].shape == raw.shape and ring[1][0].dtype == jnp.float16
+        assert np.array_equal(np.asarray(ring[1][0]).view(np.uint16), want_ring.view(np.uint16))
 
 
 @pytest.mark.parametrize("sums", ["reduce", "chain"])
@@ -620,6 +634,8 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
     monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
     S = jax.ShapeDtypeStruct
     i8, f32 = jnp.int8, jnp.float32
+    # the Q_A/KV_A pair with the KV row's angles: (q_a, its weight, kv_a, its weight, cos, sin)
+    kv_pair = (S((1, 1024), f32), S((1024,), f32), S((1, 512), f32), S((512,), f32), S((1, 32), f32), S((1, 32), f32))
     calls = [
         (lambda c: sinkhorn.sinkhorn(c, 20, 1e-6), S((3, 4, 4), f32)),
         (indexer_scores.scores, S((2, 64, 128), f32), S((2, 64), f32), S((1041, 128), jnp.float16)),
@@ -740,14 +756,24 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             lambda a, wa, b, wb, c, s: norms.rms_norm_quant(
                 ((a, wa, ("q8_0",)), (b, wb, ())), 1e-6, chunks=4, kv_row=(c, s, 448, 64)
             )[1][0],
-            S((1, 1024), f32),
-            S((1024,), f32),
-            S((1, 512), f32),
-            S((512,), f32),
-            S((1, 32), f32),
-            S((1, 32), f32),
+            *kv_pair,
+        ),
+        (
+            lambda a, wa, b, wb, c, s, raw, slot: norms.rms_norm_quant(
+                ((a, wa, ("q8_0",)), (b, wb, ())), 1e-6, chunks=4, kv_row=(c, s, 448, 64), ring=(raw, slot)
+            )[1][0],
+            *kv_pair,
+            S((128, 512), jnp.float16),
+            S((), jnp.int32),
         ),
         (lambda x: hadamard.hadamard(x), S((1, 64, 128), f32)),
+        (
+            lambda x, a, b: float_dense.matmul(x, (a, b)),
+            S((1, 4096), f32),
+            S((1024, 4096), jnp.float16),
+            S((1024, 4096), jnp.float16),
+        ),
+        (lambda x, a: float_dense.matmul(x, a), S((2, 1024), f32), S((8192, 1024), jnp.float16)),
         (lambda x: quantize.quantize(x, "q8_0")[0], S((2, 4096), f32)),
         (lambda x: quantize.quantize(x, "q8_k")[1], S((2, 2048), f32)),
         (
@@ -810,3 +836,25 @@ def test_prefill_in_pairs_through_kernels_equals_prefill_bit_for_bit(tiny_files,
         logits.append(np.asarray(rows))
     assert logits[0].shape == logits[1].shape == (len(ids), tiny_files.config.n_vocab)
     assert np.array_equal(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("rows,block_k,splits", [(8, 128, 1), (4, 64, 2)])
+def test_float_matmul_kernel_is_the_reference(n, rows, block_k, splits):
+    """Float-weight matmuls (F16 weights, f32 rows), several matrices of one K in one launch,
+    against ``numerics.adot``, bit for bit at every N; a row's bits do not depend on N. Weights
+    and activations of wide range, so the double-float sums meet cancellations."""
+    K = 512
+    ws = tuple(
+        jnp.asarray((RNG.standard_normal((o, K)) * np.exp2(RNG.integers(-6, 3, (o, 1)))).astype(np.float16))
+        for o in (64, 32, 16)
+    )
+    x = jnp.asarray((RNG.standard_normal((n, K)) * np.exp2(RNG.integers(-4, 4, (1, K)))).astype(np.float32))
+    cfg = float_dense.FloatConfig(block_rows=rows, block_k=block_k, k_splits=splits)
+    got = float_dense.matmul(x, ws, cfg, interpret=INTERPRET)
+    for g, w in zip(got, ws):
+        assert g.shape == (n, w.shape[0]) and np.array_equal(np.asarray(g), np.asarray(float_dense.reference(x, w)))
+    one = float_dense.matmul(x[:1], ws[0], cfg, interpret=INTERPRET)
+    assert np.array_equal(np.asarray(one), np.asarray(got[0][:1]))
+    assert float_dense.choose_config((1024, 1024), 4096) == float_dense.FloatConfig(16, 256, 4, 8)
+    assert float_dense.choose_config((8192,), 1024) == float_dense.FloatConfig(8, 128, 1, 4)

@@ -13,7 +13,6 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from ds4jax.config import ModelConfig
 from ds4jax.model import compressor, indexer
@@ -87,20 +86,23 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
     ((xn, xq),) = rms_norms(((x, w["attn_norm"].planes["w"], ("q8_0",)),), eps, aq)
     qa, kva = dense_many(xn, (w["attn_q_a"], w["attn_kv"]), aq, xq)  # one input: one launch on the kernel path
     pair = ((qa, w["attn_q_a_norm"].planes["w"], ("q8_0",)), (kva, w["attn_kv_a_norm"].planes["w"], ()))
-    kv_row = (cos, sin, cfg.n_nope, cfg.fp8_block, lambda kv: kv_row_values(kv, cos, sin, cfg))
+    # Raw window: a ring, position p in slot p mod n_swa (``state.py``). Every sum over keys is a
+    # double-float sum rounded once, so the keys' order does not change the bits.
+    # Decode: the token's row goes into its slot first, over the one row leaving the window, in
+    # place in the donated window (on the kernel path, by the norms' launch that makes the row).
+    # Shifting the window instead (a concatenation with the row, then a slice) cost a copy and a
+    # concatenation a layer: 2 kernels, ~3.7 µs (H200, session 26).
+    W = cfg.n_swa
+    here = pos0 % W
+    ring = (st["raw"], here) if T == 1 else None
+    kv_row = (cos, sin, cfg.n_nope, cfg.fp8_block, lambda kv: kv_row_values(kv, cos, sin, cfg), ring)
     (qrn, qq), (kv16, _) = rms_norms(pair, eps, aq, kv_row)  # Q_A and KV_A in one launch
     q = dense(qrn, w["attn_q_b"], aq, qq).reshape(T, H, hd)
     q = kernels.head_norm_rope(q, cos, sin, eps)  # per-head weightless norm, then the tail RoPE
 
-    # Raw window: a ring, position p in slot p mod n_swa (``state.py``). Every sum over keys is a
-    # double-float sum rounded once, so the keys' order does not change the bits.
-    W = cfg.n_swa
     if T == 1:
-        # Decode: the token's row goes into its slot first, over the one row leaving the window, in
-        # place in the donated window. Shifting the window instead (a concatenation with the row,
-        # then a slice) cost a copy and a concatenation a layer: 2 kernels, ~3.7 µs (H200, session 26).
-        here, slots = pos0 % W, jnp.arange(W, dtype=jnp.int32)
-        raw_keys = lax.dynamic_update_slice(st["raw"], kv16, (here, 0))
+        slots = jnp.arange(W, dtype=jnp.int32)
+        raw_keys = kv16  # the window with the token's row in its slot
         kpos = pos0 - jnp.mod(pos0 - slots, W)  # slot s: the position in (pos0 - W, pos0] ≡ s
         raw_valid = (kpos >= 0)[None, :]
         if raw_mask is not None:  # stored rows that hold no token (the MTP window's holes)
@@ -120,17 +122,23 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
     parts = [(raw_keys, None, raw_valid)]
     r = cfg.ratio(L)
     if r:
+        # Every float-weight matmul of the normed input (the compressors' kv and gate, the indexer's
+        # projection): one launch on the kernel path.
+        names = compressor.projections("attn_compressor")
+        if cfg.has_indexer(L):
+            names += (*compressor.projections("indexer_compressor"), "indexer_proj")
+        proj = dense_many(xn, tuple(w[nm] for nm in names))
         comp, pending["cmp_front"] = compressor.compress_chunk(
-            cfg, L, w, "attn_compressor", xn, pos0, st["comp"], st["cmp_kv"], st["cmp_score"], rope
+            cfg, L, w, "attn_compressor", proj[:2], pos0, st["comp"], st["cmp_kv"], st["cmp_score"], rope
         )
         pending["comp"] = comp
         n_vis = compressor.visible_rows(pos, r)  # [T]
         if cfg.has_indexer(L):
             idx, pending["icmp_front"] = compressor.compress_chunk(
-                cfg, L, w, "indexer_compressor", xn, pos0, st["idx"], st["icmp_kv"], st["icmp_score"], rope
+                cfg, L, w, "indexer_compressor", proj[2:4], pos0, st["idx"], st["icmp_kv"], st["icmp_score"], rope
             )
             pending["idx"] = idx
-            sel, ok = indexer.select_rows(cfg, w, qrn, xn, cos, sin, idx, n_vis)
+            sel, ok = indexer.select_rows(cfg, w, qrn, proj[4], cos, sin, idx, n_vis)
             parts.append((comp, sel, ok))  # the indexer's top-k rows [T, K]
         else:
             parts.append((comp, None, jnp.arange(comp.shape[0])[None, :] < n_vis[:, None]))

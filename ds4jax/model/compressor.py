@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from ds4jax.config import ModelConfig
-from ds4jax.model.linear import dense
 from ds4jax.model.numerics import (
     F32,
     NEG_INF,
@@ -74,24 +73,31 @@ def frontier_view(ring_kv, ring_sc, pos0, ratio: int, coff: int):
     return jnp.where(live, ring_kv, 0.0), jnp.where(live, ring_sc, NEG_INF)
 
 
-def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, xn, pos0, cache, st_kv, st_sc, rope):
+def projections(prefix: str) -> tuple[str, str]:
+    """The weights a compressor applies to the normed input: its kv and its gate (the score)."""
+    return f"{prefix}_kv", f"{prefix}_gate"
+
+
+def compress_chunk(cfg: ModelConfig, layer: int, w: dict, prefix: str, proj, pos0, cache, st_kv, st_sc, rope):
     """One compressor (``prefix`` "attn_compressor" or "indexer_compressor") over a chunk.
 
     Returns (cache', front): the cache with every window slot of the chunk written, and what
     ``commit_frontier`` makes the frontier ring from for any number of committed tokens (decode:
-    the ring with its row in place). ``xn`` [T, n_embd] is the normed input; (st_kv, st_sc) the ring.
+    the ring with its row in place). ``proj`` (kv, gate) [T, coff·hd] each: the normed input through
+    the ``projections`` weights (the caller makes them with its other matmuls of that input, one
+    launch on the kernel path); (st_kv, st_sc) the ring.
     """
     indexer = prefix.startswith("indexer")
     ratio, coff = cfg.ratio(layer), cfg.coff(layer)
     hd = cfg.idx_head_dim if indexer else cfg.head_dim
-    T = xn.shape[0]
+    kvc, sc = proj
+    T = kvc.shape[0]
     n_slots = window_slots(ratio, T)
     P = ratio if coff == 2 else 0
 
     pos = pos0 + jnp.arange(T, dtype=jnp.int32)
-    kvc = dense(xn, w[f"{prefix}_kv"])  # [T, coff*hd]
     ape = w[f"{prefix}_ape"].planes["w"].astype(F32)  # [ratio, coff*hd]
-    sc = dense(xn, w[f"{prefix}_gate"]) + ape[pos % ratio]
+    sc = sc + ape[pos % ratio]
 
     def pooled():
         rem = pos0 % ratio

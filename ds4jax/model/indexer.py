@@ -54,17 +54,18 @@ def head_scores(q, wh, idx_cache):
     return asum(rounded(wh[:, :, None] * dots), 1)
 
 
-def select_rows(cfg: ModelConfig, w: dict, qrn, xn, cos, sin, idx_cache, n_visible):
+def select_rows(cfg: ModelConfig, w: dict, qrn, proj, cos, sin, idx_cache, n_visible):
     """Row indices [T, K] and their validity [T, K] for each query of the chunk.
 
-    ``qrn`` [T, q_lora] is the normed query low-rank, ``xn`` [T, n_embd] the normed input,
+    ``qrn`` [T, q_lora] is the normed query low-rank, ``proj`` [T, n_idx_head] the normed input
+    through ``indexer_proj`` (made by the caller with the compressors' matmuls of that input),
     ``cos``/``sin`` the queries' rope angles, ``n_visible`` [T] the visible row counts.
     """
     T = qrn.shape[0]
     q = dense(qrn, w["indexer_attn_q_b"]).reshape(T, cfg.n_idx_head, cfg.idx_head_dim)
     q = apply_rope_tail(q, cos[:, None, :], sin[:, None, :])
     q = fp4_e2m1_round_trip(kernels.hadamard(q), cfg.fp4_block)
-    wh = dense(xn, w["indexer_proj"]) * F32(1.0 / math.sqrt(cfg.idx_head_dim * cfg.n_idx_head))
+    wh = proj * F32(1.0 / math.sqrt(cfg.idx_head_dim * cfg.n_idx_head))
     scores = kernels.indexer_scores(q, wh, idx_cache, lambda: head_scores(q, wh, idx_cache))
     cap = idx_cache.shape[0]
     visible = jnp.arange(cap)[None, :] < n_visible[:, None]

@@ -35,16 +35,19 @@ def dense(x: jax.Array, w: QTensor, act_quant: bool = True, pre=None) -> jax.Arr
     if q == QType.Q8_0:
         return q8_0_matmul(x, w, pre) if act_quant else adot(x, dequantize(w))
     if q in FLOAT_TYPES:
-        return adot(x, w.planes["w"])
+        return kernels.float_matmuls(x, (w.planes["w"],))[0]
     raise NotImplementedError(f"dense matmul for {q.name}")
 
 
 def dense_many(x: jax.Array, ws: tuple[QTensor, ...], act_quant: bool = True, pre=None) -> tuple:
     """``dense`` of one x against several weights: Q8_0 weights of one K share one quantization
-    of x and, on the kernel path, one launch (``dispatch.q8_0_matmuls``); the same bits."""
+    of x and, on the kernel path, one launch (``dispatch.q8_0_matmuls``); float weights of one K
+    one launch too (``dispatch.float_matmuls``); the same bits."""
     k = x.shape[-1]
     if act_quant and all(QType(w.qtype) == QType.Q8_0 and w.shape[-1] == k for w in ws):
         return kernels.q8_0_matmuls(x, tuple((w.planes["qs"], w.planes["d"]) for w in ws), pre)
+    if all(QType(w.qtype) in FLOAT_TYPES and w.shape[-1] == k for w in ws):
+        return kernels.float_matmuls(x, tuple(w.planes["w"] for w in ws))
     return tuple(dense(x, w, act_quant, pre) for w in ws)
 
 
