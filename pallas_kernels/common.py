@@ -11,6 +11,7 @@ decode step use a kernel while prefill uses XLA, and still agree bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,46 @@ def finish(s: jax.Array, e: jax.Array) -> jax.Array:
     acc = (s[0], e[0])
     for p in range(1, s.shape[0]):
         acc = dd_add(acc, (s[p], e[p]))
+    return acc[0] + acc[1]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["arrays"], meta_fields=["start", "width", "n"])
+@dataclasses.dataclass(frozen=True)
+class SplitSums:
+    """A matmul's output columns [start, start + width) of its first n tokens, still as the launch's
+    K-split partials: ``arrays`` the (s, e) pairs [S, N', out] that ``finish`` adds in split order,
+    or one array [1, N', out] of finished rows (no split). A kernel that reads the output adds the
+    pairs itself (``value`` on its tiles: the same elementwise chain, so the same bits), where XLA
+    would add them and slice the columns out as a kernel of their own."""
+
+    arrays: tuple
+    start: int
+    width: int
+    n: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.width)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def value(self) -> jax.Array:
+        """The finished [n, width] rows (XLA)."""
+        y = self.arrays[0][0] if len(self.arrays) == 1 else finish(*self.arrays)
+        return y[: self.n, self.start : self.start + self.width]
+
+
+def combine_refs(refs: tuple) -> jax.Array:
+    """``finish`` inside a kernel on the blocks [S, ...] of a ``SplitSums``' arrays, a split a load
+    (Triton cannot slice a loaded tile); one array holds the rows themselves (its split 0)."""
+    if len(refs) == 1:
+        return refs[0][0]
+    s_ref, e_ref = refs
+    acc = (s_ref[0], e_ref[0])
+    for p in range(1, s_ref.shape[0]):
+        acc = dd_add(acc, (s_ref[p], e_ref[p]))
     return acc[0] + acc[1]
 
 

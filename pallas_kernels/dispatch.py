@@ -50,6 +50,7 @@ from pallas_kernels import hc_pre as hc_pre_kernel
 from pallas_kernels import indexer_scores as indexer_kernel
 from pallas_kernels import quantize as quantize_kernel
 from pallas_kernels import sinkhorn as sinkhorn_kernel
+from pallas_kernels.common import SplitSums
 
 MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
 # ... except the routed experts: their kernel's programs are (token, expert) pairs, so a prefill
@@ -157,15 +158,27 @@ Q8_MANY_AUTO_N1_BYTES = 0
 Q8_CORES_MAX_TOKENS = 1
 
 
-def q8_0_matmuls(x: jax.Array, mats, pre=None) -> tuple:
+# A launch's K-split partials left for the norms' launch that reads them (``rms_norm_quant`` with
+# ``SplitSums`` parts: the Q_A/KV_A pair), instead of XLA's finish-and-slice, a kernel a matrix
+# (attention.py's Q_A/KV_A outputs: 105.6 µs and 86 kernels a 43-layer step, H200 session 28 call
+# D). Off: 8 full-size layers, one process (session 28 call G), 2,053.4 against 2,054.9 µs of
+# kernels a step with 16 kernels fewer: the norms' launch takes what the slices cost. ``all`` (the
+# GPU tests) takes it.
+SPLIT_SUMS_TO_NORM = False
+
+
+def q8_0_matmuls(x: jax.Array, mats, pre=None, split: bool = False) -> tuple:
     """``q8_0_matmul`` of one x [..., K] against several Q8_0 weights (qs, d) of that K: x is
     quantized once and, on the kernel path, one launch computes every output (a launch has a
-    fixed cost of several µs, KERNELS.md). The same bits as separate calls."""
+    fixed cost of several µs, KERNELS.md). The same bits as separate calls. ``split``: where the
+    launch runs (x [n, K]) and SPLIT_SUMS_TO_NORM (or ``all``), the outputs come as
+    ``SplitSums`` for ``rms_norm_quant`` to add (its only reader here)."""
     total = sum(qs.shape[0] * qs.shape[1] for qs, _ in mats)
-    return _q8_0(x, tuple(mats), 1, lambda n: n >= 2 or total >= Q8_MANY_AUTO_N1_BYTES, pre)
+    split = split and x.ndim == 2 and (SPLIT_SUMS_TO_NORM or mode() == "all")
+    return _q8_0(x, tuple(mats), 1, lambda n: n >= 2 or total >= Q8_MANY_AUTO_N1_BYTES, pre, split)
 
 
-def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None) -> tuple:
+def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None, split: bool = False) -> tuple:
     """The outputs of x against each (qs, d) of ``mats``: the Q8_0 kernel, one launch for all of
     them, where ``auto(n)`` (for ``auto``) and the mode take it; else the reference, x quantized once."""
     lead = x.shape[:-1]
@@ -181,6 +194,8 @@ def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None) -> tuple:
     qs, d = zip(*mats)
     one = len(mats) == 1  # a single matrix may be grouped; several share one launch
     cores = n <= Q8_CORES_MAX_TOKENS and not QUANTIZE_IN_KERNEL
+    if split and not one:
+        return q8_0.matmul(xq, dx, qs, d, groups, interpret=interpret, cores=cores, raw=True)
     ys = q8_0.matmul(xq, dx, qs[0] if one else qs, d[0] if one else d, groups, interpret=interpret, cores=cores)
     return tuple(y.reshape(*lead, y.shape[-1]) for y in ((ys,) if one else ys))
 
@@ -279,7 +294,7 @@ RAW_RING_IN_NORM = True
 
 
 def rms_norm_quant(parts, eps: float, kv_row=None):
-    """parts ((x [T, n], w [n], kinds), ...) → per part (rms_norm(x, w), pre): ``pre`` holds x's
+    """parts ((x [T, n] or ``SplitSums``, w [n], kinds), ...) → per part (rms_norm(x, w), pre): ``pre`` holds x's
     quantization for each of ``kinds`` ("q8_0", "q8_k") as (q, d), for ``q8_0_matmul(s)`` and
     ``expert_matmul`` to take as theirs, or is None (those functions then quantize it
     themselves: the same bits). Not interpreted in the whole model (its own test runs it so).
@@ -291,6 +306,7 @@ def rms_norm_quant(parts, eps: float, kv_row=None):
     use, interpret = _use(T, auto=NORM_QUANT_IN_AUTO)
     k = norms  # the launch knobs read here, at trace time (ab_decode.py variants set them)
     if not use or interpret or QUANTIZE_IN_KERNEL or not k.quant_supported(parts, k.CHUNKS):
+        parts = tuple((x.value() if isinstance(x, SplitSums) else x, w, kk) for x, w, kk in parts)
         out = tuple((rms_norm(x, w, eps), None) for x, w, _ in parts)
     elif kv_row is None:
         return k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS)

@@ -27,7 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import dd_total, div, f16_round_bits, fp8_e4m3_round_trip, rms_norm, split12, sqrt
 from ds4jax.model.rope import apply_rope_tail
-from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque, pick, two_sum_add
+from pallas_kernels.common import F32, SplitSums, combine_refs, is_pow2, kernel_zero, opaque, pick, two_sum_add
 from pallas_kernels.quantize import KINDS
 
 
@@ -67,7 +67,7 @@ def rms_norm_quant_reference(parts, eps: float):
     normalised rows and their int8 quantization for each of ``kinds`` ("q8_0", "q8_k")."""
     out = []
     for x, w, kinds in parts:
-        y = rms_norm(x, w, eps)
+        y = rms_norm(x.value() if isinstance(x, SplitSums) else x, w, eps)
         out.append((y, {k: KINDS[k][0](y) for k in kinds}))
     return tuple(out)
 
@@ -88,15 +88,23 @@ def _kv_row(y, cos_ref, sin_ref, n: int, kv, rnd):
     return f16_round_bits(y, rnd)
 
 
-def _norm_quant_kernel(z_ref, *refs, eps, kinds, kv, width, ring):
+def _norm_quant_kernel(z_ref, *refs, eps, kinds, kv, width, ring, forms):
     zero = z_ref[0]
     rnd = functools.partial(opaque, zero=zero)
-    n_in = 3 * len(kinds) + (2 if kv else 0) + (2 if ring else 0)
-    ins, extra, outs = refs[: 3 * len(kinds)], refs[3 * len(kinds) : n_in], iter(refs[n_in:])
+    counts = [3 if f == 0 else 2 * f + 1 for f in forms]  # a part's refs: (row, slice) blocks, weight
+    n_in = sum(counts) + (2 if kv else 0) + (2 if ring else 0)
+    ins, extra, outs = refs[: sum(counts)], refs[sum(counts) : n_in], iter(refs[n_in:])
+    at = 0
     for i, part in enumerate(kinds):
-        row_ref, x_ref, w_ref = ins[3 * i : 3 * i + 3]
-        scale = rms_scale(row_ref[...].astype(F32), eps, zero)  # [1, 1]: the whole row's
-        y = (x_ref[...].astype(F32) * scale) * w_ref[...].astype(F32)[None, :]  # this program's slice
+        f, mine = forms[i], ins[at : at + counts[i]]
+        at += counts[i]
+        if f == 0:
+            row, x = mine[0][...].astype(F32), mine[1][...].astype(F32)
+        else:  # a matmul's split partials (``SplitSums``), added here as ``finish`` adds them
+            row, x = combine_refs(mine[:f]), combine_refs(mine[f : 2 * f])
+        w_ref = mine[-1]
+        scale = rms_scale(row, eps, zero)  # [1, 1]: the whole row's
+        y = (x * scale) * w_ref[...].astype(F32)[None, :]  # this program's slice
         if kv and i == len(kinds) - 1:  # the KV row (no quantization of it: part == ())
             row = _kv_row(y, *extra[:2], width, kv, rnd)
             if not ring:
@@ -123,6 +131,8 @@ def quant_supported(parts, chunks: int, kv=None, ring=None) -> bool:
         n = x.shape[-1]
         if x.ndim != 2 or not is_pow2(n) or n % chunks or any((n // chunks) % KINDS[k][1] for k in kinds):
             return False
+        if isinstance(x, SplitSums) and (x.start % n or not is_pow2(x.arrays[0].shape[0])):
+            return False  # its blocks: whole rows of the part's width, power-of-two splits
     if kv is not None:
         n_nope, block, n_pairs = kv
         x, _, kinds = parts[-1]
@@ -143,15 +153,23 @@ def quant_supported(parts, chunks: int, kv=None, ring=None) -> bool:
 def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret, kv=None, tables=(), ring=()):
     T = xs[0].shape[0]
     in_specs, args, out_specs, out_shape = [pl.BlockSpec((1,), lambda t, c: (0,))], [z], [], []
+    forms = tuple(len(x.arrays) if isinstance(x, SplitSums) else 0 for x in xs)
     for i, (x, w, part) in enumerate(zip(xs, ws, kinds)):
         n = x.shape[1]
         c = n // chunks
-        in_specs += [
-            pl.BlockSpec((1, n), lambda t, j: (t, 0)),  # the whole row, for its squares
-            pl.BlockSpec((1, c), lambda t, j: (t, j)),
-            pl.BlockSpec((c,), lambda t, j: (j,)),
-        ]
-        args += [x, x, w]
+        if forms[i]:  # the partials' blocks [S, 1, n] and [S, 1, c] at the part's columns
+            S, b = x.arrays[0].shape[0], x.start // n
+            in_specs += [pl.BlockSpec((S, 1, n), lambda t, j, b=b: (0, t, b))] * forms[i]
+            in_specs += [pl.BlockSpec((S, 1, c), lambda t, j, b=b * chunks: (0, t, b + j))] * forms[i]
+            args += [*x.arrays, *x.arrays]
+        else:
+            in_specs += [
+                pl.BlockSpec((1, n), lambda t, j: (t, 0)),  # the whole row, for its squares
+                pl.BlockSpec((1, c), lambda t, j: (t, j)),
+            ]
+            args += [x, x]
+        in_specs.append(pl.BlockSpec((c,), lambda t, j: (j,)))
+        args.append(w)
         row16 = kv is not None and i == len(xs) - 1  # the KV row, as the raw window stores it
         if row16 and ring:  # ... written into its slot of the flat ring
             out_specs.append(pl.BlockSpec((ring[0].size,), lambda t, j: (0,)))
@@ -174,7 +192,9 @@ def _norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret, kv=None, tables
         in_specs += [pl.BlockSpec((raw.size,), lambda t, j: (0,)), pl.BlockSpec((1,), lambda t, j: (0,))]
         args += [raw.reshape(-1), jnp.reshape(slot, (1,)).astype(jnp.int32)]
     return pl.pallas_call(
-        functools.partial(_norm_quant_kernel, eps=eps, kinds=kinds, kv=kv, width=xs[-1].shape[-1], ring=bool(ring)),
+        functools.partial(
+            _norm_quant_kernel, eps=eps, kinds=kinds, kv=kv, width=xs[-1].shape[-1], ring=bool(ring), forms=forms
+        ),
         grid=(T, chunks),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -203,7 +223,7 @@ def rms_norm_quant(
     if kv_row is not None:
         cos, sin, n_nope, block = kv_row
         kv, tables = (n_nope, block, cos.shape[-1]), (cos, sin)
-    z = kernel_zero(xs[0], interpret)
+    z = kernel_zero(ws[0], interpret)
     flat = list(_norm_quant(z, xs, ws, eps, kinds, chunks, warps, interpret, kv, tables, ring or ()))
     if ring is not None:
         flat[-1] = flat[-1].reshape(ring[0].shape)

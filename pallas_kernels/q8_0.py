@@ -43,6 +43,7 @@ from jax.experimental.pallas import triton as plgpu
 from ds4jax.model.numerics import asum, dd_add, quantize_q8_0, rounded
 from pallas_kernels.common import (
     F32,
+    SplitSums,
     TileConfig,
     byte_words,
     dp4a,
@@ -224,7 +225,7 @@ def config_for(outs: tuple, k: int, groups: int = 1, cores: bool = False) -> Til
     return dataclasses.replace(cfg, block_rows=rows, cores=cores)
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "cfg", "interpret", "cores"))
+@functools.partial(jax.jit, static_argnames=("groups", "cfg", "interpret", "cores", "raw"))
 def matmul(
     xq,
     dx,
@@ -235,6 +236,7 @@ def matmul(
     interpret: bool = False,
     mat=None,
     cores: bool = False,
+    raw: bool = False,
 ):
     """The kernel: xq [N, G*K] int8, dx [N, G*K/32] f32 (N ≤ 4) → y [N, G*r] f32.
 
@@ -244,7 +246,9 @@ def matmul(
     with ``mat`` the (traced) index of the matrix to use; only that matrix is read. ``dx=None``:
     ``xq`` is the f32 activation [N, G*K] and the kernel quantizes it (``numerics.quantize_q8_0``,
     the same bits), saving the separate quantization kernel.
-    ``cores`` (without ``cfg``): the CUDA-core variant of the chosen launch, the same bits."""
+    ``cores`` (without ``cfg``): the CUDA-core variant of the chosen launch, the same bits.
+    ``raw`` (several matrices): each matrix's output as ``SplitSums``, the launch's partials left
+    for the kernel that reads them to add."""
     quantize = dx is None
     n = xq.shape[0]
     many = isinstance(qs, (tuple, list))
@@ -311,8 +315,10 @@ def matmul(
         interpret=interpret,
         name="q8_0_share",
     )(kernel_zero(xq if quantize else dx, interpret), *sel, xq, *([] if quantize else [dx]), *planes)
+    ends = [sum(outs[: m + 1]) for m in range(len(outs))]
+    if raw and many:
+        return tuple(SplitSums(tuple(res), e - o, o, n) for o, e in zip(outs, ends))
     y = (res[0][0] if n_out == 1 else finish(*res))[:n]
     if not many:
         return y
-    ends = [sum(outs[: m + 1]) for m in range(len(outs))]
     return tuple(y[:, e - o : e] for o, e in zip(outs, ends))

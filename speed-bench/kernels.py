@@ -1015,6 +1015,12 @@ def main() -> None:
     ap.add_argument(
         "--rows-warps", default="64x4", help="q8_0 with --cores: rows x warps a program (the K split stays)"
     )
+    ap.add_argument("--float-shapes", default="", help="float_dense: comma-separated name parts of the shapes to time")
+    ap.add_argument(
+        "--float-variants",
+        default="",
+        help="float_dense: rows/BK/warps/stages launches beside the base, e.g. 32/256/8/2",
+    )
     ap.add_argument("--expert-cfgs", default="", help="experts: launches beside the base, e.g. r32s4w2,r64s4w4st1")
     ap.add_argument(
         "--u",
@@ -1122,8 +1128,11 @@ def main() -> None:
         small = [("attention", 128, 32, ("fp8", 96, 32)), ("indexer", 64, 16, ("fp4", 32))]
         bench_compressor_row(rec, **({"rounds": 3, "kinds": small} if INTERPRET else {}))
     if "float_dense" in only and left() > 0:
-        small = [(w, tuple(o // 16 for o in outs), k // 8) for w, outs, k in FLOAT_SHAPES[:2]]
-        bench_float_dense(rec, **({"shapes": small, "tokens": (1,)} if INTERPRET else {}))
+        shapes = [f for f in FLOAT_SHAPES if not a.float_shapes or any(p in f[0] for p in a.float_shapes.split(","))]
+        variants = [tuple(int(v) for v in c.split("/")) for c in a.float_variants.split(",") if c] or FLOAT_VARIANTS
+        small = [(w, tuple(o // 16 for o in outs), k // 8) for w, outs, k in shapes[:2]]
+        kw = {"shapes": small, "tokens": (1,)} if INTERPRET else {"shapes": shapes, "variants": variants}
+        bench_float_dense(rec, **kw)
     # 2. variants while time is left, at --sweep-n (variants.csv)
     if not a.quick:
         if "q8_0" in only:

@@ -633,6 +633,8 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
 
     monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
     S = jax.ShapeDtypeStruct
+    from pallas_kernels.common import SplitSums
+
     i8, f32 = jnp.int8, jnp.float32
     # the Q_A/KV_A pair with the KV row's angles: (q_a, its weight, kv_a, its weight, cos, sin)
     kv_pair = (S((1, 1024), f32), S((1024,), f32), S((1, 512), f32), S((512,), f32), S((1, 32), f32), S((1, 32), f32))
@@ -766,6 +768,19 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((128, 512), jnp.float16),
             S((), jnp.int32),
         ),
+        (
+            lambda s, e, wa, wb, c, sn: norms.rms_norm_quant(
+                ((SplitSums((s, e), 0, 1024, 1), wa, ("q8_0",)), (SplitSums((s, e), 1024, 512, 1), wb, ())),
+                1e-6,
+                chunks=4,
+                kv_row=(c, sn, 448, 64),
+            )[1][0],
+            S((8, 1, 1536), f32),
+            S((8, 1, 1536), f32),
+            kv_pair[1],
+            kv_pair[3],
+            *kv_pair[4:],
+        ),
         (lambda x: hadamard.hadamard(x), S((1, 64, 128), f32)),
         (
             lambda x, a, b: float_dense.matmul(x, (a, b)),
@@ -858,3 +873,33 @@ def test_float_matmul_kernel_is_the_reference(n, rows, block_k, splits):
     assert np.array_equal(np.asarray(one), np.asarray(got[0][:1]))
     assert float_dense.choose_config((1024, 1024), 4096) == float_dense.FloatConfig(16, 256, 4, 8)
     assert float_dense.choose_config((8192,), 1024) == float_dense.FloatConfig(8, 128, 1, 4)
+
+
+@pytest.mark.parametrize("T,splits", [(1, 4), (3, 2), (1, 1)])
+def test_norm_launch_adds_a_matmuls_split_sums(T, splits):
+    """The Q_A/KV_A pair's Q8_0 launch left unfinished (``SplitSums``: its K-split partials, or its
+    rows with no split) and read by the norms' launch, which adds them as ``finish`` does: the
+    normed rows, their quantization and the KV row with the bits of the finished outputs; the same
+    launch's finished outputs equal the partials' value."""
+    from pallas_kernels.common import SplitSums, TileConfig
+
+    xq, dx, qa_qs, qa_d = q8_inputs(T, 128, 512)
+    _, _, kv_qs, kv_d = q8_inputs(T, 64, 512)
+    cfg = TileConfig(block_rows=32, k_splits=splits, blocks_per_step=4, cores=True)
+    mats = ((qa_qs, kv_qs), (qa_d, kv_d))
+    sums = q8_0.matmul(xq, dx, *mats, cfg=cfg, interpret=INTERPRET, raw=True)
+    rows = q8_0.matmul(xq, dx, *mats, cfg=cfg, interpret=INTERPRET)
+    assert all(isinstance(p, SplitSums) and len(p.arrays) == (1 if splits == 1 else 2) for p in sums)
+    for p, r in zip(sums, rows):
+        assert p.shape == r.shape and np.array_equal(np.asarray(p.value()), np.asarray(r))
+    wa, wb = (jnp.asarray(RNG.uniform(0.2, 3.0, n).astype(np.float32)) for n in (128, 64))
+    ang = RNG.uniform(0, 6, (T, 8)).astype(np.float32)
+    cos, sin = jnp.asarray(np.cos(ang)), jnp.asarray(np.sin(ang))
+    kv_row = (cos, sin, 32, 16)
+    lazy = ((sums[0], wa, ("q8_0",)), (sums[1], wb, ()))
+    done = ((rows[0], wa, ("q8_0",)), (rows[1], wb, ()))
+    assert norms.quant_supported(lazy, 2, (32, 16, 8))
+    got = norms.rms_norm_quant(lazy, 1e-6, chunks=2, interpret=INTERPRET, kv_row=kv_row)
+    want = norms.rms_norm_quant(done, 1e-6, chunks=2, interpret=INTERPRET, kv_row=kv_row)
+    _same_norms(got[:1], want[:1])
+    assert np.array_equal(np.asarray(got[1][0]).view(np.uint16), np.asarray(want[1][0]).view(np.uint16))

@@ -84,7 +84,8 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
     aq = cfg.act_quant
     # Each norm launch also quantizes its output for the Q8_0 kernels that read it (kernel path).
     ((xn, xq),) = rms_norms(((x, w["attn_norm"].planes["w"], ("q8_0",)),), eps, aq)
-    qa, kva = dense_many(xn, (w["attn_q_a"], w["attn_kv"]), aq, xq)  # one input: one launch on the kernel path
+    # One input: one launch on the kernel path, whose K-split partials the norms' launch adds.
+    qa, kva = dense_many(xn, (w["attn_q_a"], w["attn_kv"]), aq, xq, split=True)
     pair = ((qa, w["attn_q_a_norm"].planes["w"], ("q8_0",)), (kva, w["attn_kv_a_norm"].planes["w"], ()))
     # Raw window: a ring, position p in slot p mod n_swa (``state.py``). Every sum over keys is a
     # double-float sum rounded once, so the keys' order does not change the bits.

@@ -39,13 +39,14 @@ def dense(x: jax.Array, w: QTensor, act_quant: bool = True, pre=None) -> jax.Arr
     raise NotImplementedError(f"dense matmul for {q.name}")
 
 
-def dense_many(x: jax.Array, ws: tuple[QTensor, ...], act_quant: bool = True, pre=None) -> tuple:
+def dense_many(x: jax.Array, ws: tuple[QTensor, ...], act_quant: bool = True, pre=None, split: bool = False) -> tuple:
     """``dense`` of one x against several weights: Q8_0 weights of one K share one quantization
     of x and, on the kernel path, one launch (``dispatch.q8_0_matmuls``); float weights of one K
-    one launch too (``dispatch.float_matmuls``); the same bits."""
+    one launch too (``dispatch.float_matmuls``); the same bits. ``split``: Q8_0 outputs may come as
+    the launch's unfinished partials (``dispatch.q8_0_matmuls``), for ``rms_norms`` only."""
     k = x.shape[-1]
     if act_quant and all(QType(w.qtype) == QType.Q8_0 and w.shape[-1] == k for w in ws):
-        return kernels.q8_0_matmuls(x, tuple((w.planes["qs"], w.planes["d"]) for w in ws), pre)
+        return kernels.q8_0_matmuls(x, tuple((w.planes["qs"], w.planes["d"]) for w in ws), pre, split)
     if all(QType(w.qtype) in FLOAT_TYPES and w.shape[-1] == k for w in ws):
         return kernels.float_matmuls(x, tuple(w.planes["w"] for w in ws))
     return tuple(dense(x, w, act_quant, pre) for w in ws)
