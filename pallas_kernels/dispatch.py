@@ -21,7 +21,8 @@ made at trace time from static shapes and the environment:
                               norms with their outputs' quantization (the Q_A/KV_A pair also
                               making the KV row and, at decode, writing it into the raw
                               window); the Hadamard transform; at N=1 the float-weight
-                              matmuls (the normed input's five F16 matrices in one launch).
+                              matmuls of 4 MB and more (the normed input's five F16
+                              matrices in one launch, the indexer's q_b).
                               The per-head norm with the tail RoPE lost to XLA's fusions and
                               stays off (HEAD_NORM_IN_AUTO).
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4

@@ -106,15 +106,15 @@ def _norm_quant_kernel(z_ref, *refs, eps, kinds, kv, width, ring, forms):
         scale = rms_scale(row, eps, zero)  # [1, 1]: the whole row's
         y = (x * scale) * w_ref[...].astype(F32)[None, :]  # this program's slice
         if kv and i == len(kinds) - 1:  # the KV row (no quantization of it: part == ())
-            row = _kv_row(y, *extra[:2], width, kv, rnd)
+            kv16 = _kv_row(y, *extra[:2], width, kv, rnd)
             if not ring:
-                next(outs)[...] = row
+                next(outs)[...] = kv16
                 continue
             # Decode: this program's slice of the row into the token's slot of the flat ring [W·n]
             # (aliased: the other rows stay as they are; no program writes another's columns).
-            c = row.shape[-1]
-            at = pl.multiple_of(extra[3][0] * width + pl.program_id(1) * c, c)
-            next(outs)[pl.ds(at, c)] = row.reshape(c)
+            c = kv16.shape[-1]
+            dst = pl.multiple_of(extra[3][0] * width + pl.program_id(1) * c, c)
+            next(outs)[pl.ds(dst, c)] = kv16.reshape(c)
             continue
         next(outs)[...] = y
         for k in part:  # blocks never straddle a slice (quant_supported)
