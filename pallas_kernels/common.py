@@ -52,14 +52,40 @@ def finish(s: jax.Array, e: jax.Array) -> jax.Array:
     return acc[0] + acc[1]
 
 
+def finished(parts):
+    """A launch's outputs rounded once: its K-split (s, e) partials [S, ...] added in split order
+    (``finish``), or its one array [1, ...] of rows already finished (no split). Takes arrays, or
+    a kernel's refs (each split a load: Triton cannot slice a loaded tile)."""
+    return parts[0][0] if len(parts) == 1 else finish(*parts)
+
+
+def matrix_columns(outs: tuple) -> tuple:
+    """(start, width) of each matrix's columns in the output of a launch over matrices of ``outs``
+    rows (several matrices of one input, one launch)."""
+    return tuple((sum(outs[:m]), o) for m, o in enumerate(outs))
+
+
+def by_row_tile(run, tiles: tuple, i):
+    """Several matrices in one launch: ``run(m, tile)`` for the matrix m whose row tiles
+    [first, first + tiles[m]) hold the program's row tile i (a uniform branch a program)."""
+
+    def run_from(m, first):
+        if m == len(tiles) - 1:
+            return run(m, i - first)
+        end = first + tiles[m]
+        return jax.lax.cond(i < end, lambda: run(m, i - first), lambda: run_from(m + 1, end))
+
+    return run_from(0, 0)
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["arrays"], meta_fields=["start", "width", "n"])
 @dataclasses.dataclass(frozen=True)
 class SplitSums:
     """A matmul's output columns [start, start + width) of its first n tokens, still as the launch's
-    K-split partials: ``arrays`` the (s, e) pairs [S, N', out] that ``finish`` adds in split order,
-    or one array [1, N', out] of finished rows (no split). A kernel that reads the output adds the
-    pairs itself (``value`` on its tiles: the same elementwise chain, so the same bits), where XLA
-    would add them and slice the columns out as a kernel of their own."""
+    outputs (``finished`` makes the rows): K-split (s, e) pairs [S, N', out] or one array [1, N',
+    out]. A kernel that reads the output adds the pairs itself (``finished`` on its refs: the same
+    elementwise chain, so the same bits), where XLA would add them and slice the columns out as a
+    kernel of their own."""
 
     arrays: tuple
     start: int
@@ -76,20 +102,7 @@ class SplitSums:
 
     def value(self) -> jax.Array:
         """The finished [n, width] rows (XLA)."""
-        y = self.arrays[0][0] if len(self.arrays) == 1 else finish(*self.arrays)
-        return y[: self.n, self.start : self.start + self.width]
-
-
-def combine_refs(refs: tuple) -> jax.Array:
-    """``finish`` inside a kernel on the blocks [S, ...] of a ``SplitSums``' arrays, a split a load
-    (Triton cannot slice a loaded tile); one array holds the rows themselves (its split 0)."""
-    if len(refs) == 1:
-        return refs[0][0]
-    s_ref, e_ref = refs
-    acc = (s_ref[0], e_ref[0])
-    for p in range(1, s_ref.shape[0]):
-        acc = dd_add(acc, (s_ref[p], e_ref[p]))
-    return acc[0] + acc[1]
+        return finished(self.arrays)[: self.n, self.start : self.start + self.width]
 
 
 def runtime_zero(x: jax.Array) -> jax.Array:

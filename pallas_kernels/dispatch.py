@@ -306,26 +306,31 @@ def rms_norm_quant(parts, eps: float, kv_row=None):
     T = parts[0][0].shape[0]
     use, interpret = _use(T, auto=NORM_QUANT_IN_AUTO)
     k = norms  # the launch knobs read here, at trace time (ab_decode.py variants set them)
+    row_in = ring_in = False  # whether the launch makes the KV row, and writes it into the window
     if not use or interpret or QUANTIZE_IN_KERNEL or not k.quant_supported(parts, k.CHUNKS):
         parts = tuple((x.value() if isinstance(x, SplitSums) else x, w, kk) for x, w, kk in parts)
         out = tuple((rms_norm(x, w, eps), None) for x, w, _ in parts)
-    elif kv_row is None:
-        return k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS)
     else:
-        cos, _, n_nope, block, _, ring = kv_row
-        every = mode() == "all"  # ``all``: every kernel (the GPU tests)
-        kv = (n_nope, block, cos.shape[-1])
-        if (KV_ROW_IN_NORM or every) and k.quant_supported(parts, k.CHUNKS, kv):
-            if ring is not None and not ((RAW_RING_IN_NORM or every) and k.quant_supported(parts, k.CHUNKS, kv, ring)):
-                out = k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS, kv_row=kv_row[:4])
-                (rows, pre) = out[-1]
-                return (*out[:-1], (jax.lax.dynamic_update_slice(ring[0], rows, (ring[1], 0)), pre))
-            return k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS, kv_row=kv_row[:4], ring=ring)
-        out = k.rms_norm_quant(parts, eps, chunks=k.CHUNKS, warps=k.WARPS)
-    if kv_row is None:
+        if kv_row is not None:
+            cos, _, n_nope, block, _, ring = kv_row
+            every = mode() == "all"  # ``all``: every kernel (the GPU tests)
+            kv = (n_nope, block, cos.shape[-1])
+            row_in = (KV_ROW_IN_NORM or every) and k.quant_supported(parts, k.CHUNKS, kv)
+            ring_in = row_in and ring is not None and (RAW_RING_IN_NORM or every)
+            ring_in = ring_in and k.quant_supported(parts, k.CHUNKS, kv, ring)
+        out = k.rms_norm_quant(
+            parts,
+            eps,
+            chunks=k.CHUNKS,
+            warps=k.WARPS,
+            kv_row=kv_row[:4] if row_in else None,
+            ring=kv_row[5] if ring_in else None,
+        )
+    if kv_row is None or ring_in:
         return out
-    (kv, pre), values, ring = out[-1], kv_row[4], kv_row[5]
-    rows = values(kv)
+    (rows, pre), values, ring = out[-1], kv_row[4], kv_row[5]
+    if not row_in:
+        rows = values(rows)
     if ring is not None:
         rows = jax.lax.dynamic_update_slice(ring[0], rows, (ring[1], 0))
     return (*out[:-1], (rows, pre))

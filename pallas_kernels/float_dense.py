@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import adot, dd_sum
-from pallas_kernels.common import F32, finish, is_pow2, kernel_zero, opaque, two_sum_add
+from pallas_kernels.common import F32, by_row_tile, finished, is_pow2, kernel_zero, matrix_columns, opaque, two_sum_add
 
 __all__ = ["FloatConfig", "choose_config", "matmul", "reference", "supported"]
 
@@ -87,7 +87,8 @@ def _kernel(z_ref, x_ref, *refs, cfg: FloatConfig, steps: int, n: int, np_: int,
     i, j = pl.program_id(0), pl.program_id(1)
     zero = z_ref[0]
 
-    def run(w_ref, tile):
+    def run(m, tile):
+        w_ref = mats[m]
         rows = pl.ds(tile * BO, BO)
 
         def body(step, carry):
@@ -105,14 +106,7 @@ def _kernel(z_ref, x_ref, *refs, cfg: FloatConfig, steps: int, n: int, np_: int,
         # [np_, BO] (rows past n stay zero: their outputs are dropped)
         return tuple(sum(jnp.where(t_of == t, p[h][None, :], 0.0) for t, p in enumerate(sums)) for h in (0, 1))
 
-    def run_from(m, first):
-        """Row tiles [first, first + tiles[m]) read matrix m."""
-        if m == len(tiles) - 1:
-            return run(mats[m], i - first)
-        end = first + tiles[m]
-        return jax.lax.cond(i < end, lambda: run(mats[m], i - first), lambda: run_from(m + 1, end))
-
-    s, e = run_from(0, 0)
+    s, e = by_row_tile(run, tiles, i)
     if n_out == 1:
         out_refs[0][...] = s + e
     else:
@@ -153,8 +147,5 @@ def matmul(x, ws, cfg: FloatConfig | None = None, interpret: bool = False):
         interpret=interpret,
         name="float_dense",
     )(kernel_zero(x, interpret), x, *ws)
-    y = (res[0][0] if n_out == 1 else finish(*res))[:n]
-    if not many:
-        return y
-    ends = [sum(outs[: m + 1]) for m in range(len(outs))]
-    return tuple(y[:, e - o : e] for o, e in zip(outs, ends))
+    y = finished(res)[:n]
+    return tuple(y[:, start : start + o] for start, o in matrix_columns(outs)) if many else y

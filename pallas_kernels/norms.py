@@ -27,7 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import dd_total, div, f16_round_bits, fp8_e4m3_round_trip, rms_norm, split12, sqrt
 from ds4jax.model.rope import apply_rope_tail
-from pallas_kernels.common import F32, SplitSums, combine_refs, is_pow2, kernel_zero, opaque, pick, two_sum_add
+from pallas_kernels.common import F32, SplitSums, finished, is_pow2, kernel_zero, opaque, pick, two_sum_add
 from pallas_kernels.quantize import KINDS
 
 
@@ -101,7 +101,7 @@ def _norm_quant_kernel(z_ref, *refs, eps, kinds, kv, width, ring, forms):
         if f == 0:
             row, x = mine[0][...].astype(F32), mine[1][...].astype(F32)
         else:  # a matmul's split partials (``SplitSums``), added here as ``finish`` adds them
-            row, x = combine_refs(mine[:f]), combine_refs(mine[f : 2 * f])
+            row, x = finished(mine[:f]), finished(mine[f : 2 * f])
         w_ref = mine[-1]
         scale = rms_scale(row, eps, zero)  # [1, 1]: the whole row's
         y = (x * scale) * w_ref[...].astype(F32)[None, :]  # this program's slice

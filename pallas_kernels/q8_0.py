@@ -45,10 +45,12 @@ from pallas_kernels.common import (
     F32,
     SplitSums,
     TileConfig,
+    by_row_tile,
     byte_words,
     dp4a,
-    finish,
+    finished,
     kernel_zero,
+    matrix_columns,
     opaque,
     pick,
     pow2_at_least,
@@ -191,15 +193,8 @@ def _kernel(
         zeros = jnp.zeros((np_ * U, BO), F32)
         return jax.lax.fori_loop(j * steps, (j + 1) * steps, body, (zeros, zeros))
 
-    def run_from(m, first):
-        """Several matrices of one K in one launch: row tiles [first, first + tiles[m]) read matrix m."""
-        go = run_cores if cfg.cores else run
-        if m == len(tiles) - 1:
-            return go(*mats[m], i - first)
-        end = first + tiles[m]
-        return jax.lax.cond(i < end, lambda: go(*mats[m], i - first), lambda: run_from(m + 1, end))
-
-    s, e = run_from(0, 0)
+    go = run_cores if cfg.cores else run
+    s, e = by_row_tile(lambda m, tile: go(*mats[m], tile), tiles, i)  # several matrices of one K
     # Combine each token's U partial chains in order u = 0..U-1 (a masked sum picks one row: exact).
     s3, e3 = s.reshape(np_, U, BO), e.reshape(np_, U, BO)
     acc = (pick(s3, 1, 0), pick(e3, 1, 0))
@@ -315,10 +310,8 @@ def matmul(
         interpret=interpret,
         name="q8_0_share",
     )(kernel_zero(xq if quantize else dx, interpret), *sel, xq, *([] if quantize else [dx]), *planes)
-    ends = [sum(outs[: m + 1]) for m in range(len(outs))]
+    cols = matrix_columns(outs)
     if raw and many:
-        return tuple(SplitSums(tuple(res), e - o, o, n) for o, e in zip(outs, ends))
-    y = (res[0][0] if n_out == 1 else finish(*res))[:n]
-    if not many:
-        return y
-    return tuple(y[:, e - o : e] for o, e in zip(outs, ends))
+        return tuple(SplitSums(tuple(res), start, o, n) for start, o in cols)
+    y = finished(res)[:n]
+    return tuple(y[:, start : start + o] for start, o in cols) if many else y

@@ -935,8 +935,8 @@ FLOAT_SHAPES = [
     ("indexer q_b 1024->8192", (8192,), 1024),
     ("xn-fed ratio-4: both compressors + indexer proj", (1024, 1024, 256, 256, 64), 4096),
 ]
-# (rows, BK, warps, stages) beside the base (8, 128, 4, 2); BK changes the sums' order, so each
-# variant is checked exact against XLA's ``adot`` by itself
+# (rows, BK, warps, stages) beside the base (``float_dense.choose_config``); BK changes the sums'
+# order, so each variant is checked exact against XLA's ``adot`` by itself
 FLOAT_VARIANTS = [
     (4, 128, 4, 2),
     (16, 128, 4, 2),
@@ -972,11 +972,10 @@ def bench_float_dense(rec: Recorder, shapes=FLOAT_SHAPES, variants=FLOAT_VARIANT
             ref_s = time_xla_copies(ref, xc, rounds)
             base = float_dense.choose_config(outs, k)
             cfgs = [base] + [
-                float_dense.choose_config(outs, k, rows=r, block_k=bk).__class__(
-                    **{**vars(float_dense.choose_config(outs, k, rows=r, block_k=bk)), "num_warps": w, "num_stages": st}
-                )
+                dataclasses.replace(float_dense.choose_config(outs, k, rows=r, block_k=bk), num_warps=w, num_stages=st)
                 for r, bk, w, st in (variants if n == 1 and not INTERPRET else ())
             ]
+            nbytes = wbytes + 4 * n * (k + sum(outs))  # the weights, x and the outputs
             best = None
             for cfg in cfgs:
                 kern = lambda x, *ws, cfg=cfg: float_dense.matmul(x, ws, cfg, interpret=INTERPRET)
@@ -988,11 +987,11 @@ def bench_float_dense(rec: Recorder, shapes=FLOAT_SHAPES, variants=FLOAT_VARIANT
                     continue
                 ok = all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(got, want))
                 label = f"r{cfg.block_rows}k{cfg.block_k}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages} C{C}"
-                rec.variant("float_dense", n, shape, label, ok, s, wbytes + 4 * n * (k + sum(outs)), ref_s)
+                rec.variant("float_dense", n, shape, label, ok, s, nbytes, ref_s)
                 if ok and (best is None or s < best[0]):
                     best = (s, label)
             if best is not None:
-                rec.best(f"float_dense {best[1]}", n, shape, best[0], wbytes + 4 * n * (k + sum(outs)), ref_s)
+                rec.best(f"float_dense {best[1]}", n, shape, best[0], nbytes, ref_s)
 
 
 def main() -> None:
