@@ -22,6 +22,12 @@ into blocks of ``KEYS`` rows, padded to whole splits (padded keys invisible).
 
 Every sum is a double-float sum rounded once, as ``numerics.asum``, so the bits are the XLA
 path's wherever those sums round correctly (the same premise as every other double-float kernel).
+
+With ``quant_rotated`` (the decode step's form) the epilogue is a launch too, ``attn_out``, that
+goes on to the output projection's input: the output's tail inverse-rotated (``rope.apply_rope_tail``)
+and quantized per 32 (``numerics.quantize_q8_0``), where XLA ran the epilogue, the rotation and
+the quantization as ~5 kernels a layer (H200, session 28: 2.5 kernels of epilogue, ~3.4 µs a
+layer, besides the rotation's and the quantize launch).
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import dd_sum, div, exp
+from ds4jax.model.numerics import dd_add, dd_sum, div, exp, quantize_q8_0
 from pallas_kernels.common import F32, finish, is_pow2, kernel_zero, opaque, two_sum_add
+from pallas_kernels.norms import rotate_tail
 
-__all__ = ["sink_attention", "supported"]
+__all__ = ["out_supported", "sink_attention", "supported"]
 
 HEADS = 8  # heads a program
 KEYS = 16  # keys a block (the scores launch's program, the mix loop's step)
@@ -138,15 +145,17 @@ def _loop(n, load, body, acc, prefetch):
     return lax.fori_loop(0, n, step, (acc, load(0)))[0]
 
 
-def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd, dc, prefetch):
+def _scores_kernel(z_ref, q_ref, *refs, scale, spans, shared, n_rows, n_keys, hd, dc, prefetch):
     rnd = functools.partial(opaque, zero=z_ref[0])
     t, blk = pl.program_id(0), pl.program_id(2)
+    vis_refs, refs = refs[: len(spans)], refs[len(spans) :]
     tabs, row_refs, (o_ref,) = _split_refs(refs, len(spans), shared)
     cols = lax.broadcasted_iota(I32, (1, 1, dc), 2)
     z = jnp.zeros((HEADS, KEYS, dc), F32)
 
     def part(p):
-        base = _rows(p, t, (blk - spans[p][0]) * KEYS, KEYS, row_refs, n_rows)[None, :, None] * hd + cols
+        k0 = (blk - spans[p][0]) * KEYS
+        base = _rows(p, t, k0, KEYS, row_refs, n_rows)[None, :, None] * hd + cols
 
         def load(c):
             c0 = c * dc if isinstance(c, int) else pl.multiple_of(c * dc, dc)  # the prefetch's first: static
@@ -157,11 +166,15 @@ def _scores_kernel(z_ref, q_ref, v_ref, *refs, scale, spans, shared, n_rows, hd,
             qc, kc = tiles
             return two_sum_add(*acc, rnd(qc * kc.astype(F32)))  # products rounded first (no FMA)
 
-        return _loop(hd // dc, load, step, (z, z), prefetch)
+        # the part's visibility [T·K] read at the block's keys (its padded keys are invisible)
+        k = k0 + lax.broadcasted_iota(I32, (KEYS,), 0)
+        K = n_keys[p]
+        seen = jnp.where(k < K, vis_refs[p][t * K + jnp.clip(k, 0, K - 1)], 0)
+        return (*_loop(hd // dc, load, step, (z, z), prefetch), seen)
 
-    s, e = dd_sum(*_pick(part, len(spans), blk, spans))  # [HEADS, KEYS]
-    visible = v_ref[0, :] != 0  # [KEYS]
-    o_ref[0] = jnp.where(visible[None, :], rnd((s + e) * scale), -jnp.inf)
+    s, e, seen = _pick(part, len(spans), blk, spans)
+    s, e = dd_sum(s, e)  # [HEADS, KEYS]
+    o_ref[0] = jnp.where(seen[None, :] != 0, rnd((s + e) * scale), -jnp.inf)
 
 
 def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc, prefetch):
@@ -193,14 +206,6 @@ def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc
     ds_ref[0, 0, 0], de_ref[0, 0, 0] = ds[:, 0], de[:, 0]
 
 
-def _visible(parts, spans, T):
-    """[T, blocks x KEYS] int32: each part's visibility, padded invisible to its blocks."""
-    cols = []
-    for (_, _, vis), (_, nb) in zip(parts, spans):
-        cols.append(jnp.pad(vis.astype(I32), ((0, 0), (0, nb * KEYS - vis.shape[1]))))
-    return jnp.concatenate(cols, axis=1)
-
-
 def _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split):
     """XLA's elementwise epilogue (it fuses with its neighbours): each part's split pairs in split
     order, rounded once, the parts added in order; the denominator's pairs likewise plus
@@ -212,6 +217,82 @@ def _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split):
         o = mix if o is None else o + mix
     total = exp(sink[None, :] - m) + finish(den_s[:, :, 0], den_e[:, :, 0])
     return o * div(1.0, total)[..., None]
+
+
+OUT_HEADS = 4  # heads a program of the ``attn_out`` launch
+OUT_COLS = 128  # head-dim columns a program of it (whole Q8_0 blocks; the tail's pairs stay together)
+
+
+def _chain(s_ref, e_ref, at, splits):
+    """``finish`` of the split pairs ``splits`` (in order), each loaded as ``at(ref, split)``."""
+    acc = None
+    for p in splits:
+        pair = (at(s_ref, p), at(e_ref, p))
+        acc = pair if acc is None else dd_add(acc, pair)
+    return acc[0] + acc[1]
+
+
+def _out_kernel(z_ref, m_ref, sink_ref, ms_ref, me_ref, ds_ref, de_ref, cos_ref, sin_ref, q_ref, d_ref, **kw):
+    """``_finish``, then the tail's inverse rotation and the Q8_0 quantization of a [heads, cols]
+    tile: the same functions as the XLA path's, in its order."""
+    spans, split, n_split, hd, n_pairs = kw["spans"], kw["split"], kw["n_split"], kw["hd"], kw["n_pairs"]
+    rnd = functools.partial(opaque, zero=z_ref[0])
+    t, cc = pl.program_id(0), pl.program_id(2)
+    o = None
+    for b0, nb in spans:  # each part's splits added in split order and rounded, the parts in order
+        mix = _chain(ms_ref, me_ref, lambda r, p: r[p, 0], range(b0 // split, (b0 + nb) // split))
+        o = mix if o is None else o + mix  # [HB, C]
+    den = _chain(ds_ref, de_ref, lambda r, p: r[p, 0, 0], range(n_split))  # [HB]
+    m = m_ref[0]
+    total = exp(sink_ref[...] - m, rnd) + den
+    y = o * div(1.0, total, rnd)[:, None]
+    C = y.shape[-1]
+    pair = cc * (C // 2) + lax.broadcasted_iota(I32, (1, C // 2), 1)  # the head's pair index
+    at = t * n_pairs + jnp.clip(pair - (hd // 2 - n_pairs), 0, n_pairs - 1)
+    rot = rotate_tail(y, cos_ref[at], -sin_ref[at], C // 2, rnd)  # every pair; the head's are dropped
+    col = cc * C + lax.broadcasted_iota(I32, (1, C), 1)
+    q, d = quantize_q8_0(jnp.where(col >= hd - 2 * n_pairs, rot, y), rnd, in_kernel=True)
+    q_ref[0] = q
+    d_ref[0] = d
+
+
+def out_supported(q: jax.Array, cos: jax.Array) -> bool:
+    """The ``attn_out`` launch: whole programs of heads and columns, the rotated tail inside the head."""
+    T, H, hd = q.shape
+    return H % OUT_HEADS == 0 and hd % OUT_COLS == 0 and 0 < 2 * cos.shape[-1] <= hd and cos.shape[0] == T
+
+
+def _out_quant(m, sink, mix_s, mix_e, den_s, den_e, cos, sin, spans, split, interpret):
+    """(q int8 [T, H, hd], d f32 [T, H, hd/32]): ``quantize_q8_0`` of the inverse-rotated ``_finish``."""
+    n_split, T, H, hd = mix_s.shape
+    HB, C, P = OUT_HEADS, OUT_COLS, cos.shape[-1]
+    mix = pl.BlockSpec((n_split, 1, HB, C), lambda t, h, c: (0, t, h, c))
+    den = pl.BlockSpec((n_split, 1, 1, HB), lambda t, h, c: (0, t, 0, h))
+    flat = pl.BlockSpec((T * P,), lambda *_: (0,))
+    kw = {"spans": spans, "split": split, "n_split": n_split, "hd": hd, "n_pairs": P}
+    return pl.pallas_call(
+        functools.partial(_out_kernel, **kw),
+        grid=(T, H // HB, hd // C),
+        in_specs=[
+            pl.BlockSpec((1,), lambda *_: (0,)),
+            pl.BlockSpec((1, HB), lambda t, h, c: (t, h)),
+            pl.BlockSpec((HB,), lambda t, h, c: (h,)),
+            mix,
+            mix,
+            den,
+            den,
+            flat,
+            flat,
+        ],
+        out_specs=[
+            pl.BlockSpec((1, HB, C), lambda t, h, c: (t, h, c)),
+            pl.BlockSpec((1, HB, C // 32), lambda t, h, c: (t, h, c)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((T, H, hd), jnp.int8), jax.ShapeDtypeStruct((T, H, hd // 32), F32)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="attn_out",
+    )(kernel_zero(m, interpret), m, sink, mix_s, mix_e, den_s, den_e, cos.reshape(-1), sin.reshape(-1))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "split", "warps", "stages", "dc", "prefetch"))
@@ -226,12 +307,16 @@ def sink_attention(
     stages: int = 2,
     dc: int = D_CHUNK,
     prefetch: bool | None = PREFETCH,
+    quant_rotated=None,
 ):
     """q [T, H, hd] f32; ``parts``: ((table [R, hd], rows [T, K] or None, visible [T, K]), ...);
     sink [H]; ``scale`` a static f32 → [T, H, hd], as ``ds4jax.model.attention.sink_attention``
     over the keys table[rows] (K = V). ``split``: key blocks a mix program walks (None: from the key
     count), ``dc`` head-dim columns a step of the scores and a mix program's; ``warps``, ``stages`` the launches'; ``prefetch``: each loop
-    step's loads issued a step ahead (None: at T >= 2). Only time depends on these."""
+    step's loads issued a step ahead (None: at T >= 2). Only time depends on these.
+    ``quant_rotated`` (cos, sin [T, n_rot/2]; ``out_supported``): returns (that output, (q, d)),
+    (q, d) the Q8_0 quantization ([T, H, hd] int8, [T, H, hd/32]) of the output with its tail
+    inverse-rotated by those angles, from the ``attn_out`` launch."""
     T, H, hd = q.shape
     zero = kernel_zero(q, interpret)
     q = q.astype(F32)
@@ -251,21 +336,26 @@ def sink_attention(
     static = {"spans": spans, "shared": shared, "n_rows": n_rows, "hd": hd, "dc": dc, "prefetch": prefetch}
     Rk = n_blocks * KEYS
 
+    # Each part's visibility as it is, flat [T·K] (the kernel reads it at its keys): padding and
+    # concatenating them into one [T, blocks·KEYS] array cost XLA 2-3 kernels a layer (H200, session
+    # 29: 143.9 µs and 109 kernels a 43-layer step).
+    vis = [v.astype(I32).reshape(-1) for _, _, v in parts]
+    n_keys = tuple(int(v.shape[1]) for _, _, v in parts)
+    scale = float(np.float32(scale))  # a literal: exact in f32
     scores = pl.pallas_call(
-        functools.partial(_scores_kernel, scale=float(np.float32(scale)), **static),  # a literal: exact in f32
+        functools.partial(_scores_kernel, scale=scale, n_keys=n_keys, **static),
         grid=(T, H // HEADS, n_blocks),
         in_specs=[
             one,
             pl.BlockSpec((1, HEADS, 1, hd), lambda t, h, b: (t, h, 0, 0)),
-            pl.BlockSpec((1, KEYS), lambda t, h, b: (t, b)),
-            *[whole(a) for a in tabs + rows],
+            *[whole(a) for a in vis + tabs + rows],
         ],
         out_specs=pl.BlockSpec((1, HEADS, KEYS), lambda t, h, b: (t, h, b)),
         out_shape=jax.ShapeDtypeStruct((T, H, Rk), F32),
         compiler_params=params,
         interpret=interpret,
         name="attn_scores",
-    )(zero, q.reshape(T, H, 1, hd), _visible(parts, spans, T), *tabs, *rows)
+    )(zero, q.reshape(T, H, 1, hd), *vis, *tabs, *rows)
 
     n_split, n_c = n_blocks // split, hd // dc
     sink = sink.astype(F32)
@@ -292,4 +382,7 @@ def sink_attention(
         interpret=interpret,
         name="attn_mix",
     )(zero, m, scores.reshape(T, H, Rk, 1), *tabs, *rows)
-    return _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split)
+    o = _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split)
+    if quant_rotated is None:
+        return o
+    return o, _out_quant(m, sink, mix_s, mix_e, den_s, den_e, *quant_rotated, spans, split, interpret)

@@ -14,7 +14,8 @@ made at trace time from static shapes and the environment:
                               routed-expert kernels at every N, prefill chunks too (v3: 3-6x
                               XLA's gather + dot); the hyper-connection Sinkhorn (one launch for ~40 per sublayer) and,
                               at N = 1..4, its whole pre-mix (three launches for ~10), its
-                              post-mix, the attention sums (two launches for ~8), the
+                              post-mix, the attention sums (two launches for ~8, and its
+                              epilogue with the output's inverse rotation and quantization), the
                               indexer's scores, a compressor's window pooling (at decode from
                               its frontier ring, the token's row written in place) and its
                               new rows into its cache, and the RMS
@@ -22,7 +23,9 @@ made at trace time from static shapes and the environment:
                               making the KV row and, at decode, writing it into the raw
                               window); the Hadamard transform; at N=1 the float-weight
                               matmuls of 4 MB and more (the normed input's five F16
-                              matrices in one launch, the indexer's q_b).
+                              matrices in one launch, the indexer's q_b); the shared
+                              expert's SwiGLU with its quantization, from its gate+up
+                              launch's partials.
                               The per-head norm with the tail RoPE lost to XLA's fusions and
                               stays off (HEAD_NORM_IN_AUTO).
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
@@ -40,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from ds4jax.errors import DS4Error
-from ds4jax.model.numerics import adot, quantize_q8_0, quantize_q8_k, rms_norm, rounded_in_loop, with_terms
+from ds4jax.model.numerics import adot, quantize_q8_0, quantize_q8_k, rms_norm, rounded_in_loop, swiglu, with_terms
 from pallas_kernels import attention as attention_kernel
 from pallas_kernels import compressor_pool as compressor_pool_kernel
 from pallas_kernels import compressor_row as compressor_row_kernel
@@ -167,16 +170,44 @@ Q8_CORES_MAX_TOKENS = 1
 # GPU tests) takes it.
 SPLIT_SUMS_TO_NORM = False
 
+# The shared expert's middle (its gate+up launch's partials added, the SwiGLU, the down projection's
+# Q8_0 quantization) as one launch (``quantize.swiglu_quantize``) instead of XLA's kernels. H200,
+# session 29, one process: 8 layers 2,062.7 against 2,066.4 µs of kernels a step, 8 kernels fewer;
+# with ATTN_OUT_IN_AUTO at 43 layers 10,701.4 against 10,769.0 µs, 86 kernels fewer (call A); the
+# always-verifying MTP step gains with the three session-29 launches (3,051.9 against 3,112.4 µs
+# at 8 layers, call E), so they run at every N. ``all`` takes it.
+SWIGLU_QUANT_IN_AUTO = True
 
-def q8_0_matmuls(x: jax.Array, mats, pre=None, split: bool = False) -> tuple:
+
+def _split_on(reader: str) -> bool:
+    """Whether a launch's outputs go unfinished to ``reader`` ("norm": ``rms_norm_quant``;
+    "swiglu": ``swiglu_quant``)."""
+    return {"norm": SPLIT_SUMS_TO_NORM, "swiglu": SWIGLU_QUANT_IN_AUTO}[reader] or mode() == "all"
+
+
+def q8_0_matmuls(x: jax.Array, mats, pre=None, split: str | None = None) -> tuple:
     """``q8_0_matmul`` of one x [..., K] against several Q8_0 weights (qs, d) of that K: x is
     quantized once and, on the kernel path, one launch computes every output (a launch has a
-    fixed cost of several µs, KERNELS.md). The same bits as separate calls. ``split``: where the
-    launch runs (x [n, K]) and SPLIT_SUMS_TO_NORM (or ``all``), the outputs come as
-    ``SplitSums`` for ``rms_norm_quant`` to add (its only reader here)."""
+    fixed cost of several µs, KERNELS.md). The same bits as separate calls. ``split``: the reader
+    ("norm" or "swiglu", ``_split_on``) that takes the outputs as ``SplitSums`` (the launch's
+    partials, added where they are read) where the launch runs (x [n, K]) and its flag is on."""
     total = sum(qs.shape[0] * qs.shape[1] for qs, _ in mats)
-    split = split and x.ndim == 2 and (SPLIT_SUMS_TO_NORM or mode() == "all")
+    split = split is not None and x.ndim == 2 and _split_on(split)
     return _q8_0(x, tuple(mats), 1, lambda n: n >= 2 or total >= Q8_MANY_AUTO_N1_BYTES, pre, split)
+
+
+def swiglu_quant(g, u, clamp: float, act_quant: bool = True):
+    """(swiglu(g, u, clamp), pre) for g, u [n, w] (arrays, or ``SplitSums`` from ``q8_0_matmuls``):
+    ``pre`` is the SwiGLU's Q8_0 quantization ({"q8_0": (q, d)}) made by one launch where the
+    kernel path takes it, else None. Where ``pre`` is given, the down projection reads only it and
+    XLA drops the f32 SwiGLU as dead code. Not interpreted in the whole model (its own test runs
+    it so)."""
+    val = lambda a: a.value() if isinstance(a, SplitSums) else a
+    mid = swiglu(val(g), val(u), clamp)
+    use, interpret = _use(mid.shape[0], auto=SWIGLU_QUANT_IN_AUTO)
+    if not act_quant or not use or interpret or QUANTIZE_IN_KERNEL or not quantize_kernel.swiglu_supported(g, u):
+        return mid, None
+    return mid, {"q8_0": quantize_kernel.swiglu_quantize(g, u, clamp)}
 
 
 def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None, split: bool = False) -> tuple:
@@ -361,6 +392,22 @@ def hadamard(x: jax.Array) -> jax.Array:
     return hadamard_kernel.hadamard(x, interpret=interpret)
 
 
+# The indexer's query chain (tail RoPE, Hadamard, FP4 round trip) as one launch
+# (``hadamard.rope_hadamard_fp4``; its rows a program: ``hadamard.ROPE_BLOCK_ROWS``) instead of the
+# Hadamard's launch between XLA's fusions: −331.6 µs and −105 kernels a 43-layer step (H200,
+# session 29, call D).
+INDEXER_Q_IN_AUTO = True
+
+
+def indexer_q(q: jax.Array, cos: jax.Array, sin: jax.Array, block: int, reference):
+    """The indexer's queries q [T, H, n] tail-rotated by cos/sin [T, P], Hadamard-transformed and
+    FP4 round-tripped per ``block``: one launch where it is taken, else ``reference()``."""
+    use, interpret = _use(q.shape[0], auto=INDEXER_Q_IN_AUTO and HADAMARD_IN_AUTO)
+    if not use or not hadamard_kernel.rope_supported(q, cos, block):
+        return reference()
+    return hadamard_kernel.rope_hadamard_fp4(q, cos, sin, block, hadamard_kernel.ROPE_BLOCK_ROWS, interpret=interpret)
+
+
 # On XLA:CPU the reference runs as its own jitted function: traced once per shape instead of at
 # each of the 2 call sites a layer (its 40 unrolled exact divisions were ~40 % of tracing a decode
 # program), and XLA:CPU compiles the called computation once: the tiny model's decode takes 22.4 s
@@ -509,12 +556,29 @@ def compressor_rows(rows, w, cache, pos0, n_tok: int, ratio: int, tables: dict, 
     return compressor_row_kernel.rows_into_cache(*args, n_tok, ratio, eps, trip, interpret=interpret)
 
 
-def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference):
-    """The attention sums of q [T, H, hd] over ``parts`` ((f16 table, rows or None, visible), ...)
-    with the sink: the kernels where they are taken, else ``reference()``. Interpreted, they
+# The attention's epilogue, the tail's inverse rotation and the output projection's quantization as
+# one launch (``attention.sink_attention(quant_rotated=)``), where the attention kernels run. H200,
+# session 29 (call A), 8 layers: 2,049.0 against 2,066.4 µs of kernels a step, 8 kernels fewer.
+ATTN_OUT_IN_AUTO = True
+
+
+def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference, out_angles=None):
+    """(o, pre): the attention sums o [T, H, hd] of q over ``parts`` ((f16 table, rows or None,
+    visible), ...) with the sink: the kernels where they are taken, else ``reference()``.
+    ``out_angles`` (cos, sin [T, n_rot/2]): ``pre`` is then the Q8_0 quantization ({"q8_0": (q, d)},
+    [T, H·hd]) of o with its tail inverse-rotated by those angles (the output projection's input),
+    made by the attention's epilogue launch where it runs, else None. Interpreted, these kernels
     compile in seconds, so the whole-model CPU tests run them."""
     use, interpret = _use(q.shape[0], auto=ATTN_IN_AUTO)
     if not use or not attention_kernel.supported(q, parts):
-        return reference()
+        return reference(), None
     knobs = {"split": attention_kernel.SPLIT, "prefetch": attention_kernel.PREFETCH}  # at trace time: ab variants
-    return attention_kernel.sink_attention(q, tuple(parts), sink, float(scale), interpret=interpret, **knobs)
+    quant = out_angles is not None and (ATTN_OUT_IN_AUTO or mode() in ("all", "interpret")) and not QUANTIZE_IN_KERNEL
+    quant = quant and attention_kernel.out_supported(q, out_angles[0])
+    res = attention_kernel.sink_attention(
+        q, tuple(parts), sink, float(scale), interpret=interpret, quant_rotated=out_angles if quant else None, **knobs
+    )
+    if not quant:
+        return res, None
+    o, (qq, dq) = res
+    return o, {"q8_0": (qq.reshape(q.shape[0], -1), dq.reshape(q.shape[0], -1))}

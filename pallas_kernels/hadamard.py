@@ -8,6 +8,11 @@ keeps a block of rows in registers through all stages. A stage views the row as
 [n / 2s, 2, s]; the two halves of each pair come out by ``pick`` (Triton cannot slice a register
 tile) and go back as (a + b, a − b): the reference's operations on the same values, so its bits
 (except the sign of a zero made from two negative zeros: the masked sum starts from +0).
+
+``rope_hadamard_fp4`` is the indexer's whole query chain in one launch: the tail RoPE, the
+transform and the FP4 round trip (``indexer.select_rows``), where XLA ran the rotation and the
+round trip as ~4 kernels around the transform's launch (H200, session 28: the round trip alone
+84.9 µs and 63 kernels a 43-layer step).
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import F32
+from ds4jax.model.numerics import F32, fp4_e2m1_round_trip
 from ds4jax.model.numerics import hadamard as reference
-from pallas_kernels.common import pick
+from pallas_kernels.common import kernel_zero, opaque, pick
+from pallas_kernels.norms import rotate_tail
 
-__all__ = ["hadamard", "reference", "supported", "transform"]
+__all__ = ["hadamard", "reference", "rope_hadamard_fp4", "rope_supported", "supported", "transform"]
 
 MAX_N = 256  # rows live in registers: [block_rows, n] f32
 
@@ -74,4 +80,55 @@ def hadamard(x: jax.Array, block_rows: int = 64, interpret: bool = False) -> jax
         interpret=interpret,
         name="hadamard",
     )(x.reshape(M, n).astype(F32))
+    return y.reshape(x.shape)
+
+
+# Rows a program of ``rope_hadamard_fp4`` (the launch's default; dispatch reads it at trace time).
+# H200, session 29: at 64 rows (one program for a token's 64 heads) the launch cost ~33 µs more a
+# ratio-4 layer than XLA's chain (+687 µs a 43-layer step, call B); 8 layers, one process (call C):
+# 1 / 2 / 4 / 16 rows 2,003.8 / 2,001.2 / 2,008.7 / 2,013.7 µs of kernels a step against 2,054.3
+# without the launch; 43 layers at 2 rows (call D): 10,386.9 against 10,718.5 µs, 105 kernels fewer.
+ROPE_BLOCK_ROWS = 2
+
+
+def rope_supported(x: jax.Array, cos: jax.Array, block: int) -> bool:
+    """x [T, H, n] with cos [T, P] (the tail's pairs inside the row) and FP4 blocks dividing n."""
+    return (
+        x.ndim == 3
+        and supported(x.shape[-1])
+        and cos.shape[0] == x.shape[0]
+        and 0 < 2 * cos.shape[-1] <= x.shape[-1]
+        and x.shape[-1] % block == 0
+    )
+
+
+def _rope_kernel(z_ref, x_ref, cos_ref, sin_ref, o_ref, *, heads, n_pairs, block):
+    rnd = functools.partial(opaque, zero=z_ref[0])
+    y = x_ref[...]  # [R, n]: rows (token, head) of the program
+    R, n = y.shape
+    row = pl.program_id(0) * R + lax.broadcasted_iota(jnp.int32, (R, 1), 0)
+    pair = lax.broadcasted_iota(jnp.int32, (1, n // 2), 1)
+    at = (row // heads) * n_pairs + jnp.clip(pair - (n // 2 - n_pairs), 0, n_pairs - 1)  # [R, n/2]
+    y = rotate_tail(y, cos_ref[at], sin_ref[at], n_pairs, rnd)  # the head pairs keep their values
+    o_ref[...] = fp4_e2m1_round_trip(transform(y), block, rnd)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "block_rows", "interpret"))
+def rope_hadamard_fp4(x, cos, sin, block: int, block_rows: int = ROPE_BLOCK_ROWS, interpret: bool = False):
+    """x [T, H, n] f32, cos/sin [T, P] → ``fp4_e2m1_round_trip(reference(apply_rope_tail(x, cos,
+    sin)), block)`` (the tail RoPE of each token's heads by its angles), as one launch."""
+    T, H, n = x.shape
+    M, P = T * H, cos.shape[-1]
+    R = math.gcd(block_rows, M & -M)  # no partial last block (``hadamard``)
+    flat = pl.BlockSpec((T * P,), lambda i: (0,))
+    y = pl.pallas_call(
+        functools.partial(_rope_kernel, heads=H, n_pairs=P, block=block),
+        grid=(M // R,),
+        in_specs=[pl.BlockSpec((1,), lambda i: (0,)), pl.BlockSpec((R, n), lambda i: (i, 0)), flat, flat],
+        out_specs=pl.BlockSpec((R, n), lambda i: (i, 0)),
+        out_shape=jax.ShapeDtypeStruct((M, n), F32),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="rope_hadamard_fp4",
+    )(kernel_zero(x, interpret), x.reshape(M, n).astype(F32), cos.reshape(-1).astype(F32), sin.reshape(-1).astype(F32))
     return y.reshape(x.shape)

@@ -18,7 +18,8 @@ from ds4jax.model import attention as model_attention
 from ds4jax.model import compressor as model_compressor
 from ds4jax.model import hc
 from ds4jax.model import indexer as model_indexer
-from ds4jax.model.numerics import dd_total, quantize_q8_0, quantize_q8_k, sum_squares
+from ds4jax.model.numerics import dd_total, fp4_e2m1_round_trip, quantize_q8_0, quantize_q8_k, sum_squares, swiglu
+from ds4jax.model.rope import apply_rope_tail
 from ds4jax.quant.formats import QType
 from ds4jax.quant.layouts import iq2_nib_planes
 from ds4jax.quant.planes import QTensor
@@ -310,6 +311,23 @@ def test_hadamard_kernel_is_the_reference(shape):
     assert np.array_equal(np.asarray(dispatch.hadamard(x)), want)
 
 
+@pytest.mark.parametrize("T,H,R", [(1, 16, 8), (3, 4, 4)])
+def test_indexer_query_launch_is_the_reference(T, H, R):
+    """The indexer's query chain in one launch: each token's heads tail-rotated by its own angles,
+    then the Hadamard transform and the FP4 round trip per 32, bit for bit (values of wide range,
+    some FP4 blocks all zero)."""
+    x = RNG.standard_normal((T, H, 128)).astype(np.float32) * np.exp2(RNG.integers(-8, 8, (T, H, 1)))
+    x[0, 1] = 0.0
+    x = jnp.asarray(x)
+    ang = RNG.uniform(0, 6, (T, 32)).astype(np.float32)
+    cos, sin = jnp.asarray(np.cos(ang)), jnp.asarray(np.sin(ang))
+    assert hadamard.rope_supported(x, cos, 32)
+    got = hadamard.rope_hadamard_fp4(x, cos, sin, 32, block_rows=R, interpret=INTERPRET)
+    want = fp4_e2m1_round_trip(hadamard.reference(apply_rope_tail(x, cos[:, None, :], sin[:, None, :])), 32)
+    assert np.array_equal(np.abs(np.asarray(got)), np.abs(np.asarray(want)))  # a zero's sign: ``hadamard``
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
 def _same_norms(got, want):
     for (y, pre), (y_ref, pre_ref) in zip(got, want, strict=True):
         assert np.array_equal(np.asarray(y).view(np.uint32), np.asarray(y_ref).view(np.uint32))
@@ -433,6 +451,21 @@ def test_attention_kernels_are_the_reference(T, second, prefetch):
     want = model_attention.sink_attention(q, tuple(model_attention.f32_keys(parts)), sink, scale)
     got = attention.sink_attention(q, tuple(parts), sink, float(scale), interpret=INTERPRET, prefetch=prefetch)
     assert np.array_equal(np.asarray(got), np.asarray(want))
+    if prefetch:
+        return
+    # The epilogue as a launch, on to the output projection's input: the tail (16 pairs, in the
+    # head's last 128 columns) inverse-rotated, then quantized per 32.
+    ang = RNG.uniform(0, 6, (T, 16)).astype(np.float32)
+    cos, sin = jnp.asarray(np.cos(ang)), jnp.asarray(np.sin(ang))
+    assert attention.out_supported(q, cos)
+    o, (qq, dq) = attention.sink_attention(
+        q, tuple(parts), sink, float(scale), interpret=INTERPRET, quant_rotated=(cos, sin)
+    )
+    assert np.array_equal(np.asarray(o), np.asarray(want))
+    rot = apply_rope_tail(want, cos[:, None, :], sin[:, None, :], inverse=True)
+    wq, wd = quantize_q8_0(rot.reshape(T, H * hd))
+    assert np.array_equal(np.asarray(qq).reshape(T, -1), np.asarray(wq))
+    assert np.array_equal(np.asarray(dq).reshape(T, -1), np.asarray(wd))
 
 
 def hc_inputs(T, n, d):
@@ -680,6 +713,20 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((2, 64), jnp.bool_),
             S((8,), f32),
         ),
+        (  # with the epilogue's launch: the output projection's int8 input
+            lambda q, k1, v1, k2, r2, v2, sink, c, s: attention.sink_attention(
+                q, ((k1, None, v1), (k2, r2, v2)), sink, 0.0625, quant_rotated=(c, s)
+            )[1],
+            S((2, 8, 256), f32),
+            S((130, 256), jnp.float16),
+            S((2, 130), jnp.bool_),
+            S((300, 256), jnp.float16),
+            S((2, 64), jnp.int32),
+            S((2, 64), jnp.bool_),
+            S((8,), f32),
+            S((2, 32), f32),
+            S((2, 32), f32),
+        ),
         (
             lambda H, fn, s, b: hc_pre.hc_pre(H, fn, s, b, 20, 1e-6, 1e-6),
             S((2, 4, 1024), f32),
@@ -783,6 +830,12 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
         ),
         (lambda x: hadamard.hadamard(x), S((1, 64, 128), f32)),
         (
+            lambda x, c, s: hadamard.rope_hadamard_fp4(x, c, s, 32),
+            S((2, 64, 128), f32),
+            S((2, 32), f32),
+            S((2, 32), f32),
+        ),
+        (
             lambda x, a, b: float_dense.matmul(x, (a, b)),
             S((1, 4096), f32),
             S((1024, 4096), jnp.float16),
@@ -791,6 +844,13 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
         (lambda x, a: float_dense.matmul(x, a), S((2, 1024), f32), S((8192, 1024), jnp.float16)),
         (lambda x: quantize.quantize(x, "q8_0")[0], S((2, 4096), f32)),
         (lambda x: quantize.quantize(x, "q8_k")[1], S((2, 2048), f32)),
+        (  # the shared expert's middle from its gate+up launch's 8 split partials
+            lambda s, e: quantize.swiglu_quantize(
+                SplitSums((s, e), 0, 2048, 1), SplitSums((s, e), 2048, 2048, 1), 10.0
+            ),
+            S((8, 1, 4096), f32),
+            S((8, 1, 4096), f32),
+        ),
         (
             lambda q, c, s: norms.head_norm_rope(q, c, s, 1e-6, heads_per_program=4),
             S((2, 8, 128), f32),
@@ -903,3 +963,27 @@ def test_norm_launch_adds_a_matmuls_split_sums(T, splits):
     want = norms.rms_norm_quant(done, 1e-6, chunks=2, interpret=INTERPRET, kv_row=kv_row)
     _same_norms(got[:1], want[:1])
     assert np.array_equal(np.asarray(got[1][0]).view(np.uint16), np.asarray(want[1][0]).view(np.uint16))
+
+
+@pytest.mark.parametrize("T,splits", [(1, 4), (3, 2), (2, 1)])
+def test_swiglu_quantize_launch_is_the_reference(T, splits):
+    """The shared expert's middle as one launch: a gate+up Q8_0 launch's outputs (``SplitSums``: its
+    K-split partials, or its rows with no split), or finished f32 rows, to
+    ``quantize_q8_0(swiglu(g, u, clamp))``, bit for bit; values past the clamp on both sides."""
+    from pallas_kernels.common import SplitSums, TileConfig
+
+    xq, dx, g_qs, g_d = q8_inputs(T, 64, 512)
+    _, _, u_qs, u_d = q8_inputs(T, 64, 512)
+    dx = dx.at[1:].multiply(0.01)  # token 0's gates reach past ±88.7 (exp's range), the others' do not
+    cfg = TileConfig(block_rows=32, k_splits=splits, blocks_per_step=4, cores=True)
+    mats = ((g_qs, u_qs), (g_d, u_d))
+    sums = q8_0.matmul(xq, dx, *mats, cfg=cfg, interpret=INTERPRET, raw=True)
+    g, u = q8_0.matmul(xq, dx, *mats, cfg=cfg, interpret=INTERPRET)
+    assert all(isinstance(s, SplitSums) for s in sums)
+    clamp = float(np.quantile(np.abs(np.asarray(g)), 0.7))  # some of both past the clamp
+    want = quantize_q8_0(swiglu(g, u, clamp))
+    assert quantize.swiglu_supported(*sums, chunk=32)
+    for args in (sums, (g, u)):
+        got = quantize.swiglu_quantize(*args, clamp, chunk=32, interpret=INTERPRET)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))

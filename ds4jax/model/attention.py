@@ -85,7 +85,7 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
     # Each norm launch also quantizes its output for the Q8_0 kernels that read it (kernel path).
     ((xn, xq),) = rms_norms(((x, w["attn_norm"].planes["w"], ("q8_0",)),), eps, aq)
     # One input: one launch on the kernel path, whose K-split partials the norms' launch adds.
-    qa, kva = dense_many(xn, (w["attn_q_a"], w["attn_kv"]), aq, xq, split=True)
+    qa, kva = dense_many(xn, (w["attn_q_a"], w["attn_kv"]), aq, xq, split="norm")
     pair = ((qa, w["attn_q_a_norm"].planes["w"], ("q8_0",)), (kva, w["attn_kv_a_norm"].planes["w"], ()))
     # Raw window: a ring, position p in slot p mod n_swa (``state.py``). Every sum over keys is a
     # double-float sum rounded once, so the keys' order does not change the bits.
@@ -146,10 +146,14 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
 
     sink = w["attn_sinks"].planes["w"].astype(F32)
     scale = np.float32(1.0 / math.sqrt(hd))  # a host scalar: the kernel path takes it as a literal
-    o = kernels.sink_attention(q, tuple(parts), sink, scale, lambda: sink_attention(q, f32_keys(parts), sink, scale))
+    ref = lambda: sink_attention(q, f32_keys(parts), sink, scale)
+    # ``o_pre``: the output projection's int8 input (the rotated o's quantization) where the attention's
+    # epilogue launch makes it; the projection then reads only that, and XLA drops o's rotation.
+    o, o_pre = kernels.sink_attention(q, tuple(parts), sink, scale, ref, (cos, sin) if aq else None)
 
     o = apply_rope_tail(o, cos[:, None, :], sin[:, None, :], inverse=True)
-    low = q8_0_grouped_matmul(o.reshape(T, cfg.n_out_group, cfg.group_dim), w["attn_output_a"], cfg.n_out_group, aq)
+    o = o.reshape(T, cfg.n_out_group, cfg.group_dim)
+    low = q8_0_grouped_matmul(o, w["attn_output_a"], cfg.n_out_group, aq, o_pre)
     y = dense(low.reshape(T, cfg.out_low_dim), w["attn_output_b"], aq)
     return y, pending
 

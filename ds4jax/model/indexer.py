@@ -63,8 +63,10 @@ def select_rows(cfg: ModelConfig, w: dict, qrn, proj, cos, sin, idx_cache, n_vis
     """
     T = qrn.shape[0]
     q = dense(qrn, w["indexer_attn_q_b"]).reshape(T, cfg.n_idx_head, cfg.idx_head_dim)
-    q = apply_rope_tail(q, cos[:, None, :], sin[:, None, :])
-    q = fp4_e2m1_round_trip(kernels.hadamard(q), cfg.fp4_block)
+    # tail RoPE, Hadamard, FP4 round trip: one launch on the kernel path
+    rotated = lambda: apply_rope_tail(q, cos[:, None, :], sin[:, None, :])
+    reference = lambda: fp4_e2m1_round_trip(kernels.hadamard(rotated()), cfg.fp4_block)
+    q = kernels.indexer_q(q, cos, sin, cfg.fp4_block, reference)
     wh = proj * F32(1.0 / math.sqrt(cfg.idx_head_dim * cfg.n_idx_head))
     scores = kernels.indexer_scores(q, wh, idx_cache, lambda: head_scores(q, wh, idx_cache))
     cap = idx_cache.shape[0]

@@ -39,11 +39,14 @@ def dense(x: jax.Array, w: QTensor, act_quant: bool = True, pre=None) -> jax.Arr
     raise NotImplementedError(f"dense matmul for {q.name}")
 
 
-def dense_many(x: jax.Array, ws: tuple[QTensor, ...], act_quant: bool = True, pre=None, split: bool = False) -> tuple:
+def dense_many(
+    x: jax.Array, ws: tuple[QTensor, ...], act_quant: bool = True, pre=None, split: str | None = None
+) -> tuple:
     """``dense`` of one x against several weights: Q8_0 weights of one K share one quantization
     of x and, on the kernel path, one launch (``dispatch.q8_0_matmuls``); float weights of one K
-    one launch too (``dispatch.float_matmuls``); the same bits. ``split``: Q8_0 outputs may come as
-    the launch's unfinished partials (``dispatch.q8_0_matmuls``), for ``rms_norms`` only."""
+    one launch too (``dispatch.float_matmuls``); the same bits. ``split`` ("norm": for
+    ``rms_norms``; "swiglu": for ``dispatch.swiglu_quant``): Q8_0 outputs may come as the launch's
+    unfinished partials (``dispatch.q8_0_matmuls``), for that reader only."""
     k = x.shape[-1]
     if act_quant and all(QType(w.qtype) == QType.Q8_0 and w.shape[-1] == k for w in ws):
         return kernels.q8_0_matmuls(x, tuple((w.planes["qs"], w.planes["d"]) for w in ws), pre, split)
@@ -66,15 +69,16 @@ def q8_0_matmul(x: jax.Array, w: QTensor, pre=None) -> jax.Array:
     return kernels.q8_0_matmul(x, w.planes["qs"], w.planes["d"], pre=pre)  # quantizes x per 32 first
 
 
-def q8_0_grouped_matmul(x: jax.Array, w: QTensor, groups: int, act_quant: bool = True) -> jax.Array:
-    """Block-diagonal Q8_0 matmul: x [..., G, k] with W [G*r, k]; group g uses rows g*r..g*r+r-1."""
+def q8_0_grouped_matmul(x: jax.Array, w: QTensor, groups: int, act_quant: bool = True, pre=None) -> jax.Array:
+    """Block-diagonal Q8_0 matmul: x [..., G, k] with W [G*r, k]; group g uses rows g*r..g*r+r-1.
+    ``pre``: x's quantization ([..., G·k]) where a launch before made it, or None."""
     out, n = w.shape
     r = out // groups
     if not act_quant:
         wd = dequantize(w).reshape(groups, r, n)
         return asum(rounded(x[..., :, None, :] * wd), -1)
     lead = x.shape[:-2]  # the per-32 quantization blocks never straddle a group
-    y = kernels.q8_0_matmul(x.reshape(*lead, groups * n), w.planes["qs"], w.planes["d"], groups)
+    y = kernels.q8_0_matmul(x.reshape(*lead, groups * n), w.planes["qs"], w.planes["d"], groups, pre)
     return y.reshape(*lead, groups, r)
 
 

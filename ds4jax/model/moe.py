@@ -16,6 +16,7 @@ from jax import lax
 from ds4jax.config import ModelConfig
 from ds4jax.model.linear import dense, dense_many, expert_linear, expert_linears
 from ds4jax.model.numerics import F32, asum, div, softplus, sqrt, swiglu, with_terms
+from pallas_kernels import dispatch as kernels
 
 
 def route(cfg: ModelConfig, L: int, w: dict, z, tokens):
@@ -43,8 +44,11 @@ def ffn_parts(cfg: ModelConfig, L: int, w: dict, z, tokens, pre=None):
     mid = swiglu(g, u, clamp) * wt[..., None]
     routed = expert_linear(mid, w["ffn_down_exps"], sel, aq)
 
-    gs, us = dense_many(z, (w["ffn_gate_shexp"], w["ffn_up_shexp"]), aq, pre)  # one launch on the kernel path
-    shared = dense(swiglu(gs, us, clamp), w["ffn_down_shexp"], aq)
+    # One launch on the kernel path, its partials added by the launch that makes the SwiGLU's int8
+    # blocks for the down projection (``dispatch.swiglu_quant``: where it runs, ``mid`` is dead code).
+    gs, us = dense_many(z, (w["ffn_gate_shexp"], w["ffn_up_shexp"]), aq, pre, split="swiglu")
+    mid, mid_pre = kernels.swiglu_quant(gs, us, clamp, aq)
+    shared = dense(mid, w["ffn_down_shexp"], aq, mid_pre)
     return shared, routed
 
 

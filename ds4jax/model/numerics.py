@@ -133,13 +133,16 @@ def div(a, b, rnd=rounded) -> jax.Array:
     """a / b correctly rounded (to within rare midpoint cases) on every backend.
 
     XLA's GPU division is not IEEE (about a quarter of quotients are off by an ulp);
-    one correction step with the exact residual a - q*b fixes the quotient."""
+    one correction step with the exact residual a - q*b fixes the quotient. Where the step
+    itself is NaN (b infinite or 0, q infinite: 0·inf in the residual) q is IEEE's answer:
+    1 / (1 + e^x) is 0, not NaN, for a gate past -88.7 in the SwiGLU."""
     a = jnp.asarray(a, F32)
     b = jnp.asarray(b, F32)
     q = a / b
     p, e = two_prod(q, b, rnd)
     r = (a - p) - e
-    return q + r / b
+    c = q + r / b
+    return jnp.where(jnp.isnan(c), q, c)
 
 
 def sqrt(v: jax.Array, rnd=rounded) -> jax.Array:
@@ -279,13 +282,14 @@ def sigmoid(x, rnd=rounded):
     return div(1.0, 1.0 + exp(-x, rnd), rnd)
 
 
-def silu(x):
-    return x * sigmoid(x)
+def silu(x, rnd=rounded):
+    return x * sigmoid(x, rnd)
 
 
-def swiglu(g, u, clamp: float):
-    """The FFN's SwiGLU as ds4 computes it: the gate clamped above only, the up on both sides."""
-    return silu(jnp.minimum(g, clamp)) * jnp.clip(u, -clamp, clamp)
+def swiglu(g, u, clamp: float, rnd=rounded):
+    """The FFN's SwiGLU as ds4 computes it: the gate clamped above only, the up on both sides.
+    ``rnd``: inside a Pallas kernel, its own rounding barrier (``pallas_kernels.quantize``)."""
+    return silu(jnp.minimum(g, clamp), rnd) * jnp.clip(u, -clamp, clamp)
 
 
 def softplus(x):
