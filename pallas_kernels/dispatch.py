@@ -25,9 +25,8 @@ made at trace time from static shapes and the environment:
                               matmuls of 4 MB and more (the normed input's five F16
                               matrices in one launch, the indexer's q_b); the shared
                               expert's SwiGLU with its quantization, from its gate+up
-                              launch's partials.
-                              The per-head norm with the tail RoPE lost to XLA's fusions and
-                              stays off (HEAD_NORM_IN_AUTO).
+                              launch's partials; q's per-head norm with its tail RoPE (a
+                              head a program).
     DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
     DS4JAX_KERNELS=off        the reference everywhere
     DS4JAX_KERNELS=interpret  every kernel at N = 1..4, interpreted off GPU (the CPU tests)
@@ -367,10 +366,12 @@ def rms_norm_quant(parts, eps: float, kv_row=None):
     return (*out[:-1], (rows, pre))
 
 
-# The per-head norm and tail RoPE kernel in ``auto``: off (slower than XLA's fusions in run 6, and
-# in the model: 8 full-size layers, H200, session 23, 2,353.1 against 2,298.7 µs of kernels a step
-# with it, 4 kernels fewer). A knob for ``ab_decode.py`` variants.
-HEAD_NORM_IN_AUTO = False
+# The per-head norm and tail RoPE kernel in ``auto``. At 16 heads a program (4 programs a token) it
+# lost to XLA's fusions (run 6; session 23: 2,353.1 against 2,298.7 µs of kernels an 8-layer step;
+# session 27: +47.6 µs); at one head a program (``norms.HEADS_A_PROGRAM``) it wins: 8 full-size
+# layers, H200, session 29 (call G), 1,975.0 against 1,999.5 µs, 4 kernels fewer; exact on that GPU
+# against the reference at 1, 2, 4 and 16 heads a program, T = 1 and 2.
+HEAD_NORM_IN_AUTO = True
 
 
 def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> jax.Array:
@@ -378,7 +379,7 @@ def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> 
     use, interpret = _use(q.shape[0], auto=HEAD_NORM_IN_AUTO)
     if not use or not norms.head_supported(q, cos):
         return norms.head_norm_rope_reference(q, cos, sin, eps)
-    return norms.head_norm_rope(q, cos, sin, eps, interpret=interpret)
+    return norms.head_norm_rope(q, cos, sin, eps, heads_per_program=norms.HEADS_A_PROGRAM, interpret=interpret)
 
 
 def hadamard(x: jax.Array) -> jax.Array:
