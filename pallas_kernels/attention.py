@@ -16,7 +16,7 @@ into blocks of ``KEYS`` rows, padded to whole splits (padded keys invisible).
    raw window and the indexer's 512 rows at N=1; XLA's path 45.4 µs): one program a head block
    walking every key took 139.6 µs; key splits with the max in each program and a finish kernel
    53-67 µs; the max and the epilogue in XLA 52-59 µs; then 32 columns and 4 warps 36.9 µs.
-3. ``_finish`` (XLA, elementwise, fuses with its neighbours): each part's split pairs added in
+3. ``_epilogue`` (XLA, elementwise, fuses with its neighbours): each part's split pairs added in
    split order and rounded once, the parts added in order, the denominator's pairs likewise plus
    exp(sink - m), then the reciprocal multiply, as the reference does.
 
@@ -41,9 +41,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import dd_add, dd_sum, div, exp, quantize_q8_0
+from ds4jax.model.numerics import dd_sum, div, exp, quantize_q8_0, rounded
 from pallas_kernels.common import F32, finish, is_pow2, kernel_zero, opaque, two_sum_add
-from pallas_kernels.norms import rotate_tail
+from pallas_kernels.norms import rotate_tail_slice
 
 __all__ = ["out_supported", "sink_attention", "supported"]
 
@@ -206,54 +206,34 @@ def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc
     ds_ref[0, 0, 0], de_ref[0, 0, 0] = ds[:, 0], de[:, 0]
 
 
-def _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split):
-    """XLA's elementwise epilogue (it fuses with its neighbours): each part's split pairs in split
-    order, rounded once, the parts added in order; the denominator's pairs likewise plus
-    exp(sink - m); then the reference's reciprocal multiply."""
+def _epilogue(m, sink, mix_s, mix_e, den_s, den_e, spans, split, rnd=rounded):
+    """The output from the mix launch's split pairs: each part's pairs in split order, rounded once,
+    the parts added in order; the denominator's pairs likewise plus exp(sink - m); then the
+    reference's reciprocal multiply. On arrays (XLA's elementwise epilogue, which fuses with its
+    neighbours: mix [S, T, H, hd], den [S, T, H]), or on an ``attn_out`` program's refs (mix
+    [S, HB, C], den [S, HB] blocks; ``rnd`` its barrier)."""
     o = None
     for b0, nb in spans:
-        part = slice(b0 // split, (b0 + nb) // split)
-        mix = finish(mix_s[part], mix_e[part])
+        mix = finish(mix_s, mix_e, range(b0 // split, (b0 + nb) // split))
         o = mix if o is None else o + mix
-    total = exp(sink[None, :] - m) + finish(den_s[:, :, 0], den_e[:, :, 0])
-    return o * div(1.0, total)[..., None]
+    total = exp(sink - m, rnd) + finish(den_s, den_e)
+    return o * div(1.0, total, rnd)[..., None]
 
 
 OUT_HEADS = 4  # heads a program of the ``attn_out`` launch
 OUT_COLS = 128  # head-dim columns a program of it (whole Q8_0 blocks; the tail's pairs stay together)
 
 
-def _chain(s_ref, e_ref, at, splits):
-    """``finish`` of the split pairs ``splits`` (in order), each loaded as ``at(ref, split)``."""
-    acc = None
-    for p in splits:
-        pair = (at(s_ref, p), at(e_ref, p))
-        acc = pair if acc is None else dd_add(acc, pair)
-    return acc[0] + acc[1]
-
-
 def _out_kernel(z_ref, m_ref, sink_ref, ms_ref, me_ref, ds_ref, de_ref, cos_ref, sin_ref, q_ref, d_ref, **kw):
-    """``_finish``, then the tail's inverse rotation and the Q8_0 quantization of a [heads, cols]
+    """``_epilogue``, then the tail's inverse rotation and the Q8_0 quantization of a [heads, cols]
     tile: the same functions as the XLA path's, in its order."""
-    spans, split, n_split, hd, n_pairs = kw["spans"], kw["split"], kw["n_split"], kw["hd"], kw["n_pairs"]
     rnd = functools.partial(opaque, zero=z_ref[0])
+    y = _epilogue(m_ref[...], sink_ref[...], ms_ref, me_ref, ds_ref, de_ref, kw["spans"], kw["split"], rnd)
     t, cc = pl.program_id(0), pl.program_id(2)
-    o = None
-    for b0, nb in spans:  # each part's splits added in split order and rounded, the parts in order
-        mix = _chain(ms_ref, me_ref, lambda r, p: r[p, 0], range(b0 // split, (b0 + nb) // split))
-        o = mix if o is None else o + mix  # [HB, C]
-    den = _chain(ds_ref, de_ref, lambda r, p: r[p, 0, 0], range(n_split))  # [HB]
-    m = m_ref[0]
-    total = exp(sink_ref[...] - m, rnd) + den
-    y = o * div(1.0, total, rnd)[:, None]
-    C = y.shape[-1]
-    pair = cc * (C // 2) + lax.broadcasted_iota(I32, (1, C // 2), 1)  # the head's pair index
-    at = t * n_pairs + jnp.clip(pair - (hd // 2 - n_pairs), 0, n_pairs - 1)
-    rot = rotate_tail(y, cos_ref[at], -sin_ref[at], C // 2, rnd)  # every pair; the head's are dropped
-    col = cc * C + lax.broadcasted_iota(I32, (1, C), 1)
-    q, d = quantize_q8_0(jnp.where(col >= hd - 2 * n_pairs, rot, y), rnd, in_kernel=True)
-    q_ref[0] = q
-    d_ref[0] = d
+    y = rotate_tail_slice(y, cos_ref, sin_ref, t, cc, kw["hd"], kw["n_pairs"], rnd, inverse=True)
+    q, d = quantize_q8_0(y, rnd, in_kernel=True)
+    q_ref[...] = q
+    d_ref[...] = d
 
 
 def out_supported(q: jax.Array, cos: jax.Array) -> bool:
@@ -263,19 +243,19 @@ def out_supported(q: jax.Array, cos: jax.Array) -> bool:
 
 
 def _out_quant(m, sink, mix_s, mix_e, den_s, den_e, cos, sin, spans, split, interpret):
-    """(q int8 [T, H, hd], d f32 [T, H, hd/32]): ``quantize_q8_0`` of the inverse-rotated ``_finish``."""
+    """(q int8 [T, H, hd], d f32 [T, H, hd/32]): ``quantize_q8_0`` of the inverse-rotated ``_epilogue``."""
     n_split, T, H, hd = mix_s.shape
     HB, C, P = OUT_HEADS, OUT_COLS, cos.shape[-1]
-    mix = pl.BlockSpec((n_split, 1, HB, C), lambda t, h, c: (0, t, h, c))
-    den = pl.BlockSpec((n_split, 1, 1, HB), lambda t, h, c: (0, t, 0, h))
+    mix = pl.BlockSpec((n_split, None, HB, C), lambda t, h, c: (0, t, h, c))
+    den = pl.BlockSpec((n_split, None, None, HB), lambda t, h, c: (0, t, 0, h))  # column block 0's
     flat = pl.BlockSpec((T * P,), lambda *_: (0,))
-    kw = {"spans": spans, "split": split, "n_split": n_split, "hd": hd, "n_pairs": P}
+    kw = {"spans": spans, "split": split, "hd": hd, "n_pairs": P}
     return pl.pallas_call(
         functools.partial(_out_kernel, **kw),
         grid=(T, H // HB, hd // C),
         in_specs=[
             pl.BlockSpec((1,), lambda *_: (0,)),
-            pl.BlockSpec((1, HB), lambda t, h, c: (t, h)),
+            pl.BlockSpec((None, HB), lambda t, h, c: (t, h)),
             pl.BlockSpec((HB,), lambda t, h, c: (h,)),
             mix,
             mix,
@@ -285,8 +265,8 @@ def _out_quant(m, sink, mix_s, mix_e, den_s, den_e, cos, sin, spans, split, inte
             flat,
         ],
         out_specs=[
-            pl.BlockSpec((1, HB, C), lambda t, h, c: (t, h, c)),
-            pl.BlockSpec((1, HB, C // 32), lambda t, h, c: (t, h, c)),
+            pl.BlockSpec((None, HB, C), lambda t, h, c: (t, h, c)),
+            pl.BlockSpec((None, HB, C // 32), lambda t, h, c: (t, h, c)),
         ],
         out_shape=[jax.ShapeDtypeStruct((T, H, hd), jnp.int8), jax.ShapeDtypeStruct((T, H, hd // 32), F32)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
@@ -382,7 +362,7 @@ def sink_attention(
         interpret=interpret,
         name="attn_mix",
     )(zero, m, scores.reshape(T, H, Rk, 1), *tabs, *rows)
-    o = _finish(m, sink, mix_s, mix_e, den_s, den_e, spans, split)
+    o = _epilogue(m, sink[None, :], mix_s, mix_e, den_s[:, :, 0], den_e[:, :, 0], spans, split)
     if quant_rotated is None:
         return o
     return o, _out_quant(m, sink, mix_s, mix_e, den_s, den_e, *quant_rotated, spans, split, interpret)

@@ -40,15 +40,16 @@ def two_sum_add(s: jax.Array, e: jax.Array, p: jax.Array) -> tuple[jax.Array, ja
     return t, e + err
 
 
-def finish(s: jax.Array, e: jax.Array) -> jax.Array:
-    """Combine partial double-float sums [P, ...] in order p = 0, 1, ... and round once.
+def finish(s: jax.Array, e: jax.Array, splits=None) -> jax.Array:
+    """Combine partial double-float sums [P, ...] in order p = 0, 1, ... (or the partials
+    ``splits``, in their order) and round once. Takes arrays, or a kernel's refs (each p a load).
 
     An unrolled chain of elementwise ops, not a reduce: XLA may pick a different tree
     for a reduce at another batch shape, while an elementwise chain is the same
     arithmetic for every element whatever N is."""
-    acc = (s[0], e[0])
-    for p in range(1, s.shape[0]):
-        acc = dd_add(acc, (s[p], e[p]))
+    acc = None
+    for p in range(s.shape[0]) if splits is None else splits:
+        acc = (s[p], e[p]) if acc is None else dd_add(acc, (s[p], e[p]))
     return acc[0] + acc[1]
 
 
@@ -103,6 +104,11 @@ class SplitSums:
     def value(self) -> jax.Array:
         """The finished [n, width] rows (XLA)."""
         return finished(self.arrays)[: self.n, self.start : self.start + self.width]
+
+
+def value_of(x) -> jax.Array:
+    """x's rows: a ``SplitSums``' finished value (XLA), or x itself."""
+    return x.value() if isinstance(x, SplitSums) else x
 
 
 def runtime_zero(x: jax.Array) -> jax.Array:

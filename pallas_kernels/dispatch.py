@@ -53,7 +53,7 @@ from pallas_kernels import hc_pre as hc_pre_kernel
 from pallas_kernels import indexer_scores as indexer_kernel
 from pallas_kernels import quantize as quantize_kernel
 from pallas_kernels import sinkhorn as sinkhorn_kernel
-from pallas_kernels.common import SplitSums
+from pallas_kernels.common import value_of
 
 MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
 # ... except the routed experts: their kernel's programs are (token, expert) pairs, so a prefill
@@ -201,8 +201,7 @@ def swiglu_quant(g, u, clamp: float, act_quant: bool = True):
     kernel path takes it, else None. Where ``pre`` is given, the down projection reads only it and
     XLA drops the f32 SwiGLU as dead code. Not interpreted in the whole model (its own test runs
     it so)."""
-    val = lambda a: a.value() if isinstance(a, SplitSums) else a
-    mid = swiglu(val(g), val(u), clamp)
+    mid = swiglu(value_of(g), value_of(u), clamp)
     use, interpret = _use(mid.shape[0], auto=SWIGLU_QUANT_IN_AUTO)
     if not act_quant or not use or interpret or QUANTIZE_IN_KERNEL or not quantize_kernel.swiglu_supported(g, u):
         return mid, None
@@ -338,7 +337,7 @@ def rms_norm_quant(parts, eps: float, kv_row=None):
     k = norms  # the launch knobs read here, at trace time (ab_decode.py variants set them)
     row_in = ring_in = False  # whether the launch makes the KV row, and writes it into the window
     if not use or interpret or QUANTIZE_IN_KERNEL or not k.quant_supported(parts, k.CHUNKS):
-        parts = tuple((x.value() if isinstance(x, SplitSums) else x, w, kk) for x, w, kk in parts)
+        parts = tuple((value_of(x), w, kk) for x, w, kk in parts)
         out = tuple((rms_norm(x, w, eps), None) for x, w, _ in parts)
     else:
         if kv_row is not None:
@@ -574,7 +573,7 @@ def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference, out_a
     if not use or not attention_kernel.supported(q, parts):
         return reference(), None
     knobs = {"split": attention_kernel.SPLIT, "prefetch": attention_kernel.PREFETCH}  # at trace time: ab variants
-    quant = out_angles is not None and (ATTN_OUT_IN_AUTO or mode() in ("all", "interpret")) and not QUANTIZE_IN_KERNEL
+    quant = out_angles is not None and _use(q.shape[0], auto=ATTN_OUT_IN_AUTO)[0] and not QUANTIZE_IN_KERNEL
     quant = quant and attention_kernel.out_supported(q, out_angles[0])
     res = attention_kernel.sink_attention(
         q, tuple(parts), sink, float(scale), interpret=interpret, quant_rotated=out_angles if quant else None, **knobs

@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 from ds4jax.model.numerics import F32, fp4_e2m1_round_trip
 from ds4jax.model.numerics import hadamard as reference
 from pallas_kernels.common import kernel_zero, opaque, pick
-from pallas_kernels.norms import rotate_tail
+from pallas_kernels.norms import rotate_tail_slice
 
 __all__ = ["hadamard", "reference", "rope_hadamard_fp4", "rope_supported", "supported", "transform"]
 
@@ -106,10 +106,8 @@ def _rope_kernel(z_ref, x_ref, cos_ref, sin_ref, o_ref, *, heads, n_pairs, block
     rnd = functools.partial(opaque, zero=z_ref[0])
     y = x_ref[...]  # [R, n]: rows (token, head) of the program
     R, n = y.shape
-    row = pl.program_id(0) * R + lax.broadcasted_iota(jnp.int32, (R, 1), 0)
-    pair = lax.broadcasted_iota(jnp.int32, (1, n // 2), 1)
-    at = (row // heads) * n_pairs + jnp.clip(pair - (n // 2 - n_pairs), 0, n_pairs - 1)  # [R, n/2]
-    y = rotate_tail(y, cos_ref[at], sin_ref[at], n_pairs, rnd)  # the head pairs keep their values
+    token = (pl.program_id(0) * R + lax.broadcasted_iota(jnp.int32, (R, 1), 0)) // heads
+    y = rotate_tail_slice(y, cos_ref, sin_ref, token, 0, n, n_pairs, rnd)
     o_ref[...] = fp4_e2m1_round_trip(transform(y), block, rnd)
 
 

@@ -27,7 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import dd_total, div, f16_round_bits, fp8_e4m3_round_trip, rms_norm, split12, sqrt
 from ds4jax.model.rope import apply_rope_tail
-from pallas_kernels.common import F32, SplitSums, finished, is_pow2, kernel_zero, opaque, pick, two_sum_add
+from pallas_kernels.common import F32, SplitSums, finished, is_pow2, kernel_zero, opaque, pick, two_sum_add, value_of
 from pallas_kernels.quantize import KINDS
 
 
@@ -67,7 +67,7 @@ def rms_norm_quant_reference(parts, eps: float):
     normalised rows and their int8 quantization for each of ``kinds`` ("q8_0", "q8_k")."""
     out = []
     for x, w, kinds in parts:
-        y = rms_norm(x.value() if isinstance(x, SplitSums) else x, w, eps)
+        y = rms_norm(value_of(x), w, eps)
         out.append((y, {k: KINDS[k][0](y) for k in kinds}))
     return tuple(out)
 
@@ -77,13 +77,9 @@ def _kv_row(y, cos_ref, sin_ref, n: int, kv, rnd):
     gathered from the flat [T·n_pairs] tables), the FP8 round trip of the first n_nope dims, f16
     (``attention.kv_row_values``' functions on the tile)."""
     n_nope, block, n_pairs = kv
-    c = y.shape[-1]
-    t, j = pl.program_id(0), pl.program_id(1)
-    pair = j * (c // 2) + lax.broadcasted_iota(jnp.int32, (1, c // 2), 1)  # the row's pair index
-    at = t * n_pairs + jnp.clip(pair - (n // 2 - n_pairs), 0, n_pairs - 1)
-    rot = rotate_tail(y, cos_ref[at], sin_ref[at], c // 2, rnd)  # every pair; the head's are dropped
-    col = j * c + lax.broadcasted_iota(jnp.int32, (1, c), 1)
-    y = jnp.where(col >= n - 2 * n_pairs, rot, y)
+    j = pl.program_id(1)
+    y = rotate_tail_slice(y, cos_ref, sin_ref, pl.program_id(0), j, n, n_pairs, rnd)
+    col = j * y.shape[-1] + lax.broadcasted_iota(jnp.int32, (1, y.shape[-1]), 1)
     y = jnp.where(col < n_nope, fp8_e4m3_round_trip(y, block, rnd), y)
     return f16_round_bits(y, rnd)
 
@@ -250,6 +246,20 @@ def rotate_tail(y, c, s, n_pairs: int, rnd):
     r0, r1 = jnp.where(tail, r0, y0), jnp.where(tail, r1, y1)
     which = lax.broadcasted_iota(jnp.int32, (R, hd // 2, 2), 2)
     return jnp.where(which == 0, r0[:, :, None], r1[:, :, None]).reshape(R, hd)
+
+
+def rotate_tail_slice(y, cos_ref, sin_ref, token, chunk, width: int, n_pairs: int, rnd, inverse: bool = False):
+    """``rope.apply_rope_tail`` (``inverse``: its inverse) on y [R, c], the columns [chunk·c,
+    (chunk + 1)·c) of rows of ``width``: each row's last n_pairs pairs rotated by its token's angles,
+    gathered from the flat [T·n_pairs] cos/sin tables (``token``: an index, or [R, 1] of them); the
+    other pairs keep their values."""
+    c = y.shape[-1]
+    pair = chunk * (c // 2) + lax.broadcasted_iota(jnp.int32, (1, c // 2), 1)  # the row's pair index
+    at = token * n_pairs + jnp.clip(pair - (width // 2 - n_pairs), 0, n_pairs - 1)
+    s = sin_ref[at]
+    rot = rotate_tail(y, cos_ref[at], -s if inverse else s, c // 2, rnd)  # every pair; the head's are dropped
+    col = chunk * c + lax.broadcasted_iota(jnp.int32, (1, c), 1)
+    return jnp.where(col >= width - 2 * n_pairs, rot, y)
 
 
 def _head_kernel(z_ref, q_ref, c_ref, s_ref, o_ref, *, eps, n_pairs):
