@@ -53,7 +53,7 @@ from pallas_kernels import hc_pre as hc_pre_kernel
 from pallas_kernels import indexer_scores as indexer_kernel
 from pallas_kernels import quantize as quantize_kernel
 from pallas_kernels import sinkhorn as sinkhorn_kernel
-from pallas_kernels.common import value_of
+from pallas_kernels.common import SplitSums, value_of
 
 MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
 # ... except the routed experts: their kernel's programs are (token, expert) pairs, so a prefill
@@ -137,11 +137,13 @@ def _q8_auto(n: int, out: int, k: int) -> bool:
     return out * k >= Q8_AUTO_N1_BYTES
 
 
-def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1, pre=None) -> jax.Array:
+def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1, pre=None, split: str | None = None):
     """x [..., G*K] f32, quantized per 32 (``numerics.quantize_q8_0``), against Q8_0 planes
     qs [G*r, K], d [G*r, K/32] → [..., G*r]. ``pre``: x's quantization where its norm made it
-    (``rms_norm_quant``), or None."""
-    return _q8_0(x, ((qs, d),), groups, lambda n: _q8_auto(n, qs.shape[0], qs.shape[1]), pre)[0]
+    (``rms_norm_quant``), or None. ``split``: the reader ("post": ``hc_post``) that takes the output
+    as ``SplitSums`` where the launch runs (x [n, K]) and its flag is on."""
+    auto = lambda n: _q8_auto(n, qs.shape[0], qs.shape[1])
+    return _q8_0(x, ((qs, d),), groups, auto, pre, split is not None and _split_on(split))[0]
 
 
 # Several Q8_0 matrices of one input in one launch (``q8_0_matmuls``: the shared expert's gate and
@@ -177,11 +179,26 @@ SPLIT_SUMS_TO_NORM = False
 # at 8 layers, call E), so they run at every N. ``all`` takes it.
 SWIGLU_QUANT_IN_AUTO = True
 
+# The routed experts' middle likewise (``swiglu_quant(weights=)``): the gate+up expert launch's
+# partials added, the SwiGLU, the router weight, the down kernel's Q8_K quantization, in one launch
+# instead of XLA's fusions. Off: it lost, H200, session 30, one process each: 43 layers 10,144.7
+# against 10,110.3 µs of kernels a step with the same 2,162.8 kernels (call C; call B: 10,274.1
+# against 10,241.1), 8 layers +1.2 µs; its launch takes 3.15 µs a layer (the shared expert's 2.64),
+# at 2 or 1 warps a program more. ``all`` (the GPU tests) takes it.
+ROUTED_SWIGLU_QUANT_IN_AUTO = False
+
 
 def _split_on(reader: str) -> bool:
     """Whether a launch's outputs go unfinished to ``reader`` ("norm": ``rms_norm_quant``;
-    "swiglu": ``swiglu_quant``)."""
-    return {"norm": SPLIT_SUMS_TO_NORM, "swiglu": SWIGLU_QUANT_IN_AUTO}[reader] or mode() == "all"
+    "swiglu": ``swiglu_quant``; "routed": ``swiglu_quant(weights=)``; "post", "post_terms": ``hc_post``)."""
+    flags = {
+        "norm": SPLIT_SUMS_TO_NORM,
+        "swiglu": SWIGLU_QUANT_IN_AUTO,
+        "routed": ROUTED_SWIGLU_QUANT_IN_AUTO,
+        "post": SPLIT_SUMS_TO_POST and HC_POST_IN_AUTO,
+        "post_terms": SPLIT_TERMS_TO_POST and HC_POST_IN_AUTO and HC_POST_TERMS,
+    }
+    return flags[reader] or mode() == "all"
 
 
 def q8_0_matmuls(x: jax.Array, mats, pre=None, split: str | None = None) -> tuple:
@@ -195,17 +212,31 @@ def q8_0_matmuls(x: jax.Array, mats, pre=None, split: str | None = None) -> tupl
     return _q8_0(x, tuple(mats), 1, lambda n: n >= 2 or total >= Q8_MANY_AUTO_N1_BYTES, pre, split)
 
 
-def swiglu_quant(g, u, clamp: float, act_quant: bool = True):
-    """(swiglu(g, u, clamp), pre) for g, u [n, w] (arrays, or ``SplitSums`` from ``q8_0_matmuls``):
-    ``pre`` is the SwiGLU's Q8_0 quantization ({"q8_0": (q, d)}) made by one launch where the
-    kernel path takes it, else None. Where ``pre`` is given, the down projection reads only it and
-    XLA drops the f32 SwiGLU as dead code. Not interpreted in the whole model (its own test runs
-    it so)."""
+def swiglu_quant(g, u, clamp: float, act_quant: bool = True, weights=None):
+    """(mid, pre): mid = swiglu(g, u, clamp) for g, u [n, w] (arrays, or ``SplitSums`` from
+    ``q8_0_matmuls``); ``pre`` is mid's Q8_0 quantization ({"q8_0": (q, d)}) made by one launch where
+    the kernel path takes it, else None. Where ``pre`` is given, the down projection reads only it
+    and XLA drops the f32 SwiGLU as dead code. Not interpreted in the whole model (its own test runs
+    it so).
+
+    ``weights`` [T, k] (the routed experts' router weights): g, u are [T, k, w] arrays, or
+    ``expert_matmul``'s ``SplitSums`` of its T·k rows; mid [T, k, w] is the SwiGLU times each
+    row's weight, ``pre`` its Q8_K quantization ({"q8_k": ...}) for the expert down kernel."""
+    routed = weights is not None
+    kind = "q8_k" if routed else "q8_0"
     mid = swiglu(value_of(g), value_of(u), clamp)
-    use, interpret = _use(mid.shape[0], auto=SWIGLU_QUANT_IN_AUTO)
-    if not act_quant or not use or interpret or QUANTIZE_IN_KERNEL or not quantize_kernel.swiglu_supported(g, u):
+    if routed:
+        mid = mid.reshape(*weights.shape, mid.shape[-1]) * weights[..., None]
+    use, interpret = _use(mid.shape[0], auto=ROUTED_SWIGLU_QUANT_IN_AUTO if routed else SWIGLU_QUANT_IN_AUTO)
+    if not act_quant or not use or interpret or QUANTIZE_IN_KERNEL:
         return mid, None
-    return mid, {"q8_0": quantize_kernel.swiglu_quantize(g, u, clamp)}
+    g, u = (x if isinstance(x, SplitSums) else x.reshape(-1, x.shape[-1]) for x in (g, u))
+    if not quantize_kernel.swiglu_supported(g, u, kind=kind):
+        return mid, None
+    wts = None if weights is None else weights.reshape(-1)
+    warps = quantize_kernel.ROUTED_SWIGLU_WARPS if routed else quantize_kernel.SWIGLU_WARPS
+    q, d = quantize_kernel.swiglu_quantize(g, u, clamp, wts, kind=kind, warps=warps)
+    return mid, {kind: (q.reshape(mid.shape), d.reshape(*mid.shape[:-1], d.shape[-1]))}
 
 
 def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None, split: bool = False) -> tuple:
@@ -224,8 +255,11 @@ def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None, split: bool = 
     qs, d = zip(*mats)
     one = len(mats) == 1  # a single matrix may be grouped; several share one launch
     cores = n <= Q8_CORES_MAX_TOKENS and not QUANTIZE_IN_KERNEL
-    if split and not one:
-        return q8_0.matmul(xq, dx, qs, d, groups, interpret=interpret, cores=cores, raw=True)
+    if split and (not one or len(lead) == 1):
+        sums = q8_0.matmul(
+            xq, dx, qs[0] if one else qs, d[0] if one else d, groups, interpret=interpret, cores=cores, raw=True
+        )
+        return (sums,) if one else sums
     ys = q8_0.matmul(xq, dx, qs[0] if one else qs, d[0] if one else d, groups, interpret=interpret, cores=cores)
     return tuple(y.reshape(*lead, y.shape[-1]) for y in ((ys,) if one else ys))
 
@@ -256,14 +290,24 @@ def float_matmuls(x: jax.Array, ws: tuple) -> tuple:
     return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
 
 
-def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array, pre=None):
+# The FFN input's quantization (one row a token, shared by its k experts) goes to the gate+up expert
+# launch as it is, its pairs reading row p // k, instead of XLA's two copies repeating it k times a
+# layer (93 µs and 86 kernels a 43-layer step, H200, session 30 call B). Session 30 call C, one process:
+# 43 layers 10,110.3 against 10,180.3 µs of kernels a step, 2,162.8 against 2,248.8 kernels; 8 layers
+# 1,962.6 against 1,982.1.
+EXPERT_ROWS_BY_TOKEN = True
+
+
+def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array, pre=None, split: str | None = None):
     """Routed experts: x [T, k|1, n] f32, quantized per 256 (Q8_K, ``numerics.quantize_q8_k``),
     ids [T, k] → [T, k, out]. On the kernel path the kernel quantizes x itself.
 
     A middle dim of 1 (the FFN input, shared by a token's experts) broadcasts over the k.
     ``planes`` may be a tuple of plane dicts of one shape (gate and up): the result is then the
     tuple of their outputs, from one kernel launch. ``pre``: x's quantization where its norm made
-    it (``rms_norm_quant``, for the shared input), or None."""
+    it (``rms_norm_quant``, for the shared input), or None. ``split``: the reader ("routed",
+    ``_split_on``; "post_terms") that takes the outputs as ``SplitSums`` of the T·k rows (the launch's
+    partials, added where they are read) where the kernel runs and its flag is on."""
     many = isinstance(planes, (tuple, list))
     mats = tuple(planes) if many else (planes,)
     T, k = ids.shape
@@ -275,13 +319,21 @@ def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array, pre=None):
         dx = jnp.broadcast_to(dx, (T, k, dx.shape[-1]))
         ys = tuple(_expert_reference(xq, dx, qtype, m, ids) for m in mats)
     else:
-        rows = lambda a: jnp.broadcast_to(a, (T, k, a.shape[-1])).reshape(T * k, -1)
+        # A token's input shared by its k experts stays one row: the kernel's pairs read it by index
+        # (repeating it k times first cost XLA two copies a layer: 93 µs a 43-layer step, H200,
+        # session 30).
+        shared = EXPERT_ROWS_BY_TOKEN and x.ndim == 3 and x.shape[1] == 1
+        rows = lambda a: a.reshape(T, -1) if shared else jnp.broadcast_to(a, (T, k, a.shape[-1])).reshape(T * k, -1)
         if QUANTIZE_IN_KERNEL:
             xq, dx = rows(x), None
         else:
             xq, dx = (rows(a) for a in _given(pre, "q8_k", x) or _quantize(x, "q8_k", interpret))
         # the launch chosen here, at trace time, so module knobs (experts.IQ2_NARROW, Q2K_NARROW) take effect
         cfg = experts.choose_config(qtype, out, x.shape[-1] // 256)
+        if split is not None and _split_on(split):
+            return experts.matmul(
+                xq, dx, ids.reshape(-1), qtype, mats if many else mats[0], cfg, interpret=interpret, raw=True
+            )
         ys = tuple(
             y.reshape(T, k, out) for y in experts.matmul(xq, dx, ids.reshape(-1), qtype, mats, cfg, interpret=interpret)
         )
@@ -462,19 +514,41 @@ HC_POST_IN_AUTO = True
 # process (H200, session 24): 2,248.4 against 2,258.2 µs of kernels a step.
 HC_POST_TERMS = True
 
+# The sublayers' outputs go to the post-mix's launch as their matmul launches' K-split partials
+# (``SplitSums``: attn_output_b's and the shared expert's down, "post"; the routed experts' down,
+# "post_terms"), which it adds per column slice as ``finish`` does, instead of XLA's finish fusion
+# for each (attention.py's and moe.py's: 175 µs and 129 kernels a 43-layer step, H200, session 30
+# call B). H200, session 30, one process each: all three lost at 43 layers (call D: 10,124.9 against
+# 10,108.3 µs of kernels a step, 2,033.8 against 2,162.8 kernels; the always-verifying MTP step at 8
+# layers +7.8 µs): the six routed terms' partials (96 loads a program) cost the post-mix's launch
+# more than their finish fusion. Without them (call E): 9,987.9 against 10,096.7 µs, 2,076.8 against
+# 2,162.8 kernels, 9.749 against 9.846 ms a token; the MTP step at 8 layers 2,995.4 against 3,015.2
+# µs (call F). So "post" is on at every N, "post_terms" off. ``all`` (the GPU tests) takes both.
+SPLIT_SUMS_TO_POST = True
+SPLIT_TERMS_TO_POST = False
+
 
 def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, reference, terms=None):
     """(H', squares): the post-mix from the kernel with Σ H'² a token as double-float pairs for
     ``hc_pre``, else (``reference()``, None). ``terms`` [T, k, d] or None: the sublayer's output
-    is Σ_k terms + y (``reference`` sums them itself). Not interpreted in the whole model, as
+    is Σ_k terms + y (``reference`` sums them itself). y and terms may come as their launches'
+    ``SplitSums`` (terms: of the T·k rows), which the kernel adds itself. Not interpreted in the whole model, as
     ``hc_pre`` (which alone reads the squares); its own test runs it interpreted."""
-    use, interpret = _use(H.shape[0], auto=HC_POST_IN_AUTO)
+    T = H.shape[0]
+    use, interpret = _use(T, auto=HC_POST_IN_AUTO)
     if not use or interpret or not hc_post_kernel.supported(H):
         return reference(), None
     k = hc_post_kernel  # launch knobs read at trace time (ab_decode.py variants set them)
     if terms is not None and not HC_POST_TERMS:
-        y, terms = with_terms(y, terms), None
+        y, terms = with_terms(value_of(y), term_rows(terms, T)), None
     return k.hc_post(H, y, post, comb, terms, cols=k.COLS, warps=k.WARPS)
+
+
+def term_rows(terms, T: int) -> jax.Array:
+    """The routed experts' outputs [T, k, d] from an array or ``expert_matmul``'s ``SplitSums`` of its
+    T·k rows (finished by XLA)."""
+    v = value_of(terms)
+    return v.reshape(T, -1, v.shape[-1])
 
 
 # The decode attention kernels (``attention.sink_attention``: scores, then the mix by key splits,

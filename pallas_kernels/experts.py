@@ -35,6 +35,7 @@ from ds4jax.quant.layouts import IQ2_NIB, iq2_nib_ints, iq2_xxs_ints
 from ds4jax.quant.tables import IQ2XXS_GRID_I8
 from pallas_kernels.common import (
     F32,
+    SplitSums,
     byte_words,
     dp4a,
     finish,
@@ -256,7 +257,7 @@ def _isums_v1(qtype, x_ref, p, b, planes, sel, tab_ref):
     return (_isum_q2k if qtype == Q2_K else _isum_q4k)(x_ref, p, b, planes, sel)
 
 
-def _kernel(z_ref, ids_ref, x_ref, *refs, qtype, names, nb, n_mat, tiles, cfg, version, interpret, quantize):
+def _kernel(z_ref, ids_ref, x_ref, *refs, qtype, names, nb, n_mat, tiles, cfg, version, interpret, quantize, rep):
     dx_ref, refs = (None, refs) if quantize else (refs[0], refs[1:])
     n_out = 1 if cfg.k_splits == 1 else 2
     plane_refs, out_refs = refs[:-n_out], refs[-n_out:]
@@ -266,18 +267,19 @@ def _kernel(z_ref, ids_ref, x_ref, *refs, qtype, names, nb, n_mat, tiles, cfg, v
     p, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     zero = z_ref[0]
     e = ids_ref[p]
+    r = p // rep if rep > 1 else p  # the pair's activation row (a token's rows shared by its k pairs)
     steps = nb // cfg.k_splits  # this program's super-blocks: split j of the K axis
 
     def isums(b, planes, sel):
         """(isum, msum, dx) of super-block b: the integer dots and the activation block scale."""
         if version == 1:
-            return *_isums_v1(qtype, x_ref, p, b, planes, sel, tab_ref), dx_ref[p, b]
+            return *_isums_v1(qtype, x_ref, r, b, planes, sel, tab_ref), dx_ref[r, b]
         if quantize:  # f32 activations: this super-block quantized here, by the model's own function
-            q, dq = quantize_q8_k(x_ref[p, b].reshape(1, QK_K), lambda v: opaque(v, zero), in_kernel=True)
+            q, dq = quantize_q8_k(x_ref[r, b].reshape(1, QK_K), lambda v: opaque(v, zero), in_kernel=True)
             x = byte_words(q.reshape(QK_K).astype(I32) & 255).reshape(_X3_VIEW[qtype])
             dxb = jnp.sum(dq)  # the one block's scale (a register tile cannot be indexed)
         else:
-            x, dxb = x_ref[p, b], dx_ref[p, b]
+            x, dxb = x_ref[r, b], dx_ref[r, b]
         return *_isums_v3(qtype, x, b, planes, sel, tab_ref, interpret), dxb
 
     def run(planes, tile):
@@ -376,8 +378,8 @@ def choose_config(qtype: int, out: int, nb: int) -> ExpertConfig:
     return ExpertConfig(block_rows=rows, k_splits=splits)
 
 
-@functools.partial(jax.jit, static_argnames=("qtype", "cfg", "interpret", "version"))
-def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, interpret=False, version=3):
+@functools.partial(jax.jit, static_argnames=("qtype", "cfg", "interpret", "version", "raw"))
+def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, interpret=False, version=3, raw=False):
     """y[p, o] = Σ_i W[ids[p], o, i] x[p, i] for P pairs: xq [P, n] int8, dx [P, n/256] f32,
     ids [P] int32; planes of all experts [E, out, nb, ...] (only the selected are read).
 
@@ -388,11 +390,20 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
     ``version`` 3 (default): packed int8 words and dp4a; 1: integer dots element by element on
     CUDA cores (v2, int8 tiles on the tensor cores, measured 2-5x slower than v1 and was
     removed: speed-bench/KERNELS.md). Both give the reference's bits (exact integer sub-block
-    dots, TwoSum over the super-blocks in order, K-split partials combined in order)."""
+    dots, TwoSum over the super-blocks in order, K-split partials combined in order).
+
+    ``raw``: each matrix's [P, out] as ``SplitSums``, the launch's partials left for the kernel
+    that reads them (``quantize.swiglu_quantize``, ``hc_post.hc_post``) to add.
+
+    ``xq`` (and ``dx``) may hold P/r rows for r consecutive pairs each (a token's k experts share
+    its FFN input): pair p reads row p // r, so the rows are not repeated in memory first."""
     quantize = dx is None
     many = isinstance(planes, (tuple, list))
     mats = tuple(planes) if many else (planes,)
-    P, n = xq.shape
+    Px, n = xq.shape
+    P = ids.shape[0]
+    if P % Px:
+        raise ValueError(f"expert kernel: {P} pairs do not share {Px} activation rows evenly")
     nb = n // QK_K
     out = mats[0]["d"].shape[1]
     cfg = cfg or choose_config(qtype, out, nb)
@@ -404,11 +415,11 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
     if version not in (1, 3) or (version != 3 and (quantize or qtype in LAYOUTS)):
         raise ValueError(f"expert kernel: no version {version} (1 or 3; v2 is gone; f32 input and IQ2_NIB: v3 only)")
     if quantize:  # f32 activations, quantized per super-block in the kernel
-        xv = xq.reshape(P, nb, QK_K)
+        xv = xq.reshape(Px, nb, QK_K)
     elif version == 1:
-        xv = xq.reshape(P, nb, *_X_VIEW[qtype])
+        xv = xq.reshape(Px, nb, *_X_VIEW[qtype])
     else:  # int32 words of 4 int8: a bitcast of the small activation array
-        xv = lax.bitcast_convert_type(xq.reshape(P, n // 4, 4), I32).reshape(P, nb, *_X3_VIEW[qtype])
+        xv = lax.bitcast_convert_type(xq.reshape(Px, n // 4, 4), I32).reshape(Px, nb, *_X3_VIEW[qtype])
     whole = lambda a: pl.BlockSpec(a.shape, lambda p, i, j: (0,) * a.ndim)
     dxs = [] if quantize else [dx]
     args = [
@@ -432,6 +443,7 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
         version=version,
         interpret=interpret,
         quantize=quantize,
+        rep=P // Px,
     )
     res = pl.pallas_call(
         kernel,
@@ -443,5 +455,8 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
         interpret=interpret,
         name=f"experts_{qtype}",
     )(*args)
+    if raw:
+        sums = tuple(SplitSums(tuple(res), m * out, out, P) for m in range(M))
+        return sums if many else sums[0]
     y = res[0][0] if n_out == 1 else finish(*res)
     return tuple(y[:, m * out : (m + 1) * out] for m in range(M)) if many else y

@@ -14,6 +14,10 @@ shared expert's [T, d], y = Σ_k terms + shared as ``numerics.with_terms`` sums 
 sum over the k experts rounded once, then one f32 add). Each program sums its columns' k terms
 itself, so XLA's two fusions for that sum and add (4.5 µs a layer at N=1, session 24's profile)
 are gone.
+
+y and the terms may also come as their matmul launches' K-split partials (``SplitSums``), which
+each program adds for its columns as ``finish`` does (the same elementwise chain, so the same bits),
+instead of XLA's finish fusion for each.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import dd_sum
-from pallas_kernels.common import F32, is_pow2, kernel_zero, opaque, two_sum_add
+from pallas_kernels.common import F32, SplitSums, finished, is_pow2, kernel_zero, opaque, two_sum_add
 from pallas_kernels.norms import add_squares
 
 __all__ = ["hc_post", "supported"]
@@ -47,14 +51,17 @@ def supported(H: jax.Array) -> bool:
     return n >= 2 and is_pow2(n) and is_pow2(d) and d >= COLS
 
 
-def _post_kernel(z_ref, h_ref, y_ref, p_ref, c_ref, *refs, n, n_terms):
-    t_refs, (o_ref, ss_ref, se_ref) = refs[:n_terms], refs[n_terms:]
+def _post_kernel(z_ref, h_ref, p_ref, c_ref, *refs, n, forms, n_terms):
+    f_y, f_t = forms  # arrays a part: 1 (finished rows) or 2 (K-split partials)
+    y_refs, refs = refs[:f_y], refs[f_y:]
+    t_refs, (o_ref, ss_ref, se_ref) = refs[: f_t * n_terms], refs[f_t * n_terms :]
     rnd = functools.partial(opaque, zero=z_ref[0])
-    y = y_ref[0, :]  # [cols]
+    cols = h_ref.shape[-1]
+    y = finished(y_refs).reshape(cols)  # each ref a [S, 1, cols] block: its splits added in order
     if n_terms:  # y = Σ_k terms + y: the k terms in order as a double-float, rounded once, then the add
         s = e = jnp.zeros_like(y)
-        for r in t_refs:
-            s, e = two_sum_add(s, e, r[:])
+        for i in range(n_terms):
+            s, e = two_sum_add(s, e, finished(t_refs[i * f_t : (i + 1) * f_t]).reshape(cols))
         y = (s + e) + y
     z = jnp.zeros((n, y.shape[0]), F32)
     acc = (z, z)
@@ -67,32 +74,53 @@ def _post_kernel(z_ref, h_ref, y_ref, p_ref, c_ref, *refs, n, n_terms):
     se_ref[0, 0, :] = e
 
 
+def _parts(x, rows: int) -> SplitSums:
+    """x as ``SplitSums`` of ``rows`` rows starting at column 0: a launch's partials as they are, or a
+    finished array ([rows, d], or [T, k, d] terms as their T·k rows) as the one-array form."""
+    if isinstance(x, SplitSums):
+        if x.start or x.n != rows:
+            raise ValueError(f"hc_post: partials of {x.n} rows from column {x.start}, not {rows} from 0")
+        return x
+    x = x.astype(F32).reshape(rows, x.shape[-1])
+    return SplitSums((x[None],), 0, x.shape[1], rows)
+
+
 @functools.partial(jax.jit, static_argnames=("cols", "warps", "interpret"))
 def hc_post(H, y, post, comb, terms=None, cols: int = COLS, warps: int = WARPS, interpret: bool = False):
     """H [T, n, d], y [T, d], post [T, n], comb [T, n, n] (f32) → (H' [T, n, d] as
     ``ds4jax.model.hc.hc_post``, squares: ([T, S, n], [T, S, n]) double-float pairs whose total is
     Σ H'² a token, for ``hc_pre``'s ``squares``). ``terms`` [T, k, d] or None: the sublayer's output
-    is then Σ_k terms + y (``ds4jax.model.numerics.with_terms``). ``cols``, ``warps``: the launch (they
-    only time)."""
+    is then Σ_k terms + y (``ds4jax.model.numerics.with_terms``). y may be a launch's ``SplitSums``
+    ([T, d]), terms one of the T·k rows (pair t·k + i: token t's expert i). ``cols``, ``warps``: the
+    launch (they only time)."""
     T, n, d = H.shape
     cols = min(cols, d)
     S = d // cols
-    H, y, post, comb = (a.astype(F32) for a in (H, y, post, comb))
-    k = 0 if terms is None else terms.shape[1]
-    # one operand per term, each a [cols] row of the same array: k (6) is no power of two, so a
-    # [k, cols] block would need padding, which Triton cannot take and XLA would copy for
-    term_specs = [pl.BlockSpec((None, None, cols), lambda t, c, i=i: (t, i, c)) for i in range(k)]
+    H, post, comb = (a.astype(F32) for a in (H, post, comb))
+    ys = _parts(y, T)
+    k = 0 if terms is None else (terms.n // T if isinstance(terms, SplitSums) else terms.shape[1])
+    ts = None if terms is None else _parts(terms, T * k)
+
+    def part_specs(p: SplitSums, row):
+        """Each array of ``p`` as [S', 1, cols] blocks at row ``row(t)``."""
+        S_ = p.arrays[0].shape[0]
+        return [pl.BlockSpec((S_, 1, cols), lambda t, c: (0, row(t), c)) for _ in p.arrays]
+
+    # one operand set per term, each [cols] of row t·k + i: k (6) is no power of two, so a [k, cols]
+    # block would need padding, which Triton cannot take and XLA would copy for
+    term_specs = [s for i in range(k) for s in part_specs(ts, lambda t, i=i: t * k + i)]
     pair = jax.ShapeDtypeStruct((T, S, n), F32)
     pair_spec = pl.BlockSpec((1, 1, n), lambda t, c: (t, c, 0))
+    forms = (len(ys.arrays), 0 if ts is None else len(ts.arrays))
     new, ss, se = pl.pallas_call(
-        functools.partial(_post_kernel, n=n, n_terms=k),
+        functools.partial(_post_kernel, n=n, forms=forms, n_terms=k),
         grid=(T, S),
         in_specs=[
             pl.BlockSpec((1,), lambda *_: (0,)),
             pl.BlockSpec((1, n, cols), lambda t, c: (t, 0, c)),
-            pl.BlockSpec((1, cols), lambda t, c: (t, c)),
             pl.BlockSpec((1, n), lambda t, c: (t, 0)),
             pl.BlockSpec((1, n, n), lambda t, c: (t, 0, 0)),
+            *part_specs(ys, lambda t: t),
             *term_specs,
         ],
         out_specs=[pl.BlockSpec((1, n, cols), lambda t, c: (t, 0, c)), pair_spec, pair_spec],
@@ -100,5 +128,5 @@ def hc_post(H, y, post, comb, terms=None, cols: int = COLS, warps: int = WARPS, 
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="hc_post",
-    )(kernel_zero(H, interpret), H, y, post, comb, *(() if terms is None else (terms.astype(F32),) * k))
+    )(kernel_zero(H, interpret), H, post, comb, *ys.arrays, *(() if ts is None else ts.arrays * k))
     return new, (ss, se)

@@ -242,8 +242,8 @@ def matmul(
     ``xq`` is the f32 activation [N, G*K] and the kernel quantizes it (``numerics.quantize_q8_0``,
     the same bits), saving the separate quantization kernel.
     ``cores`` (without ``cfg``): the CUDA-core variant of the chosen launch, the same bits.
-    ``raw`` (several matrices): each matrix's output as ``SplitSums``, the launch's partials left
-    for the kernel that reads them to add."""
+    ``raw``: each matrix's output as ``SplitSums``, the launch's partials left for the kernel that
+    reads them to add."""
     quantize = dx is None
     n = xq.shape[0]
     many = isinstance(qs, (tuple, list))
@@ -311,7 +311,8 @@ def matmul(
         name="q8_0_share",
     )(kernel_zero(xq if quantize else dx, interpret), *sel, xq, *([] if quantize else [dx]), *planes)
     cols = matrix_columns(outs)
-    if raw and many:
-        return tuple(SplitSums(tuple(res), start, o, n) for start, o in cols)
+    if raw:
+        sums = tuple(SplitSums(tuple(res), start, o, n) for start, o in cols)
+        return sums if many else sums[0]
     y = finished(res)[:n]
     return tuple(y[:, start : start + o] for start, o in cols) if many else y

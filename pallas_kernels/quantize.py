@@ -9,10 +9,11 @@ functions run on register tiles, a program a (row, chunk of blocks): one launch,
 Quantizing inside each matmul program instead (``dispatch.QUANTIZE_IN_KERNEL``) repeats the whole
 row's quantization in every program of the matmul: 2.2-4.2 µs a call more (session 12).
 
-``swiglu_quantize``: the shared expert's middle in one launch, from its gate+up launch's K-split
-partials to the down projection's int8 blocks (``finish``, ``numerics.swiglu``, ``quantize_q8_0``).
-XLA ran these as four kernels a layer (the partials' sums with the SwiGLU, then the quantization:
-214 µs and 172 kernels a 43-layer step, H200, session 28).
+``swiglu_quantize``: an FFN's middle in one launch, from its gate+up launch's K-split partials to
+the down projection's int8 blocks (``finish``, ``numerics.swiglu``, the routed experts' router
+weight, ``quantize_q8_0`` or ``quantize_q8_k``). For the shared expert XLA ran these as four kernels
+a layer (the partials' sums with the SwiGLU, then the quantization: 214 µs and 172 kernels a
+43-layer step, H200, session 28); for the routed experts as two fusions and the quantize launch.
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ def quantize(x, kind: str, chunk: int = CHUNK, warps: int = WARPS, interpret: bo
     )(kernel_zero(x, interpret), x.astype(F32))
 
 
-SWIGLU_CHUNK = 256  # elements a program: 8 Q8_0 blocks (the shared expert's 2048: 8 programs a token)
+SWIGLU_CHUNK = 256  # elements a program: 8 Q8_0 blocks or one Q8_K (the shared expert's 2048: 8 programs a token)
+# the dispatch's launches (they only time): the shared expert's (Q8_0), the routed experts' (Q8_K)
+SWIGLU_WARPS = WARPS
+ROUTED_SWIGLU_WARPS = WARPS
 
 
 def _as_sums(x) -> SplitSums:
@@ -75,46 +79,73 @@ def _as_sums(x) -> SplitSums:
     return x if isinstance(x, SplitSums) else SplitSums((x[None],), 0, x.shape[1], x.shape[0])
 
 
-def swiglu_supported(g, u, chunk: int = SWIGLU_CHUNK) -> bool:
-    """g and u [n, w] (arrays or ``SplitSums``) with w a power of two of at least one Q8_0 block,
-    each starting at whole chunks of its launch's columns."""
-    if g.shape != u.shape or len(g.shape) != 2 or not is_pow2(g.shape[1]) or g.shape[1] < 32:
+def _swiglu_chunk(kind: str, w: int, chunk: int) -> int:
+    return max(min(chunk, w), KINDS[kind][1])  # whole blocks of the kind a program
+
+
+def swiglu_supported(g, u, chunk: int = SWIGLU_CHUNK, kind: str = "q8_0") -> bool:
+    """g and u [n, w] (arrays or ``SplitSums``) with w a power of two of at least one block of
+    ``kind``, each starting at whole chunks of its launch's columns."""
+    if g.shape != u.shape or len(g.shape) != 2 or not is_pow2(g.shape[1]) or g.shape[1] < KINDS[kind][1]:
         return False
-    c = min(chunk, g.shape[1])
+    c = _swiglu_chunk(kind, g.shape[1], chunk)
     return all(s.start % c == 0 for s in (_as_sums(g), _as_sums(u)))
 
 
-def _swiglu_kernel(z_ref, *refs, forms, clamp):
+def _swiglu_kernel(z_ref, *refs, forms, clamp, kind, weighted):
     rnd = functools.partial(opaque, zero=z_ref[0])
     fg, fu = forms
-    g_refs, u_refs, (q_ref, d_ref) = refs[:fg], refs[fg : fg + fu], refs[fg + fu :]
+    g_refs, u_refs, rest = refs[:fg], refs[fg : fg + fu], refs[fg + fu :]
     # each [S, 1, c] (or [1, 1, c]) block: the split partials added in split order, as ``finish``
     mid = swiglu(finished(g_refs), finished(u_refs), clamp, rnd)  # [1, c]
-    q, d = quantize_q8_0(mid, rnd, in_kernel=True)
+    if weighted:  # the routed expert's router weight, one f32 product as the XLA path's
+        mid = mid * rest[0][...]
+        rest = rest[1:]
+    q_ref, d_ref = rest
+    q, d = KINDS[kind][0](mid, rnd, in_kernel=True)
     q_ref[...] = q
     d_ref[...] = d
 
 
-@functools.partial(jax.jit, static_argnames=("clamp", "chunk", "warps", "interpret"))
-def swiglu_quantize(g, u, clamp: float, chunk: int = SWIGLU_CHUNK, warps: int = WARPS, interpret: bool = False):
-    """``quantize_q8_0(swiglu(g, u, clamp))`` of g, u [n, w]: f32 arrays, or a matmul launch's
-    unfinished outputs (``SplitSums``, added here as ``finish`` adds them) → (q int8 [n, w],
-    d f32 [n, w/32]), the same bits. ``chunk``, ``warps``: the launch (they only time)."""
+@functools.partial(jax.jit, static_argnames=("clamp", "kind", "chunk", "warps", "interpret"))
+def swiglu_quantize(
+    g,
+    u,
+    clamp: float,
+    weights=None,
+    kind: str = "q8_0",
+    chunk: int = SWIGLU_CHUNK,
+    warps: int = WARPS,
+    interpret: bool = False,
+):
+    """The ``kind`` quantization ("q8_0" or "q8_k") of ``swiglu(g, u, clamp)`` (times ``weights``
+    [n], a factor a row, where given) of g, u [n, w]: f32 arrays, or a matmul launch's unfinished
+    outputs (``SplitSums``, added here as ``finish`` adds them) → (q int8 [n, w], d f32 [n, w/block]),
+    the same bits. ``chunk``, ``warps``: the launch (they only time)."""
     gs, us = _as_sums(g), _as_sums(u)
     n, w = g.shape
-    c = min(chunk, w)
+    c, blk = _swiglu_chunk(kind, w, chunk), KINDS[kind][1]
     in_specs, args = [pl.BlockSpec((1,), lambda *_: (0,))], []
     for s in (gs, us):
         S, b = s.arrays[0].shape[0], s.start // c
         in_specs += [pl.BlockSpec((S, 1, c), lambda t, j, b=b: (0, t, b + j))] * len(s.arrays)
         args += list(s.arrays)
+    if weights is not None:
+        in_specs.append(pl.BlockSpec((1, 1), lambda t, j: (t, 0)))
+        args.append(weights.astype(F32).reshape(n, 1))
     return pl.pallas_call(
-        functools.partial(_swiglu_kernel, forms=(len(gs.arrays), len(us.arrays)), clamp=float(clamp)),
+        functools.partial(
+            _swiglu_kernel,
+            forms=(len(gs.arrays), len(us.arrays)),
+            clamp=float(clamp),
+            kind=kind,
+            weighted=weights is not None,
+        ),
         grid=(n, w // c),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((1, c), lambda t, j: (t, j)), pl.BlockSpec((1, c // 32), lambda t, j: (t, j))],
-        out_shape=[jax.ShapeDtypeStruct((n, w), jnp.int8), jax.ShapeDtypeStruct((n, w // 32), F32)],
+        out_specs=[pl.BlockSpec((1, c), lambda t, j: (t, j)), pl.BlockSpec((1, c // blk), lambda t, j: (t, j))],
+        out_shape=[jax.ShapeDtypeStruct((n, w), jnp.int8), jax.ShapeDtypeStruct((n, w // blk), F32)],
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
-        name="swiglu_quantize",
+        name=f"swiglu_quantize_{kind}",
     )(kernel_zero(args[0], interpret), *args)

@@ -209,6 +209,11 @@ def test_expert_kernel_is_the_reference(qtype, version):
     one = experts.matmul(xq[3:4], dx[3:4], ids.reshape(-1)[3:4], qtype, planes, interpret=INTERPRET, version=version)
     one = np.asarray(one)
     assert np.array_equal(one[0], got[3])
+    # one activation row a token for its 3 pairs (read by index, not repeated first)
+    x2 = xq[::3]
+    shared = experts.matmul(x2, dx[::3], ids.reshape(-1), qtype, planes, interpret=INTERPRET, version=version)
+    want2 = experts.reference(jnp.repeat(x2, 3, axis=0), jnp.repeat(dx[::3], 3, axis=0), qtype, planes, ids.reshape(-1))
+    assert np.array_equal(np.asarray(shared), np.asarray(want2))
     if version == 3:  # K split in two (partials combined after the kernel); two matrices in one launch
         cfg = experts.ExpertConfig(block_rows=16, k_splits=2)
         split = experts.matmul(xq, dx, ids.reshape(-1), qtype, planes, cfg, interpret=INTERPRET)
@@ -629,6 +634,38 @@ def test_hc_post_kernel_sums_the_ffn_terms_as_the_reference():
     assert np.array_equal(np.asarray(new), np.asarray(want))
 
 
+@pytest.mark.parametrize("splits", [4, 1])
+def test_hc_post_kernel_adds_the_launches_partials(splits):
+    """The sublayer's output and the FFN's terms as their matmul launches' unfinished outputs
+    (``SplitSums``: K-split double-float partials, or one array of rows; a launch's rows past T, as the
+    Q8_0 launch's padded tokens): the post-mix kernel adds them per column slice as ``finish`` does,
+    so the bits of the XLA path fed the finished values; and via ``hc.hc_post_carry``'s reference."""
+    from pallas_kernels.common import SplitSums
+
+    T, k, d = 2, 6, 256
+
+    def partials(rows):
+        hi = RNG.standard_normal((splits, rows, d)) * 10.0 ** RNG.integers(-2, 3, (splits, rows, 1))
+        lo = hi * RNG.uniform(-(2.0**-25), 2.0**-25, hi.shape)
+        arrays = (jnp.asarray(hi.astype(np.float32)),) + ((jnp.asarray(lo.astype(np.float32)),) if splits > 1 else ())
+        return SplitSums(arrays, 0, d, rows)
+
+    H = hc_inputs(T, 4, d)[0]
+    y = partials(4)  # 4 rows, 2 of them the launch's padding
+    y = SplitSums(y.arrays, 0, d, T)
+    terms = partials(T * k)
+    post = jnp.asarray(RNG.uniform(0.0, 2.0, (T, 4)).astype(np.float32))
+    comb = jnp.asarray(RNG.uniform(0.0, 1.0, (T, 4, 4)).astype(np.float32))
+    yv, tv = y.value(), terms.value().reshape(T, k, d)
+    want = hc.hc_post(H, hc.with_terms(yv, tv), post, comb)
+    for args in ((y, terms), (yv, tv), (y, None)):
+        new, _ = hc_post.hc_post(H, *args[:1], post, comb, args[1], cols=64, interpret=INTERPRET)
+        ref = want if args[1] is not None else hc.hc_post(H, yv, post, comb)
+        assert np.array_equal(np.asarray(new), np.asarray(ref))
+    new, sq = hc.hc_post_carry(H, y, post, comb, terms)  # off the kernel path on CPU: XLA finishes them
+    assert sq is None and np.array_equal(np.asarray(new), np.asarray(want))
+
+
 @pytest.mark.parametrize("kind,n,K,chunk", [("q8_0", 3, 2048, 1024), ("q8_0", 1, 64, 1024), ("q8_k", 2, 2048, 512)])
 def test_quantize_kernel_is_the_reference(kind, n, K, chunk):
     """The quantize launch against ``numerics.quantize_q8_0`` / ``quantize_q8_k``: the same int8
@@ -840,6 +877,26 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((8, 1, 4096), f32),
             S((8, 1, 4096), f32),
         ),
+        (  # the routed experts' middle (6 pairs) from the expert launch's 4 split partials, weighted
+            lambda s, e, w: quantize.swiglu_quantize(
+                SplitSums((s, e), 0, 2048, 6), SplitSums((s, e), 2048, 2048, 6), 10.0, w, kind="q8_k"
+            ),
+            S((4, 6, 4096), f32),
+            S((4, 6, 4096), f32),
+            S((6,), f32),
+        ),
+        (  # the post-mix adding attn_output_b's 4 split partials (4 padded token rows) and 8 of the experts'
+            lambda h, s, e, ts, te, p, c: hc_post.hc_post(
+                h, SplitSums((s, e), 0, 4096, 1), p, c, SplitSums((ts, te), 0, 4096, 6)
+            )[0],
+            S((1, 4, 4096), f32),
+            S((4, 4, 4096), f32),
+            S((4, 4, 4096), f32),
+            S((8, 6, 4096), f32),
+            S((8, 6, 4096), f32),
+            S((1, 4), f32),
+            S((1, 4, 4), f32),
+        ),
         (
             lambda q, c, s: norms.head_norm_rope(q, c, s, 1e-6, heads_per_program=4),
             S((2, 8, 128), f32),
@@ -976,3 +1033,38 @@ def test_swiglu_quantize_launch_is_the_reference(T, splits):
         got = quantize.swiglu_quantize(*args, clamp, chunk=32, interpret=INTERPRET)
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("splits", [2, 1])
+def test_routed_swiglu_quantize_launch_is_the_reference(splits):
+    """The routed experts' middle as one launch: the gate+up expert launch's outputs (``SplitSums`` of
+    its T·k rows: K-split partials or finished rows), or finished f32 rows, to ``quantize_q8_k`` of
+    ``swiglu(g, u, clamp)`` times each row's router weight, bit for bit; a row of weight 0 and gates
+    past exp's range. Then the dispatch's pair: the down kernel reading those blocks as the reference."""
+    from pallas_kernels.common import SplitSums
+
+    E, out, nb = 6, 512, 2  # the middle of 512: two Q8_K blocks a row
+    gate, up = (expert_planes(jax.random.PRNGKey(s), experts.IQ2_XXS, E, out, nb) for s in (11, 12))
+    ids = jnp.asarray([[5, 0, 3], [3, 1, 5]], jnp.int32)
+    x = RNG.standard_normal((6, nb * 256)).astype(np.float32)
+    x[0] *= 40  # the first pair's gates reach past ±88.7
+    xq, dx = quantize_q8_k(jnp.asarray(x))
+    cfg = experts.ExpertConfig(block_rows=16, k_splits=splits)
+    sums = experts.matmul(xq, dx, ids.reshape(-1), experts.IQ2_XXS, (gate, up), cfg, interpret=INTERPRET, raw=True)
+    g, u = experts.matmul(xq, dx, ids.reshape(-1), experts.IQ2_XXS, (gate, up), cfg, interpret=INTERPRET)
+    assert all(isinstance(s, SplitSums) for s in sums) and np.abs(np.asarray(g[0])).max() > 88.7
+    clamp = float(np.quantile(np.abs(np.asarray(g)), 0.7))
+    wt = jnp.asarray(RNG.uniform(0.05, 2.0, 6).astype(np.float32)).at[4].set(0.0)
+    want = quantize_q8_k(swiglu(g, u, clamp) * wt[:, None])
+    assert not np.asarray(want[1])[4].any() and np.asarray(want[1])[[0, 1, 2, 3, 5]].all()
+    assert quantize.swiglu_supported(*sums, kind="q8_k") and not quantize.swiglu_supported(
+        g[:, :128], u[:, :128], kind="q8_k"
+    )
+    for args in (sums, (g, u)):
+        got = quantize.swiglu_quantize(*args, clamp, wt, kind="q8_k", interpret=INTERPRET)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
+    down = expert_planes(jax.random.PRNGKey(13), experts.Q2_K, E, 256, out // 256)
+    ys = dispatch.expert_matmul(jnp.zeros((2, 3, out), jnp.float32), experts.Q2_K, down, ids, pre={"q8_k": want})
+    ref = experts.reference(*want, experts.Q2_K, down, ids.reshape(-1))
+    assert np.array_equal(np.asarray(ys).reshape(6, -1), np.asarray(ref))

@@ -70,7 +70,8 @@ def kv_row_values(kv, cos, sin, cfg: ModelConfig):
 
 
 def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rope: dict, raw_mask=None):
-    """x [T, n_embd] (HC-pre output) -> (y [T, n_embd], pending).
+    """x [T, n_embd] (HC-pre output) -> (y [T, n_embd], or its launch's ``SplitSums`` on the kernel
+    path, for ``hc.hc_post_carry``; pending).
 
     ``pending`` holds what the chunk adds to the layer state; ``commit_layer`` turns it into
     the state after any number of the chunk's tokens (all for prefill and decode; the
@@ -154,7 +155,7 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
     o = apply_rope_tail(o, cos[:, None, :], sin[:, None, :], inverse=True)
     o = o.reshape(T, cfg.n_out_group, cfg.group_dim)
     low = q8_0_grouped_matmul(o, w["attn_output_a"], cfg.n_out_group, aq, o_pre)
-    y = dense(low.reshape(T, cfg.out_low_dim), w["attn_output_b"], aq)
+    y = dense(low.reshape(T, cfg.out_low_dim), w["attn_output_b"], aq, split="post")  # may be SplitSums
     return y, pending
 
 

@@ -53,8 +53,13 @@ def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array) -> jax
 def hc_post_carry(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, terms=None):
     """(``hc_post``'s H', squares): on the kernel path (decode and the verifier) one launch that
     also sums Σ H'² for the next ``hc_pre``; elsewhere squares is None. The same H' bits.
-    ``terms`` [T, k, d] or None: the sublayer's output is then Σ_k terms + y (``with_terms``)."""
-    return kernels.hc_post(H, y, post, comb, lambda: hc_post(H, with_terms(y, terms), post, comb), terms)
+    ``terms`` [T, k, d] or None: the sublayer's output is then Σ_k terms + y (``with_terms``). y and
+    terms may be their launches' unfinished outputs (``SplitSums``), which the kernel adds itself."""
+    T = H.shape[0]
+    ref = lambda: hc_post(
+        H, with_terms(kernels.value_of(y), None if terms is None else kernels.term_rows(terms, T)), post, comb
+    )
+    return kernels.hc_post(H, y, post, comb, ref, terms)
 
 
 def hc_head(H: jax.Array, fn, scale: jax.Array, base: jax.Array, rms_eps: float, hc_eps: float) -> jax.Array:

@@ -26,14 +26,15 @@ from pallas_kernels import dispatch as kernels
 FLOAT_TYPES = (QType.F16, QType.F32, QType.BF16)  # weights multiplied as f32 products, not quantized
 
 
-def dense(x: jax.Array, w: QTensor, act_quant: bool = True, pre=None) -> jax.Array:
+def dense(x: jax.Array, w: QTensor, act_quant: bool = True, pre=None, split: str | None = None) -> jax.Array:
     """y[..., o] = Σ_i W[o, i] x[..., i] for a 2-D weight of any supported type.
 
     ``act_quant=False`` keeps Q8_0 activations in f32 (the weights stay quantized). ``pre``:
-    x's quantization made with its norm (``dispatch.rms_norm_quant``), or None."""
+    x's quantization made with its norm (``dispatch.rms_norm_quant``), or None. ``split`` ("post":
+    for ``hc.hc_post_carry``): a Q8_0 output may come as the launch's ``SplitSums``."""
     q = QType(w.qtype)
     if q == QType.Q8_0:
-        return q8_0_matmul(x, w, pre) if act_quant else adot(x, dequantize(w))
+        return q8_0_matmul(x, w, pre, split) if act_quant else adot(x, dequantize(w))
     if q in FLOAT_TYPES:
         return kernels.float_matmuls(x, (w.planes["w"],))[0]
     raise NotImplementedError(f"dense matmul for {q.name}")
@@ -65,8 +66,8 @@ def rms_norms(parts, eps: float, act_quant: bool = True, kv_row=None) -> tuple:
     return kernels.rms_norm_quant(parts, eps, kv_row)
 
 
-def q8_0_matmul(x: jax.Array, w: QTensor, pre=None) -> jax.Array:
-    return kernels.q8_0_matmul(x, w.planes["qs"], w.planes["d"], pre=pre)  # quantizes x per 32 first
+def q8_0_matmul(x: jax.Array, w: QTensor, pre=None, split: str | None = None) -> jax.Array:
+    return kernels.q8_0_matmul(x, w.planes["qs"], w.planes["d"], pre=pre, split=split)  # quantizes x per 32 first
 
 
 def q8_0_grouped_matmul(x: jax.Array, w: QTensor, groups: int, act_quant: bool = True, pre=None) -> jax.Array:
@@ -83,20 +84,27 @@ def q8_0_grouped_matmul(x: jax.Array, w: QTensor, groups: int, act_quant: bool =
 
 
 # ---- routed experts with Q8_K activations -----------------------------------------
-def expert_linear(x: jax.Array, w: QTensor, ids: jax.Array, act_quant: bool = True) -> jax.Array:
+def expert_linear(
+    x: jax.Array, w: QTensor, ids: jax.Array, act_quant: bool = True, pre=None, split: str | None = None
+) -> jax.Array:
     """Σ_i W[ids, o, i] x[..., i] for the routed experts ``ids`` [T, k] of all experts ``w``.
 
     x is [T, k, n], or [T, 1, n] for an input shared by a token's k experts (quantized once).
-    With ``act_quant`` x is Q8_K-quantized; only the selected experts' weights are read."""
-    return expert_linears(x, (w,), ids, act_quant)[0]
+    With ``act_quant`` x is Q8_K-quantized (or ``pre`` holds its quantization, made by the launch
+    before); only the selected experts' weights are read. ``split``: as ``expert_linears``."""
+    return expert_linears(x, (w,), ids, act_quant, pre, split)[0]
 
 
-def expert_linears(x: jax.Array, ws: tuple[QTensor, ...], ids: jax.Array, act_quant: bool = True, pre=None) -> tuple:
+def expert_linears(
+    x: jax.Array, ws: tuple[QTensor, ...], ids: jax.Array, act_quant: bool = True, pre=None, split: str | None = None
+) -> tuple:
     """``expert_linear`` of one x against several expert tensors (gate and up): tensors of one
     type and shape share one kernel launch (and one quantization of x, or ``pre``: the one its
-    norm made)."""
+    norm made). ``split`` ("routed": for ``dispatch.swiglu_quant(weights=)``; "post_terms": for
+    ``hc.hc_post_carry``): the outputs may come as the launch's unfinished ``SplitSums`` of the T·k
+    rows (``dispatch.expert_matmul``)."""
     if not act_quant:
         return tuple(asum(rounded(x[..., None, :] * dequantize(take(w, ids))), -1) for w in ws)
     if len({(w.qtype, w.shape) for w in ws}) == 1:  # x is quantized per 256 (Q8_K) in there
-        return kernels.expert_matmul(x, ws[0].qtype, tuple(w.planes for w in ws), ids, pre)
+        return kernels.expert_matmul(x, ws[0].qtype, tuple(w.planes for w in ws), ids, pre, split)
     return tuple(kernels.expert_matmul(x, w.qtype, w.planes, ids, pre) for w in ws)
