@@ -111,6 +111,15 @@ def value_of(x) -> jax.Array:
     return x.value() if isinstance(x, SplitSums) else x
 
 
+def as_split_sums(x, rows: int | None = None) -> SplitSums:
+    """x as ``SplitSums``: a launch's outputs as they are, or a finished array as the one-array form
+    of its ``rows`` rows (default: its leading dim; [T, k, d] terms as their T·k rows)."""
+    if isinstance(x, SplitSums):
+        return x
+    x = x.reshape(rows or x.shape[0], x.shape[-1])
+    return SplitSums((x[None],), 0, x.shape[1], x.shape[0])
+
+
 def runtime_zero(x: jax.Array) -> jax.Array:
     """A [1] int32 zero made from data, that the compiler cannot see is zero (feeds ``opaque``).
 

@@ -233,7 +233,7 @@ def swiglu_quant(g, u, clamp: float, act_quant: bool = True, weights=None):
     g, u = (x if isinstance(x, SplitSums) else x.reshape(-1, x.shape[-1]) for x in (g, u))
     if not quantize_kernel.swiglu_supported(g, u, kind=kind):
         return mid, None
-    wts = None if weights is None else weights.reshape(-1)
+    wts = weights.reshape(-1) if routed else None
     warps = quantize_kernel.ROUTED_SWIGLU_WARPS if routed else quantize_kernel.SWIGLU_WARPS
     q, d = quantize_kernel.swiglu_quantize(g, u, clamp, wts, kind=kind, warps=warps)
     return mid, {kind: (q.reshape(mid.shape), d.reshape(*mid.shape[:-1], d.shape[-1]))}
@@ -544,9 +544,11 @@ def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, refere
     return k.hc_post(H, y, post, comb, terms, cols=k.COLS, warps=k.WARPS)
 
 
-def term_rows(terms, T: int) -> jax.Array:
+def term_rows(terms, T: int) -> jax.Array | None:
     """The routed experts' outputs [T, k, d] from an array or ``expert_matmul``'s ``SplitSums`` of its
-    T·k rows (finished by XLA)."""
+    T·k rows (finished by XLA); None stays None."""
+    if terms is None:
+        return None
     v = value_of(terms)
     return v.reshape(T, -1, v.shape[-1])
 

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import dd_sum
-from pallas_kernels.common import F32, SplitSums, finished, is_pow2, kernel_zero, opaque, two_sum_add
+from pallas_kernels.common import F32, SplitSums, as_split_sums, finished, is_pow2, kernel_zero, opaque, two_sum_add
 from pallas_kernels.norms import add_squares
 
 __all__ = ["hc_post", "supported"]
@@ -75,14 +75,11 @@ def _post_kernel(z_ref, h_ref, p_ref, c_ref, *refs, n, forms, n_terms):
 
 
 def _parts(x, rows: int) -> SplitSums:
-    """x as ``SplitSums`` of ``rows`` rows starting at column 0: a launch's partials as they are, or a
-    finished array ([rows, d], or [T, k, d] terms as their T·k rows) as the one-array form."""
-    if isinstance(x, SplitSums):
-        if x.start or x.n != rows:
-            raise ValueError(f"hc_post: partials of {x.n} rows from column {x.start}, not {rows} from 0")
-        return x
-    x = x.astype(F32).reshape(rows, x.shape[-1])
-    return SplitSums((x[None],), 0, x.shape[1], rows)
+    """x as ``SplitSums`` of ``rows`` rows starting at column 0 (``as_split_sums``; arrays as f32)."""
+    s = as_split_sums(x if isinstance(x, SplitSums) else x.astype(F32), rows)
+    if s.start or s.n != rows:
+        raise ValueError(f"hc_post: partials of {s.n} rows from column {s.start}, not {rows} from 0")
+    return s
 
 
 @functools.partial(jax.jit, static_argnames=("cols", "warps", "interpret"))

@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ds4jax.model.numerics import quantize_q8_0, quantize_q8_k, swiglu
-from pallas_kernels.common import F32, SplitSums, finished, is_pow2, kernel_zero, opaque
+from pallas_kernels.common import F32, as_split_sums, finished, is_pow2, kernel_zero, opaque
 
 __all__ = ["KINDS", "quantize", "supported", "swiglu_quantize", "swiglu_supported"]
 
@@ -74,11 +74,6 @@ SWIGLU_WARPS = WARPS
 ROUTED_SWIGLU_WARPS = WARPS
 
 
-def _as_sums(x) -> SplitSums:
-    """A finished [n, w] array as the one-array form of ``SplitSums``."""
-    return x if isinstance(x, SplitSums) else SplitSums((x[None],), 0, x.shape[1], x.shape[0])
-
-
 def _swiglu_chunk(kind: str, w: int, chunk: int) -> int:
     return max(min(chunk, w), KINDS[kind][1])  # whole blocks of the kind a program
 
@@ -89,7 +84,7 @@ def swiglu_supported(g, u, chunk: int = SWIGLU_CHUNK, kind: str = "q8_0") -> boo
     if g.shape != u.shape or len(g.shape) != 2 or not is_pow2(g.shape[1]) or g.shape[1] < KINDS[kind][1]:
         return False
     c = _swiglu_chunk(kind, g.shape[1], chunk)
-    return all(s.start % c == 0 for s in (_as_sums(g), _as_sums(u)))
+    return all(s.start % c == 0 for s in (as_split_sums(g), as_split_sums(u)))
 
 
 def _swiglu_kernel(z_ref, *refs, forms, clamp, kind, weighted):
@@ -122,7 +117,7 @@ def swiglu_quantize(
     [n], a factor a row, where given) of g, u [n, w]: f32 arrays, or a matmul launch's unfinished
     outputs (``SplitSums``, added here as ``finish`` adds them) → (q int8 [n, w], d f32 [n, w/block]),
     the same bits. ``chunk``, ``warps``: the launch (they only time)."""
-    gs, us = _as_sums(g), _as_sums(u)
+    gs, us = as_split_sums(g), as_split_sums(u)
     n, w = g.shape
     c, blk = _swiglu_chunk(kind, w, chunk), KINDS[kind][1]
     in_specs, args = [pl.BlockSpec((1,), lambda *_: (0,))], []

@@ -56,9 +56,7 @@ def hc_post_carry(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, 
     ``terms`` [T, k, d] or None: the sublayer's output is then Σ_k terms + y (``with_terms``). y and
     terms may be their launches' unfinished outputs (``SplitSums``), which the kernel adds itself."""
     T = H.shape[0]
-    ref = lambda: hc_post(
-        H, with_terms(kernels.value_of(y), None if terms is None else kernels.term_rows(terms, T)), post, comb
-    )
+    ref = lambda: hc_post(H, with_terms(kernels.value_of(y), kernels.term_rows(terms, T)), post, comb)
     return kernels.hc_post(H, y, post, comb, ref, terms)
 
 
