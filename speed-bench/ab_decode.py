@@ -228,7 +228,9 @@ def main() -> None:
     print(f"{len(builds)} programs compiled side by side in {time.perf_counter() - t0:.1f} s", flush=True)
     for label, (eng, v) in engines.items():
         secs = mtp_secs[eng] if v.feed == "mtp" else eng.compile_s[v.program]
-        print(f"{label}: {secs:.1f} s to compile ({v.describe()})", flush=True)
+        exe = mtp_exe[eng] if v.feed == "mtp" else eng.program(v.program)
+        temp = exe.memory_analysis().temp_size_in_bytes / 2**20  # XLA's temporaries (scheduling modes move it)
+        print(f"{label}: {secs:.1f} s to compile, {temp:.1f} MiB of temporaries ({v.describe()})", flush=True)
     params = SamplingParams(temperature=0.0).arrays()
     key = jax.random.key(0)
     box = {
@@ -310,8 +312,35 @@ def main() -> None:
                 ]
             )
 
+    # Every variant ran the same steps from the same state: variants that differ only in how the
+    # step runs (an XLA option, a launch's blocks) must end in the same state, bit for bit.
+    prints = {label: fingerprint(box[label]) for label in engines}
+    for label, fp in prints.items():
+        print(f"{label:12s} state and tokens after the rounds: {fp:#018x}", flush=True)
+
     if a.device_steps > 0 and jax.default_backend() == "gpu":
         device_times(engines, run, a, card, p.name, cfg.n_layer)
+
+
+@jax.jit
+def _leaf_print(x):
+    """A position-weighted sum of a leaf's bits (uint32, wrapping): equal leaves, equal sums."""
+    if x.dtype == jnp.bool_:
+        u = x.astype(jnp.uint32)
+    else:
+        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        u = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+    pos = jnp.arange(u.size, dtype=jnp.uint32).reshape(u.shape)
+    return jnp.sum(u * (pos * jnp.uint32(2654435761) + jnp.uint32(1)))
+
+
+def fingerprint(tree) -> int:
+    """A 64-bit print of every array in ``tree`` (a variant's state and io)."""
+    h = 0
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array) and x.dtype.itemsize <= 4:
+            h = (h * 1000003 + int(_leaf_print(x))) % (1 << 64)
+    return h
 
 
 def first_io(eng, var: Variant, ctx: int):

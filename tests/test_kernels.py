@@ -635,7 +635,7 @@ def test_hc_post_kernel_sums_the_ffn_terms_as_the_reference():
 
 
 @pytest.mark.parametrize("splits", [4, 1])
-def test_hc_post_kernel_adds_the_launches_partials(splits):
+def test_hc_post_kernel_adds_the_launches_partials(monkeypatch, splits):
     """The sublayer's output and the FFN's terms as their matmul launches' unfinished outputs
     (``SplitSums``: K-split double-float partials, or one array of rows; a launch's rows past T, as the
     Q8_0 launch's padded tokens): the post-mix kernel adds them per column slice as ``finish`` does,
@@ -662,8 +662,12 @@ def test_hc_post_kernel_adds_the_launches_partials(splits):
         new, _ = hc_post.hc_post(H, *args[:1], post, comb, args[1], cols=64, interpret=INTERPRET)
         ref = want if args[1] is not None else hc.hc_post(H, yv, post, comb)
         assert np.array_equal(np.asarray(new), np.asarray(ref))
-    new, sq = hc.hc_post_carry(H, y, post, comb, terms)  # off the kernel path on CPU: XLA finishes them
-    assert sq is None and np.array_equal(np.asarray(new), np.asarray(want))
+    # hc_post_carry off the kernel path (XLA finishes them, no squares) and on it where a GPU takes
+    # the launch (its squares for the next pre-mix; interpreted, the whole-model dispatch stays on XLA)
+    for mode in ("off", "interpret" if INTERPRET else "all"):
+        monkeypatch.setenv("DS4JAX_KERNELS", mode)
+        new, sq = hc.hc_post_carry(H, y, post, comb, terms)
+        assert (sq is not None) == (mode == "all") and np.array_equal(np.asarray(new), np.asarray(want))
 
 
 @pytest.mark.parametrize("kind,n,K,chunk", [("q8_0", 3, 2048, 1024), ("q8_0", 1, 64, 1024), ("q8_k", 2, 2048, 512)])

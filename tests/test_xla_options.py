@@ -6,16 +6,19 @@ import sys
 from ds4jax import xla_options
 
 
-def test_configure_adds_the_update_mode_only_where_it_applies():
+def test_configure_adds_the_options_only_where_they_apply():
+    both = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP --xla_gpu_command_buffer_scheduling_mode=CONCURRENT"
     env = {}
     assert xla_options.configure(env, jaxlib_version="0.11.2")
-    assert env["XLA_FLAGS"] == "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+    assert env["XLA_FLAGS"] == both
     env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "JAX_PLATFORMS": "cuda"}
     assert xla_options.configure(env, jaxlib_version="0.12.0.1")
-    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x " + both
+    # the user's choice of one option stands; the other is still added
     mine = {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}
-    assert not xla_options.configure(mine, jaxlib_version="0.11.2")  # the user's choice stands
-    assert mine == {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}
+    assert xla_options.configure(mine, jaxlib_version="0.11.2")
+    assert mine == {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE " + both.split()[1]}
+    assert not xla_options.configure(mine, jaxlib_version="0.11.2")  # both set now: nothing to add
     for env, version in (({"JAX_PLATFORMS": "cpu"}, "0.11.2"), ({}, "0.10.9")):  # no GPU; an XLA without it
         assert not xla_options.configure(env, jaxlib_version=version) and "XLA_FLAGS" not in env
 
