@@ -96,15 +96,16 @@ QUANTIZE_IN_KERNEL = False
 QUANT_KERNEL = True
 
 
-def _quantize(x: jax.Array, kind: str, interpret: bool) -> tuple[jax.Array, jax.Array]:
+def _quantize(x, kind: str, interpret: bool) -> tuple[jax.Array, jax.Array]:
     """(q, d) of x [..., K] as ``numerics.quantize_q8_0`` ("q8_0") or ``quantize_q8_k`` ("q8_k"):
-    the quantize kernel on GPU where QUANT_KERNEL takes it, else XLA. Not interpreted in the whole
-    model (its own test runs it interpreted)."""
-    x2 = x.reshape(-1, x.shape[-1])
+    the quantize kernel on GPU where QUANT_KERNEL takes it, else XLA. x may be a matmul launch's
+    ``SplitSums``, which the quantize launch adds itself (else XLA finishes them first). Not
+    interpreted in the whole model (its own test runs it interpreted)."""
+    x2 = x if isinstance(x, SplitSums) else x.reshape(-1, x.shape[-1])
     if QUANT_KERNEL and not interpret and jax.default_backend() == "gpu" and quantize_kernel.supported(x2, kind):
         q, d = quantize_kernel.quantize(x2, kind, chunk=quantize_kernel.CHUNK, warps=quantize_kernel.WARPS)
         return q.reshape(x.shape), d.reshape(*x.shape[:-1], d.shape[-1])
-    return quantize_kernel.KINDS[kind][0](x)
+    return quantize_kernel.KINDS[kind][0](value_of(x))
 
 
 def _given(pre, kind: str, x: jax.Array):
@@ -137,10 +138,11 @@ def _q8_auto(n: int, out: int, k: int) -> bool:
     return out * k >= Q8_AUTO_N1_BYTES
 
 
-def q8_0_matmul(x: jax.Array, qs: jax.Array, d: jax.Array, groups: int = 1, pre=None, split: str | None = None):
-    """x [..., G*K] f32, quantized per 32 (``numerics.quantize_q8_0``), against Q8_0 planes
-    qs [G*r, K], d [G*r, K/32] → [..., G*r]. ``pre``: x's quantization where its norm made it
-    (``rms_norm_quant``), or None. ``split``: the reader ("post": ``hc_post``) that takes the output
+def q8_0_matmul(x, qs: jax.Array, d: jax.Array, groups: int = 1, pre=None, split: str | None = None):
+    """x [..., G*K] f32 (or a launch's ``SplitSums`` of [n, G*K]), quantized per 32
+    (``numerics.quantize_q8_0``), against Q8_0 planes qs [G*r, K], d [G*r, K/32] → [..., G*r].
+    ``pre``: x's quantization where its norm made it (``rms_norm_quant``), or None. ``split``: the
+    reader ("post": ``hc_post``; "quant": the next matmul's quantize launch) that takes the output
     as ``SplitSums`` where the launch runs (x [n, K]) and its flag is on."""
     auto = lambda n: _q8_auto(n, qs.shape[0], qs.shape[1])
     return _q8_0(x, ((qs, d),), groups, auto, pre, split is not None and _split_on(split))[0]
@@ -171,6 +173,12 @@ Q8_CORES_MAX_TOKENS = 1
 # GPU tests) takes it.
 SPLIT_SUMS_TO_NORM = False
 
+# attn_output_a's grouped launch leaves its K-split partials for the quantize launch of attn_output_b's
+# input (``quantize.quantize`` reading ``SplitSums``), instead of XLA's finish between the two launches
+# (attention.py's finish: 56.0 µs and 43 kernels a 43-layer step, H200, session 30 call B). Built in
+# session 31 after its device time was spent: not timed yet, so off; ``all`` (the GPU tests) takes it.
+SPLIT_SUMS_TO_QUANT = False
+
 # The shared expert's middle (its gate+up launch's partials added, the SwiGLU, the down projection's
 # Q8_0 quantization) as one launch (``quantize.swiglu_quantize``) instead of XLA's kernels. H200,
 # session 29, one process: 8 layers 2,062.7 against 2,066.4 µs of kernels a step, 8 kernels fewer;
@@ -189,10 +197,12 @@ ROUTED_SWIGLU_QUANT_IN_AUTO = False
 
 
 def _split_on(reader: str) -> bool:
-    """Whether a launch's outputs go unfinished to ``reader`` ("norm": ``rms_norm_quant``;
+    """Whether a launch's outputs go unfinished to ``reader`` ("norm": ``rms_norm_quant``; "quant":
+    the next Q8_0 matmul's quantize launch;
     "swiglu": ``swiglu_quant``; "routed": ``swiglu_quant(weights=)``; "post", "post_terms": ``hc_post``)."""
     flags = {
         "norm": SPLIT_SUMS_TO_NORM,
+        "quant": SPLIT_SUMS_TO_QUANT and QUANT_KERNEL and not QUANTIZE_IN_KERNEL,
         "swiglu": SWIGLU_QUANT_IN_AUTO,
         "routed": ROUTED_SWIGLU_QUANT_IN_AUTO,
         "post": SPLIT_SUMS_TO_POST and HC_POST_IN_AUTO,
@@ -248,10 +258,10 @@ def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None, split: bool = 
     if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
         use = False
     if not use or not all(q8_0.supported(*qs.shape, groups) for qs, _ in mats):
-        xq, dx = _given(pre, "q8_0", x) or quantize_q8_0(x)
+        xq, dx = _given(pre, "q8_0", x) or quantize_q8_0(value_of(x))
         return tuple(q8_0.reference(xq, dx, qs, d, groups) for qs, d in mats)
-    x2 = x.reshape(n, -1)
-    xq, dx = (x2, None) if QUANTIZE_IN_KERNEL else _given(pre, "q8_0", x2) or _quantize(x2, "q8_0", interpret)
+    x2 = x if isinstance(x, SplitSums) else x.reshape(n, -1)  # a launch's partials: the quantize launch adds them
+    xq, dx = (value_of(x2), None) if QUANTIZE_IN_KERNEL else _given(pre, "q8_0", x2) or _quantize(x2, "q8_0", interpret)
     qs, d = zip(*mats)
     one = len(mats) == 1  # a single matrix may be grouped; several share one launch
     cores = n <= Q8_CORES_MAX_TOKENS and not QUANTIZE_IN_KERNEL

@@ -36,36 +36,52 @@ CHUNK = 1024  # elements a program: 32 Q8_0 or 4 Q8_K blocks
 WARPS = 4
 
 
-def supported(x: jax.Array, kind: str) -> bool:
-    """x [n, K] with K a power of two of at least one block."""
+def _chunk(kind: str, K: int, chunk: int) -> int:
+    return max(min(chunk, K), KINDS[kind][1])  # whole blocks of the kind a program
+
+
+def supported(x, kind: str, chunk: int = CHUNK) -> bool:
+    """x [n, K] (an array, or a matmul launch's ``SplitSums``) with K a power of two of at least
+    one block; a ``SplitSums`` starting at whole chunks of its launch's columns."""
     K = x.shape[-1]
-    return x.ndim == 2 and K >= KINDS[kind][1] and is_pow2(K)
+    if x.ndim != 2 or K < KINDS[kind][1] or not is_pow2(K):
+        return False
+    return as_split_sums(x).start % _chunk(kind, K, chunk) == 0
 
 
-def _kernel(z_ref, x_ref, q_ref, d_ref, *, kind):
+def _kernel(z_ref, *refs, kind):
     rnd = functools.partial(opaque, zero=z_ref[0])
-    q, d = KINDS[kind][0](x_ref[...], rnd, in_kernel=True)
+    x_refs, (q_ref, d_ref) = refs[:-2], refs[-2:]
+    # each [S, 1, c] block: the split partials added in split order, as ``finish`` (or [1, 1, c]: the rows)
+    q, d = KINDS[kind][0](finished(x_refs), rnd, in_kernel=True)
     q_ref[...] = q
     d_ref[...] = d
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "chunk", "warps", "interpret"))
 def quantize(x, kind: str, chunk: int = CHUNK, warps: int = WARPS, interpret: bool = False):
-    """x [n, K] f32 → (q int8 [n, K], d f32 [n, K/block]) as ``numerics.quantize_q8_0`` (``kind``
-    "q8_0") or ``quantize_q8_k`` ("q8_k"). ``chunk``, ``warps``: the launch (they only time)."""
-    n, K = x.shape
+    """x [n, K] → (q int8 [n, K], d f32 [n, K/block]) as ``numerics.quantize_q8_0`` (``kind``
+    "q8_0") or ``quantize_q8_k`` ("q8_k"). x: f32 rows, or a matmul launch's unfinished outputs
+    (``SplitSums``), added here as ``finish`` adds them: the bits of quantizing the finished rows,
+    without XLA's finish kernel between the two launches. ``chunk``, ``warps``: the launch (they
+    only time)."""
+    xs = as_split_sums(x)
+    n, K = xs.shape
     blk = KINDS[kind][1]
-    c = max(min(chunk, K), blk)
+    c = _chunk(kind, K, chunk)
+    S, b = xs.arrays[0].shape[0], xs.start // c
+    arrays = [a.astype(F32) for a in xs.arrays]
     return pl.pallas_call(
         functools.partial(_kernel, kind=kind),
         grid=(n, K // c),
-        in_specs=[pl.BlockSpec((1,), lambda *_: (0,)), pl.BlockSpec((1, c), lambda t, j: (t, j))],
+        in_specs=[pl.BlockSpec((1,), lambda *_: (0,))]
+        + [pl.BlockSpec((S, 1, c), lambda t, j: (0, t, b + j))] * len(arrays),
         out_specs=[pl.BlockSpec((1, c), lambda t, j: (t, j)), pl.BlockSpec((1, c // blk), lambda t, j: (t, j))],
         out_shape=[jax.ShapeDtypeStruct((n, K), jnp.int8), jax.ShapeDtypeStruct((n, K // blk), F32)],
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name=f"quantize_{kind}",
-    )(kernel_zero(x, interpret), x.astype(F32))
+    )(kernel_zero(arrays[0], interpret), *arrays)
 
 
 SWIGLU_CHUNK = 256  # elements a program: 8 Q8_0 blocks or one Q8_K (the shared expert's 2048: 8 programs a token)
@@ -74,16 +90,12 @@ SWIGLU_WARPS = WARPS
 ROUTED_SWIGLU_WARPS = WARPS
 
 
-def _swiglu_chunk(kind: str, w: int, chunk: int) -> int:
-    return max(min(chunk, w), KINDS[kind][1])  # whole blocks of the kind a program
-
-
 def swiglu_supported(g, u, chunk: int = SWIGLU_CHUNK, kind: str = "q8_0") -> bool:
     """g and u [n, w] (arrays or ``SplitSums``) with w a power of two of at least one block of
     ``kind``, each starting at whole chunks of its launch's columns."""
     if g.shape != u.shape or len(g.shape) != 2 or not is_pow2(g.shape[1]) or g.shape[1] < KINDS[kind][1]:
         return False
-    c = _swiglu_chunk(kind, g.shape[1], chunk)
+    c = _chunk(kind, g.shape[1], chunk)
     return all(s.start % c == 0 for s in (as_split_sums(g), as_split_sums(u)))
 
 
@@ -119,7 +131,7 @@ def swiglu_quantize(
     the same bits. ``chunk``, ``warps``: the launch (they only time)."""
     gs, us = as_split_sums(g), as_split_sums(u)
     n, w = g.shape
-    c, blk = _swiglu_chunk(kind, w, chunk), KINDS[kind][1]
+    c, blk = _chunk(kind, w, chunk), KINDS[kind][1]
     in_specs, args = [pl.BlockSpec((1,), lambda *_: (0,))], []
     for s in (gs, us):
         S, b = s.arrays[0].shape[0], s.start // c

@@ -271,6 +271,25 @@ def test_dispatch_quantizes_either_side_with_the_same_bits(in_kernel, monkeypatc
     assert np.array_equal(dispatch.expert_matmul(xe, experts.Q2_K, planes, ids), want)
 
 
+def test_dispatch_passes_a_grouped_launchs_partials_to_the_next_matmul(monkeypatch):
+    """attn_output_a's grouped launch with ``split="quant"`` (``SPLIT_SUMS_TO_QUANT``) leaves its
+    outputs unfinished (``SplitSums``) for attn_output_b's matmul, whose quantization adds them
+    (interpreted: XLA finishes them first; on a GPU the quantize launch): the reference chain's bits."""
+    from pallas_kernels.common import SplitSums
+
+    monkeypatch.setattr(dispatch, "SPLIT_SUMS_TO_QUANT", True)
+    monkeypatch.setenv("DS4JAX_KERNELS", "interpret")
+    G, k, r = 2, 256, 64
+    _, _, qa, da = q8_inputs(2, G * r, k)
+    _, _, qb, db = q8_inputs(2, 64, G * r)
+    x = jnp.asarray(RNG.standard_normal((2, G * k)).astype(np.float32))
+    low = dispatch.q8_0_matmul(x, qa, da, G, split="quant")
+    assert isinstance(low, SplitSums) and low.shape == (2, G * r)
+    got = dispatch.q8_0_matmul(low, qb, db)
+    mid = q8_0.reference(*quantize_q8_0(x), qa, da, G)
+    assert np.array_equal(np.asarray(got), np.asarray(q8_0.reference(*quantize_q8_0(mid), qb, db)))
+
+
 def test_dispatch_takes_the_norms_quantization(monkeypatch):
     """``pre`` (the quantization ``rms_norm_quant`` made in the norm's launch) is what the Q8_0
     and expert kernels read: given another row's quantization, they return that row's result."""
@@ -685,6 +704,25 @@ def test_quantize_kernel_is_the_reference(kind, n, K, chunk):
         assert np.array_equal(np.asarray(g), np.asarray(w))
 
 
+def test_quantize_launch_adds_a_matmuls_split_sums():
+    """The quantize launch reading a matmul launch's unfinished outputs (``SplitSums``: 4 K-split
+    double-float partials, the columns of the second matrix of three, rows past n the launch's
+    padding), as attn_output_b's input after attn_output_a's grouped launch: the bits of
+    quantizing the finished rows."""
+    from pallas_kernels.common import SplitSums
+
+    S, n, K = 4, 2, 2048
+    hi = RNG.standard_normal((S, 4, 3 * K)) * 10.0 ** RNG.integers(-2, 3, (S, 4, 1))
+    lo = hi * RNG.uniform(-(2.0**-25), 2.0**-25, hi.shape)
+    x = SplitSums((jnp.asarray(hi.astype(np.float32)), jnp.asarray(lo.astype(np.float32))), K, K, n)
+    assert quantize.supported(x, "q8_0", chunk=1024) and not quantize.supported(
+        SplitSums(x.arrays, 512, K, n), "q8_0", chunk=1024
+    )
+    got = quantize.quantize(x, "q8_0", chunk=1024, interpret=INTERPRET)
+    for g, w in zip(got, quantize_q8_0(x.value())):
+        assert g.shape == w.shape and np.array_equal(np.asarray(g), np.asarray(w))
+
+
 def _lower_for_cuda(fn, *args):
     """StableHLO of ``fn`` for CUDA: every Pallas call lowered (to Triton IR, or Mosaic GPU's) as
     a GPU compile would, on any machine."""
@@ -823,6 +861,11 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((2, 16), f32),
             S((16, 64, 32), i8),
             S((16, 64), jnp.float16),
+        ),
+        (  # the quantize launch adding a grouped launch's K-split partials (attn_output_b's input)
+            lambda s, e: quantize.quantize(SplitSums((s, e), 0, 2048, 1), "q8_0")[0],
+            S((4, 4, 2048), f32),
+            S((4, 4, 2048), f32),
         ),
         (
             lambda a, wa, b, wb: norms.rms_norm_quant(((a, wa, ("q8_0", "q8_k")), (b, wb, ())), 1e-6, chunks=2)[0][1],

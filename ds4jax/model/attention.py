@@ -154,8 +154,9 @@ def attention_sublayer(cfg: ModelConfig, L: int, w: dict, st: dict, x, pos0, rop
 
     o = apply_rope_tail(o, cos[:, None, :], sin[:, None, :], inverse=True)
     o = o.reshape(T, cfg.n_out_group, cfg.group_dim)
-    low = q8_0_grouped_matmul(o, w["attn_output_a"], cfg.n_out_group, aq, o_pre)
-    y = dense(low.reshape(T, cfg.out_low_dim), w["attn_output_b"], aq, split="post")  # may be SplitSums
+    # [T, out_low_dim], or the grouped launch's partials, which the quantize launch before attn_output_b adds
+    low = q8_0_grouped_matmul(o, w["attn_output_a"], cfg.n_out_group, aq, o_pre, split="quant")
+    y = dense(low, w["attn_output_b"], aq, split="post")  # may be SplitSums
     return y, pending
 
 

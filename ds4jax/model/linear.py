@@ -70,17 +70,22 @@ def q8_0_matmul(x: jax.Array, w: QTensor, pre=None, split: str | None = None) ->
     return kernels.q8_0_matmul(x, w.planes["qs"], w.planes["d"], pre=pre, split=split)  # quantizes x per 32 first
 
 
-def q8_0_grouped_matmul(x: jax.Array, w: QTensor, groups: int, act_quant: bool = True, pre=None) -> jax.Array:
-    """Block-diagonal Q8_0 matmul: x [..., G, k] with W [G*r, k]; group g uses rows g*r..g*r+r-1.
-    ``pre``: x's quantization ([..., G·k]) where a launch before made it, or None."""
+def q8_0_grouped_matmul(
+    x: jax.Array, w: QTensor, groups: int, act_quant: bool = True, pre=None, split: str | None = None
+) -> jax.Array:
+    """Block-diagonal Q8_0 matmul: x [..., G, k] with W [G*r, k]; group g uses rows g*r..g*r+r-1
+    → [..., G, r]. ``pre``: x's quantization ([..., G·k]) where a launch before made it, or None.
+    ``split`` ("quant": for the next Q8_0 matmul): the output flat, [..., G·r], for that matmul to
+    read, and on the kernel path possibly the launch's ``SplitSums`` (``dispatch.q8_0_matmul``)."""
     out, n = w.shape
     r = out // groups
+    lead = x.shape[:-2]  # the per-32 quantization blocks never straddle a group
     if not act_quant:
         wd = dequantize(w).reshape(groups, r, n)
-        return asum(rounded(x[..., :, None, :] * wd), -1)
-    lead = x.shape[:-2]  # the per-32 quantization blocks never straddle a group
-    y = kernels.q8_0_matmul(x.reshape(*lead, groups * n), w.planes["qs"], w.planes["d"], groups, pre)
-    return y.reshape(*lead, groups, r)
+        y = asum(rounded(x[..., :, None, :] * wd), -1)
+        return y if split is None else y.reshape(*lead, out)
+    y = kernels.q8_0_matmul(x.reshape(*lead, groups * n), w.planes["qs"], w.planes["d"], groups, pre, split)
+    return y if split is not None else y.reshape(*lead, groups, r)
 
 
 # ---- routed experts with Q8_K activations -----------------------------------------
