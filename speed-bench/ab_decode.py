@@ -175,7 +175,11 @@ def main() -> None:
     ap.add_argument("--note", default="")
     ap.add_argument("--device_steps", type=int, default=0, help="steps a variant traced for its GPU time (0: none)")
     ap.add_argument(
-        "--timeline", action="store_true", help="with --device_steps: each variant's GPU idle time and host events"
+        "--timeline",
+        action="store_true",
+        help="with --device_steps: each variant's GPU idle time, host events, and the kernels' overlap (the "
+        "time each ran alone; give the variant xla_enable_command_buffers_during_profiling=true to trace its "
+        "CUDA graphs as they run, kernels side by side, instead of kernel by kernel)",
     )
     a = ap.parse_args()
     xla_options.configure()  # the engine's XLA runtime options (the CLI's), unless XLA_FLAGS sets them

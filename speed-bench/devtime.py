@@ -82,6 +82,27 @@ def csv_rows(out_dir: str, name: str, header: list[str]):
         yield write
 
 
+def exposed(events) -> tuple[int, dict]:
+    """(ns with any kernel running, {name: ns it ran alone}) of (name, start ns, end ns) events.
+
+    With a CUDA graph's kernels side by side (``CONCURRENT``, session 31) a kernel's duration no
+    longer says what it costs the step: what nothing overlaps is what a cut can gain. A sweep over
+    the events' ends; a stretch with exactly one kernel running is that kernel's alone."""
+    marks = sorted(
+        [(t0, 1, i) for i, (_, t0, _) in enumerate(events)] + [(t1, -1, i) for i, (_, _, t1) in enumerate(events)]
+    )
+    running: set = set()
+    busy, alone, last = 0, collections.Counter(), None
+    for t, kind, i in marks:
+        if last is not None and running:
+            busy += t - last
+            if len(running) == 1:
+                alone[events[next(iter(running))][0]] += t - last
+        (running.add if kind == 1 else running.discard)(i)
+        last = t
+    return busy, dict(alone)
+
+
 def timeline_report(path: str, steps: int, classify, top: int = 12) -> None:
     """Where a step's wall time goes besides its kernels: the idle time on the GPU before each
     kernel (by the class of the kernel that follows), and the host's runtime calls (launches,
@@ -91,7 +112,8 @@ def timeline_report(path: str, steps: int, classify, top: int = 12) -> None:
     pd = jax.profiler.ProfileData.from_file(path)
     gaps: dict = {}
     host: dict = {}
-    span = busy = 0
+    span = busy = n_lines = 0
+    everything = []  # (name, start, end) of every kernel on every stream line
     for plane in pd.planes:
         lines = list(plane.lines)
         if plane.name.startswith("/device:GPU"):
@@ -99,6 +121,8 @@ def timeline_report(path: str, steps: int, classify, top: int = 12) -> None:
                 evs = sorted(ln.events, key=lambda e: e.start_ns)
                 if not evs:
                     continue
+                n_lines += 1
+                everything += [(e.name, e.start_ns, e.end_ns) for e in evs]
                 span += evs[-1].end_ns - evs[0].start_ns
                 busy += sum(e.duration_ns for e in evs)
                 for prev, ev in itertools.pairwise(evs):
@@ -125,6 +149,18 @@ def timeline_report(path: str, steps: int, classify, top: int = 12) -> None:
             f"    idle before {key:20s} {t / steps / 1e3:8.1f} us a step over {c / steps:6.0f} kernels ({big / steps:.0f} gaps > 5 us)",
             flush=True,
         )
+    # Kernels side by side (several stream lines, or one line's events overlapping: a CUDA graph
+    # traced with xla_enable_command_buffers_during_profiling): the GPU's busy time and, by kernel,
+    # the time nothing else ran beside it.
+    union, alone = exposed(everything)
+    print(
+        f"  [timeline] kernels on {n_lines} stream lines: busy {union / steps / 1e3:.0f} us a step for "
+        f"{busy / steps / 1e3:.0f} us of kernel time ({busy / max(union, 1):.2f} running at once on average); "
+        f"alone {sum(alone.values()) / steps / 1e3:.0f} us",
+        flush=True,
+    )
+    for name, t in sorted(alone.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    alone {t / steps / 1e3:8.1f} us a step  {name[:100]}", flush=True)
     print("  [timeline] host events a step (count, us each; plane|line|name), most frequent:", flush=True)
     for name, (c, t) in sorted(host.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"    {c / steps:8.1f} x {t / c / 1e3:8.2f} us  {name[:110]}", flush=True)
