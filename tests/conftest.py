@@ -15,12 +15,14 @@ os.environ["DS4JAX_CACHE"] = _SESSION_CACHE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-# The test files that take longest on CPU (2 cores, session 23: ~630, ~470 and ~450 s of ~1,800 s
-# in all), collected first. With ``-n 2 --dist loadfile`` and xdist's reordering off (pyproject's
-# addopts), the workers take whole files in collection order, so the longest go first and the
-# short ones fill in after them: xdist's default order (files by their number of tests) put two
-# long files on one worker, 1,044 s for the suite.
-LONGEST_FIRST = ("test_forward.py", "test_kernels.py", "test_speculative.py")
+# The test files that take longest on CPU (2 cores, one process each: ~500, ~570, ~290 and ~80 s of
+# ~1,600 s in all), collected first. With ``-n 2 --dist loadfile`` and xdist's reordering off
+# (pyproject's addopts), the workers take whole files in collection order, a worker its next file
+# when two tests of its current one are left: test_forward and test_kernels start the two workers,
+# test_mtp follows test_forward (which ends first) and finds the shared engine's programs there
+# (``engine``), test_speculative goes to the kernels' worker, and the short files fill in after
+# them. xdist's default order (files by their number of tests) put two long files on one worker.
+LONGEST_FIRST = ("test_forward.py", "test_kernels.py", "test_mtp.py", "test_speculative.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -52,6 +54,21 @@ def tiny_files(tiny_paths):
     return open_model(*tiny_paths)
 
 
+# The context and prefill chunk of the shared engine below (and of the CLI runs that should find its
+# programs in the compilation cache).
+CTX, CHUNK = 512, 32
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_files):
+    """The tiny model's engine at CTX and CHUNK, one per process: the files that run on one worker
+    (test_forward, test_speculative, ...) use its compiled programs instead of compiling or loading
+    them again (a program is ~40 s to compile on the CI's CPU, ~10 s to load from the cache)."""
+    from ds4jax.engine import Engine
+
+    return Engine(tiny_files, ctx=CTX, chunk=CHUNK)
+
+
 def run_cli(module, *args, env_extra=None, timeout=600, stdin=""):
     """Run ``python -m module args`` in a subprocess (``stdin`` as its input)."""
     import subprocess
@@ -61,6 +78,7 @@ def run_cli(module, *args, env_extra=None, timeout=600, stdin=""):
     return subprocess.run(
         [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout, input=stdin
     )
+
 
 # Share compiled programs between the test process and the CLI subprocesses it starts.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_SESSION_CACHE, "jax-cache"))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import CHUNK, CTX, run_cli
 from ds4jax.engine import Engine
 from ds4jax.model.compressor import frontier_view
 from ds4jax.sampling import SamplingParams
@@ -20,18 +20,12 @@ from reference.forward64 import RefModel  # noqa: E402
 
 N_PROMPT = 150  # crosses the 32-token window, emits 37 ratio-4 rows (> top-k 16) and 1 ratio-128 row
 N_FED = 40  # decode_fed's tokens in the whole/chunked/decode test: past the window, 10 ratio-4 rows
-CTX, CHUNK = 512, 32
 GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
 def ids(tiny_files):
     return np.random.default_rng(11).integers(0, tiny_files.config.n_vocab, N_PROMPT).astype(np.int32)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_files):
-    return Engine(tiny_files, ctx=CTX, chunk=CHUNK)
 
 
 def prefill_all(engine, ids):
@@ -43,6 +37,29 @@ def prefill_all(engine, ids):
 @pytest.fixture(scope="module")
 def chunked(engine, ids):
     return prefill_all(engine, ids)
+
+
+def test_compiles_a_handful_of_programs_and_greedy_is_deterministic(tiny_files, engine):
+    # The shared engine while nothing is compiled on it (this test comes first in the file, so the
+    # generate tests below run on its programs), else a new one of its shapes: either way a fresh
+    # engine's count.
+    eng = engine if not engine.compile_s else Engine(tiny_files, ctx=CTX, chunk=CHUNK, weights=engine.weights)
+    jax.block_until_ready((eng.new_state(), eng.new_io()))  # the state's small init ops, whatever ran before
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+    )
+    # 3 prefill chunks (the last one partial) and 6 decode_loop4 calls (the last one partly read):
+    # every program generate uses, at a fraction of the CPU time of longer runs.
+    prompt = np.random.default_rng(3).integers(0, tiny_files.config.n_vocab, 2 * CHUNK + 7).tolist()
+    g1 = eng.generate(prompt, 22, GREEDY)
+    n = len(compiles)
+    print(f"\n{n} compilations for a {len(prompt)}-token prompt + 22 tokens")
+    # prefill, decode_loop4, the tokens' copy (peek), the token and prompt staging, the key's seed
+    assert n <= 6 and len(g1.tokens) == 22
+    g2 = eng.generate(prompt, 22, GREEDY)
+    assert g1.tokens == g2.tokens
+    assert len(compiles) == n  # nothing new compiled the second time
 
 
 def reference_logits(mf, ids, act_quant):
@@ -156,26 +173,6 @@ def test_whole_chunked_and_token_by_token_agree_bit_for_bit(tiny_files, engine, 
         assert int(io["token"]) == nxt
 
 
-def test_compiles_a_handful_of_programs_and_greedy_is_deterministic(tiny_files, engine):
-    eng = Engine(tiny_files, ctx=CTX, chunk=CHUNK, weights=engine.weights)  # the module's shapes: cached programs
-    jax.block_until_ready((eng.new_state(), eng.new_io()))  # the state's small init ops, whatever ran before
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
-    )
-    # 3 prefill chunks (the last one partial) and 6 decode_loop4 calls (the last one partly read):
-    # every program generate uses, at a fraction of the CPU time of longer runs.
-    prompt = np.random.default_rng(3).integers(0, tiny_files.config.n_vocab, 2 * CHUNK + 7).tolist()
-    g1 = eng.generate(prompt, 22, GREEDY)
-    n = len(compiles)
-    print(f"\n{n} compilations for a {len(prompt)}-token prompt + 22 tokens")
-    # prefill, decode_loop4, the tokens' copy (peek), the token and prompt staging, the key's seed
-    assert n <= 6 and len(g1.tokens) == 22
-    g2 = eng.generate(prompt, 22, GREEDY)
-    assert g1.tokens == g2.tokens
-    assert len(compiles) == n  # nothing new compiled the second time
-
-
 def test_generate_runs_a_step_ahead_with_a_step_by_step_loops_results(engine):
     """``generate`` keeps one call (decode_loop4; decode_fed with logits rows) in flight ahead of
     the tokens it reads; its tokens, stop reason and logits rows are those of a loop that reads
@@ -262,28 +259,38 @@ def test_sampling_settings(tiny_files, engine):
         engine.generate(list(range(600)), 1, GREEDY)
 
 
-def test_cli_generates_and_dumps_logits(tmp_path, tiny_paths, engine, ids):
+def test_cli_text_prompt_generates_and_dumps_logits(tmp_path, tiny_files, engine):
+    # One run for the text path (the chat template) and the logits dump, which decodes plainly (the
+    # speculative CLI has its own test)
+    from ds4jax.chat import DEFAULT_SYSTEM, render_prompt
+    from ds4jax.tokenizer import Tokenizer
+
     out = tmp_path / "dump.npz"
-    r = run_cli("ds4jax.main", "--prompt_ids=" + ",".join(map(str, ids[:20])), "--temp=0", "--n_predict=4",
-                f"--ctx={CTX}", f"--chunk={CHUNK}", f"--dump_logits={out}")
+    text = "Ciao, come stai?"
+    r = run_cli(
+        "ds4jax.main",
+        f"--prompt={text}",
+        "--temp=0",
+        "--n_predict=4",
+        f"--ctx={CTX}",
+        f"--chunk={CHUNK}",
+        f"--dump_logits={out}",
+    )
     assert r.returncode == 0, r.stderr
-    assert "tokens/s" in r.stderr
+    assert "generated 4 tokens" in r.stderr and "tokens/s" in r.stderr
+    ids = render_prompt(Tokenizer.from_gguf_metadata(tiny_files.base.metadata), text, system=DEFAULT_SYSTEM, ctx=CTX)
+    n = len(ids)
     d = np.load(out)
     assert d["tokens"].dtype == np.int32 and d["logits"].dtype == np.float32
-    assert d["tokens"].shape == (24,) and d["logits"].shape == (24, engine.cfg.n_vocab)
-    assert np.array_equal(d["tokens"][:20], ids[:20])
+    assert d["tokens"].shape == (n + 4,) and d["logits"].shape == (n + 4, engine.cfg.n_vocab)
+    assert np.array_equal(d["tokens"][:n], ids)
     # Greedy: each generated token is the argmax of the previous row.
-    assert np.array_equal(d["tokens"][20:], d["logits"][19:23].argmax(1))
-    want, _ = prefill_all(engine, ids[:20])
-    assert np.array_equal(d["logits"][:20], want)
+    assert np.array_equal(d["tokens"][n:], d["logits"][n - 1 : n + 3].argmax(1))
+    want, _ = prefill_all(engine, ids)
+    assert np.array_equal(d["logits"][:n], want)
 
 
-def test_cli_text_prompt_and_bad_input():
-    # (plain decoding: the speculative CLI has its own test; this one is about the text path)
-    args = ["--prompt=Ciao, come stai?", "--temp=0", "--n_predict=3", "--mtp_draft=0", f"--ctx={CTX}", f"--chunk={CHUNK}"]
-    r = run_cli("ds4jax.main", *args)
-    assert r.returncode == 0, r.stderr
-    assert "generated 3 tokens" in r.stderr
+def test_cli_rejects_bad_input():
     r = run_cli("ds4jax.main", "--prompt_ids=" + ",".join(["5"] * 600), f"--ctx={CTX}")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "does not fit the context" in r.stderr
     r = run_cli("ds4jax.main", "--prompt=x", "--temp=-2")

@@ -978,12 +978,20 @@ def test_dispatch_modes(monkeypatch):
 
 def test_decode_through_kernels_equals_prefill_bit_for_bit(tiny_files, monkeypatch):
     """Decode (N=1: every Q8_0 and routed-expert matmul and the fused norms a kernel) against
-    chunked prefill (N=16: the XLA path): same logits, bit for bit."""
-    monkeypatch.setenv("DS4JAX_KERNELS", "interpret" if INTERPRET else "all")
-    eng = Engine(tiny_files, ctx=64, chunk=16)
+    chunked prefill (N=32: the XLA path): same logits, bit for bit. Off GPU the prefill is traced
+    with no kernel at all (the suite's default mode), at the other files' engine shapes
+    (conftest's CTX and CHUNK): test_forward's program, from the compilation cache when it ran."""
+    from conftest import CHUNK, CTX
+
+    eng = Engine(tiny_files, ctx=CTX, chunk=CHUNK)
     ids = RNG.integers(0, tiny_files.config.n_vocab, 20).astype(np.int32)
     greedy = SamplingParams(temperature=0.0).arrays()
+    if INTERPRET:
+        monkeypatch.delenv("DS4JAX_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("DS4JAX_KERNELS", "all")
     _, pre, _ = eng.prefill(eng.new_state(), ids, greedy, jax.random.key(0), all_logits=True)
+    monkeypatch.setenv("DS4JAX_KERNELS", "interpret" if INTERPRET else "all")  # the decode program's trace
     state = eng.new_state()
     for i, t in enumerate(ids):
         _, logits, state = eng.decode(state, int(t), greedy, jax.random.key(0))

@@ -1,0 +1,130 @@
+"""MTP speculative decoding: the draft step against the float64 reference and its positioned
+window, the one-program speculative step (drafting at every step or never) against plain greedy
+decoding, and the speculative CLI against the strict one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CHUNK, CTX
+from test_forward import _assert_outputs_aliased
+from test_speculative import divergences
+
+from ds4jax.engine import Engine
+from ds4jax.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny_files):
+    return np.random.default_rng(5).integers(0, tiny_files.config.n_vocab, 45).tolist()
+
+
+@pytest.fixture(scope="module")
+def mtp_decoders(engine):
+    from ds4jax.speculative import MTPSpeculativeDecoder
+
+    # (the shared engine: test_forward's programs, when it ran in this process)
+    return {m: MTPSpeculativeDecoder(engine, margin=m) for m in (0.0, 1e9)}
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_mtp_combined_output_equals_plain_greedy(tiny_files, engine, mtp_decoders, seed):
+    prompt = np.random.default_rng(seed).integers(0, tiny_files.config.n_vocab, 37 + seed).tolist()
+    plain = engine.generate(prompt, 24, GREEDY).tokens
+    always = mtp_decoders[0.0].generate(prompt, 24)
+    never = mtp_decoders[1e9].generate(prompt, 24)
+    assert not divergences(always.tokens, plain), divergences(always.tokens, plain)[:5]
+    assert not divergences(never.tokens, plain)
+    assert len(always.tokens) == len(never.tokens) == 24
+    # margin 0 drafts at every step that has room; an infinite margin never drafts
+    assert always.stats.proposed == always.stats.verify_steps > 0 and never.stats.proposed == 0
+    assert never.stats.plain_steps == 23
+    s = always.stats
+    assert len(always.tokens) - 1 == s.verify_steps + s.accepted + s.plain_steps
+
+
+def test_mtp_step_writes_every_output_in_place(engine):
+    """Every output of the speculative step takes a donated input's buffer (none moves between
+    steps, so XLA need not update the CUDA-graph nodes that write it)."""
+    from ds4jax.mtp import init_mtp_state
+    from ds4jax.speculative import lower_step, step_io
+
+    eng = engine
+    io = step_io(1, 2, 0.0, 3.0, CTX)
+    _assert_outputs_aliased(lower_step(eng, jax.eval_shape(eng.new_state), init_mtp_state(eng.cfg), io))
+
+
+def test_mtp_draft_step_state_and_holes(engine):
+    """The MTP window keeps each row at its position; positions it never ran are holes."""
+    import jax
+
+    from ds4jax.mtp import draft_step, init_mtp_state
+
+    eng = engine
+    cfg = eng.cfg
+    st = init_mtp_state(cfg)
+    h = jnp.asarray(np.random.default_rng(0).standard_normal((cfg.n_hc, cfg.n_embd)), jnp.float32)
+    # (the weights as an argument: closed over, they would be the program's constants, 100 MB to compile
+    # and cache)
+    jitted = jax.jit(lambda w, s, t, p: draft_step(cfg, w, s, h, t, p))
+    step = lambda s, t, p: jitted(eng.weights, s, t, p)
+    l1, _, st1 = step(st, jnp.int32(7), jnp.int32(10))
+    assert np.asarray(st1["ring_pos"]).tolist().count(10) == 1
+    # Running position 12 with or without a row at 11 differs only through that row;
+    # a stale row for 12 - n_swa is not visible to position 12.
+    _, _, st2 = step(st1, jnp.int32(8), jnp.int32(12))
+    ring_pos = np.asarray(st2["ring_pos"])
+    assert sorted(ring_pos[ring_pos >= 0].tolist()) == [10, 12]
+    far, _, _ = step(st2, jnp.int32(9), jnp.int32(12 + cfg.n_swa + 5))  # all stored rows out of the window
+    alone, _, _ = step(init_mtp_state(cfg), jnp.int32(9), jnp.int32(12 + cfg.n_swa + 5))
+    assert np.array_equal(np.asarray(far), np.asarray(alone))
+    assert np.all(np.isfinite(np.asarray(l1)))
+
+
+def test_cli_speculative_and_strict_agree(tiny_paths, prompt):
+    from conftest import run_cli
+
+    ids = "--prompt_ids=" + ",".join(map(str, prompt[:30]))
+    common = [ids, "--temp=0", "--n_predict=10", f"--ctx={CTX}", f"--chunk={CHUNK}"]
+    # (--mtp_draft=0 runs the same program as --quality: test_cli's chat test covers it)
+    spec = run_cli("ds4jax.main", *common, "--mtp_draft=2", "--mtp_margin=0")
+    strict = run_cli("ds4jax.main", *common, "--quality")
+    for r in (spec, strict):
+        assert r.returncode == 0, r.stderr
+    assert spec.stdout == strict.stdout
+    assert "mtp: drafts proposed" in spec.stderr and "speculative" in spec.stderr
+    assert "strict N=1" in strict.stderr
+    # one token: the warning comes before any decode program is compiled
+    warm = run_cli("ds4jax.main", ids, "--temp=0.8", "--n_predict=1", f"--ctx={CTX}", f"--chunk={CHUNK}")
+    assert warm.returncode == 0 and warm.stderr.count("warning: MTP speculative decoding needs greedy") == 1
+    bad = run_cli("ds4jax.main", ids, "--mtp_draft=3")
+    assert bad.returncode == 1 and "--mtp_draft must be 0 or 2" in bad.stderr
+
+
+def test_mtp_draft_step_matches_float64_reference(tiny_files, engine):
+    """The MTP block + head against the float64 reference (consecutive steps, so the
+    positioned window and the reference's last-n_swa window hold the same rows)."""
+    import jax
+    from reference.forward64 import RefModel
+
+    from ds4jax.mtp import draft_step, init_mtp_state
+
+    eng = Engine(tiny_files, ctx=CTX, chunk=CHUNK, act_quant=False, weights=engine.weights)
+    cfg = eng.cfg
+    rng = np.random.default_rng(2)
+    prev = rng.standard_normal((cfg.n_hc, cfg.n_embd)).astype(np.float32)
+    toks = rng.integers(0, cfg.n_vocab, 40).tolist()
+    jitted = jax.jit(lambda w, s, h, t, p: draft_step(cfg, w, s, h, t, p))  # (the weights an argument, as above)
+    step = lambda s, h, t, p: jitted(eng.weights, s, h, t, p)
+    ref = RefModel(tiny_files, act_quant=False)
+    ls = ref.new_mtp_state()
+    st = init_mtp_state(cfg)
+    errs = []
+    for i, t in enumerate(toks):  # 40 steps: the 32-row window slides
+        got, _, st = step(st, jnp.asarray(prev), jnp.int32(t), jnp.int32(100 + i))
+        want = ref.mtp_step(ls, prev.astype(np.float64), t, 100 + i)
+        errs.append(np.abs(np.asarray(got, np.float64) - want).max())
+    print(f"\nmtp step vs float64: max|dlogit| {max(errs):.2e}")
+    assert max(errs) < 1e-2
