@@ -1,6 +1,6 @@
 """The main command on the embedded default model."""
 
-from conftest import run_cli
+from conftest import CTX, run_cli
 
 
 def test_main_loads_default_model_and_prints_summary(tiny_paths):
@@ -21,6 +21,21 @@ def test_main_without_mtp_file_says_so(tiny_paths):
     assert "mtp        not loaded" in r.stdout and "loaded " not in r.stdout
 
 
+def test_cli_rejects_bad_input(tiny_paths):
+    """Inputs refused before anything is compiled, each with one line on stderr (the default model
+    made beforehand: its first run says so)."""
+    r = run_cli("ds4jax.main", "--prompt_ids=" + ",".join(["5"] * 600), f"--ctx={CTX}")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "does not fit the context" in r.stderr
+    r = run_cli("ds4jax.main", "--prompt=x", "--temp=-2")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--temp" in r.stderr
+    r = run_cli("ds4jax.main", "--prompt_ids=1,x")
+    assert r.returncode == 1 and "comma-separated integers" in r.stderr
+    r = run_cli("ds4jax.main", "--prompt_ids=1,2", "--steps_per_call=0")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--steps_per_call must be >= 1" in r.stderr
+    r = run_cli("ds4jax.main", "--prompt_ids=1,2", "--mtp_draft=3")
+    assert r.returncode == 1 and "--mtp_draft must be 0 or 2" in r.stderr
+
+
 def test_chat_reads_turns_and_commands_from_stdin(tiny_paths):
     # (/ctx builds a new engine; no turn after it, so the test compiles one prefill + decode)
     turns = "/help\n/think\nCiao!\n/nothink\nE adesso?\n/ctx 300\n/ctx zero\n/bogus\n/quit\nnever read\n"
@@ -29,8 +44,16 @@ def test_chat_reads_turns_and_commands_from_stdin(tiny_paths):
     out = r.stdout
     assert "/nothink" in out and "thinking: high" in out and "thinking: off" in out
     assert "context: 300 tokens" in out and "usage: /ctx N" in out and "unknown command /bogus" in out
-    assert len([ln for ln in out.splitlines() if ln.strip() and not ln.startswith(("  /", "commands", "thinking",
-                                                                                   "context", "usage", "unknown"))]) >= 2
+    assert (
+        len(
+            [
+                ln
+                for ln in out.splitlines()
+                if ln.strip() and not ln.startswith(("  /", "commands", "thinking", "context", "usage", "unknown"))
+            ]
+        )
+        >= 2
+    )
     assert r.stderr.count("plain: prompt") == 0  # chat answers carry no per-turn report
 
 

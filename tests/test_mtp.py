@@ -99,8 +99,6 @@ def test_cli_speculative_and_strict_agree(tiny_paths, prompt):
     # one token: the warning comes before any decode program is compiled
     warm = run_cli("ds4jax.main", ids, "--temp=0.8", "--n_predict=1", f"--ctx={CTX}", f"--chunk={CHUNK}")
     assert warm.returncode == 0 and warm.stderr.count("warning: MTP speculative decoding needs greedy") == 1
-    bad = run_cli("ds4jax.main", ids, "--mtp_draft=3")
-    assert bad.returncode == 1 and "--mtp_draft must be 0 or 2" in bad.stderr
 
 
 def test_mtp_draft_step_matches_float64_reference(tiny_files, engine):

@@ -25,7 +25,16 @@ def prompt(tiny_files):
 
 @pytest.fixture(scope="module")
 def plain(spec, prompt):
-    return spec.engine.generate(prompt, 40, GREEDY).tokens
+    """Plain greedy decoding's 40 tokens, step by step through the N=1 decode program that the
+    verifier's plain steps run (test_forward checks it against generate's programs)."""
+    eng = spec.engine
+    params, key = GREEDY.arrays(), jax.random.key(0)
+    tok, _, state = eng.prefill(eng.new_state(), prompt, params, key)
+    out = [int(tok)]
+    while len(out) < 40:
+        tok, _, state = eng.decode(state, out[-1], params, key)
+        out.append(int(tok))
+    return out
 
 
 def divergences(a, b):
