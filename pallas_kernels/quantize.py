@@ -49,6 +49,13 @@ def supported(x, kind: str, chunk: int = CHUNK) -> bool:
     return as_split_sums(x).start % _chunk(kind, K, chunk) == 0
 
 
+def _sums_specs(s, c: int) -> list:
+    """Block specs of a ``SplitSums``' arrays for programs (row t, chunk j of c columns): each reads
+    its [S, 1, c] block of every split, at the chunk's place in the launch's columns."""
+    S, b = s.arrays[0].shape[0], s.start // c
+    return [pl.BlockSpec((S, 1, c), lambda t, j: (0, t, b + j))] * len(s.arrays)
+
+
 def _kernel(z_ref, *refs, kind):
     rnd = functools.partial(opaque, zero=z_ref[0])
     x_refs, (q_ref, d_ref) = refs[:-2], refs[-2:]
@@ -69,13 +76,11 @@ def quantize(x, kind: str, chunk: int = CHUNK, warps: int = WARPS, interpret: bo
     n, K = xs.shape
     blk = KINDS[kind][1]
     c = _chunk(kind, K, chunk)
-    S, b = xs.arrays[0].shape[0], xs.start // c
     arrays = [a.astype(F32) for a in xs.arrays]
     return pl.pallas_call(
         functools.partial(_kernel, kind=kind),
         grid=(n, K // c),
-        in_specs=[pl.BlockSpec((1,), lambda *_: (0,))]
-        + [pl.BlockSpec((S, 1, c), lambda t, j: (0, t, b + j))] * len(arrays),
+        in_specs=[pl.BlockSpec((1,), lambda *_: (0,)), *_sums_specs(xs, c)],
         out_specs=[pl.BlockSpec((1, c), lambda t, j: (t, j)), pl.BlockSpec((1, c // blk), lambda t, j: (t, j))],
         out_shape=[jax.ShapeDtypeStruct((n, K), jnp.int8), jax.ShapeDtypeStruct((n, K // blk), F32)],
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
@@ -93,10 +98,7 @@ ROUTED_SWIGLU_WARPS = WARPS
 def swiglu_supported(g, u, chunk: int = SWIGLU_CHUNK, kind: str = "q8_0") -> bool:
     """g and u [n, w] (arrays or ``SplitSums``) with w a power of two of at least one block of
     ``kind``, each starting at whole chunks of its launch's columns."""
-    if g.shape != u.shape or len(g.shape) != 2 or not is_pow2(g.shape[1]) or g.shape[1] < KINDS[kind][1]:
-        return False
-    c = _chunk(kind, g.shape[1], chunk)
-    return all(s.start % c == 0 for s in (as_split_sums(g), as_split_sums(u)))
+    return g.shape == u.shape and supported(g, kind, chunk) and supported(u, kind, chunk)
 
 
 def _swiglu_kernel(z_ref, *refs, forms, clamp, kind, weighted):
@@ -134,8 +136,7 @@ def swiglu_quantize(
     c, blk = _chunk(kind, w, chunk), KINDS[kind][1]
     in_specs, args = [pl.BlockSpec((1,), lambda *_: (0,))], []
     for s in (gs, us):
-        S, b = s.arrays[0].shape[0], s.start // c
-        in_specs += [pl.BlockSpec((S, 1, c), lambda t, j, b=b: (0, t, b + j))] * len(s.arrays)
+        in_specs += _sums_specs(s, c)
         args += list(s.arrays)
     if weights is not None:
         in_specs.append(pl.BlockSpec((1, 1), lambda t, j: (t, 0)))
