@@ -15,6 +15,9 @@ default, LHS, keeps a compute-only program in one serial chain). A decode step i
 mostly latency-bound kernels: all 43 full-size layers ran 8.876 against 9.921 ms a token on an
 H200, with the same state and tokens bit for bit (session 31, speed-bench/KERNELS.md). Buffer
 assignment then reuses less, so temporary memory grows.
+
+Not set: ``--xla_gpu_enable_pdl`` (programmatic dependent launch): 8.814 against 8.825 ms a token at
+43 layers, within the rounds' spread (H200, session 32).
 """
 
 from __future__ import annotations

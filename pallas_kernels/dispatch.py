@@ -175,8 +175,9 @@ SPLIT_SUMS_TO_NORM = False
 
 # attn_output_a's grouped launch leaves its K-split partials for the quantize launch of attn_output_b's
 # input (``quantize.quantize`` reading ``SplitSums``), instead of XLA's finish between the two launches
-# (attention.py's finish: 56.0 µs and 43 kernels a 43-layer step, H200, session 30 call B). Built in
-# session 31 after its device time was spent: not timed yet, so off; ``all`` (the GPU tests) takes it.
+# (attention.py's finish: 56.0 µs and 43 kernels a 43-layer step, H200, session 30 call B). Off: under
+# CONCURRENT that finish ran beside other kernels, and 43 layers took 8.840 against 8.825 ms a token
+# (H200, session 32 call A, one process). ``all`` (the GPU tests) takes it.
 SPLIT_SUMS_TO_QUANT = False
 
 # The shared expert's middle (its gate+up launch's partials added, the SwiGLU, the down projection's

@@ -383,7 +383,7 @@ def device_times(engines: dict, run, a, card: str, preset: str, layers: int) -> 
             if a.timeline:
                 print(f"{label}: timeline", flush=True)
             ns, by = devtime.trace_calls(
-                lambda label=label, k=v.steps: run(label, k), n, devtime.classify if a.timeline else None
+                lambda label=label, k=v.steps: run(label, k), n, devtime.classify if a.timeline else None, v.steps
             )
             us, count = ns / (n * v.steps) / 1e3, sum(c for c, _ in by.values()) / (n * v.steps)
             print(f"{label:12s} {us:9.1f} us of kernels a step, {count:7.1f} kernels", flush=True)

@@ -139,22 +139,26 @@ def timeline_report(path: str, steps: int, classify, top: int = 12) -> None:
                     k = f"{plane.name}|{re.sub(r'/-?[0-9]+$', '', ln.name)}|{ev.name}"
                     c, t = host.get(k, (0, 0.0))
                     host[k] = (c + 1, t + ev.duration_ns)
-    print(
-        f"  [timeline] GPU stream span {span / steps / 1e3:.0f} us a step, kernels busy {busy / steps / 1e3:.0f} us, "
-        f"idle {(span - busy) / steps / 1e3:.0f} us",
-        flush=True,
-    )
-    for key, (c, t, big) in sorted(gaps.items(), key=lambda kv: -kv[1][1]):
+    if n_lines == 1:  # one stream: the gaps between kernels are the GPU's idle time
         print(
-            f"    idle before {key:20s} {t / steps / 1e3:8.1f} us a step over {c / steps:6.0f} kernels ({big / steps:.0f} gaps > 5 us)",
+            f"  [timeline] GPU stream span {span / steps / 1e3:.0f} us a step, kernels busy {busy / steps / 1e3:.0f} us, "
+            f"idle {(span - busy) / steps / 1e3:.0f} us",
             flush=True,
         )
+        for key, (c, t, big) in sorted(gaps.items(), key=lambda kv: -kv[1][1]):
+            print(
+                f"    idle before {key:20s} {t / steps / 1e3:8.1f} us a step over {c / steps:6.0f} kernels ({big / steps:.0f} gaps > 5 us)",
+                flush=True,
+            )
     # Kernels side by side (several stream lines, or one line's events overlapping: a CUDA graph
     # traced with xla_enable_command_buffers_during_profiling): the GPU's busy time and, by kernel,
     # the time nothing else ran beside it.
     union, alone = exposed(everything)
+    # A CUDA graph's kernels side by side land on many stream lines (session 32: 356 at 43 layers),
+    # so the span is the first start to the last end over all of them.
+    whole = max(e for _, _, e in everything) - min(s for _, s, _ in everything) if everything else 0
     print(
-        f"  [timeline] kernels on {n_lines} stream lines: busy {union / steps / 1e3:.0f} us a step for "
+        f"  [timeline] span {whole / steps / 1e3:.0f} us a step; kernels on {n_lines} stream lines: busy {union / steps / 1e3:.0f} us a step for "
         f"{busy / steps / 1e3:.0f} us of kernel time ({busy / max(union, 1):.2f} running at once on average); "
         f"alone {sum(alone.values()) / steps / 1e3:.0f} us",
         flush=True,
@@ -289,9 +293,10 @@ def _tally(path: str | None) -> dict:
     return by
 
 
-def trace_calls(step, n: int, classify=None) -> tuple[float, dict]:
+def trace_calls(step, n: int, classify=None, steps_per_call: int = 1) -> tuple[float, dict]:
     """(Σ kernel ns, {name: (count, ns)}) over n calls of ``step`` (warmed first) under the
-    profiler; with ``classify``, also the idle-time and host-event report (``timeline_report``)."""
+    profiler; with ``classify``, also the idle-time and host-event report (``timeline_report``,
+    per decode step: a call runs ``steps_per_call`` of them)."""
     d = tempfile.mkdtemp(prefix="ds4steps")
     with jax.profiler.trace(d):
         for _ in range(n):
@@ -299,7 +304,7 @@ def trace_calls(step, n: int, classify=None) -> tuple[float, dict]:
         jax.block_until_ready(out)  # every kernel inside the trace
     path = _trace_file(d)
     if classify is not None and path:
-        timeline_report(path, n, classify, top=20)
+        timeline_report(path, n * steps_per_call, classify, top=20)
     by = _tally(path)
     return float(sum(t for _, t in by.values())), by
 
