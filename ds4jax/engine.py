@@ -123,6 +123,24 @@ def repack_experts(weights: dict, layout: str, cfg: ModelConfig, ctx: int, chunk
     return with_expert_layout(weights, layout, donate=donate, budget=budget)
 
 
+def check_fits(mf: ModelFiles, cfg: ModelConfig, ctx: int, chunk: int, headroom: int | None = None) -> None:
+    """A clear error before loading when the model's weights and a ``ctx``-token state cannot fit
+    the device's free memory (``headroom``: the allocator's, by default; None, as on the CPU, skips
+    the check): the alternative is XLA's RESOURCE_EXHAUSTED in the middle of the upload. The
+    planes hold the files' bytes (a few tables aside)."""
+    headroom = memory_headroom() if headroom is None else headroom
+    if headroom is None:
+        return
+    files = [mf.base] + ([mf.mtp] if mf.mtp is not None else [])
+    weights = sum(t.nbytes for f in files for t in f.tensors.values())
+    state = tree_nbytes(jax.eval_shape(lambda: init_state(cfg, ctx, chunk)))
+    if weights + state > headroom:
+        raise DS4Error(
+            f"the model's weights ({weights / 1e9:.1f} GB) and a {ctx}-token state ({state / 1e9:.2f} GB) do not fit "
+            f"the {headroom / 1e9:.1f} GB the device has free (XLA_PYTHON_CLIENT_MEM_FRACTION caps JAX's share)"
+        )
+
+
 def compile_together(builds: list[Callable[[], Any]]) -> list:
     """The results of ``builds`` (each lowers and compiles a program), run in threads: XLA
     compiles in C++ without the GIL, and a full-size program takes minutes (decode ~4.5 min on
@@ -200,6 +218,8 @@ class Engine:
         self.steps_per_call = steps_per_call
         self.cfg, self.ctx, self.chunk = cfg, ctx, min(chunk, ctx)
         self.files = mf
+        if weights is None:
+            check_fits(mf, cfg, ctx, self.chunk)
         base = weights if weights is not None else load_weights(mf)
         base = repack_experts(base, expert_layout, cfg, ctx, self.chunk, donate=weights is None)
         self.weights = {**base, "rope": jax.device_put(rope_tables(cfg, ctx))}

@@ -311,7 +311,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        err = device_error(e)
+        if err is None:
+            raise
+        fail(PROG, err)
     return 0
+
+
+def device_error(e: Exception) -> DS4Error | None:
+    """The one-line error for XLA running out of device memory past the check made before loading
+    (``engine.check_fits``: a compile's temporaries, a long context's state), else None."""
+    text = str(e).strip()
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    return DS4Error(f"out of device memory: {text.splitlines()[0][:300]}")
 
 
 def run() -> None:

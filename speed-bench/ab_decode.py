@@ -57,11 +57,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import devtime  # speed-bench/devtime.py, beside this script
 
 from ds4jax import speculative, xla_options
-from ds4jax.engine import Engine, compile_together, peek  # peek: generate's copy of a step's token
+from ds4jax.engine import Engine, compile_together, peek, repack_experts  # peek: generate's copy of a step's token
 from ds4jax.errors import DS4Error
 from ds4jax.mtp import init_mtp_state
 from ds4jax.presets import load_preset, preset_config, with_layers
-from ds4jax.quant.layouts import EXPERT_LAYOUTS, with_expert_layout
+from ds4jax.quant.layouts import EXPERT_LAYOUTS, expert_layout_counts, with_expert_layout
 from ds4jax.random_weights import random_weights
 from ds4jax.sampling import SamplingParams
 
@@ -193,6 +193,13 @@ def main() -> None:
     card = jax.devices()[0].device_kind
     mtp = any(v.feed == "mtp" for v in variants)  # the MTP block's weights too
     weights = {"gguf": jax.block_until_ready(random_weights(cfg, p, mtp=mtp))}
+    layouts = {v.layout for v in variants}
+    if len(layouts) == 1 and "gguf" not in layouts:  # one converted layout only: converted in place
+        # (the stored tensors given up one at a time, within the memory the engine leaves), so the
+        # whole model as nibbles fits an H200 (session 32); variants of two layouts keep both copies
+        (only,) = layouts
+        weights = {only: jax.block_until_ready(repack_experts(weights.pop("gguf"), only, cfg, a.ctx, 64, donate=True))}
+        print("gate/up expert tensors as {}: {} of {}".format(only, *expert_layout_counts(weights[only])), flush=True)
     mtp_exe, mtp_secs = {}, {}  # feed=mtp: the compiled mtp_step of each engine
     engines, built, builds = {}, {}, {}  # built: one engine per program setting (variants differing
     for v in variants:  # only in feed or sync share it, and each program compiles once)

@@ -1,6 +1,9 @@
 """The main command on the embedded default model."""
 
-from conftest import CTX, run_cli
+import pytest
+from conftest import CHUNK, CTX, run_cli
+
+from ds4jax.errors import DS4Error
 
 
 def test_main_loads_default_model_and_prints_summary(tiny_paths):
@@ -34,6 +37,23 @@ def test_cli_rejects_bad_input(tiny_paths):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--steps_per_call must be >= 1" in r.stderr
     r = run_cli("ds4jax.main", "--prompt_ids=1,2", "--mtp_draft=3")
     assert r.returncode == 1 and "--mtp_draft must be 0 or 2" in r.stderr
+
+
+def test_a_model_too_large_for_the_device_is_one_line(tiny_files):
+    """Weights and state larger than the device's free memory: a clear error before loading (the
+    check reads the allocator's headroom on a GPU; given here); XLA's out-of-memory past it: one line."""
+    from ds4jax.engine import check_fits
+    from ds4jax.main import device_error
+
+    check_fits(tiny_files, tiny_files.config, CTX, CHUNK, headroom=1 << 40)
+    with pytest.raises(DS4Error, match=r"weights \(.* GB\) and a 512-token state .* do not fit the 0.0 GB"):
+        check_fits(tiny_files, tiny_files.config, CTX, CHUNK, headroom=1 << 20)
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 10739515392 bytes.\nmore")
+    assert (
+        str(device_error(oom))
+        == "out of device memory: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 10739515392 bytes."
+    )
+    assert device_error(RuntimeError("INTERNAL: something else")) is None
 
 
 def test_chat_reads_turns_and_commands_from_stdin(tiny_paths):

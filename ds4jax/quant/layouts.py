@@ -69,8 +69,21 @@ def dequantize_iq2(vals: jax.Array, sc: jax.Array, d: jax.Array, shape: tuple[in
     return jnp.where(vals < 0, -mag, mag).reshape(shape)
 
 
-_to_nib = jax.jit(iq2_nib_planes)
-_to_nib_donating = jax.jit(iq2_nib_planes, donate_argnums=0)
+# Experts this many at a time: the conversion's integer temporaries take ~5 bytes a weight (10.7 GB
+# for one of the full model's 256-expert tensors at once, which an H200 with the whole model as
+# nibbles could not hold: session 32), ~0.7 GB for 16 experts of 2048 x 4096.
+_EXPERTS_A_STEP = 16
+
+
+def _iq2_nib_planes_stepwise(p: dict) -> dict:
+    """``iq2_nib_planes`` over the leading (expert) axis a few experts at a time: the same planes."""
+    if p["aux"].ndim < 4:  # [rows, nb, 8]: no expert axis
+        return iq2_nib_planes(p)
+    return jax.lax.map(iq2_nib_planes, p, batch_size=min(_EXPERTS_A_STEP, p["aux"].shape[0]))
+
+
+_to_nib = jax.jit(_iq2_nib_planes_stepwise)
+_to_nib_donating = jax.jit(_iq2_nib_planes_stepwise, donate_argnums=0)
 
 
 def memory_headroom(reserve: int = 0) -> int | None:
