@@ -129,11 +129,11 @@ def check_fits(mf: ModelFiles, cfg: ModelConfig, ctx: int, chunk: int, headroom:
     the check): the alternative is XLA's RESOURCE_EXHAUSTED in the middle of the upload. The
     planes hold the files' bytes (a few tables aside)."""
     headroom = memory_headroom() if headroom is None else headroom
-    if headroom is None:
+    if headroom is None or ctx < 1 or chunk < 1:  # a bad ctx or chunk: the engine says so itself
         return
     files = [mf.base] + ([mf.mtp] if mf.mtp is not None else [])
     weights = sum(t.nbytes for f in files for t in f.tensors.values())
-    state = tree_nbytes(jax.eval_shape(lambda: init_state(cfg, ctx, chunk)))
+    state = tree_nbytes(jax.eval_shape(lambda: init_state(cfg, ctx, min(chunk, ctx))))
     if weights + state > headroom:
         raise DS4Error(
             f"the model's weights ({weights / 1e9:.1f} GB) and a {ctx}-token state ({state / 1e9:.2f} GB) do not fit "

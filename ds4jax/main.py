@@ -263,8 +263,9 @@ def _chat(mf) -> None:
     tokenizer = _tokenizer(mf)
     if tokenizer is None:
         raise DS4Error(f"{mf.base.path} has no tokenizer metadata: chat needs one (use --prompt_ids)")
-    from ds4jax.engine import repack_experts
+    from ds4jax.engine import check_fits, repack_experts
 
+    check_fits(mf, mf.config, FLAGS.ctx, FLAGS.chunk)
     # converted once here (in place): the engines made per context size then find it done
     weights = repack_experts(load_weights(mf), FLAGS.expert_layout, mf.config, FLAGS.ctx, FLAGS.chunk, donate=True)
     _layout_note(weights)
