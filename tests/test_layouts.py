@@ -31,6 +31,16 @@ def test_iq2_nib_dequantizes_to_the_same_floats():
     assert "layout 0x1010" in repr(nib)
 
 
+def test_nib_conversion_a_few_experts_at_a_time_gives_the_same_planes(monkeypatch):
+    """The load-time conversion goes through the experts a few at a time (its temporaries at once
+    ran an H200 out of memory); with a step that does not divide the experts, the same planes."""
+    qt = _iq2(E=5, seed=4)
+    monkeypatch.setattr(layouts, "_EXPERTS_A_STEP", 2)
+    got = jax.jit(layouts._iq2_nib_planes_stepwise)(dict(qt.planes))
+    want = layouts.iq2_nib_planes(qt.planes)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
 def test_with_expert_layout_converts_only_iq2_gate_and_up():
     gate, up = _iq2(seed=1), _iq2(seed=2)
     down = QTensor(int(QType.Q2_K), (3, 16, 512), expert_planes(jax.random.PRNGKey(3), QType.Q2_K, 3, 16, 2))
