@@ -250,7 +250,8 @@ def _layout_note(weights) -> None:
     if FLAGS.expert_layout == "nib" and done < total:
         print(
             f"note: --expert_layout=nib repacked {done} of {total} expert tensors (the device's free memory); "
-            "the rest stay IQ2_XXS, with the same results",
+            "the rest stay IQ2_XXS, with the same results (XLA_PYTHON_CLIENT_MEM_FRACTION caps JAX's share; "
+            "the whole q2 model as nibbles needs ~0.97 of an H200)",
             file=sys.stderr,
         )
 
