@@ -113,13 +113,17 @@ def peek(io: dict, logits: bool):
 _LAYOUT_RESERVE = 4 << 30
 
 
+def state_nbytes(cfg: ModelConfig, ctx: int, chunk: int) -> int:
+    """Bytes of an engine's KV state for this context and prefill chunk (shapes only, nothing made)."""
+    return tree_nbytes(jax.eval_shape(lambda: init_state(cfg, ctx, chunk)))
+
+
 def repack_experts(weights: dict, layout: str, cfg: ModelConfig, ctx: int, chunk: int, donate: bool) -> dict:
     """``with_expert_layout`` within the device memory an engine of this context leaves: its KV
     state and ``_LAYOUT_RESERVE`` stay free (no limit where the device does not say, the CPU)."""
     if layout == "gguf":
         return with_expert_layout(weights, layout)  # unchanged (and the layout name checked)
-    state = jax.eval_shape(lambda: init_state(cfg, ctx, chunk))
-    budget = memory_headroom(tree_nbytes(state) + _LAYOUT_RESERVE)
+    budget = memory_headroom(state_nbytes(cfg, ctx, chunk) + _LAYOUT_RESERVE)
     return with_expert_layout(weights, layout, donate=donate, budget=budget)
 
 
@@ -133,7 +137,7 @@ def check_fits(mf: ModelFiles, cfg: ModelConfig, ctx: int, chunk: int, headroom:
         return
     files = [mf.base] + ([mf.mtp] if mf.mtp is not None else [])
     weights = sum(t.nbytes for f in files for t in f.tensors.values())
-    state = tree_nbytes(jax.eval_shape(lambda: init_state(cfg, ctx, min(chunk, ctx))))
+    state = state_nbytes(cfg, ctx, min(chunk, ctx))
     if weights + state > headroom:
         raise DS4Error(
             f"the model's weights ({weights / 1e9:.1f} GB) and a {ctx}-token state ({state / 1e9:.2f} GB) do not fit "

@@ -65,6 +65,8 @@ from ds4jax.quant.layouts import EXPERT_LAYOUTS, expert_layout_counts, with_expe
 from ds4jax.random_weights import random_weights
 from ds4jax.sampling import SamplingParams
 
+CHUNK = 64  # the engines' prefill chunk (their state's shape; the repack's memory budget counts it)
+
 
 def _value(text: str):
     low = text.lower()
@@ -198,7 +200,9 @@ def main() -> None:
         # (the stored tensors given up one at a time, within the memory the engine leaves), so the
         # whole model as nibbles fits an H200 (session 32); variants of two layouts keep both copies
         (only,) = layouts
-        weights = {only: jax.block_until_ready(repack_experts(weights.pop("gguf"), only, cfg, a.ctx, 64, donate=True))}
+        weights = {
+            only: jax.block_until_ready(repack_experts(weights.pop("gguf"), only, cfg, a.ctx, CHUNK, donate=True))
+        }
         print("gate/up expert tensors as {}: {} of {}".format(only, *expert_layout_counts(weights[only])), flush=True)
     mtp_exe, mtp_secs = {}, {}  # feed=mtp: the compiled mtp_step of each engine
     engines, built, builds = {}, {}, {}  # built: one engine per program setting (variants differing
@@ -210,7 +214,7 @@ def main() -> None:
             built[setting] = Engine(
                 types.SimpleNamespace(config=cfg),
                 ctx=a.ctx,
-                chunk=64,
+                chunk=CHUNK,
                 weights=weights[v.layout],
                 compiler_options=v.xla,
             )

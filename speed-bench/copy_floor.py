@@ -19,8 +19,11 @@ read + written a second, as ``kernels.py`` quotes it.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import devtime  # speed-bench/devtime.py, beside this script: its CSV appender
 
 SIZES_MB = (1, 2, 4, 8, 9, 12, 16, 18, 24, 32, 36, 48, 64, 128, 256, 512)
 
@@ -56,38 +59,31 @@ def main() -> None:
     ceil_us = kernel_us(torch, lambda i: dst[:big].copy_(src[big : 2 * big]), 10)
     ceiling = 2 * big / (ceil_us * 1e-6)
     print(f"{card}: 1 GiB copy {ceil_us:.1f} us, {ceiling / 1e12:.2f} TB/s", flush=True)
-    rows = []
-    for mb in SIZES_MB:
-        s = mb << 20
-        n = pool // s
+    header = ["card", "kind", "mb", "us", "gbps", "pct_copy"]
+    with devtime.csv_rows(a.out, "copy_floor.csv", header) as write:  # a row as each size is measured
+        for mb in SIZES_MB:
+            s = mb << 20
+            n = pool // s
 
-        def copy(i, s=s, n=n):  # half the bytes read, half written: s bytes of traffic a launch
-            j = (i * 7919) % n
-            k = (j + n // 2) % n
-            h = s // 2
-            dst[k * s : k * s + h].copy_(src[j * s : j * s + h])
+            def copy(i, s=s, n=n):  # half the bytes read, half written: s bytes of traffic a launch
+                j = (i * 7919) % n
+                k = (j + n // 2) % n
+                dst[k * s : k * s + s // 2].copy_(src[j * s : j * s + s // 2])
 
-        # s bytes read (random bits as f32: a sum's speed does not look at them), one value written
-        def read(i, s=s, n=n):
-            j = (i * 7919) % n
-            return src[j * s : (j + 1) * s].view(torch.float32).sum()
+            # s bytes read (random bits as f32: a sum's speed does not look at them), one value written
+            def read(i, s=s, n=n):
+                j = (i * 7919) % n
+                return src[j * s : (j + 1) * s].view(torch.float32).sum()
 
-        for what, fn in (("copy", copy), ("read", read)):
-            us = kernel_us(torch, fn, a.calls)
-            bw = s / (us * 1e-6)
-            rows.append([card, what, mb, f"{us:.2f}", f"{bw / 1e9:.0f}", f"{100 * bw / ceiling:.1f}"])
-            print(
-                f"  {what:4s} {mb:4d} MB of traffic: {us:8.2f} us  {bw / 1e9:6.0f} GB/s  {100 * bw / ceiling:5.1f} % of the 1 GiB copy",
-                flush=True,
-            )
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "copy_floor.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["card", "kind", "mb", "us", "gbps", "pct_copy"])
-        w.writerows(rows)
+            for what, fn in (("copy", copy), ("read", read)):
+                us = kernel_us(torch, fn, a.calls)
+                bw = s / (us * 1e-6)
+                write([card, what, mb, f"{us:.2f}", f"{bw / 1e9:.0f}", f"{100 * bw / ceiling:.1f}"])
+                print(
+                    f"  {what:4s} {mb:4d} MB of traffic: {us:8.2f} us  {bw / 1e9:6.0f} GB/s  "
+                    f"{100 * bw / ceiling:5.1f} % of the 1 GiB copy",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

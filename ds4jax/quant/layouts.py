@@ -76,9 +76,7 @@ _EXPERTS_A_STEP = 16
 
 
 def _iq2_nib_planes_stepwise(p: dict) -> dict:
-    """``iq2_nib_planes`` over the leading (expert) axis a few experts at a time: the same planes."""
-    if p["aux"].ndim < 4:  # [rows, nb, 8]: no expert axis
-        return iq2_nib_planes(p)
+    """``iq2_nib_planes`` of an expert tensor's planes [E, ...] a few experts at a time: the same planes."""
     return jax.lax.map(iq2_nib_planes, p, batch_size=min(_EXPERTS_A_STEP, p["aux"].shape[0]))
 
 
