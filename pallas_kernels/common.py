@@ -181,13 +181,17 @@ def iq2_sign_masks(s7: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array
 def nib_bytes(sel: jax.Array, table: tuple[int, int], interpret: bool) -> jax.Array:
     """A word of 4 bytes picked from the 8-byte ``table`` (two little-endian u32 words: bytes
     0-3, 4-7) by the 4 low nibbles of ``sel`` (int32; byte i by nibble i, whose bit 3 must be
-    0): PTX ``prmt`` in default mode, one instruction. Interpreted, the same in jnp."""
+    0): PTX ``prmt`` in default mode, one instruction. Interpreted, the same in jnp, bit 3
+    included (prmt then gives the picked byte's sign bit spread over the byte), so a test on
+    the CPU catches a selector whose bit 3 leaks."""
     if interpret:  # scalar constants only: a kernel may not capture arrays
         tab = [int(v) for v in np.frombuffer(np.asarray(table, "<u4").tobytes(), np.uint8)]
         out = jnp.zeros_like(sel)
         for i in range(4):
-            k = (sel >> (4 * i)) & 7
+            nib = (sel >> (4 * i)) & 15
+            k = nib & 7
             byte = sum(jnp.where(k == j, jnp.int32(t), jnp.int32(0)) for j, t in enumerate(tab))
+            byte = jnp.where(nib >= 8, jnp.where(byte >= 128, jnp.int32(255), jnp.int32(0)), byte)
             out = out | (byte << (8 * i))
         return out
     a, b = table
