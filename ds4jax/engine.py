@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ds4jax.config import ModelConfig
+from ds4jax.device_memory import memory_headroom
 from ds4jax.errors import DS4Error
 from ds4jax.model.forward import commit, forward_hidden, head
 from ds4jax.model.rope import rope_tables
 from ds4jax.model_file import ModelFiles
-from ds4jax.quant.layouts import memory_headroom, with_expert_layout
+from ds4jax.quant.layouts import with_expert_layout
 from ds4jax.quant.planes import tree_nbytes
 from ds4jax.sampling import SamplingParams, kind_of, sample
 from ds4jax.state import init_state
@@ -118,13 +119,20 @@ def state_nbytes(cfg: ModelConfig, ctx: int, chunk: int) -> int:
     return tree_nbytes(jax.eval_shape(lambda: init_state(cfg, ctx, chunk)))
 
 
-def repack_experts(weights: dict, layout: str, cfg: ModelConfig, ctx: int, chunk: int, donate: bool) -> dict:
-    """``with_expert_layout`` within the device memory an engine of this context leaves: its KV
-    state and ``_LAYOUT_RESERVE`` stay free (no limit where the device does not say, the CPU)."""
+def layout_keep_free(cfg: ModelConfig, ctx: int, chunk: int) -> int:
+    """Bytes a repack of the experts leaves free for an engine of this context: its KV state and
+    ``_LAYOUT_RESERVE`` (``load_weights``' and ``random_weights``' ``keep_free``)."""
+    return state_nbytes(cfg, ctx, chunk) + _LAYOUT_RESERVE
+
+
+def repack_experts(weights: dict, layout: str, cfg: ModelConfig, ctx: int, chunk: int) -> dict:
+    """``with_expert_layout`` of loaded weights (copied: the caller keeps them) within the device
+    memory an engine of this context leaves (no limit where the device does not say, the CPU). A
+    model that fills the device is repacked as it loads instead (``load_weights(expert_layout=)``)."""
     if layout == "gguf":
         return with_expert_layout(weights, layout)  # unchanged (and the layout name checked)
-    budget = memory_headroom(state_nbytes(cfg, ctx, chunk) + _LAYOUT_RESERVE)
-    return with_expert_layout(weights, layout, donate=donate, budget=budget)
+    budget = memory_headroom(layout_keep_free(cfg, ctx, chunk))
+    return with_expert_layout(weights, layout, budget=budget)
 
 
 def check_fits(mf: ModelFiles, cfg: ModelConfig, ctx: int, chunk: int, headroom: int | None = None) -> None:
@@ -200,15 +208,16 @@ class Engine:
         act_quant: bool = True,
         weights=None,
         compiler_options: dict | None = None,
-        expert_layout: str = "gguf",
+        expert_layout: str = "auto",
         steps_per_call: int = DEFAULT_STEPS_PER_CALL,
     ):
         """``compiler_options``: XLA options (``xla_*`` names, as ``Lowered.compile`` takes them)
         for this engine's programs, e.g. to A/B an option inside one process. ``expert_layout``:
         the routed experts' gate/up planes as stored (``gguf``) or IQ2_XXS repacked to nibbles
         (``nib``, ``quant/layouts.py``: the same bits, 2.1x their memory; as many tensors as the
-        device's free memory allows, ``repack_experts``); weights the engine loads itself are
-        converted in place, ``weights`` given to it are copied. ``steps_per_call``: decode steps
+        device's free memory allows); ``auto``: nibbles on a GPU, as stored elsewhere. Weights the
+        engine loads itself are converted as they load; ``weights`` given to it are copied
+        (``repack_experts``), except under ``auto``, which takes them as they are. ``steps_per_call``: decode steps
         a program call in ``generate`` (``decode_loop<K>``; 1: ``decode_fed``)."""
         cfg = dataclasses.replace(mf.config, act_quant=act_quant)
         if ctx < 1:
@@ -222,10 +231,14 @@ class Engine:
         self.steps_per_call = steps_per_call
         self.cfg, self.ctx, self.chunk = cfg, ctx, min(chunk, ctx)
         self.files = mf
-        if weights is None:
+        if weights is None:  # repacked tensor by tensor as it loads
             check_fits(mf, cfg, ctx, self.chunk)
-        base = weights if weights is not None else load_weights(mf)
-        base = repack_experts(base, expert_layout, cfg, ctx, self.chunk, donate=weights is None)
+            keep = layout_keep_free(cfg, ctx, self.chunk)
+            base = load_weights(mf, expert_layout=expert_layout, keep_free=keep)
+        elif expert_layout == "auto":  # given weights stay as they are
+            base = weights
+        else:
+            base = repack_experts(weights, expert_layout, cfg, ctx, self.chunk)
         self.weights = {**base, "rope": jax.device_put(rope_tables(cfg, ctx))}
         self._compiled: dict = {}
         self._params: dict = {}  # sampling values -> (sampler kind, their device copies)

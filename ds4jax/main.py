@@ -51,10 +51,11 @@ flags.DEFINE_float("mtp_margin", 3.0, "draft only when the MTP's top-two logit m
 flags.DEFINE_bool("quality", False, "strict mode: the N=1 program token by token (also DS4JAX_MTP_STRICT=1)")
 flags.DEFINE_enum(
     "expert_layout",
-    "gguf",
-    ["gguf", "nib"],
-    "routed experts' gate/up planes: as stored, or IQ2_XXS repacked to nibbles (the same results, 2.1x "
-    "their memory, decoded on a GPU without table lookups: speed-bench/KERNELS.md)",
+    "auto",
+    ["auto", "gguf", "nib"],
+    "routed experts' gate/up planes: IQ2_XXS repacked to nibbles as they load (the same results, 2.1x "
+    "their memory, decoded on a GPU without table lookups: speed-bench/KERNELS.md) or as stored; "
+    "auto = nibbles on a GPU, as far as its free memory allows, as stored on the CPU",
 )
 flags.DEFINE_bool("summary", False, "print the model summary and exit")
 flags.DEFINE_bool("load", True, "with --summary: also repack all tensors into quant planes on the device")
@@ -243,15 +244,17 @@ def _generate(mf) -> None:
 
 
 def _layout_note(weights) -> None:
-    """One line when --expert_layout=nib could repack only some expert tensors (device memory)."""
-    from ds4jax.quant.layouts import expert_layout_counts
+    """One line when --expert_layout (nib, or auto on a GPU) could repack only some expert tensors."""
+    from ds4jax import xla_options
+    from ds4jax.quant.layouts import expert_layout_counts, resolve_layout
 
     done, total = expert_layout_counts(weights)
-    if FLAGS.expert_layout == "nib" and done < total:
+    if resolve_layout(FLAGS.expert_layout) == "nib" and done < total:
         print(
-            f"note: --expert_layout=nib repacked {done} of {total} expert tensors (the device's free memory); "
-            "the rest stay IQ2_XXS, with the same results (XLA_PYTHON_CLIENT_MEM_FRACTION caps JAX's share; "
-            "the whole q2 model as nibbles needs ~0.97 of an H200)",
+            f"note: --expert_layout={FLAGS.expert_layout} repacked {done} of {total} expert tensors as nibbles (the "
+            "device's free memory); the rest stay IQ2_XXS, with the same results (XLA_PYTHON_CLIENT_MEM_FRACTION, "
+            f"{xla_options.MEM_FRACTION} unless set, caps JAX's share; the whole q2 model as nibbles needs ~0.97 of "
+            "an H200)",
             file=sys.stderr,
         )
 
@@ -264,11 +267,12 @@ def _chat(mf) -> None:
     tokenizer = _tokenizer(mf)
     if tokenizer is None:
         raise DS4Error(f"{mf.base.path} has no tokenizer metadata: chat needs one (use --prompt_ids)")
-    from ds4jax.engine import check_fits, repack_experts
+    from ds4jax.engine import check_fits, layout_keep_free
 
     check_fits(mf, mf.config, FLAGS.ctx, FLAGS.chunk)
-    # converted once here (in place): the engines made per context size then find it done
-    weights = repack_experts(load_weights(mf), FLAGS.expert_layout, mf.config, FLAGS.ctx, FLAGS.chunk, donate=True)
+    # loaded (and the experts repacked) once here: the engines made per context size share them
+    keep = layout_keep_free(mf.config, FLAGS.ctx, min(FLAGS.chunk, FLAGS.ctx))
+    weights = load_weights(mf, expert_layout=FLAGS.expert_layout, keep_free=keep)
     _layout_note(weights)
 
     def make(ctx: int):

@@ -22,6 +22,8 @@ from ds4jax import config as C
 from ds4jax.presets import Preset, tensor_type
 from ds4jax.quant import QTensor, pack
 from ds4jax.quant.formats import QType, row_nbytes
+from ds4jax.quant.layouts import Repacker
+from ds4jax.quant.planes import tree_nbytes
 from ds4jax.weights import assemble, short_name
 
 # |dequantized weight| per unit of block scale, roughly: d x the typical integer a block holds
@@ -78,19 +80,35 @@ def random_tensor(key, name: str, qtype: int, shape: tuple[int, ...], n_expert: 
     return QTensor(int(qtype), tuple(shape), planes)
 
 
-def random_weights(cfg: C.ModelConfig, preset: Preset, seed: int = 0, mtp: bool = False) -> dict:
-    """The weights pytree of ``load_weights`` for the preset's base (and MTP) file, random."""
+def random_weights(
+    cfg: C.ModelConfig,
+    preset: Preset,
+    seed: int = 0,
+    mtp: bool = False,
+    expert_layout: str = "gguf",
+    keep_free: int = 0,
+) -> dict:
+    """The weights pytree of ``load_weights`` for the preset's base (and MTP) file, random; the
+    routed gate/up experts in ``expert_layout`` as each is made, as far as the device's memory
+    allows with ``keep_free`` bytes left (``quant.layouts.Repacker``)."""
     key = jax.random.key(seed)
+    files = [(C.base_tensor_specs(cfg), False)] + ([(C.mtp_tensor_specs(cfg), True)] if mtp else [])
+    total = sum(  # every tensor still to come counts against the repack's room, the MTP block's too
+        tree_nbytes(plane_specs(tensor_type(n, s, preset, is_mtp), tuple(reversed(s.ne))))
+        for specs, is_mtp in files
+        for n, s in specs.items()
+    )
+    put = Repacker(expert_layout, total, keep_free)
 
     def make(specs: dict[str, C.TensorSpec], is_mtp: bool):
         for name, spec in specs.items():
             qtype = tensor_type(name, spec, preset, is_mtp)
             k = jax.random.fold_in(key, zlib.crc32(name.encode()))
-            yield name, random_tensor(k, short_name(name), qtype, tuple(reversed(spec.ne)), cfg.n_expert)
+            short = short_name(name)
+            qt = random_tensor(k, short, qtype, tuple(reversed(spec.ne)), cfg.n_expert)
+            yield name, put("mtp" if is_mtp else short, qt)  # the MTP block's experts stay as made
 
-    return assemble(
-        cfg.n_layer, make(C.base_tensor_specs(cfg), False), make(C.mtp_tensor_specs(cfg), True) if mtp else None
-    )
+    return assemble(cfg.n_layer, *(make(specs, is_mtp) for specs, is_mtp in files))
 
 
 def bytes_per_token(weights: dict, cfg: C.ModelConfig) -> int:

@@ -50,15 +50,21 @@ def assemble(n_layer: int, base, mtp=None) -> dict[str, Any]:
     return tree
 
 
-def load_weights(mf: ModelFiles, to_device: bool = True) -> dict[str, Any]:
-    """Repack every tensor of ``mf`` into planes; put them on the default device if asked."""
-    tree = assemble(
-        mf.config.n_layer,
-        ((n, _pack(mf, n)) for n in mf.base.tensors),
-        ((n, _pack(mf, n)) for n in mf.mtp.tensors) if mf.mtp is not None else None,
-    )
-    if to_device:
-        import jax
+def load_weights(
+    mf: ModelFiles, to_device: bool = True, expert_layout: str = "gguf", keep_free: int = 0
+) -> dict[str, Any]:
+    """Repack every tensor of ``mf`` into planes; put them on the default device if asked, one
+    tensor at a time, the routed gate/up experts in ``expert_layout`` as far as the device's
+    memory allows with ``keep_free`` bytes left (``quant.layouts.Repacker``)."""
+    if not to_device:
+        return assemble(
+            mf.config.n_layer,
+            ((n, _pack(mf, n)) for n in mf.base.tensors),
+            ((n, _pack(mf, n)) for n in mf.mtp.tensors) if mf.mtp is not None else None,
+        )
+    from ds4jax.quant.layouts import Repacker
 
-        tree = jax.device_put(tree)
-    return tree
+    files = [mf.base] + ([mf.mtp] if mf.mtp is not None else [])
+    put = Repacker(expert_layout, sum(t.nbytes for f in files for t in f.tensors.values()), keep_free)
+    mtp = ((n, put("mtp", _pack(mf, n))) for n in mf.mtp.tensors) if mf.mtp is not None else None
+    return assemble(mf.config.n_layer, ((n, put(short_name(n), _pack(mf, n))) for n in mf.base.tensors), mtp)

@@ -8,7 +8,8 @@ decode steps each), so slow and fast spells hit all of them alike; the median ro
 
 A variant is ``label`` or ``label:key=value,key=value``. Keys:
   kernels=auto|all|off      DS4JAX_KERNELS while the variant's program is traced
-  layout=gguf|nib           the routed experts' gate/up layout (a converted copy of the weights)
+  layout=gguf|nib|auto      the routed experts' gate/up layout (a converted copy of the weights; one
+                            layout for all variants: converted as the weights are made)
   feed=loopK                K decode_fed steps a call, in one program (``Engine.decode_loop``)
   feed=mtp                  MTP speculative steps (``speculative.mtp_step``: the N=2 verify step or
                             the N=1 step, chosen on the device); times are per step, and a verify
@@ -57,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import devtime  # speed-bench/devtime.py, beside this script
 
 from ds4jax import speculative, xla_options
-from ds4jax.engine import Engine, compile_together, peek, repack_experts  # peek: generate's copy of a step's token
+from ds4jax.engine import Engine, compile_together, layout_keep_free, peek  # peek: generate's copy of a step's token
 from ds4jax.errors import DS4Error
 from ds4jax.mtp import init_mtp_state
 from ds4jax.presets import load_preset, preset_config, with_layers
@@ -194,16 +195,16 @@ def main() -> None:
     cfg = preset_config(p)
     card = jax.devices()[0].device_kind
     mtp = any(v.feed == "mtp" for v in variants)  # the MTP block's weights too
-    weights = {"gguf": jax.block_until_ready(random_weights(cfg, p, mtp=mtp))}
     layouts = {v.layout for v in variants}
-    if len(layouts) == 1 and "gguf" not in layouts:  # one converted layout only: converted in place
-        # (the stored tensors given up one at a time, within the memory the engine leaves), so the
-        # whole model as nibbles fits an H200 (session 32); variants of two layouts keep both copies
+    if len(layouts) == 1 and "gguf" not in layouts:  # one converted layout only: converted as made
+        # (each tensor given up after its conversion, within the memory the engine leaves), so the
+        # whole model as nibbles fits an H200; variants of two layouts keep both copies
         (only,) = layouts
-        weights = {
-            only: jax.block_until_ready(repack_experts(weights.pop("gguf"), only, cfg, a.ctx, CHUNK, donate=True))
-        }
+        keep = layout_keep_free(cfg, a.ctx, CHUNK)
+        weights = {only: jax.block_until_ready(random_weights(cfg, p, mtp=mtp, expert_layout=only, keep_free=keep))}
         print("gate/up expert tensors as {}: {} of {}".format(only, *expert_layout_counts(weights[only])), flush=True)
+    else:
+        weights = {"gguf": jax.block_until_ready(random_weights(cfg, p, mtp=mtp))}
     mtp_exe, mtp_secs = {}, {}  # feed=mtp: the compiled mtp_step of each engine
     engines, built, builds = {}, {}, {}  # built: one engine per program setting (variants differing
     for v in variants:  # only in feed or sync share it, and each program compiles once)

@@ -40,7 +40,6 @@ from ds4jax import xla_options
 from ds4jax.engine import Engine
 from ds4jax.errors import DS4Error
 from ds4jax.presets import load_preset, preset_config, with_layers
-from ds4jax.quant.layouts import with_expert_layout
 from ds4jax.random_weights import bytes_per_token, random_weights
 from ds4jax.sampling import SamplingParams
 
@@ -77,7 +76,7 @@ def main() -> None:
 
         copy_bw = copy_bandwidth()
     t0 = time.perf_counter()
-    weights = jax.block_until_ready(with_expert_layout(random_weights(cfg, p), a.expert_layout, donate=True))
+    weights = jax.block_until_ready(random_weights(cfg, p, expert_layout=a.expert_layout))
     if a.expert_layout != "gguf":
         a.note = f"{a.note} [experts {a.expert_layout}]".strip()
     nbytes = bytes_per_token(weights, cfg)

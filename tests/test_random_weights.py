@@ -16,6 +16,40 @@ def _layout(tree):
     return treedef, [(np.shape(x), np.dtype(x.dtype)) for x in leaves]
 
 
+def test_random_weights_repack_the_experts_as_made():
+    """``expert_layout="nib"``: each routed gate/up tensor converted as it is made (the whole model as
+    nibbles fits an H200 only that way: session 33), the same planes as converting after."""
+    from ds4jax.quant import layouts
+
+    p = load_preset("tiny")
+    cfg = preset_config(p)
+    want = layouts.with_expert_layout(random_weights(cfg, p, seed=3), "nib")
+    got = random_weights(cfg, p, seed=3, expert_layout="nib")
+    assert layouts.expert_layout_counts(got)[0] == layouts.expert_layout_counts(want)[0] > 0
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+
+
+def test_random_weights_count_every_tensor_to_come(monkeypatch):
+    """The repack's room is what the device has less every tensor still to be made, the MTP block's
+    too (without them a 43-layer model with its MTP block ran out of memory: session 33)."""
+    from ds4jax import random_weights as module
+    from ds4jax.quant import layouts
+    from ds4jax.quant.planes import tree_nbytes
+
+    seen = []
+
+    class Spy(layouts.Repacker):
+        def __init__(self, layout, remaining, keep_free=0):
+            seen.append(remaining)
+            super().__init__(layout, remaining, keep_free)
+
+    monkeypatch.setattr(module, "Repacker", Spy)
+    p = load_preset("tiny")
+    w = random_weights(preset_config(p), p, mtp=True)
+    assert seen == [tree_nbytes(w)] and tree_nbytes(w["mtp"]) > 0
+
+
 def test_random_weights_have_the_loaders_layout(tiny_files):
     p = load_preset("tiny")
     want = load_weights(tiny_files, to_device=False)

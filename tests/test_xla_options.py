@@ -17,10 +17,19 @@ def test_configure_adds_the_options_only_where_they_apply():
     # the user's choice of one option stands; the other is still added
     mine = {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}
     assert xla_options.configure(mine, jaxlib_version="0.11.2")
-    assert mine == {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE " + both.split()[1]}
+    assert mine == {
+        "XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE " + both.split()[1],
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": xla_options.MEM_FRACTION,
+    }
+    frac = {"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"}  # the user's memory share stands too
+    xla_options.configure(frac, jaxlib_version="0.11.2")
+    assert frac["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".5"
     assert not xla_options.configure(mine, jaxlib_version="0.11.2")  # both set now: nothing to add
     for env, version in (({"JAX_PLATFORMS": "cpu"}, "0.11.2"), ({}, "0.10.9")):  # no GPU; an XLA without it
         assert not xla_options.configure(env, jaxlib_version=version) and "XLA_FLAGS" not in env
+    cpu = {"JAX_PLATFORMS": "cpu"}
+    xla_options.configure(cpu, jaxlib_version="0.11.2")
+    assert cpu == {"JAX_PLATFORMS": "cpu"}  # no GPU: the environment stays as it is
 
 
 def test_the_installed_jaxlib_knows_the_options():
