@@ -66,5 +66,6 @@ def load_weights(
 
     files = [mf.base] + ([mf.mtp] if mf.mtp is not None else [])
     put = Repacker(expert_layout, sum(t.nbytes for f in files for t in f.tensors.values()), keep_free)
+    # the MTP block's tensors are put on the device as stored ("mtp" names no expert tensor to repack)
     mtp = ((n, put("mtp", _pack(mf, n))) for n in mf.mtp.tensors) if mf.mtp is not None else None
     return assemble(mf.config.n_layer, ((n, put(short_name(n), _pack(mf, n))) for n in mf.base.tensors), mtp)

@@ -104,16 +104,22 @@ def test_weights_repacked_as_they_load(tiny_files, monkeypatch):
     assert jax.tree.structure(got) == jax.tree.structure(want)
     # a device that says how much it has left: room for exactly two tensors' new planes
     gate = stored["layers"][0]["ffn_gate_exps"]
-    room = 2 * layouts._added(gate) + 50 + 100
+    room = 2 * layouts._nib_nbytes(gate) + 50 + 100
     done = []
     real = layouts._convert
-    monkeypatch.setattr(layouts, "_convert", lambda qt, donate: done.append(layouts._added(qt)) or real(qt, donate))
+    monkeypatch.setattr(
+        layouts, "_convert", lambda qt, donate: done.append(layouts._nib_nbytes(qt)) or real(qt, donate)
+    )
     monkeypatch.setattr(layouts, "memory_headroom", lambda reserve=0: room - reserve - sum(done))
     part = layouts.Repacker("nib", remaining=0, keep_free=50)
-    kinds = [part(n, qt).qtype for w in stored["layers"] for n, qt in w.items() if n in ("ffn_gate_exps", "ffn_up_exps")]
+    kinds = [
+        part(n, qt).qtype for w in stored["layers"] for n, qt in w.items() if n in ("ffn_gate_exps", "ffn_up_exps")
+    ]
     assert kinds[:2] == [layouts.IQ2_NIB] * 2 and set(kinds[2:]) == {int(QType.IQ2_XXS)}
     # bytes still to come count against the room
     done.clear()
-    assert layouts.Repacker("nib", remaining=gate.nbytes + room, keep_free=50)("ffn_gate_exps", gate).qtype == gate.qtype
+    assert (
+        layouts.Repacker("nib", remaining=gate.nbytes + room, keep_free=50)("ffn_gate_exps", gate).qtype == gate.qtype
+    )
     with pytest.raises(DS4Error, match="expert_layout"):
         layouts.Repacker("nibbles", 0)

@@ -23,7 +23,8 @@ from ds4jax.quant.planes import QTensor, tree_nbytes
 from ds4jax.quant.tables import IQ2XXS_GRID_I8
 
 IQ2_NIB = 0x1000 | int(QType.IQ2_XXS)
-# --expert_layout: IQ2_XXS gate/up as IQ2_NIB on a GPU (as far as its memory allows), as stored, as IQ2_NIB
+# --expert_layout: auto (IQ2_XXS gate/up as IQ2_NIB on a GPU, as far as its memory allows; as stored
+# elsewhere), gguf (as stored), nib (IQ2_NIB as far as the memory allows)
 EXPERT_LAYOUTS = ("auto", "gguf", "nib")
 _U32 = jnp.uint32
 
@@ -108,7 +109,7 @@ def _convert(qt: QTensor, donate: bool) -> QTensor:
     return QTensor(IQ2_NIB, qt.shape, jax.block_until_ready(convert(dict(qt.planes))))
 
 
-def _added(qt: QTensor) -> int:
+def _nib_nbytes(qt: QTensor) -> int:
     """Bytes the IQ2_NIB planes of ``qt`` take."""
     return tree_nbytes(jax.eval_shape(iq2_nib_planes, dict(qt.planes)))
 
@@ -138,14 +139,14 @@ class Repacker:
         if self.layout == "gguf" or name not in _GATE_UP or qt.qtype != QType.IQ2_XXS:
             return qt
         head = memory_headroom(self.keep_free + max(self.remaining, 0))
-        return qt if head is not None and _added(qt) > head else _convert(qt, donate=True)
+        return qt if head is not None and _nib_nbytes(qt) > head else _convert(qt, donate=True)
 
 
 def with_expert_layout(weights: dict, layout: str, donate: bool = False, budget: int | None = None) -> dict:
     """The weights pytree with its routed experts' gate/up tensors in ``layout`` (``"gguf"``:
     unchanged; ``"nib"``: IQ2_XXS ones as IQ2_NIB, on their device, one tensor at a time; ``"auto"``:
-    ``resolve_layout``), for
-    weights already loaded (a model that fills the device: ``Repacker`` while loading instead).
+    ``resolve_layout``), for weights already loaded (a model that fills the device: ``Repacker``
+    while loading instead).
     ``donate``: the IQ2_XXS planes are given up as each tensor is converted, so ``weights`` must
     not be used after. ``budget``: bytes the conversion may add (None: no limit); tensors are
     converted in layer order while they fit and the rest stay IQ2_XXS. The MTP block's experts
@@ -161,7 +162,7 @@ def with_expert_layout(weights: dict, layout: str, donate: bool = False, budget:
             if qt is None or qt.qtype != QType.IQ2_XXS:
                 continue
             if left is not None:  # what it adds (donated: the IQ2_XXS planes are freed)
-                extra = _added(qt) - (qt.nbytes if donate else 0)
+                extra = _nib_nbytes(qt) - (qt.nbytes if donate else 0)
                 if extra > left:
                     continue
                 left -= extra
