@@ -184,6 +184,13 @@ def main() -> None:
         "time each ran alone; give the variant xla_enable_command_buffers_during_profiling=true to trace its "
         "CUDA graphs as they run, kernels side by side, instead of kernel by kernel)",
     )
+    ap.add_argument(
+        "--serial_compile",
+        action="store_true",
+        help="compile the variants' programs one after another instead of in parallel threads (XLA autotunes "
+        "some kernels by timing them while it compiles; session 33 found a plain step 0.5 ms slower when its "
+        "program compiled beside the MTP step's)",
+    )
     a = ap.parse_args()
     xla_options.configure()  # the engine's XLA runtime options (the CLI's), unless XLA_FLAGS sets them
     variants = [parse_variant(v) for v in a.variants.split(";") if v.strip()]
@@ -240,8 +247,13 @@ def main() -> None:
                 [name], lowered={name: low}
             )
     t0 = time.perf_counter()
-    compile_together(list(builds.values()))  # XLA compiles in parallel threads (minutes each at 43 layers)
-    print(f"{len(builds)} programs compiled side by side in {time.perf_counter() - t0:.1f} s", flush=True)
+    if a.serial_compile:  # one after another: no compile's autotuning times its kernels beside another's work
+        for build in builds.values():
+            build()
+    else:
+        compile_together(list(builds.values()))  # XLA compiles in parallel threads (minutes each at 43 layers)
+    how = "one after another" if a.serial_compile else "side by side"
+    print(f"{len(builds)} programs compiled {how} in {time.perf_counter() - t0:.1f} s", flush=True)
     for label, (eng, v) in engines.items():
         secs = mtp_secs[eng] if v.feed == "mtp" else eng.compile_s[v.program]
         exe = mtp_exe[eng] if v.feed == "mtp" else eng.program(v.program)
