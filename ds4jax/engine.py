@@ -155,7 +155,7 @@ def check_fits(mf: ModelFiles, cfg: ModelConfig, ctx: int, chunk: int, headroom:
 
 def compile_together(builds: list[Callable[[], Any]]) -> list:
     """The results of ``builds`` (each lowers and compiles a program), run in threads: XLA
-    compiles in C++ without the GIL, and a full-size program takes minutes (decode ~4.5 min on
+    compiles in C++ without the GIL, and a full-size program takes minutes (the MTP step ~2.5 on
     an H200's host), so a many-core host builds several in the time of one."""
     if len(builds) <= 1:
         return [b() for b in builds]

@@ -284,8 +284,9 @@ def _chat(mf) -> None:
 
 
 def _compile_cache() -> None:
-    """Keep compiled programs on disk: the full model's decode program alone takes ~4.5 minutes
-    to compile on an H200 (speed-bench/NOTES.md), a second start reads it back."""
+    """Keep compiled programs on disk: the full model's programs take minutes to compile on an
+    H200's host (decode loop ~1, MTP step ~2.5, prefill over 4: speed-bench/NOTES.md), a second
+    start reads them back."""
     if FLAGS.compile_cache == "off":
         return
     import jax
