@@ -36,7 +36,7 @@ from ds4jax.quant.layouts import with_expert_layout
 from ds4jax.quant.planes import tree_nbytes
 from ds4jax.sampling import SamplingParams, kind_of, sample
 from ds4jax.state import init_state
-from ds4jax.weights import load_weights
+from ds4jax.weights import file_nbytes, load_weights
 
 DEFAULT_CHUNK = 64
 # Decode steps a program call in ``generate``: one call's host work (dispatch, ~2,200 arguments,
@@ -143,14 +143,22 @@ def check_fits(mf: ModelFiles, cfg: ModelConfig, ctx: int, chunk: int, headroom:
     headroom = memory_headroom() if headroom is None else headroom
     if headroom is None or ctx < 1 or chunk < 1:  # a bad ctx or chunk: the engine says so itself
         return
-    files = [mf.base] + ([mf.mtp] if mf.mtp is not None else [])
-    weights = sum(t.nbytes for f in files for t in f.tensors.values())
+    weights = file_nbytes(mf)
     state = state_nbytes(cfg, ctx, min(chunk, ctx))
     if weights + state > headroom:
         raise DS4Error(
             f"the model's weights ({weights / 1e9:.1f} GB) and a {ctx}-token state ({state / 1e9:.2f} GB) do not fit "
             f"the {headroom / 1e9:.1f} GB the device has free (XLA_PYTHON_CLIENT_MEM_FRACTION caps JAX's share)"
         )
+
+
+def load_for_engine(mf: ModelFiles, cfg: ModelConfig, ctx: int, chunk: int, expert_layout: str) -> dict:
+    """The weights of an engine of this context on the device: ``check_fits`` first, then loaded a
+    tensor at a time with the routed experts in ``expert_layout`` within the memory the engine's
+    state and ``_LAYOUT_RESERVE`` leave (``load_weights``)."""
+    check_fits(mf, cfg, ctx, chunk)
+    keep = layout_keep_free(cfg, ctx, min(chunk, ctx))
+    return load_weights(mf, expert_layout=expert_layout, keep_free=keep)
 
 
 def compile_together(builds: list[Callable[[], Any]]) -> list:
@@ -232,9 +240,7 @@ class Engine:
         self.cfg, self.ctx, self.chunk = cfg, ctx, min(chunk, ctx)
         self.files = mf
         if weights is None:  # repacked tensor by tensor as it loads
-            check_fits(mf, cfg, ctx, self.chunk)
-            keep = layout_keep_free(cfg, ctx, self.chunk)
-            base = load_weights(mf, expert_layout=expert_layout, keep_free=keep)
+            base = load_for_engine(mf, cfg, ctx, self.chunk, expert_layout)
         elif expert_layout == "auto":  # given weights stay as they are
             base = weights
         else:

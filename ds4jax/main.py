@@ -262,17 +262,14 @@ def _layout_note(weights) -> None:
 def _chat(mf) -> None:
     from ds4jax.chat import DEFAULT_SYSTEM
     from ds4jax.repl import ChatSession
-    from ds4jax.weights import load_weights
 
     tokenizer = _tokenizer(mf)
     if tokenizer is None:
         raise DS4Error(f"{mf.base.path} has no tokenizer metadata: chat needs one (use --prompt_ids)")
-    from ds4jax.engine import check_fits, layout_keep_free
+    from ds4jax.engine import load_for_engine
 
-    check_fits(mf, mf.config, FLAGS.ctx, FLAGS.chunk)
     # loaded (and the experts repacked) once here: the engines made per context size share them
-    keep = layout_keep_free(mf.config, FLAGS.ctx, min(FLAGS.chunk, FLAGS.ctx))
-    weights = load_weights(mf, expert_layout=FLAGS.expert_layout, keep_free=keep)
+    weights = load_for_engine(mf, mf.config, FLAGS.ctx, FLAGS.chunk, FLAGS.expert_layout)
     _layout_note(weights)
 
     def make(ctx: int):

@@ -106,7 +106,7 @@ def random_weights(
             k = jax.random.fold_in(key, zlib.crc32(name.encode()))
             short = short_name(name)
             qt = random_tensor(k, short, qtype, tuple(reversed(spec.ne)), cfg.n_expert)
-            yield name, put("mtp" if is_mtp else short, qt)  # the MTP block's experts stay as made
+            yield name, put.keep(qt) if is_mtp else put(short, qt)  # the MTP block's experts stay as made
 
     return assemble(cfg.n_layer, *(make(specs, is_mtp) for specs, is_mtp in files))
 

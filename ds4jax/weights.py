@@ -64,8 +64,12 @@ def load_weights(
         )
     from ds4jax.quant.layouts import Repacker
 
-    files = [mf.base] + ([mf.mtp] if mf.mtp is not None else [])
-    put = Repacker(expert_layout, sum(t.nbytes for f in files for t in f.tensors.values()), keep_free)
-    # the MTP block's tensors are put on the device as stored ("mtp" names no expert tensor to repack)
-    mtp = ((n, put("mtp", _pack(mf, n))) for n in mf.mtp.tensors) if mf.mtp is not None else None
+    put = Repacker(expert_layout, file_nbytes(mf), keep_free)
+    mtp = ((n, put.keep(_pack(mf, n))) for n in mf.mtp.tensors) if mf.mtp is not None else None  # as stored
     return assemble(mf.config.n_layer, ((n, put(short_name(n), _pack(mf, n))) for n in mf.base.tensors), mtp)
+
+
+def file_nbytes(mf: ModelFiles) -> int:
+    """Bytes of every tensor in the base and MTP files (the planes hold the same, a few tables aside)."""
+    files = [mf.base] + ([mf.mtp] if mf.mtp is not None else [])
+    return sum(t.nbytes for f in files for t in f.tensors.values())

@@ -131,11 +131,15 @@ class Repacker:
     def __init__(self, layout: str, remaining: int, keep_free: int = 0):
         self.layout, self.remaining, self.keep_free = resolve_layout(layout), remaining, keep_free
 
+    def keep(self, qt: QTensor) -> QTensor:
+        """``qt`` (on the host or the device) on the device as it is (the MTP block's tensors)."""
+        self.remaining -= qt.nbytes
+        return jax.device_put(qt)
+
     def __call__(self, name: str, qt: QTensor) -> QTensor:
         """``qt`` (on the host or the device; ``name`` its short name, ``weights.short_name``) on
         the device, converted where it is a routed gate/up IQ2_XXS tensor and fits."""
-        self.remaining -= qt.nbytes
-        qt = jax.device_put(qt)
+        qt = self.keep(qt)
         if self.layout == "gguf" or name not in _GATE_UP or qt.qtype != QType.IQ2_XXS:
             return qt
         head = memory_headroom(self.keep_free + max(self.remaining, 0))
