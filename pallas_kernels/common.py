@@ -228,6 +228,9 @@ class TileConfig:
     # Q8_0 only: the block dots on CUDA cores (``dp4a`` on packed words, no tensor-core dot)
     # instead of the block-diagonal int8 dot. Same order of the sums, so the same bits.
     cores: bool = False
+    # Q8_0's CUDA-core form: loop steps whose loads are issued together before their dots (the same
+    # chains in the same order, so the same bits; only time).
+    unroll: int = 1
 
 
 def is_pow2(n: int) -> bool:

@@ -340,7 +340,7 @@ def expert_matmul(x: jax.Array, qtype: int, planes, ids: jax.Array, pre=None, sp
         else:
             xq, dx = (rows(a) for a in _given(pre, "q8_k", x) or _quantize(x, "q8_k", interpret))
         # the launch chosen here, at trace time, so module knobs (experts.IQ2_NARROW, Q2K_NARROW) take effect
-        cfg = experts.choose_config(qtype, out, x.shape[-1] // 256)
+        cfg = experts.choose_config(qtype, out, x.shape[-1] // 256, whole=dx is not None)  # whole-K: int8 in
         if split is not None and _split_on(split):
             return experts.matmul(
                 xq, dx, ids.reshape(-1), qtype, mats if many else mats[0], cfg, interpret=interpret, raw=True

@@ -15,6 +15,14 @@ parity-completed sign bits) and dotted on CUDA cores: v3 (the default) four at a
 split's super-blocks in order and the splits' partial sums are combined in order; the split
 comes from the weight's shape, so a pair's result is the same whatever N is. Matrices of one
 shape with the same input (gate and up) share one launch.
+
+Whole-K programs (``ExpertConfig.whole_k``, the default on int8 input where the super-blocks are a
+power of two): one program per (pair, block of rows) holds every super-block of its rows as a tensor
+axis, so all its loads go out before the first dot (16-32 rows × 8-16 super-blocks: 20-70 KB in
+flight a program, where a split program walked 1-4 super-blocks one load at a time); it then runs
+each split's TwoSum chain and adds the splits in order as ``finish`` does, so the bits are the split
+launch's and no partials leave the launch. H200, session 34: the nibbles' gate+up 23.8 -> 18.9 µs at
+N=1 (69 % of copy), Q2_K down 12.5 -> 10.8, IQ2_XXS gate+up 34.2 -> 27.6, Q4_K 26.3 -> 21.1.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ds4jax.model.numerics import asum, quantize_q8_k, rounded
+from ds4jax.model.numerics import asum, dd_add, quantize_q8_k, rounded
 from ds4jax.quant.formats import QType
 from ds4jax.quant.layouts import IQ2_NIB, iq2_nib_ints, iq2_xxs_ints
 from ds4jax.quant.tables import IQ2XXS_GRID_I8
@@ -40,6 +48,7 @@ from pallas_kernels.common import (
     dp4a,
     finish,
     iq2_sign_masks,
+    is_pow2,
     kernel_zero,
     nib_bytes,
     opaque,
@@ -251,6 +260,58 @@ def _isums_v3(qtype, x, b, planes, sel, tab_ref, interpret):
     return isum, jnp.sum(jnp.sum(bsum[None] * mn, -1), -1)
 
 
+def _isums_whole(qtype, x, planes, sel, tab_ref, interpret):
+    """(isum, msum) [BO, nb] of every super-block of the rows at once: ``_isums_v3``'s integer dots
+    with the super-blocks as a tensor axis (x: the pair's activation words [nb, *_X3_VIEW]), so a
+    program issues all its loads before any dot (the same integers, so the same bits)."""
+    e, rows = sel
+    mac = functools.partial(dp4a, interpret=interpret)
+    zero = jnp.int32(0)
+    nb = x.shape[0]
+    if qtype in _IQ2:  # group g = 4s + q of 8 elements: x words 2g, 2g + 1
+        x0, x1 = pick(x, 2, 0)[None], pick(x, 2, 1)[None]  # [1, nb, 32]
+        if qtype == IQ2_NIB:
+            w = planes["nib"][e, rows, :, :].astype(I32)  # [BO, nb, 32]
+            v0 = nib_bytes(w, _NIB_TABLE, interpret)
+            v1 = nib_bytes(lax.shift_right_logical(w, 16), _NIB_TABLE, interpret)
+            dots = mac(v1, x1, mac(v0, x0, zero))
+            scale = planes["sc"][e, rows, :, :].astype(I32)  # [BO, nb, 8]
+        else:
+            g = planes["grid"][e, rows, :, :].astype(I32)  # [BO, nb, 32]
+            w0, w1 = tab_ref[g * 2], tab_ref[g * 2 + 1]
+            aux = planes["aux"][e, rows, :, :]  # [BO, nb, 8] u32
+            s7 = (aux[..., None] >> (lax.broadcasted_iota(jnp.uint32, (1, 1, 1, 4), 3) * 7)) & 127
+            m0, m1 = iq2_sign_masks(s7.reshape(g.shape).astype(I32), interpret)
+            dots = mac(w1 ^ m1, x1, mac(w0 ^ m0, x0, zero)) - mac(m1, x1, mac(m0, x0, zero))
+            scale = 2 * (aux >> 28).astype(I32) + 1
+        bo = dots.shape[0]
+        return jnp.sum(jnp.sum(dots.reshape(bo, nb, 8, 4), axis=-1) * scale, axis=-1), None
+    if qtype == Q4_K:  # word (h, l4); low nibbles sub-block 2h, high 2h + 1
+        w = byte_words(planes["qs"][e, rows, :, :])  # [BO, nb, 32]
+        bo = w.shape[0]
+        w = w.reshape(bo, nb, 4, 8)
+        lo = jnp.sum(mac(w & 0x0F0F0F0F, pick(x, 2, 0)[None], zero), axis=-1)  # [BO, nb, 4]
+        hi = jnp.sum(mac((w >> 4) & 0x0F0F0F0F, pick(x, 2, 1)[None], zero), axis=-1)
+        sc = planes["sc"][e, rows, :, :].reshape(bo, nb, 4, 2).astype(I32)
+        mn = planes["m"][e, rows, :, :].reshape(bo, nb, 4, 2).astype(I32)
+        bsum = jnp.sum(mac(jnp.int32(_ONES), x, zero), axis=-1)  # [nb, 4, 2] (h, parity)
+        isum = jnp.sum(lo * pick(sc, 3, 0) + hi * pick(sc, 3, 1), axis=-1)
+        return isum, jnp.sum(jnp.sum(bsum[None] * mn, -1), -1)
+    w = byte_words(planes["qs"][e, rows, :, :])  # Q2_K: [BO, nb, 16] = (h, l4)
+    bo = w.shape[0]
+    sc = planes["sc"][e, rows, :, :].reshape(bo, nb, 2, 4, 2).astype(I32)  # (h, j, half)
+    bsum = jnp.sum(mac(jnp.int32(_ONES), x, zero).reshape(nb, 2, 4, 2, 4), axis=-1)  # [nb, h, j, half]
+    isum, msum = 0, 0
+    for j in range(4):
+        xj = pick(x, 2, j).reshape(1, nb, 16)  # x words 32h + 8j + l4 of each super-block
+        dots = mac((w >> (2 * j)) & 0x03030303, xj, zero)  # [BO, nb, 16]
+        sub = jnp.sum(dots.reshape(bo, nb, 2, 2, 4), axis=-1)  # [BO, nb, h, half]
+        scj = pick(sc, 3, j)
+        isum = isum + jnp.sum(jnp.sum(sub * (scj & 15), -1), -1)
+        msum = msum + jnp.sum(jnp.sum(pick(bsum, 2, j)[None] * (scj >> 4), -1), -1)
+    return isum, msum
+
+
 def _isums_v1(qtype, x_ref, p, b, planes, sel, tab_ref):
     if qtype == IQ2_XXS:
         return _isum_iq2xxs(x_ref, p, b, planes, sel, tab_ref)
@@ -259,7 +320,7 @@ def _isums_v1(qtype, x_ref, p, b, planes, sel, tab_ref):
 
 def _kernel(z_ref, ids_ref, x_ref, *refs, qtype, names, nb, n_mat, tiles, cfg, version, interpret, quantize, rep):
     dx_ref, refs = (None, refs) if quantize else (refs[0], refs[1:])
-    n_out = 1 if cfg.k_splits == 1 else 2
+    n_out = 1 if cfg.k_splits == 1 or cfg.whole_k else 2
     plane_refs, out_refs = refs[:-n_out], refs[-n_out:]
     tab_ref = plane_refs[-1] if qtype == IQ2_XXS else None
     mats = [dict(zip(names, plane_refs[m * len(names) : (m + 1) * len(names)])) for m in range(n_mat)]
@@ -301,14 +362,38 @@ def _kernel(z_ref, ids_ref, x_ref, *refs, qtype, names, nb, n_mat, tiles, cfg, v
         zeros = jnp.zeros((BO,), F32)
         return lax.fori_loop(j * steps, (j + 1) * steps, body, (zeros, zeros))
 
+    def run_whole(planes, tile):
+        """Every super-block of the rows as a tensor axis, then the splits' TwoSum chains and their
+        in-order sum as the split launch and ``finish`` make them: the same bits, one array out."""
+        sel = (e, pl.ds(tile * BO, BO))
+        isum, msum = _isums_whole(qtype, x_ref[r], planes, sel, tab_ref, interpret)  # [BO, nb]
+        d = planes["d"][e, sel[1], :].astype(F32)
+        dxs = dx_ref[r, :][None, :]  # [1, nb]
+        if qtype in _IQ2:
+            blk = opaque((d * dxs) * F32(0.125) * isum.astype(F32), zero)
+        else:
+            dmin = planes["dmin"][e, sel[1], :].astype(F32)
+            blk = opaque((d * dxs) * isum.astype(F32), zero) - opaque((dmin * dxs) * msum.astype(F32), zero)
+        S = cfg.k_splits
+        blk3 = blk.reshape(BO, S, steps)  # (split, its super-blocks in order)
+        s = err = jnp.zeros((BO, S), F32)
+        for t in range(steps):
+            s, err = two_sum_add(s, err, pick(blk3, 2, t))
+        acc = (pick(s, 1, 0), pick(err, 1, 0))
+        for u in range(1, S):
+            acc = dd_add(acc, (pick(s, 1, u), pick(err, 1, u)))
+        return acc
+
+    go = run_whole if cfg.whole_k else run
+
     def run_from(m):
         """Several matrices in one launch (gate and up): row tiles [m·tiles, (m+1)·tiles) read matrix m."""
         if m == n_mat - 1:
-            return run(mats[m], i - m * tiles)
-        return lax.cond(i < (m + 1) * tiles, lambda: run(mats[m], i - m * tiles), lambda: run_from(m + 1))
+            return go(mats[m], i - m * tiles)
+        return lax.cond(i < (m + 1) * tiles, lambda: go(mats[m], i - m * tiles), lambda: run_from(m + 1))
 
     s, err = run_from(0)
-    if n_out == 1:
+    if cfg.whole_k or n_out == 1:
         out_refs[0][...] = s + err
     else:  # partial double-float sums, combined in split order by ``finish``
         out_refs[0][...] = s
@@ -332,6 +417,9 @@ class ExpertConfig:
     k_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    # One program a row tile over the whole K (the super-blocks as a tensor axis, loaded at once),
+    # its splits' chains added in order inside: the split launch's bits, no partials out.
+    whole_k: bool = False
 
 
 # Super-blocks per program (the K split follows from it): run 15's sweep at N = 1 on an H200
@@ -362,16 +450,43 @@ Q4K_NARROW = True
 NARROW_LAUNCH = {IQ2_XXS: (16, 1), Q2_K: (16, 1), Q4_K: (16, 1)}  # (rows, warps) a program
 
 
+# Whole-K programs (``ExpertConfig.whole_k``): rows a program (0: off) and warps, per type. Dispatch
+# reads them at trace time (ab_decode.py variants set them). H200, session 34 (launches alone, µs at
+# N = 1 / 2): the nibbles' gate+up 23.84 / 39.97 at 64 rows and 4 warps in 4 splits, 18.84 / 32.85 as
+# whole-K programs of 32 rows and 4 warps (69 % of copy at N = 1); Q2_K down 12.45 / 20.93 at 16 rows
+# and 1 warp in 8 splits, 10.84 / 17.31 whole-K at 16 rows and 4 warps. 43 layers: 8.172 against
+# 8.384 ms a token in one process, the same state and tokens.
+Q2K_WHOLE, Q2K_WHOLE_WARPS = 16, 4
+NIB_WHOLE, NIB_WHOLE_WARPS = 32, 4
+# IQ2_XXS as stored (gate+up) 34.22 / 61.50 at 16 rows and 1 warp, 27.71 / 50.60 whole-K at 16 and 4;
+# Q4_K (q4 files) gate+up 26.29 / 48.27 -> 20.94 / 36.56, down 12.99 / 23.77 -> 11.21 / 18.44 at 16 and 4.
+IQ2_WHOLE, IQ2_WHOLE_WARPS = 16, 4
+Q4K_WHOLE, Q4K_WHOLE_WARPS = 16, 4
+
+
+def _whole(qtype: int) -> tuple[int, int]:
+    return {
+        Q2_K: (Q2K_WHOLE, Q2K_WHOLE_WARPS),
+        IQ2_NIB: (NIB_WHOLE, NIB_WHOLE_WARPS),
+        IQ2_XXS: (IQ2_WHOLE, IQ2_WHOLE_WARPS),
+        Q4_K: (Q4K_WHOLE, Q4K_WHOLE_WARPS),
+    }[qtype]
+
+
 def _narrow(qtype: int) -> bool:
     return {IQ2_XXS: IQ2_NARROW, Q2_K: Q2K_NARROW, Q4_K: Q4K_NARROW}.get(qtype, False)
 
 
-def choose_config(qtype: int, out: int, nb: int) -> ExpertConfig:
-    """From the weight's shape alone (the split sets the summation grouping, so never from N)."""
+def choose_config(qtype: int, out: int, nb: int, whole: bool = True) -> ExpertConfig:
+    """From the weight's shape alone (the split sets the summation grouping, so never from N).
+    ``whole``: whole-K programs allowed (v3 on int8 input)."""
     rows = 64 if out % 64 == 0 else 32 if out % 32 == 0 else 16
     splits = max(1, nb // _BLOCKS_PER_PROGRAM[qtype])
     while nb % splits:
         splits -= 1
+    whole_rows, whole_warps = _whole(qtype)
+    if whole and whole_rows and out % whole_rows == 0 and is_pow2(nb):
+        return ExpertConfig(block_rows=whole_rows, k_splits=splits, num_warps=whole_warps, whole_k=True)
     if _narrow(qtype) and out % NARROW_LAUNCH[qtype][0] == 0:
         narrow_rows, warps = NARROW_LAUNCH[qtype]
         return ExpertConfig(block_rows=narrow_rows, k_splits=splits, num_warps=warps)
@@ -406,12 +521,14 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
         raise ValueError(f"expert kernel: {P} pairs do not share {Px} activation rows evenly")
     nb = n // QK_K
     out = mats[0]["d"].shape[1]
-    cfg = cfg or choose_config(qtype, out, nb)
+    cfg = cfg or choose_config(qtype, out, nb, whole=version == 3 and not quantize)
     BO, S = cfg.block_rows, cfg.k_splits
     names = tuple(sorted(mats[0]))
     same = all(tuple(sorted(m)) == names and all(m[k].shape == mats[0][k].shape for k in names) for m in mats)
     if not supported(qtype, out) or out % BO or nb % S or not same:
         raise ValueError(f"expert kernel: unsupported type {qtype} / {out} rows / {nb} super-blocks / {cfg}")
+    if cfg.whole_k and (version != 3 or quantize or not is_pow2(nb)):
+        raise ValueError(f"expert kernel: whole-K programs take int8 input and 2^n super-blocks ({cfg})")
     if version not in (1, 3) or (version != 3 and (quantize or qtype in LAYOUTS)):
         raise ValueError(f"expert kernel: no version {version} (1 or 3; v2 is gone; f32 input and IQ2_NIB: v3 only)")
     if quantize:  # f32 activations, quantized per super-block in the kernel
@@ -431,7 +548,8 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
     ]
     if qtype == IQ2_XXS:
         args.append(jnp.asarray(GRID.reshape(-1) if version == 1 else GRID32))
-    n_out, M, tiles = (1 if S == 1 else 2), len(mats), out // BO
+    n_out, M, tiles = (1 if S == 1 or cfg.whole_k else 2), len(mats), out // BO
+    G = 1 if cfg.whole_k else S  # programs along K (whole-K: one, over every split)
     kernel = functools.partial(
         _kernel,
         qtype=qtype,
@@ -447,10 +565,10 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
     )
     res = pl.pallas_call(
         kernel,
-        grid=(P, M * tiles, S),
+        grid=(P, M * tiles, G),
         in_specs=[whole(a) for a in args],
         out_specs=[pl.BlockSpec((None, None, BO), lambda p, i, j: (j, p, i))] * n_out,
-        out_shape=[jax.ShapeDtypeStruct((S, P, M * out), F32)] * n_out,
+        out_shape=[jax.ShapeDtypeStruct((G, P, M * out), F32)] * n_out,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"experts_{qtype}",

@@ -28,6 +28,9 @@ words, ``dp4a`` against each token's words, the 8 words of a block summed in a r
 same (token, u) chains. Nothing is padded to 16 token rows there, so its work grows with N: it
 wins at N=1 (``dispatch.Q8_CORES_MAX_TOKENS``) and the tensor cores win at N=4. Same order of
 the sums, so the same bits: N=1 on CUDA cores still equals N=2 on the tensor cores.
+There the loads of ``TileConfig.unroll`` loop steps go out together before their dots (Triton does
+not pipeline a loop without a tensor-core dot, so each step had waited for its own loads): 4 steps
+(512 B a row in flight) took 4-15 % off the mid-size launches at N=1 (H200, session 34).
 """
 
 from __future__ import annotations
@@ -151,22 +154,39 @@ def _kernel(
         chain per (token, u) as in ``run``, so the same order and bits; only tokens < n run."""
         rows = pl.ds(tile * BO, BO)
 
-        def body(step, carry):
-            w = byte_words(qs_ref[(*lead, rows, pl.ds(step * U * QK, U * QK))].astype(I32) & 255)  # [BO, 8U]
-            dw = d_ref[(*lead, rows, pl.ds(step * U, U))].astype(F32)  # [BO, U]
+        def load(step):
+            """A step's loads: the rows' U blocks and scales, each token's U blocks and scales."""
+            # x as [U*32] (loaded as [1, U*32] instead, Triton picked a layout of 254 registers)
+            xs = tuple((x_ref[t, pl.ds(step * U * QK, U * QK)], dx_ref[t, pl.ds(step * U, U)]) for t in range(n))
+            return qs_ref[(*lead, rows, pl.ds(step * U * QK, U * QK))], d_ref[(*lead, rows, pl.ds(step * U, U))], xs
+
+        def compute(loaded, carry):
+            qs, d, xs = loaded
+            w = byte_words(qs.astype(I32) & 255)  # [BO, 8U]
+            dw = d.astype(F32)  # [BO, U]
             out = []
-            for t, (s, e) in enumerate(carry):
-                # [U*32] (loaded as [1, U*32] instead, Triton picked a layout of 254 registers)
-                x = x_ref[t, pl.ds(step * U * QK, U * QK)]
+            for (s, e), (x, dxt) in zip(carry, xs):
                 xw = byte_words(x.astype(I32) & 255)[None, :]  # [1, 8U]
                 dots = dp4a(w, xw, jnp.int32(0), interpret)
                 isum = jnp.sum(dots.reshape(BO, U, QK // 4), axis=-1)  # [BO, U] exact block dots
-                dxt = dx_ref[t, pl.ds(step * U, U)]  # [U]
                 out.append(two_sum_add(s, e, opaque(isum.astype(F32) * (dw * dxt[None, :]), zero)))
             return tuple(out)
 
         zeros = jnp.zeros((BO, U), F32)
-        chains = jax.lax.fori_loop(j * steps, (j + 1) * steps, body, ((zeros, zeros),) * n)
+        V = cfg.unroll
+        if V == 1:
+            chains = jax.lax.fori_loop(
+                j * steps, (j + 1) * steps, lambda step, c: compute(load(step), c), ((zeros, zeros),) * n
+            )
+        else:  # V steps' loads issued before their dots (the chains' order is the same)
+
+            def group(g, carry):
+                loaded = [load(j * steps + g * V + v) for v in range(V)]
+                for v in range(V):
+                    carry = compute(loaded[v], carry)
+                return carry
+
+            chains = jax.lax.fori_loop(0, steps // V, group, ((zeros, zeros),) * n)
         # [np_, U, BO] as ``run`` returns them (rows past n stay zero: their outputs are dropped)
         t_of = jax.lax.broadcasted_iota(I32, (np_, 1, 1), 0)
         s, e = (sum(jnp.where(t_of == t, c[h].T[None], 0.0) for t, c in enumerate(chains)) for h in (0, 1))
@@ -207,6 +227,19 @@ def _kernel(
         out_refs[1][...] = acc[1]
 
 
+# The CUDA-core form's loop steps whose loads go out together (``TileConfig.unroll``; at most the
+# steps a program walks). Dispatch reads it at trace time (ab_decode.py variants set it). H200,
+# session 34, N=1 launches alone, µs at 1 / 2 / 4 / 8 steps: attn_q_b 13.40 / 13.18 / 12.63 / 15.36,
+# attn_output_a 16.59 / 15.15 / 14.45 / 16.02, attn_output_b 16.94 / 15.50 / 14.76 / 16.46,
+# mtp_e_proj 9.87 / 9.89 / 9.19, shexp_up 7.37 / 7.42 / 6.71 (64 rows, 4 warps).
+CORES_UNROLL = 4
+
+
+def steps_of(nb: int, cfg: TileConfig) -> int:
+    """Loop steps a program walks: its split's blocks, U a step."""
+    return nb // cfg.blocks_per_step // cfg.k_splits
+
+
 def config_for(outs: tuple, k: int, groups: int = 1, cores: bool = False) -> TileConfig:
     """``choose_config`` for one launch over matrices of ``outs`` rows each (one K): the rows per
     program also divide every matrix's rows (rows do not change a result; the K split does, and
@@ -217,7 +250,10 @@ def config_for(outs: tuple, k: int, groups: int = 1, cores: bool = False) -> Til
     rows = min(cfg.block_rows, 32 if sum(outs) >= HEAD_ROWS else 64) if cores else cfg.block_rows
     while any(o // groups % rows for o in outs):
         rows //= 2
-    return dataclasses.replace(cfg, block_rows=rows, cores=cores)
+    unroll = CORES_UNROLL if cores else 1
+    while steps_of(k // QK, cfg) % unroll:
+        unroll //= 2
+    return dataclasses.replace(cfg, block_rows=rows, cores=cores, unroll=unroll)
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "cfg", "interpret", "cores", "raw"))
@@ -264,6 +300,8 @@ def matmul(
         or nb % (U * cfg.k_splits)
     ):
         raise ValueError(f"q8_0 kernel: unsupported N={n}, weights {outs}x{k}/{groups} groups, {cfg}")
+    if cfg.unroll > 1 and (not cfg.cores or steps_of(nb, cfg) % cfg.unroll):
+        raise ValueError(f"q8_0 kernel: {cfg.unroll} steps a group needs the CUDA-core form and a multiple of it")
     if cfg.cores and quantize:
         raise ValueError("q8_0 kernel: the CUDA-core variant takes quantized activations (xq, dx)")
     np_ = pow2_at_least(n) if cfg.cores else max(pow2_at_least(n), 16 // U)  # a tensor-core dot needs ≥ 16 rows

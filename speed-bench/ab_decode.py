@@ -191,6 +191,18 @@ def main() -> None:
         "some kernels by timing them while it compiles; session 33 found a plain step 0.5 ms slower when its "
         "program compiled beside the MTP step's)",
     )
+    ap.add_argument(
+        "--blocked",
+        action="store_true",
+        help="each variant's rounds one after another instead of interleaved (sessions 33-34: a plain step "
+        "timed between MTP steps in one process ran ~0.5 ms slower than without an MTP program there)",
+    )
+    ap.add_argument(
+        "--mtp_weights",
+        action="store_true",
+        help="load the MTP block's weights even when no variant feeds MTP steps (as the CLI does with "
+        "--mtp_draft): the plain step with the memory they take (fewer gate/up tensors fit as nibbles)",
+    )
     a = ap.parse_args()
     xla_options.configure()  # the engine's XLA runtime options (the CLI's), unless XLA_FLAGS sets them
     variants = [parse_variant(v) for v in a.variants.split(";") if v.strip()]
@@ -201,7 +213,7 @@ def main() -> None:
         p = with_layers(p, a.layers)
     cfg = preset_config(p)
     card = jax.devices()[0].device_kind
-    mtp = any(v.feed == "mtp" for v in variants)  # the MTP block's weights too
+    mtp = a.mtp_weights or any(v.feed == "mtp" for v in variants)  # the MTP block's weights too
     layouts = {v.layout for v in variants}
     if len(layouts) == 1 and "gguf" not in layouts:  # one converted layout only: converted as made
         # (each tensor given up after its conversion, within the memory the engine leaves), so the
@@ -309,11 +321,11 @@ def main() -> None:
         run(label, 4)
     in_call.clear()
     ms: dict = {label: [] for label in engines}
-    for _ in range(a.rounds):
-        for label in engines:
-            t0 = time.perf_counter()
-            n = run(label, a.steps)
-            ms[label].append((time.perf_counter() - t0) / n * 1e3)
+    order = [(r, label) for label in engines for r in range(a.rounds)] if a.blocked else None
+    for _, label in order or [(r, label) for r in range(a.rounds) for label in engines]:
+        t0 = time.perf_counter()
+        n = run(label, a.steps)
+        ms[label].append((time.perf_counter() - t0) / n * 1e3)
     header = ["card", "preset", "layers", "label", "options", "ms_median", "ms_min", "ms_max", "tok_s", "note"]
     with devtime.csv_rows(a.out, "ab.csv", header) as write:
         for v in variants:

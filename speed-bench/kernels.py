@@ -243,7 +243,7 @@ CORES_TAG = " cores1"  # how the CSVs mark session 18's CUDA-core form of a Q8_0
 def q8_label(cfg) -> str:
     """A Q8_0 launch configuration as the CSVs name it."""
     label = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
-    return label + CORES_TAG * cfg.cores
+    return label + CORES_TAG * cfg.cores + (f" V{cfg.unroll}" if cfg.unroll > 1 else "")
 
 
 class Q8Bench:
@@ -445,6 +445,8 @@ class ExpertBench:
         """One configuration at N = n_tok; ``pair``: two matrices of the shape (gate and up) in one
         launch, against the two plain calls' references; ``quant``: f32 activations that the kernel
         quantizes itself, against XLA's Q8_K quantization + reference."""
+        if cfg.whole_k:  # the shape's own split (the summation grouping), only the launch changes
+            cfg = dataclasses.replace(cfg, k_splits=experts.choose_config(qtype, out, n // 256).k_splits)
         if out % cfg.block_rows or (n // 256) % cfg.k_splits:
             return
         nb = n // 256
@@ -500,20 +502,23 @@ class ExpertBench:
 
 
 def expert_label(cfg: experts.ExpertConfig) -> str:
-    return f"r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}"
+    return f"r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}" + "k" * cfg.whole_k
 
 
 def expert_configs(spec: str) -> list:
-    """``--expert-cfgs`` "r32s4w2,r64s4w4st1": launches to time beside each expert shape's base
-    (rows r, K splits s, warps w, stages st; the splits set the summation grouping, the rest only time)."""
+    """``--expert-cfgs`` "r32s4w2,r64s4w4st1,r16s8w4k": launches to time beside each expert shape's base
+    (rows r, K splits s, warps w, stages st, k: one program over the whole K; the splits set the
+    summation grouping, the rest only time)."""
     out = []
     for item in filter(None, spec.split(",")):
-        m = re.fullmatch(r"r(\d+)s(\d+)(?:w(\d+))?(?:st(\d+))?", item)
+        m = re.fullmatch(r"r(\d+)s(\d+)(?:w(\d+))?(?:st(\d+))?(k)?", item)
         if not m:
-            raise SystemExit(f"--expert-cfgs: {item!r} is not rRsS[wW][stT]")
-        rows, splits, warps, stages = (int(v) if v else None for v in m.groups())
+            raise SystemExit(f"--expert-cfgs: {item!r} is not rRsS[wW][stT][k]")
+        *nums, whole = m.groups()
+        rows, splits, warps, stages = (int(v) if v else None for v in nums)
         given = {"num_warps": warps, "num_stages": stages}  # the rest: ExpertConfig's defaults
-        out.append(experts.ExpertConfig(rows, splits, **{k: v for k, v in given.items() if v is not None}))
+        cfg = experts.ExpertConfig(rows, splits, **{k: v for k, v in given.items() if v is not None})
+        out.append(dataclasses.replace(cfg, whole_k=bool(whole)))
     return out
 
 
@@ -1012,6 +1017,9 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,2,4", help="token counts of the base configurations")
     ap.add_argument("--cores", action="store_true", help="q8_0: time the CUDA-core (dp4a) variant beside the base")
     ap.add_argument(
+        "--q8-unroll", default="", help="q8_0 --cores: also each CUDA-core launch with V steps' loads at once"
+    )
+    ap.add_argument(
         "--rows-warps", default="64x4", help="q8_0 with --cores: rows x warps a program (the K split stays)"
     )
     ap.add_argument("--float-shapes", default="", help="float_dense: comma-separated name parts of the shapes to time")
@@ -1063,7 +1071,11 @@ def main() -> None:
                 for rw in a.rows_warps.split(",") if a.cores else ():
                     rows, warps = (int(v) for v in rw.split("x"))
                     if (out // g) % rows == 0:
-                        variants.append(dataclasses.replace(tc, cores=True, block_rows=rows, num_warps=warps))
+                        core = dataclasses.replace(tc, cores=True, block_rows=rows, num_warps=warps)
+                        variants.append(core)
+                        for v in (int(t) for t in a.q8_unroll.split(",") if t):  # loads of v steps at once
+                            if v > 1 and q8_0.steps_of(k // 32, core) % v == 0:
+                                variants.append(dataclasses.replace(core, unroll=v))
             for n in TOKENS:
                 for cfg in variants:
                     if left() > 0 and not (cfg.cores and n > a.cores_max_n):
@@ -1105,7 +1117,7 @@ def main() -> None:
         for name, qt, out, k in EXPERT_SHAPES:
             for n in TOKENS:
                 if left() > 0:
-                    cfg = experts.choose_config(qt, out, k // 256)
+                    cfg = experts.choose_config(qt, out, k // 256, whole=False)  # whole-K: int8 in only
                     exb.run(name, qt, out, k, n, cfg, pair=name.startswith("gate/up"), quant=True)
     if "norms" in only and left() > 0:
         bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))

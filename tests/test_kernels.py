@@ -98,6 +98,22 @@ def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u, cores):
         assert np.array_equal(rows[n][: n - 1], rows[4][: n - 1]) and np.array_equal(rows[n][0], rows[1][0])
 
 
+def test_q8_0_cores_steps_loaded_together_are_the_reference(monkeypatch):
+    """The CUDA-core form with V loop steps' loads issued together (``TileConfig.unroll``): the
+    reference's bits at N = 1..4 and in a K split; dispatch's ``CORES_UNROLL`` halves to divide."""
+    xq, dx, qs, d = q8_inputs(4, 64, 1024)  # 32 blocks: 8 steps of U = 4
+    for splits, v in ((1, 2), (1, 8), (2, 4)):
+        cfg = dataclasses.replace(q8_0.choose_config(64, 1024), k_splits=splits, cores=True, unroll=v)
+        for n in (1, 3, 4):
+            got = np.asarray(q8_0.matmul(xq[:n], dx[:n], qs, d, cfg=cfg, interpret=INTERPRET))
+            assert np.array_equal(got, np.asarray(q8_0.reference(xq[:n], dx[:n], qs, d))), (splits, v, n)
+    with pytest.raises(ValueError, match="steps a group"):
+        q8_0.matmul(xq[:1], dx[:1], qs, d, cfg=dataclasses.replace(cfg, unroll=3), interpret=INTERPRET)
+    monkeypatch.setattr(q8_0, "CORES_UNROLL", 16)
+    assert q8_0.config_for((4096,), 8192, cores=True).unroll == 8  # attn_output_b: 8 steps a program
+    assert q8_0.config_for((4096,), 8192).unroll == 1
+
+
 def test_q8_0_kernel_with_padded_tokens_at_four_blocks_a_step(monkeypatch):
     """Weights from ``PAD_TOKENS_FROM_BYTES`` on (the LM head) take zero-padded tokens instead
     of masked loads at U = 4: the same bits at N = 1..3."""
@@ -230,6 +246,47 @@ def test_expert_kernel_is_the_reference(qtype, version):
         xq8, dx8 = quantize_q8_k(x)
         assert np.array_equal(np.asarray(fa), experts.reference(xq8, dx8, qtype, planes, ids.reshape(-1)))
         assert np.array_equal(np.asarray(fb), experts.reference(xq8, dx8, qtype, other, ids.reshape(-1)))
+
+
+@pytest.mark.parametrize(
+    "qtype",
+    [experts.Q2_K, experts.IQ2_NIB, experts.IQ2_XXS, experts.Q4_K],
+    ids=["q2_k", "iq2_nib", "iq2_xxs", "q4_k"],
+)
+def test_expert_whole_k_programs_are_the_split_launch(qtype):
+    """Whole-K programs (every super-block of a row tile at once, the splits' chains added inside)
+    give the split launch's bits after its ``finish``, for every split, shared rows and gate+up."""
+    E, out, nb = 5, 32, 4
+    planes = expert_planes(jax.random.PRNGKey(qtype + 7), qtype, E, out, nb)
+    other = expert_planes(jax.random.PRNGKey(qtype + 8), qtype, E, out, nb)
+    ids = jnp.asarray([4, 0, 2, 2, 1, 4], jnp.int32)  # 2 tokens x 3 experts
+    xq = jnp.asarray(RNG.integers(-128, 128, (2, nb * 256), dtype=np.int8))
+    dx = jnp.asarray(RNG.uniform(1e-3, 1e-1, (2, nb)).astype(np.float32))
+    want = np.asarray(experts.reference(jnp.repeat(xq, 3, 0), jnp.repeat(dx, 3, 0), qtype, planes, ids))
+    for splits in (1, 2, 4):
+        split = experts.ExpertConfig(block_rows=16, k_splits=splits, num_warps=1)
+        whole = dataclasses.replace(split, whole_k=True)
+        a = np.asarray(experts.matmul(xq, dx, ids, qtype, planes, split, interpret=INTERPRET))
+        b = np.asarray(experts.matmul(xq, dx, ids, qtype, planes, whole, interpret=INTERPRET))
+        assert np.array_equal(a, b) and np.array_equal(b, want), (splits, np.abs(a - b).max())
+        ga, gb = experts.matmul(xq, dx, ids, qtype, (planes, other), whole, interpret=INTERPRET)
+        assert np.array_equal(np.asarray(ga), want)
+        sa, sb = experts.matmul(xq, dx, ids, qtype, (planes, other), split, interpret=INTERPRET)
+        assert np.array_equal(np.asarray(ga), np.asarray(sa)) and np.array_equal(np.asarray(gb), np.asarray(sb))
+        raw = experts.matmul(xq, dx, ids, qtype, planes, whole, interpret=INTERPRET, raw=True)
+        assert len(raw.arrays) == 1 and np.array_equal(np.asarray(raw.value()), want)
+    with pytest.raises(ValueError, match="whole-K"):
+        experts.matmul(xq.astype(jnp.float32), None, ids, qtype, planes, whole, interpret=INTERPRET)
+
+
+def test_expert_launch_choice(monkeypatch):
+    """Whole-K programs where a type has them on and its super-blocks are a power of two, else the
+    narrow split launch; the split (the summation grouping) is the same either way."""
+    assert experts.choose_config(experts.Q2_K, 4096, 8) == experts.ExpertConfig(16, 8, num_warps=4, whole_k=True)
+    assert experts.choose_config(experts.IQ2_NIB, 2048, 16) == experts.ExpertConfig(32, 4, num_warps=4, whole_k=True)
+    assert experts.choose_config(experts.Q2_K, 4096, 6) == experts.ExpertConfig(16, 6, num_warps=1)
+    monkeypatch.setattr(experts, "Q2K_WHOLE", 0)
+    assert experts.choose_config(experts.Q2_K, 4096, 8) == experts.ExpertConfig(16, 8, num_warps=1)
 
 
 @pytest.mark.parametrize("qtype", [experts.IQ2_XXS, experts.Q2_K, experts.Q4_K], ids=["iq2_xxs", "q2_k", "q4_k"])
@@ -439,6 +496,8 @@ def test_narrow_expert_programs_are_the_reference(monkeypatch, narrow, qtype):
     qt = getattr(experts, qtype)
     flag = {"IQ2_XXS": "IQ2_NARROW", "Q2_K": "Q2K_NARROW", "Q4_K": "Q4K_NARROW"}[qtype]
     monkeypatch.setattr(experts, flag, narrow)
+    for whole in ("Q2K_WHOLE", "IQ2_WHOLE", "Q4K_WHOLE"):  # the split launch (whole-K programs: their own test)
+        monkeypatch.setattr(experts, whole, 0)
     splits = 8 if qtype == "Q2_K" else 2  # 1 super-block a program for Q2_K, else 4
     rows, warps = experts.NARROW_LAUNCH[qt]
     narrow_cfg = experts.ExpertConfig(rows, splits, num_warps=warps)
@@ -956,6 +1015,21 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
         for version in (1, 3) if qtype in experts.TYPES else (3,):
             fn = functools.partial(_expert_call, qtype=qtype, version=version)
             calls.append((fn, S((3, 512), i8), S((3, 2), f32), S((3,), jnp.int32), planes))
+    cfg = dataclasses.replace(q8_0.config_for((4096,), 8192, cores=True), unroll=4)  # Q8_0 steps' loads together
+    calls.append(
+        (
+            lambda x, dx, q, d, cfg=cfg: q8_0.matmul(x, dx, q, d, cfg=cfg),
+            S((1, 8192), i8),
+            S((1, 256), f32),
+            S((4096, 8192), i8),
+            S((4096, 256), jnp.float16),
+        )
+    )
+    for qtype in (experts.Q2_K, experts.IQ2_NIB):  # whole-K programs, gate+up as one launch
+        planes = expert_planes(jax.random.PRNGKey(0), qtype, 4, 32, 2)
+        cfg = experts.ExpertConfig(16, 2, num_warps=4, whole_k=True)
+        fn = lambda x, dx, ids, p, qtype=qtype, cfg=cfg: experts.matmul(x, dx, ids, qtype, (p, p), cfg)[1]
+        calls.append((fn, S((3, 512), i8), S((3, 2), f32), S((3,), jnp.int32), planes))
     for fn, *args in calls:
         assert "custom_call" in _lower_for_cuda(fn, *args)
 
@@ -996,6 +1070,15 @@ def test_decode_through_kernels_equals_prefill_bit_for_bit(tiny_files, monkeypat
     for i, t in enumerate(ids):
         _, logits, state = eng.decode(state, int(t), greedy, jax.random.key(0))
         assert np.array_equal(np.asarray(logits), pre[i]), i
+
+
+@pytest.mark.skipif(INTERPRET, reason="on a GPU only: interpreted, the whole-K programs have their own test above")
+def test_decode_through_whole_k_expert_programs_equals_prefill(tiny_files, monkeypatch):
+    """The same with the routed experts' whole-K programs (Q2_K down, the gate/up nibbles)."""
+    monkeypatch.setattr(experts, "Q2K_WHOLE", 16)
+    monkeypatch.setattr(experts, "NIB_WHOLE", 16)
+    jax.clear_caches()  # the kernels' traces do not key on module constants
+    test_decode_through_kernels_equals_prefill_bit_for_bit(tiny_files, monkeypatch)
 
 
 @pytest.mark.skipif(INTERPRET, reason="on a GPU only: interpreted, the kernels at N=2 have their own tests above")
