@@ -50,6 +50,12 @@ SPLITS = 32  # K slices a token at full size (512 columns a program); fewer on s
 # columns. 8 full-size layers (H200, session 23, one process): 2,330.9 against 2,347.7 µs of kernels
 # a step at N=1, 3,460.2 against 3,462.1 in MTP steps that always verify (N=2).
 SPLITS_GIVEN = 128
+# The gates launch's programs a token, along the streams' columns (the weighted sum x = Σ pre_s H[s]):
+# one program walked the 4 × 4096 streams in 4 steps of 16 KB, each waiting for its loads, on one SM
+# (3.9 µs a call at N=1, session 20; the timeline's gates, 378 µs a 43-layer step alone, session 32).
+# With C programs each recomputes the gates (the slices' pairs from L2: the first stretch of the
+# launch, as before) and sums d/C columns in one step. Not measured on a GPU yet: 1 keeps the launch.
+GATE_COLUMNS = 1
 WARPS = 8
 STAGES = 3  # the loops' loads pipelined
 
@@ -116,7 +122,7 @@ def _mix_kernel(z_ref, h_ref, fn_ref, *refs, eps, n_rows, slice_k, sq_chunk, giv
     e_ref[0, :, 0] = e_out
 
 
-def _gates_kernel(z_ref, s_ref, e_ref, h_ref, sc_ref, b_ref, x_ref, post_ref, c_ref, *, n, hc_eps):
+def _gates_kernel(z_ref, s_ref, e_ref, h_ref, sc_ref, b_ref, x_ref, post_ref, c_ref, *, n, hc_eps, columns):
     rnd = functools.partial(opaque, zero=z_ref[0])
     RP = s_ref.shape[1]
     s, e = dd_sum(s_ref[0], e_ref[0])  # [RP]: the slices' pairs combined, then rounded once
@@ -138,9 +144,17 @@ def _gates_kernel(z_ref, s_ref, e_ref, h_ref, sc_ref, b_ref, x_ref, post_ref, c_
         hc_eps,
         rnd,
     )
-    c_ref[0] = c
-    post_ref[0, :] = post
-    d = h_ref.shape[-1]
+    if columns == 1:
+        c_ref[0] = c
+        post_ref[0, :] = post
+    else:  # every column program has the gates; the first writes them
+
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            c_ref[0] = c
+            post_ref[0, :] = post
+
+    d = x_ref.shape[-1]  # this program's columns: x_ref and h_ref are its column block
     step = min(X_CHUNK, d)
 
     def streams(j, carry):
@@ -154,7 +168,18 @@ def _gates_kernel(z_ref, s_ref, e_ref, h_ref, sc_ref, b_ref, x_ref, post_ref, c_
 
 @functools.partial(
     jax.jit,
-    static_argnames=("n_iter", "rms_eps", "hc_eps", "splits", "warps", "stages", "sums", "sq_chunk", "interpret"),
+    static_argnames=(
+        "n_iter",
+        "rms_eps",
+        "hc_eps",
+        "splits",
+        "warps",
+        "stages",
+        "sums",
+        "sq_chunk",
+        "gate_columns",
+        "interpret",
+    ),
 )
 def hc_pre(
     H,
@@ -170,6 +195,7 @@ def hc_pre(
     stages=STAGES,
     sums=sinkhorn_kernel.SUMS,
     sq_chunk=SQ_CHUNK,
+    gate_columns=None,
     interpret=False,
 ):
     """H [T, n, d] f32, fn [n(n+2), n·d] (f16/f32), scale [3], base [n(n+2)] → (x [T, d],
@@ -177,7 +203,9 @@ def hc_pre(
     pairs of Σ H² a token from ``pallas_kernels.hc_post`` (([T, S, n], [T, S, n])), or None: the
     mixer sums them itself. ``splits``: K slices a token
     (0: ``splits_for``); ``warps``, ``stages``, ``sq_chunk``: the mixer launch's, ``sums``: the
-    Sinkhorn's (they only time)."""
+    Sinkhorn's, ``gate_columns``: the gates launch's programs a token along the streams' columns
+    (None: ``GATE_COLUMNS``; each recomputes the gates, the first writes them: they only time)."""
+    gate_columns = GATE_COLUMNS if gate_columns is None else gate_columns
     T, n, d = H.shape
     F, R = n * d, fn.shape[0]
     RP = pow2_at_least(R)
@@ -202,14 +230,22 @@ def hc_pre(
         interpret=interpret,
         name="hc_mix",
     )(zero, flat, fn, *given)
-    whole = lambda a: pl.BlockSpec(a.shape, lambda t: (0,) * a.ndim)
-    per_token = lambda *shape: pl.BlockSpec((1, *shape), lambda t: (t,) + (0,) * len(shape))
+    C = gate_columns if d % gate_columns == 0 and is_pow2(gate_columns) else 1
+    whole = lambda a: pl.BlockSpec(a.shape, lambda t, j: (0,) * a.ndim)
+    per_token = lambda *shape: pl.BlockSpec((1, *shape), lambda t, j: (t,) + (0,) * len(shape))
     scale, base = scale.astype(F32), base.astype(F32)
     x, post, c = pl.pallas_call(
-        functools.partial(_gates_kernel, n=n, hc_eps=hc_eps),
-        grid=(T,),
-        in_specs=[one, per_token(RP, S), per_token(RP, S), per_token(n, d), whole(scale), whole(base)],
-        out_specs=[per_token(d), per_token(n), per_token(n, n)],
+        functools.partial(_gates_kernel, n=n, hc_eps=hc_eps, columns=C),
+        grid=(T, C),
+        in_specs=[
+            one,
+            per_token(RP, S),
+            per_token(RP, S),
+            pl.BlockSpec((1, n, d // C), lambda t, j: (t, 0, j)),  # the program's columns of the streams
+            whole(scale),
+            whole(base),
+        ],
+        out_specs=[pl.BlockSpec((1, d // C), lambda t, j: (t, j)), per_token(n), per_token(n, n)],
         out_shape=[
             jax.ShapeDtypeStruct((T, d), F32),
             jax.ShapeDtypeStruct((T, n), F32),

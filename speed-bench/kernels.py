@@ -589,6 +589,7 @@ def bench_norms(rec: Recorder, q_rank=1024, head_dim=512, n_head=64, n_rot=64, r
 # ---- hyper-connection pre-mix ------------------------------------------------------------------
 # (K slices, warps, stages, the squares' step) of the mixer launch; the first is the engine's
 HC_VARIANTS = [(32, 8, 3, 4096), (64, 8, 3, 4096), (32, 8, 3, 16384), (64, 8, 3, 16384), (16, 8, 3, 4096)]
+HC_GATE_COLUMNS = (4, 8, 16)  # the gates launch's programs a token (``hc_pre.GATE_COLUMNS``), beside the first
 
 
 def _flat(outs):
@@ -621,14 +622,25 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
         want = np.asarray(jax.jit(ref)(jnp.int32(rounds - 1), *args))
         nbytes = fn.size * 2 + H.size * 4 * 2 + n_tok * (n_embd + n_hc + n_hc * n_hc) * 4
         shape = f"{n_hc}x{n_embd} mixer {R} rows"
-        for splits, warps, stages, sq in HC_VARIANTS:
+        # then the engine's mixer launch with the gates launch in C programs a token along the columns
+        gated = [(*HC_VARIANTS[0], c) for c in HC_GATE_COLUMNS]
+        for splits, warps, stages, sq, *cols in [*HC_VARIANTS, *gated]:
             if F % (splits * hc_pre.MIX_CHUNK) or (INTERPRET and (splits, warps, stages, sq) != HC_VARIANTS[0]):
                 continue
-            knobs = {"splits": splits, "warps": warps, "stages": stages, "sq_chunk": sq}
+            knobs = {
+                "splits": splits,
+                "warps": warps,
+                "stages": stages,
+                "sq_chunk": sq,
+                "gate_columns": 1,
+                **({"gate_columns": cols[0]} if cols else {}),
+            }
             fn_k = lambda i, H, fn, s, b, knobs=knobs: _flat(
                 hc_pre.hc_pre(H, fn, s, b, n_iter, eps, eps, **knobs, interpret=INTERPRET)
             )
-            config = f"S{splits}w{warps}st{stages}" + f"sq{sq}" * (sq != hc_pre.SQ_CHUNK)
+            config = (
+                f"S{splits}w{warps}st{stages}" + f"sq{sq}" * (sq != hc_pre.SQ_CHUNK) + (f"C{cols[0]}" if cols else "")
+            )
             t = time_variant(rec, "hc_pre", n_tok, shape, config, fn_k, args, want, nbytes, ref_s, rounds)
             if t is not None and (n_tok not in best or t < best[n_tok][0]):
                 best[n_tok] = (t, config)
@@ -1019,6 +1031,7 @@ def main() -> None:
     ap.add_argument(
         "--q8-unroll", default="", help="q8_0 --cores: also each CUDA-core launch with V steps' loads at once"
     )
+    ap.add_argument("--q8-splits", default="", help="q8_0 --cores: also the CUDA-core launches at these K splits")
     ap.add_argument(
         "--rows-warps", default="64x4", help="q8_0 with --cores: rows x warps a program (the K split stays)"
     )
@@ -1072,10 +1085,16 @@ def main() -> None:
                     rows, warps = (int(v) for v in rw.split("x"))
                     if (out // g) % rows == 0:
                         core = dataclasses.replace(tc, cores=True, block_rows=rows, num_warps=warps)
-                        variants.append(core)
-                        for v in (int(t) for t in a.q8_unroll.split(",") if t):  # loads of v steps at once
-                            if v > 1 and q8_0.steps_of(k // 32, core) % v == 0:
-                                variants.append(dataclasses.replace(core, unroll=v))
+                        cores = [core] + [  # --q8-splits: other K splits (the summation grouping) of it
+                            dataclasses.replace(core, k_splits=sp)
+                            for sp in (int(t) for t in a.q8_splits.split(",") if t)
+                            if sp != core.k_splits and (k // 32) % (sp * core.blocks_per_step) == 0
+                        ]
+                        for c in cores:
+                            variants.append(c)
+                            for v in (int(t) for t in a.q8_unroll.split(",") if t):  # loads of v steps at once
+                                if v > 1 and q8_0.steps_of(k // 32, c) % v == 0:
+                                    variants.append(dataclasses.replace(c, unroll=v))
             for n in TOKENS:
                 for cfg in variants:
                     if left() > 0 and not (cfg.cores and n > a.cores_max_n):

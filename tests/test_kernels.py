@@ -562,14 +562,15 @@ def hc_inputs(T, n, d):
     return H, fn, scale, base
 
 
-@pytest.mark.parametrize("T,splits", [(1, 2), (3, 1)])
-def test_hc_pre_kernel_is_the_reference(T, splits):
+@pytest.mark.parametrize("T,splits,columns", [(1, 2, 1), (3, 1, 1), (3, 2, 4)])
+def test_hc_pre_kernel_is_the_reference(T, splits, columns):
     """The pre-mix kernels (the mixer, the gates, the Sinkhorn) against the model's XLA path: x, post and comb, bit for
-    bit, with the K range in one slice or two (3 Sinkhorn rounds: the full 20 compile slowly
-    interpreted; the Sinkhorn kernel's own test runs them)."""
+    bit, with the K range in one slice or two, the gates in one program a token or four along the
+    columns (3 Sinkhorn rounds: the full 20 compile slowly interpreted; the Sinkhorn kernel's own
+    test runs them)."""
     H, fn, scale, base = hc_inputs(T, 4, 256)
     want = hc._hc_pre(H, QTensor(int(QType.F16), fn.shape, {"w": fn}), scale, base, 3, 1e-6, 1e-6)
-    got = hc_pre.hc_pre(H, fn, scale, base, 3, 1e-6, 1e-6, splits=splits, interpret=INTERPRET)
+    got = hc_pre.hc_pre(H, fn, scale, base, 3, 1e-6, 1e-6, splits=splits, gate_columns=columns, interpret=INTERPRET)
     for g, w in zip(got, want):
         assert g.shape == w.shape
         assert np.array_equal(np.asarray(g), np.asarray(w))
@@ -853,6 +854,13 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((8,), f32),
             S((2, 32), f32),
             S((2, 32), f32),
+        ),
+        (
+            lambda H, fn, s, b: hc_pre.hc_pre(H, fn, s, b, 20, 1e-6, 1e-6, gate_columns=4),
+            S((2, 4, 1024), f32),
+            S((24, 4096), jnp.float16),
+            S((3,), f32),
+            S((24,), f32),
         ),
         (
             lambda H, fn, s, b: hc_pre.hc_pre(H, fn, s, b, 20, 1e-6, 1e-6),
