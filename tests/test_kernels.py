@@ -1053,6 +1053,13 @@ def test_dispatch_modes(monkeypatch):
         assert np.array_equal(dispatch.q8_0_matmul(x, qs, d), want)
         y, y2 = dispatch.q8_0_matmuls(x, ((qs, d), (qs2, d2)))  # one launch where a kernel runs
         assert np.array_equal(y, want) and np.array_equal(y2, want2)
+    # N=2 on the CUDA-core form where K is small enough (Q8_CORES_N2_MAX_K): the same bits
+    monkeypatch.setenv("DS4JAX_KERNELS", "interpret")
+    monkeypatch.setattr(dispatch, "Q8_CORES_N2_MAX_K", 256)
+    seen = []
+    real = q8_0.matmul
+    monkeypatch.setattr(q8_0, "matmul", lambda *a, **k: seen.append(k.get("cores")) or real(*a, **k))
+    assert np.array_equal(dispatch.q8_0_matmul(x, qs, d), want) and seen == [True]
     monkeypatch.setenv("DS4JAX_KERNELS", "fast")
     with pytest.raises(DS4Error, match="DS4JAX_KERNELS"):
         dispatch.q8_0_matmul(x, qs, d)
