@@ -393,7 +393,7 @@ def _kernel(z_ref, ids_ref, x_ref, *refs, qtype, names, nb, n_mat, tiles, cfg, v
         return lax.cond(i < (m + 1) * tiles, lambda: go(mats[m], i - m * tiles), lambda: run_from(m + 1))
 
     s, err = run_from(0)
-    if cfg.whole_k or n_out == 1:
+    if n_out == 1:
         out_refs[0][...] = s + err
     else:  # partial double-float sums, combined in split order by ``finish``
         out_refs[0][...] = s
@@ -548,8 +548,8 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
     ]
     if qtype == IQ2_XXS:
         args.append(jnp.asarray(GRID.reshape(-1) if version == 1 else GRID32))
-    n_out, M, tiles = (1 if S == 1 or cfg.whole_k else 2), len(mats), out // BO
     G = 1 if cfg.whole_k else S  # programs along K (whole-K: one, over every split)
+    n_out, M, tiles = (1 if G == 1 else 2), len(mats), out // BO  # K-split partials: (s, e) pairs
     kernel = functools.partial(
         _kernel,
         qtype=qtype,

@@ -315,7 +315,7 @@ def matmul(
         # against 159.4 with pads (run 14), while the other shapes kept run 14's times.
         xq = jnp.pad(xq, ((0, np_ - n), (0, 0)))
         dx = None if quantize else jnp.pad(dx, ((0, np_ - n), (0, 0)))
-    steps = nb // U // cfg.k_splits
+    steps = steps_of(nb, cfg)
     tiles_per_group = out // groups // BO
     group_of = lambda i, j: (0, i // tiles_per_group)
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)

@@ -321,8 +321,9 @@ def main() -> None:
         run(label, 4)
     in_call.clear()
     ms: dict = {label: [] for label in engines}
-    order = [(r, label) for label in engines for r in range(a.rounds)] if a.blocked else None
-    for _, label in order or [(r, label) for r in range(a.rounds) for label in engines]:
+    rounds = range(a.rounds)
+    order = [lb for lb in engines for _ in rounds] if a.blocked else [lb for _ in rounds for lb in engines]
+    for label in order:
         t0 = time.perf_counter()
         n = run(label, a.steps)
         ms[label].append((time.perf_counter() - t0) / n * 1e3)

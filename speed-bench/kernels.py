@@ -627,20 +627,12 @@ def bench_hc_pre(rec: Recorder, n_hc=4, n_embd=4096, rounds=200, n_iter=20):
         for splits, warps, stages, sq, *cols in [*HC_VARIANTS, *gated]:
             if F % (splits * hc_pre.MIX_CHUNK) or (INTERPRET and (splits, warps, stages, sq) != HC_VARIANTS[0]):
                 continue
-            knobs = {
-                "splits": splits,
-                "warps": warps,
-                "stages": stages,
-                "sq_chunk": sq,
-                "gate_columns": 1,
-                **({"gate_columns": cols[0]} if cols else {}),
-            }
+            gc = cols[0] if cols else 1
+            knobs = {"splits": splits, "warps": warps, "stages": stages, "sq_chunk": sq, "gate_columns": gc}
             fn_k = lambda i, H, fn, s, b, knobs=knobs: _flat(
                 hc_pre.hc_pre(H, fn, s, b, n_iter, eps, eps, **knobs, interpret=INTERPRET)
             )
-            config = (
-                f"S{splits}w{warps}st{stages}" + f"sq{sq}" * (sq != hc_pre.SQ_CHUNK) + (f"C{cols[0]}" if cols else "")
-            )
+            config = f"S{splits}w{warps}st{stages}" + f"sq{sq}" * (sq != hc_pre.SQ_CHUNK) + f"C{gc}" * bool(cols)
             t = time_variant(rec, "hc_pre", n_tok, shape, config, fn_k, args, want, nbytes, ref_s, rounds)
             if t is not None and (n_tok not in best or t < best[n_tok][0]):
                 best[n_tok] = (t, config)
@@ -1085,12 +1077,12 @@ def main() -> None:
                     rows, warps = (int(v) for v in rw.split("x"))
                     if (out // g) % rows == 0:
                         core = dataclasses.replace(tc, cores=True, block_rows=rows, num_warps=warps)
-                        cores = [core] + [  # --q8-splits: other K splits (the summation grouping) of it
+                        forms = [core] + [  # --q8-splits: other K splits (the summation grouping) of it
                             dataclasses.replace(core, k_splits=sp)
                             for sp in (int(t) for t in a.q8_splits.split(",") if t)
                             if sp != core.k_splits and (k // 32) % (sp * core.blocks_per_step) == 0
                         ]
-                        for c in cores:
+                        for c in forms:
                             variants.append(c)
                             for v in (int(t) for t in a.q8_unroll.split(",") if t):  # loads of v steps at once
                                 if v > 1 and q8_0.steps_of(k // 32, c) % v == 0:

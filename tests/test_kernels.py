@@ -1088,10 +1088,10 @@ def test_decode_through_kernels_equals_prefill_bit_for_bit(tiny_files, monkeypat
 
 
 @pytest.mark.skipif(INTERPRET, reason="on a GPU only: interpreted, the whole-K programs have their own test above")
-def test_decode_through_whole_k_expert_programs_equals_prefill(tiny_files, monkeypatch):
-    """The same with the routed experts' whole-K programs (Q2_K down, the gate/up nibbles)."""
-    monkeypatch.setattr(experts, "Q2K_WHOLE", 16)
-    monkeypatch.setattr(experts, "NIB_WHOLE", 16)
+def test_decode_through_split_expert_launches_equals_prefill(tiny_files, monkeypatch):
+    """The same with the routed experts in their split launches (whole-K programs, the default, off)."""
+    for whole in ("Q2K_WHOLE", "NIB_WHOLE", "IQ2_WHOLE", "Q4K_WHOLE"):
+        monkeypatch.setattr(experts, whole, 0)
     jax.clear_caches()  # the kernels' traces do not key on module constants
     test_decode_through_kernels_equals_prefill_bit_for_bit(tiny_files, monkeypatch)
 
