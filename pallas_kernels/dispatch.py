@@ -166,8 +166,11 @@ Q8_CORES_MAX_TOKENS = 1
 # ... and at N=2 (the verifier) for launches of K up to this (0: none). H200, session 34 call E, a launch
 # at N=2, CUDA cores (4 steps' loads together) against tensor cores: attn_q_b (K 1024) 14.33 / 15.34 µs,
 # mtp_e_proj and the shared expert's gate+up, attn_q_a+attn_kv (K 4096) 10.50 / 11.04, 11.07 / 11.92,
-# 7.92 / 8.65; attn_output_b (K 8192) 17.15 / 15.97. Not yet timed in the MTP step: 0 keeps N=2 as it was.
-Q8_CORES_N2_MAX_K = 0
+# 7.92 / 8.65; attn_output_b (K 8192) 17.15 / 15.97. Session 35 call A: shexp_down (K 2048) 7.82 / 8.09,
+# attn_output_a's grouped launch (K 4096 a group) 17.31 / 16.25: grouped launches keep the tensor cores.
+# The MTP step at 43 layers (call D, one process, interleaved, the same state): 14,390 against 14,871 µs
+# of kernels a verify step, 11.61 against 13.02 ms a step (median of 7 noisy rounds).
+Q8_CORES_N2_MAX_K = 4096
 
 
 # A launch's K-split partials left for the norms' launch that reads them (``rms_norm_quant`` with
@@ -270,7 +273,8 @@ def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None, split: bool = 
     xq, dx = (value_of(x2), None) if QUANTIZE_IN_KERNEL else _given(pre, "q8_0", x2) or _quantize(x2, "q8_0", interpret)
     qs, d = zip(*mats)
     one = len(mats) == 1  # a single matrix may be grouped; several share one launch
-    cores = (n <= Q8_CORES_MAX_TOKENS or (n == 2 and qs[0].shape[-1] <= Q8_CORES_N2_MAX_K)) and not QUANTIZE_IN_KERNEL
+    n2_cores = n == 2 and groups == 1 and qs[0].shape[-1] <= Q8_CORES_N2_MAX_K
+    cores = (n <= Q8_CORES_MAX_TOKENS or n2_cores) and not QUANTIZE_IN_KERNEL
     if split and (not one or len(lead) == 1):
         sums = q8_0.matmul(
             xq, dx, qs[0] if one else qs, d[0] if one else d, groups, interpret=interpret, cores=cores, raw=True

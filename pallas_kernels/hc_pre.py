@@ -54,8 +54,10 @@ SPLITS_GIVEN = 128
 # one program walked the 4 × 4096 streams in 4 steps of 16 KB, each waiting for its loads, on one SM
 # (3.9 µs a call at N=1, session 20; the timeline's gates, 378 µs a 43-layer step alone, session 32).
 # With C programs each recomputes the gates (the slices' pairs from L2: the first stretch of the
-# launch, as before) and sums d/C columns in one step. Not measured on a GPU yet: 1 keeps the launch.
-GATE_COLUMNS = 1
+# launch, as before) and sums d/C columns in one step. H200, session 35: the pre-mix (mixer + gates)
+# 16.93 / 15.39 / 15.11 / 15.31 µs at N=1 with C = 1 / 4 / 8 / 16 (17.52 / 15.98 / 15.46 / 15.87 at
+# N=2; call A); 43 layers 8.014 against 8.116 ms a token with C = 8, the same state (call B).
+GATE_COLUMNS = 8
 WARPS = 8
 STAGES = 3  # the loops' loads pipelined
 

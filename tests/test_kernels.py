@@ -1060,6 +1060,9 @@ def test_dispatch_modes(monkeypatch):
     real = q8_0.matmul
     monkeypatch.setattr(q8_0, "matmul", lambda *a, **k: seen.append(k.get("cores")) or real(*a, **k))
     assert np.array_equal(dispatch.q8_0_matmul(x, qs, d), want) and seen == [True]
+    xg = jnp.asarray(RNG.standard_normal((2, 512)).astype(np.float32))  # a grouped launch keeps the tensor cores
+    wantg = np.asarray(q8_0.reference(*quantize_q8_0(xg), qs, d, 2))
+    assert np.array_equal(dispatch.q8_0_matmul(xg, qs, d, groups=2), wantg) and seen == [True, False]
     monkeypatch.setenv("DS4JAX_KERNELS", "fast")
     with pytest.raises(DS4Error, match="DS4JAX_KERNELS"):
         dispatch.q8_0_matmul(x, qs, d)
