@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--qtype", default="IQ2_XXS", choices=("IQ2_XXS", "Q2_K", "Q4_K"))
     ap.add_argument("--dir", default="/tmp/sass")
     ap.add_argument("--cores", action="store_true", help="q8_0: the CUDA-core (dp4a) variant")
-    ap.add_argument("--rows", type=int, default=0, help="q8_0: rows per program (0: the chosen)")
+    ap.add_argument("--rows", type=int, default=0, help="rows per program (0: the chosen)")
     ap.add_argument("--warps", type=int, default=0, help="warps per program (0: the chosen)")
     a = ap.parse_args()
     S = jax.ShapeDtypeStruct
@@ -115,7 +115,8 @@ def main() -> None:
         qtype = getattr(experts, a.qtype)
         planes = expert_planes(jax.random.PRNGKey(0), qtype, 8, a.out, a.k // 256)
         planes = {name: S(p.shape, p.dtype) for name, p in planes.items()}
-        cfg = experts.choose_config(qtype, a.out, a.k // 256)
+        cfg = experts.choose_config(qtype, a.out, a.k // 256)  # the engine's launch, rows and warps as given
+        cfg = dataclasses.replace(cfg, block_rows=a.rows or cfg.block_rows, num_warps=a.warps or cfg.num_warps)
         pairs = 6 * a.n  # 6 routed experts a token
         args = [S((pairs, a.k), jnp.int8), S((pairs, a.k // 256), jnp.float32), S((pairs,), jnp.int32), planes]
         irs = triton_ir(lambda x, dx, ids, p: experts.matmul(x, dx, ids, qtype, p, cfg), *args)
