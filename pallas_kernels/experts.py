@@ -320,7 +320,7 @@ def _isums_v1(qtype, x_ref, p, b, planes, sel, tab_ref):
 
 def _kernel(z_ref, ids_ref, x_ref, *refs, qtype, names, nb, n_mat, tiles, cfg, version, interpret, quantize, rep):
     dx_ref, refs = (None, refs) if quantize else (refs[0], refs[1:])
-    n_out = 1 if cfg.k_splits == 1 or cfg.whole_k else 2
+    n_out = cfg.n_out
     plane_refs, out_refs = refs[:-n_out], refs[-n_out:]
     tab_ref = plane_refs[-1] if qtype == IQ2_XXS else None
     mats = [dict(zip(names, plane_refs[m * len(names) : (m + 1) * len(names)])) for m in range(n_mat)]
@@ -420,6 +420,16 @@ class ExpertConfig:
     # One program a row tile over the whole K (the super-blocks as a tensor axis, loaded at once),
     # its splits' chains added in order inside: the split launch's bits, no partials out.
     whole_k: bool = False
+
+    @property
+    def k_programs(self) -> int:
+        """Programs a row tile along K: one whole-K program, else one a split."""
+        return 1 if self.whole_k else self.k_splits
+
+    @property
+    def n_out(self) -> int:
+        """Arrays out of the launch: the sums, or the K splits' (s, e) partials for ``finish``."""
+        return 1 if self.k_programs == 1 else 2
 
 
 # Super-blocks per program (the K split follows from it): run 15's sweep at N = 1 on an H200
@@ -548,8 +558,7 @@ def matmul(xq, dx, ids, qtype: int, planes, cfg: ExpertConfig | None = None, int
     ]
     if qtype == IQ2_XXS:
         args.append(jnp.asarray(GRID.reshape(-1) if version == 1 else GRID32))
-    G = 1 if cfg.whole_k else S  # programs along K (whole-K: one, over every split)
-    n_out, M, tiles = (1 if G == 1 else 2), len(mats), out // BO  # K-split partials: (s, e) pairs
+    G, n_out, M, tiles = cfg.k_programs, cfg.n_out, len(mats), out // BO
     kernel = functools.partial(
         _kernel,
         qtype=qtype,

@@ -124,7 +124,7 @@ def _mix_kernel(z_ref, h_ref, fn_ref, *refs, eps, n_rows, slice_k, sq_chunk, giv
     e_ref[0, :, 0] = e_out
 
 
-def _gates_kernel(z_ref, s_ref, e_ref, h_ref, sc_ref, b_ref, x_ref, post_ref, c_ref, *, n, hc_eps, columns):
+def _gates_kernel(z_ref, s_ref, e_ref, h_ref, sc_ref, b_ref, x_ref, post_ref, c_ref, *, n, hc_eps):
     rnd = functools.partial(opaque, zero=z_ref[0])
     RP = s_ref.shape[1]
     s, e = dd_sum(s_ref[0], e_ref[0])  # [RP]: the slices' pairs combined, then rounded once
@@ -146,15 +146,11 @@ def _gates_kernel(z_ref, s_ref, e_ref, h_ref, sc_ref, b_ref, x_ref, post_ref, c_
         hc_eps,
         rnd,
     )
-    if columns == 1:
+
+    @pl.when(pl.program_id(1) == 0)  # every column program has the gates; the first writes them
+    def _():
         c_ref[0] = c
         post_ref[0, :] = post
-    else:  # every column program has the gates; the first writes them
-
-        @pl.when(pl.program_id(1) == 0)
-        def _():
-            c_ref[0] = c
-            post_ref[0, :] = post
 
     d = x_ref.shape[-1]  # this program's columns: x_ref and h_ref are its column block
     step = min(X_CHUNK, d)
@@ -237,7 +233,7 @@ def hc_pre(
     per_token = lambda *shape: pl.BlockSpec((1, *shape), lambda t, j: (t,) + (0,) * len(shape))
     scale, base = scale.astype(F32), base.astype(F32)
     x, post, c = pl.pallas_call(
-        functools.partial(_gates_kernel, n=n, hc_eps=hc_eps, columns=C),
+        functools.partial(_gates_kernel, n=n, hc_eps=hc_eps),
         grid=(T, C),
         in_specs=[
             one,

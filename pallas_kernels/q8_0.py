@@ -174,19 +174,15 @@ def _kernel(
 
         zeros = jnp.zeros((BO, U), F32)
         V = cfg.unroll
-        if V == 1:
-            chains = jax.lax.fori_loop(
-                j * steps, (j + 1) * steps, lambda step, c: compute(load(step), c), ((zeros, zeros),) * n
-            )
-        else:  # V steps' loads issued before their dots (the chains' order is the same)
 
-            def group(g, carry):
-                loaded = [load(j * steps + g * V + v) for v in range(V)]
-                for v in range(V):
-                    carry = compute(loaded[v], carry)
-                return carry
+        def group(g, carry):
+            """V steps' loads issued before their dots (the chains' order is the same)."""
+            loaded = [load(j * steps + g * V + v) for v in range(V)]
+            for v in range(V):
+                carry = compute(loaded[v], carry)
+            return carry
 
-            chains = jax.lax.fori_loop(0, steps // V, group, ((zeros, zeros),) * n)
+        chains = jax.lax.fori_loop(0, steps // V, group, ((zeros, zeros),) * n)
         # [np_, U, BO] as ``run`` returns them (rows past n stay zero: their outputs are dropped)
         t_of = jax.lax.broadcasted_iota(I32, (np_, 1, 1), 0)
         s, e = (sum(jnp.where(t_of == t, c[h].T[None], 0.0) for t, c in enumerate(chains)) for h in (0, 1))
