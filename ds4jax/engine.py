@@ -395,17 +395,52 @@ class Engine:
         self.check_prompt(prompt)
         params = sampling.validate().arrays()
         key = jax.random.key(sampling.seed)
-        state = self.new_state()
-        # K decode steps a call; every step's logits row only from decode_fed (K = 1)
-        k = 1 if keep_logits else self.steps_per_call
-        program = "decode_fed" if k == 1 else f"{_LOOP}{k}"
         kind, _ = self._sampling(params)  # compile outside the timings
-        self.compile(["prefill_all" if keep_logits else "prefill"] + ([program] if n_predict > 1 else []), kind)
+        k = 1 if keep_logits else self.steps_per_call
+        self.compile(
+            ["prefill_all" if keep_logits else "prefill"] + ([self._loop_program(k)] if n_predict > 1 else []), kind
+        )
         t0 = time.perf_counter()
-        tok, logits, state = self.prefill(state, prompt, params, key, all_logits=keep_logits, progress=progress)
+        tok, logits, state = self.prefill(
+            self.new_state(), prompt, params, key, all_logits=keep_logits, progress=progress
+        )
         tok = int(tok)
         t1 = time.perf_counter()
-        all_rows = list(logits) if keep_logits else None
+        out, rows, stop = self._continue(state, tok, len(prompt), n_predict, params, key, eos_id, on_token, keep_logits)
+        t2 = time.perf_counter()
+        all_rows = list(logits) + rows if keep_logits else None
+        return Generation(list(prompt), out, all_rows, t1 - t0, t2 - t1, stop)
+
+    def _loop_program(self, k: int) -> str:
+        return "decode_fed" if k == 1 else f"{_LOOP}{k}"
+
+    def continue_generation(
+        self,
+        state,
+        token: int,
+        pos: int,
+        n_predict: int,
+        sampling: SamplingParams,
+        eos_id: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> tuple[list[int], str]:
+        """``generate`` from a prefilled ``state`` (donated) at position ``pos`` whose prefill chose
+        ``token``: (the ids, ``token`` first, stop reason). Compiles the decode program first."""
+        params = sampling.validate().arrays()
+        kind, _ = self._sampling(params)
+        if n_predict > 1:
+            self.compile([self._loop_program(self.steps_per_call)], kind)
+        out, _, stop = self._continue(
+            state, int(token), pos, n_predict, params, jax.random.key(sampling.seed), eos_id, on_token, False
+        )
+        return out, stop
+
+    def _continue(self, state, tok: int, pos: int, n_predict: int, params, key, eos_id, on_token, keep_logits):
+        """The decode loop after a prefill at position ``pos`` chose ``tok``: (ids, logits rows of
+        the generated tokens (``keep_logits``), stop reason)."""
+        # K decode steps a call; every step's logits row only from decode_fed (K = 1)
+        k = 1 if keep_logits else self.steps_per_call
+        all_rows: list = []
         out: list[int] = []
         stop = "n_predict"
         # One call in flight ahead of the tokens the host reads: the tokens stay on the device
@@ -419,7 +454,7 @@ class Engine:
         sent, calls = 0, collections.deque()
 
         def fits(i: int) -> bool:  # the step that takes generated token i has a context row
-            return len(prompt) + i < self.ctx
+            return pos + i < self.ctx
 
         def dispatch() -> None:
             nonlocal state, io, sent
@@ -455,7 +490,6 @@ class Engine:
             tok, row = next(produced)
             if keep_logits:
                 all_rows.append(row)
-        t2 = time.perf_counter()
-        if keep_logits and len(all_rows) < len(prompt) + len(out) and fits(len(out) - 1):
+        if keep_logits and len(all_rows) < len(out) and fits(len(out) - 1):
             all_rows.append(next(produced)[1])  # the last token's row (its step was dispatched)
-        return Generation(list(prompt), out, all_rows, t1 - t0, t2 - t1, stop)
+        return out, all_rows, stop

@@ -18,7 +18,7 @@ import time
 
 from absl import flags
 
-from ds4jax.cli import fail, parse_flags
+from ds4jax.cli import parse_flags, run_program
 from ds4jax.errors import DS4Error
 
 PROG = "ds4jax"
@@ -280,56 +280,21 @@ def _chat(mf) -> None:
     ChatSession(tokenizer, system, FLAGS.think, FLAGS.ctx, make).run()
 
 
-def _compile_cache() -> None:
-    """Keep compiled programs on disk: the full model's programs take minutes to compile on an
-    H200's host (decode loop ~1, MTP step ~2.5, prefill over 4: speed-bench/NOTES.md), a second
-    start reads them back."""
-    if FLAGS.compile_cache == "off":
-        return
-    import jax
-
-    from ds4jax.presets import default_cache_dir
-
-    path = FLAGS.compile_cache or jax.config.jax_compilation_cache_dir or str(default_cache_dir() / "xla")
-    jax.config.update("jax_compilation_cache_dir", path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parse_flags(list(argv if argv is not None else sys.argv), PROG)
-    from ds4jax import xla_options
-
-    xla_options.configure()  # before JAX starts its GPU client
-    try:
-        _compile_cache()
-        from ds4jax.model_file import open_model
-
-        mf = open_model(*_model_paths())
-        if FLAGS.summary:
-            _summary(mf)
-        elif all(getattr(FLAGS, n) is None for n in ("prompt", "prompt_file", "prompt_ids")):
-            _chat(mf)
-        else:
-            _generate(mf)
-    except DS4Error as e:
-        fail(PROG, e)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        err = device_error(e)
-        if err is None:
-            raise
-        fail(PROG, err)
-    return 0
+    return run_program(PROG, FLAGS.compile_cache, _main)
 
 
-def device_error(e: Exception) -> DS4Error | None:
-    """The one-line error for XLA running out of device memory past the check made before loading
-    (``engine.check_fits``: a compile's temporaries, a long context's state), else None."""
-    text = str(e).strip()
-    if "RESOURCE_EXHAUSTED" not in text:
-        return None
-    return DS4Error(f"out of device memory: {text.splitlines()[0][:300]}")
+def _main() -> None:
+    from ds4jax.model_file import open_model
+
+    mf = open_model(*_model_paths())
+    if FLAGS.summary:
+        _summary(mf)
+    elif all(getattr(FLAGS, n) is None for n in ("prompt", "prompt_file", "prompt_ids")):
+        _chat(mf)
+    else:
+        _generate(mf)
 
 
 def run() -> None:

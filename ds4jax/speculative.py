@@ -273,15 +273,24 @@ class MTPSpeculativeDecoder:
         if engine.weights.get("mtp") is None:
             raise DS4Error("MTP speculative decoding needs an MTP GGUF (--mtp)")
         self.engine, self.margin = engine, float(margin)
-        self._first = jax.jit(partial(first_draft, engine.cfg), donate_argnums=(1,))
-        self.compile_s = 0.0
+        self._first_jit = jax.jit(partial(first_draft, engine.cfg), donate_argnums=(1,))
+        self._first_exe = None
+        self.compile_s = 0.0  # the step program's and the first draft's compiles, outside the timings
+
+    def _compiled(self, exe, lower):
+        """``exe``, or ``lower()`` compiled now with its seconds added to ``compile_s``."""
+        if exe is None:
+            t0 = time.perf_counter()
+            exe = lower().compile()
+            self.compile_s += time.perf_counter() - t0
+        return exe
 
     def _program(self, state, mtp_state, io):
         exe = _STEP_PROGRAMS.get(self.engine)
         if exe is None:
-            t0 = time.perf_counter()
-            exe = _STEP_PROGRAMS[self.engine] = lower_step(self.engine, state, mtp_state, io).compile()
-            self.compile_s = time.perf_counter() - t0
+            exe = _STEP_PROGRAMS[self.engine] = self._compiled(
+                None, lambda: lower_step(self.engine, state, mtp_state, io)
+            )
         return exe
 
     def generate(
@@ -292,21 +301,43 @@ class MTPSpeculativeDecoder:
         on_token: Callable[[int], None] | None = None,
     ) -> SpecGeneration:
         eng = self.engine
-        w = eng.weights
         eng.check_prompt(prompt)
         params = SamplingParams(temperature=0.0).arrays()
-        state = eng.new_state()
         t0 = time.perf_counter()
-        tok, _, state = eng.prefill(state, prompt, params, jax.random.key(0))
-        pos = len(prompt)
-        draft, margin, mtp_state = self._first(w, init_mtp_state(eng.cfg), eng.last_hidden, tok, jnp.int32(pos))
+        tok, _, state = eng.prefill(eng.new_state(), prompt, params, jax.random.key(0))
         tok = int(tok)
-        # a verify step needs two context rows and two tokens of the budget left: the state's
-        # n_tokens + 2 <= limit (with e tokens emitted, n_tokens = len(prompt) + e - 1)
-        io = step_io(tok, draft, margin, self.margin, min(eng.ctx, len(prompt) + n_predict - 1))
         t1 = time.perf_counter()
-        step = self._program(state, mtp_state, io)  # compiled outside the timings
-        t_decode = time.perf_counter()
+        tokens, stats, stop, decode_s = self.continue_from(
+            state, tok, eng.last_hidden, len(prompt), n_predict, eos_id, on_token
+        )
+        return SpecGeneration(list(prompt), tokens, stats, t1 - t0, decode_s, stop)
+
+    def continue_from(
+        self,
+        state,
+        tok: int,
+        hidden,
+        pos: int,
+        n_predict: int,
+        eos_id: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> tuple[list[int], SpecStats, str, float]:
+        """The speculative loop after a prefill: ``state`` (donated) holds ``pos`` tokens, the
+        prefill chose ``tok`` and left ``hidden`` (``Engine.last_hidden``), the final HC state of
+        its last token. Returns (the ids, ``tok`` first; the draft counts; the stop reason; the
+        seconds it took, compiles excluded)."""
+        eng = self.engine
+        w = eng.weights
+        t0 = time.perf_counter()
+        compiled_before = self.compile_s
+        mtp_state = init_mtp_state(eng.cfg)
+        first_args = (w, mtp_state, hidden, jnp.int32(tok), jnp.int32(pos))
+        self._first_exe = self._compiled(self._first_exe, lambda: self._first_jit.lower(*first_args))
+        draft, margin, mtp_state = self._first_exe(*first_args)
+        # a verify step needs two context rows and two tokens of the budget left: the state's
+        # n_tokens + 2 <= limit (with e tokens emitted, n_tokens = pos + e - 1)
+        io = step_io(tok, draft, margin, self.margin, min(eng.ctx, pos + n_predict - 1))
+        step = self._program(state, mtp_state, io)
         out = _Output(n_predict, eos_id, on_token)
         stats = SpecStats()
         # One step in flight ahead of the report the host reads: the choice between the N=2 and
@@ -339,5 +370,5 @@ class MTPSpeculativeDecoder:
             else:
                 stats.plain_steps += 1
             tok = nxt
-        t2 = time.perf_counter()
-        return SpecGeneration(list(prompt), out.tokens, stats, t1 - t0, t2 - t_decode, out.stop)
+        seconds = time.perf_counter() - t0 - (self.compile_s - compiled_before)
+        return out.tokens, stats, out.stop, seconds

@@ -17,6 +17,7 @@ import time
 import types
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,13 +32,26 @@ def main() -> None:
     ap.add_argument("--layers", default="1,2,4")
     ap.add_argument("--programs", default="decode,prefill")
     ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument(
+        "--pad_gb",
+        type=float,
+        default=0.0,
+        help="an unused abstract input of this many GB beside the weights: the whole model's input size at a "
+        "few layers (XLA's scheduler and rematerialization plan against the device memory the inputs leave)",
+    )
+    ap.add_argument(
+        "--options", default="", help="XLA options for the compiles, name=value,... (Engine compiler_options)"
+    )
     a = ap.parse_args()
-    tag = f"{jax.devices()[0].device_kind} kernels={os.environ.get('DS4JAX_KERNELS', 'auto')} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    options = dict(kv.split("=", 1) for kv in a.options.split(",") if kv)
+    tag = f"{jax.devices()[0].device_kind} pad={a.pad_gb} GB options={a.options!r} kernels={os.environ.get('DS4JAX_KERNELS', 'auto')} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
     for n in (int(s) for s in a.layers.split(",")):
         p = with_layers(load_preset(a.preset), n)
         cfg = preset_config(p)
         w = jax.eval_shape(functools.partial(random_weights, cfg, p))
-        eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=w)
+        if a.pad_gb:
+            w["pad"] = jax.ShapeDtypeStruct((int(a.pad_gb * 1e9),), jnp.uint8)
+        eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=w, compiler_options=options)
         for name in a.programs.split(","):
             t0 = time.perf_counter()
             lowered = eng.lower(name)  # tracing + Pallas lowering

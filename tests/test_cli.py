@@ -42,8 +42,8 @@ def test_cli_rejects_bad_input(tiny_paths):
 def test_a_model_too_large_for_the_device_is_one_line(tiny_files):
     """Weights and state larger than the device's free memory: a clear error before loading (the
     check reads the allocator's headroom on a GPU; given here); XLA's out-of-memory past it: one line."""
+    from ds4jax.cli import device_error
     from ds4jax.engine import check_fits
-    from ds4jax.main import device_error
 
     check_fits(tiny_files, tiny_files.config, CTX, CHUNK, headroom=1 << 40)
     with pytest.raises(DS4Error, match=r"weights \(.* GB\) and a 512-token state .* do not fit the 0.0 GB"):
@@ -78,22 +78,20 @@ def test_chat_reads_turns_and_commands_from_stdin(tiny_paths):
 
 
 def test_compile_cache_flag(tmp_path):
-    """--compile_cache points JAX's persistent cache at a directory (before anything compiles);
-    'off' leaves it alone; with no flag an already configured directory is kept."""
+    """--compile_cache (ds4jax.main's and the bench's) points JAX's persistent cache at a directory
+    (before anything compiles); 'off' leaves it alone; with no flag an already configured directory
+    is kept."""
     import jax
 
-    from ds4jax import main as M
+    from ds4jax.cli import use_compile_cache
 
     before = jax.config.jax_compilation_cache_dir
     try:
         for flag, want in ((str(tmp_path / "xla"), str(tmp_path / "xla")), ("off", str(tmp_path / "xla")), ("", None)):
-            M.FLAGS.unparse_flags()
-            M.FLAGS(["ds4jax.main", f"--compile_cache={flag}"])
-            M._compile_cache()
+            use_compile_cache(flag)
             assert jax.config.jax_compilation_cache_dir == (want or str(tmp_path / "xla"))
         jax.config.update("jax_compilation_cache_dir", None)
-        M._compile_cache()  # nothing configured, no flag: the ds4jax cache dir
+        use_compile_cache("")  # nothing configured, no flag: the ds4jax cache dir
         assert jax.config.jax_compilation_cache_dir.endswith("xla")
     finally:
-        M.FLAGS.unparse_flags()
         jax.config.update("jax_compilation_cache_dir", before)
