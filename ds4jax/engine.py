@@ -29,6 +29,8 @@ import numpy as np
 from ds4jax.config import ModelConfig
 from ds4jax.device_memory import memory_headroom
 from ds4jax.errors import DS4Error
+from ds4jax.layered_prefill import PREFIX as LAYERED
+from ds4jax.layered_prefill import SAMPLER_FREE, LayeredPrefill
 from ds4jax.model.forward import commit, forward_hidden, head
 from ds4jax.model.rope import rope_tables
 from ds4jax.model_file import ModelFiles
@@ -172,7 +174,8 @@ def compile_together(builds: list[Callable[[], Any]]) -> list:
 
 
 def _key(name: str, sampler: str) -> str:
-    return name if sampler == "greedy" else f"{name}:{sampler}"
+    free = sampler == "greedy" or name.startswith(SAMPLER_FREE)  # the layered prefill's blocks: any sampler
+    return name if free else f"{name}:{sampler}"
 
 
 def check_prompt(ids: list[int], ctx: int, n_vocab: int) -> None:
@@ -218,6 +221,7 @@ class Engine:
         compiler_options: dict | None = None,
         expert_layout: str = "auto",
         steps_per_call: int = DEFAULT_STEPS_PER_CALL,
+        layered_prefill: bool | None = None,
     ):
         """``compiler_options``: XLA options (``xla_*`` names, as ``Lowered.compile`` takes them)
         for this engine's programs, e.g. to A/B an option inside one process. ``expert_layout``:
@@ -237,6 +241,8 @@ class Engine:
         if steps_per_call < 1:
             raise DS4Error(f"--steps_per_call must be >= 1, got {steps_per_call}")
         self.steps_per_call = steps_per_call
+        self.layered_prefill = jax.default_backend() == "gpu" if layered_prefill is None else layered_prefill
+        self._layered: LayeredPrefill | None = None
         self.cfg, self.ctx, self.chunk = cfg, ctx, min(chunk, ctx)
         self.files = mf
         if weights is None:  # repacked tensor by tensor as it loads
@@ -266,8 +272,13 @@ class Engine:
         return (self.weights, state, tokens, sds(np.int32(0)), params, key)
 
     def lower(self, name: str, sampler: str = "greedy"):
-        """The program ``name`` (prefill, prefill_all, decode, decode_fed, decode_loop<steps>) with
-        the static sampler ``sampler``, traced and lowered for this engine's shapes, not yet compiled."""
+        """The program ``name`` (prefill, prefill_all, decode, decode_fed, decode_loop<steps>, or one
+        of the layered prefill's ``program_names``) with the static sampler ``sampler``, traced and
+        lowered for this engine's shapes, not yet compiled."""
+        if name.startswith(LAYERED):
+            params = SamplingParams().arrays()
+            key = jax.eval_shape(lambda: jax.random.key(0))
+            return self._layers().lower(name, sampler, params, key)
         if name == "decode":
             fn = partial(_decode, self.cfg, sampler)
         elif name == "decode_fed":
@@ -289,10 +300,23 @@ class Engine:
         self.compile([name], sampler)
         return self._compiled[_key(name, sampler)]
 
+    def _layers(self) -> LayeredPrefill:
+        if self._layered is None:
+            self._layered = LayeredPrefill(self.cfg, self.weights, jax.eval_shape(self.new_state), self.chunk)
+        return self._layered
+
+    def program_names(self, name: str) -> list[str]:
+        """The compiled programs behind ``name``: the layered prefill's for prefill and prefill_all
+        (with ``layered_prefill``), else ``name`` itself."""
+        if self.layered_prefill and name in ("prefill", "prefill_all"):
+            return self._layers().names(all_logits=name == "prefill_all")
+        return [name]
+
     def compile(self, names, sampler: str = "greedy", lowered: dict | None = None) -> None:
         """Compile the programs ``names`` not compiled yet, side by side (``compile_together``).
         ``lowered``: programs already lowered (``lower``), by name, e.g. traced while a bench
         changed a module constant, to be compiled here in parallel with the rest."""
+        names = [p for n in names for p in self.program_names(n)]
         todo = [n for n in dict.fromkeys(names) if _key(n, sampler) not in self._compiled]
         lowered = lowered or {}
 
@@ -318,7 +342,14 @@ class Engine:
         The last token's final HC state is left in ``self.last_hidden``."""
         ids = np.asarray(ids, np.int32)
         kind, params = self._sampling(params)
-        fn = self.program("prefill_all" if all_logits else "prefill", kind)
+        name = "prefill_all" if all_logits else "prefill"
+        if self.layered_prefill:
+            self.compile([name], kind)
+            names = self.program_names(name)
+            programs = {n: self._compiled[_key(n, kind)] for n in names}
+            fn = partial(self._layers().run, programs, names[-1])
+        else:
+            fn = partial(self.program(name, kind), self.weights)
         rows = []
         tok = logits = None
         for start in range(0, len(ids), self.chunk):
@@ -326,9 +357,7 @@ class Engine:
             n = len(part)
             tokens = np.zeros(self.chunk, np.int32)
             tokens[:n] = part
-            tok, logits, state, self.last_hidden = fn(
-                self.weights, state, jnp.asarray(tokens), jnp.int32(n), params, key
-            )
+            tok, logits, state, self.last_hidden = fn(state, jnp.asarray(tokens), jnp.int32(n), params, key)
             if all_logits:
                 rows.append(np.asarray(logits)[:n])
             if progress is not None:

@@ -1,6 +1,6 @@
 """Compile time of the engine's programs at full size, by number of layers (no weights made).
 
-    python speed-bench/compile_time.py [--preset flash-q2] [--layers 1,2,4] [--programs decode,prefill]
+    python speed-bench/compile_time.py [--preset flash-q2] [--layers 1,2,4] [--programs decode,prefill,prefill_layers]
 
 The programs are compiled against abstract weights (``jax.eval_shape`` of ``random_weights``),
 so this needs no device memory; ``DS4JAX_KERNELS`` and ``XLA_FLAGS`` select what is compiled.
@@ -51,8 +51,21 @@ def main() -> None:
         w = jax.eval_shape(functools.partial(random_weights, cfg, p))
         if a.pad_gb:
             w["pad"] = jax.ShapeDtypeStruct((int(a.pad_gb * 1e9),), jnp.uint8)
-        eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=w, compiler_options=options)
+        eng = Engine(
+            types.SimpleNamespace(config=cfg),
+            ctx=a.ctx,
+            chunk=64,
+            weights=w,
+            compiler_options=options,
+            layered_prefill=True,
+        )
         for name in a.programs.split(","):
+            if name == "prefill_layers":  # the layered prefill's programs, compiled side by side as the engine does
+                t0 = time.perf_counter()
+                eng.compile(["prefill"])
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in eng.compile_s.items() if k.startswith("prefill."))
+                print(f"{tag}: {n} layers prefill_layers: {time.perf_counter() - t0:.1f} s ({parts})", flush=True)
+                continue
             t0 = time.perf_counter()
             lowered = eng.lower(name)  # tracing + Pallas lowering
             t1 = time.perf_counter()

@@ -42,6 +42,19 @@ def layer(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, rope: di
     return H, pending, squares
 
 
+def layer_committed(cfg: ModelConfig, L: int, w: dict, st: dict, H, tokens, pos0, n, rope: dict, squares=None):
+    """``layer`` with its state committed after the chunk's first ``n`` tokens: (H', the layer's new
+    state, squares); ``forward_hidden`` then ``commit``, one block at a time (the layered prefill)."""
+    H, pending, squares = layer(cfg, L, w, st, H, tokens, pos0, rope, squares=squares)
+    return H, commit_layer(cfg, L, pending, pos0, n), squares
+
+
+def layer_kind(cfg: ModelConfig, L: int) -> tuple:
+    """What block L's computation takes from the config besides its weights and state: blocks of
+    one kind run the same program (the model functions read these through L and nothing else)."""
+    return (cfg.ratio(L), cfg.ratio(L) and cfg.coff(L), cfg.has_indexer(L), cfg.is_hash_layer(L), cfg.swiglu_clamp[L])
+
+
 def head(cfg: ModelConfig, weights: dict, H) -> jax.Array:
     h = hc_head(
         H,
