@@ -110,21 +110,20 @@ def _copy_tree(tree):
     return jax.block_until_ready(jax.tree.map(lambda a: a.copy(), tree))
 
 
-def check_plan(engine, n_ids: int, points: list[int], gen_tokens: int, mtp: bool) -> None:
-    """One-line errors for a bench that cannot run as asked, before anything is compiled."""
+def check_plan(n_ids: int, points: list[int], gen_tokens: int, ctx: int, steps_per_call: int, mtp: bool) -> None:
+    """One-line errors for a bench that cannot run as asked (checked before the weights load)."""
     if gen_tokens < 1:
         raise DS4Error(f"--gen_tokens must be >= 1, got {gen_tokens}")
-    if not mtp and gen_tokens % engine.steps_per_call:
+    if not mtp and gen_tokens % steps_per_call:
         raise DS4Error(
-            f"--gen_tokens ({gen_tokens}) must be a multiple of --steps_per_call ({engine.steps_per_call}): "
+            f"--gen_tokens ({gen_tokens}) must be a multiple of --steps_per_call ({steps_per_call}): "
             "the decode program runs that many steps a call"
         )
     if n_ids < points[-1]:
         raise DS4Error(f"the prompt has {n_ids} tokens; --ctx_max {points[-1]} needs at least that many")
-    if points[-1] + gen_tokens >= engine.ctx:
+    if points[-1] + gen_tokens >= ctx:
         raise DS4Error(
-            f"the context ({engine.ctx} tokens, --ctx_alloc) must exceed --ctx_max + --gen_tokens "
-            f"({points[-1]} + {gen_tokens})"
+            f"the context ({ctx} tokens, --ctx_alloc) must exceed --ctx_max + --gen_tokens ({points[-1]} + {gen_tokens})"
         )
 
 
@@ -144,7 +143,7 @@ def run_bench(
 
     from ds4jax.sampling import SamplingParams
 
-    check_plan(engine, len(ids), points, gen_tokens, spec is not None)
+    check_plan(len(ids), points, gen_tokens, engine.ctx, engine.steps_per_call, spec is not None)
     greedy = SamplingParams(temperature=0.0)
     params, key = greedy.arrays(), jax.random.key(0)
     engine.compile(["prefill", f"decode_loop{engine.steps_per_call}"] if spec is None else ["prefill"], "greedy")
@@ -250,39 +249,19 @@ def _prompt(F, cfg, mf, n_ids: int) -> list[int]:
     return render_prompt(tok, text, system=DEFAULT_SYSTEM if F.system is None else F.system, think="none")
 
 
-def _engine(F, ctx: int):
-    """(engine, model files or None, whether MTP weights are loaded)."""
-    from ds4jax.engine import Engine
-
-    want_mtp = F.mtp_draft == 2
+def _open(F):
+    """(config, model files or None, preset or None) for the flags: nothing is loaded yet."""
     if F.preset is not None:
         if F.model is not None or F.mtp is not None:
             raise DS4Error("--preset benchmarks random weights: give it without --model and --mtp")
-        import types
-
-        import jax
-
-        from ds4jax.engine import layout_keep_free
         from ds4jax.presets import load_preset, preset_config, with_layers
-        from ds4jax.quant.layouts import resolve_layout
-        from ds4jax.random_weights import random_weights
 
-        try:
-            p = load_preset(F.preset)
-        except (OSError, ValueError) as e:
-            raise DS4Error(f"--preset {F.preset}: {e}") from None
+        p = load_preset(F.preset)
         if F.layers:
             p = with_layers(p, F.layers)
-        cfg = preset_config(p)
-        layout = resolve_layout(F.expert_layout)
-        keep = layout_keep_free(cfg, ctx, min(F.chunk, ctx))
-        w = jax.block_until_ready(
-            random_weights(cfg, p, seed=F.seed, mtp=want_mtp, expert_layout=layout, keep_free=keep)
-        )
-        eng = Engine(
-            types.SimpleNamespace(config=cfg), ctx=ctx, chunk=F.chunk, weights=w, steps_per_call=F.steps_per_call
-        )
-        return eng, None, want_mtp
+        return preset_config(p), None, p
+    if F.layers:
+        raise DS4Error("--layers applies to --preset only")
     from ds4jax.model_file import open_model
 
     model, mtp = F.model, F.mtp
@@ -291,13 +270,31 @@ def _engine(F, ctx: int):
 
         model, default_mtp = default_model_paths()
         mtp = mtp or str(default_mtp)
-    if F.layers:
-        raise DS4Error("--layers applies to --preset only")
-    mf = open_model(model, mtp if want_mtp else None)
-    if want_mtp and mf.mtp is None:
+    mf = open_model(model, mtp if F.mtp_draft == 2 else None)
+    if F.mtp_draft == 2 and mf.mtp is None:
         raise DS4Error("--mtp_draft 2 needs an MTP GGUF (--mtp)")
-    eng = Engine(mf, ctx=ctx, chunk=F.chunk, expert_layout=F.expert_layout, steps_per_call=F.steps_per_call)
-    return eng, mf, want_mtp
+    return mf.config, mf, None
+
+
+def _load(F, cfg, mf, preset, ctx: int):
+    """The engine: the model's weights loaded (or, for a preset, made on the device)."""
+    from ds4jax.engine import Engine
+
+    if preset is None:
+        return Engine(mf, ctx=ctx, chunk=F.chunk, expert_layout=F.expert_layout, steps_per_call=F.steps_per_call)
+    import types
+
+    import jax
+
+    from ds4jax.engine import layout_keep_free
+    from ds4jax.quant.layouts import resolve_layout
+    from ds4jax.random_weights import random_weights
+
+    keep = layout_keep_free(cfg, ctx, min(F.chunk, ctx))
+    layout = resolve_layout(F.expert_layout)
+    w = random_weights(cfg, preset, seed=F.seed, mtp=F.mtp_draft == 2, expert_layout=layout, keep_free=keep)
+    w = jax.block_until_ready(w)
+    return Engine(types.SimpleNamespace(config=cfg), ctx=ctx, chunk=F.chunk, weights=w, steps_per_call=F.steps_per_call)
 
 
 def _weight_bytes(engine) -> int:
@@ -309,6 +306,8 @@ def _weight_bytes(engine) -> int:
 def _bench(F) -> None:
     import jax
 
+    from ds4jax.engine import check_prompt
+
     if F.mtp_draft not in (0, 2):
         raise DS4Error(f"--mtp_draft must be 0 or 2 (the N=2 combined verifier), got {F.mtp_draft}")
     if F.plot and F.csv is None:
@@ -317,10 +316,14 @@ def _bench(F) -> None:
     if F.gen_tokens < 1:
         raise DS4Error(f"--gen_tokens must be >= 1, got {F.gen_tokens}")
     ctx = F.ctx_alloc or points[-1] + F.gen_tokens + 1
-    eng, mf, mtp = _engine(F, ctx)
-    ids = _prompt(F, eng.cfg, mf, points[-1])
-    check_plan(eng, len(ids), points, F.gen_tokens, mtp)
-    eng.check_prompt(ids[: points[-1]])
+    if F.steps_per_call < 1:
+        raise DS4Error(f"--steps_per_call must be >= 1, got {F.steps_per_call}")
+    mtp = F.mtp_draft == 2
+    cfg, mf, preset = _open(F)
+    ids = _prompt(F, cfg, mf, points[-1])
+    check_plan(len(ids), points, F.gen_tokens, ctx, F.steps_per_call, mtp)  # before the weights load
+    check_prompt(ids[: points[-1]], ctx, cfg.n_vocab)
+    eng = _load(F, cfg, mf, preset, ctx)
     spec = None
     if mtp:
         from ds4jax.speculative import MTPSpeculativeDecoder

@@ -45,6 +45,19 @@ def test_mtp_combined_output_equals_plain_greedy(tiny_files, engine, mtp_decoder
     assert len(always.tokens) - 1 == s.verify_steps + s.accepted + s.plain_steps
 
 
+def test_bench_with_mtp_generates_plain_greedy_tokens(engine, mtp_decoders):
+    """The bench's speculative generation from each frontier's state (``continue_from`` on a copy of
+    it) commits plain greedy decoding's tokens (here: this file's step program, compiled once)."""
+    from ds4jax.bench import run_bench
+
+    ids = np.random.default_rng(4).integers(0, engine.cfg.n_vocab, 120).tolist()
+    rows = run_bench(engine, ids, [50, 90], 6, spec=mtp_decoders[0.0], warmup=False)  # every step verifies
+    for r in rows:
+        assert r.tokens == engine.generate(ids[: r.ctx_tokens], 7, GREEDY).tokens
+        proposed, accepted, verify, _ = r.drafts
+        assert verify >= 1 and proposed == verify and accepted <= proposed and r.gen_tokens == 6
+
+
 def test_mtp_step_writes_every_output_in_place(engine):
     """Every output of the speculative step takes a donated input's buffer (none moves between
     steps, so XLA need not update the CUDA-graph nodes that write it)."""
