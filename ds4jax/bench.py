@@ -112,6 +112,8 @@ def _copy_tree(tree):
 
 def check_plan(n_ids: int, points: list[int], gen_tokens: int, ctx: int, steps_per_call: int, mtp: bool) -> None:
     """One-line errors for a bench that cannot run as asked (checked before the weights load)."""
+    if steps_per_call < 1:
+        raise DS4Error(f"--steps_per_call must be >= 1, got {steps_per_call}")
     if gen_tokens < 1:
         raise DS4Error(f"--gen_tokens must be >= 1, got {gen_tokens}")
     if not mtp and gen_tokens % steps_per_call:
@@ -125,6 +127,11 @@ def check_plan(n_ids: int, points: list[int], gen_tokens: int, ctx: int, steps_p
         raise DS4Error(
             f"the context ({ctx} tokens, --ctx_alloc) must exceed --ctx_max + --gen_tokens ({points[-1]} + {gen_tokens})"
         )
+
+
+def programs(engine, mtp: bool) -> list[str]:
+    """The engine programs a bench runs (the MTP step is the speculative decoder's own)."""
+    return ["prefill"] + ([] if mtp else [engine.loop_program(engine.steps_per_call)])
 
 
 def run_bench(
@@ -146,7 +153,7 @@ def run_bench(
     check_plan(len(ids), points, gen_tokens, engine.ctx, engine.steps_per_call, spec is not None)
     greedy = SamplingParams(temperature=0.0)
     params, key = greedy.arrays(), jax.random.key(0)
-    engine.compile(["prefill", f"decode_loop{engine.steps_per_call}"] if spec is None else ["prefill"], "greedy")
+    engine.compile(programs(engine, spec is not None))
     shapes = jax.eval_shape(engine.new_state)
 
     def generate(state, tok: int, pos: int):
@@ -194,31 +201,25 @@ def _define_flags() -> None:
     """Defined when the bench runs as a program (``ds4jax.main`` defines some of the same names)."""
     from absl import flags
 
-    d = flags
-    d.DEFINE_string("model", None, "base GGUF (default: the embedded default model, or --preset)")
-    d.DEFINE_string("mtp", None, "MTP GGUF (default: the default model's, when --model is not given)")
-    d.DEFINE_string(
+    from ds4jax.cli import define_engine_flags
+
+    define_engine_flags(mtp_draft=0)  # --model, --mtp, --chunk, --steps_per_call, --mtp_draft/margin, ...
+    flags.DEFINE_string(
         "preset", None, "benchmark a preset's shapes with random weights made on the device (flash-q2, ...)"
     )
-    d.DEFINE_integer("layers", 0, "with --preset: keep its first N blocks (0: all)")
-    d.DEFINE_string("prompt_file", None, "raw text, tokenized as it is")
-    d.DEFINE_string("chat_prompt_file", None, "text rendered as one user message of the chat template")
-    d.DEFINE_string("system", None, "with --chat_prompt_file: the system prompt (default: ds4's)")
-    d.DEFINE_integer("seed", 1, "without a prompt file: the seed of the random token ids")
-    d.DEFINE_integer("ctx_start", 2048, "first frontier (tokens)")
-    d.DEFINE_integer("ctx_max", 32768, "last frontier (the prompt must have at least this many tokens)")
-    d.DEFINE_integer("ctx_alloc", 0, "the session's context (0: ctx_max + gen_tokens + 1)")
-    d.DEFINE_integer("step_incr", 2048, "frontier step with --step_mul 1")
-    d.DEFINE_float("step_mul", 1.0, "next frontier = ceil(F * step_mul) when above 1")
-    d.DEFINE_integer("gen_tokens", 128, "tokens generated at each frontier")
-    d.DEFINE_string("csv", None, "write the CSV here (default: stdout)")
-    d.DEFINE_bool("plot", False, "with --csv: also write <stem>_ts.svg beside it (ds4jax.speed_plot)")
-    d.DEFINE_integer("mtp_draft", 0, "2: generate by MTP speculation with the N=2 verifier; 0: plain decoding")
-    d.DEFINE_float("mtp_margin", 3.0, "draft only when the MTP's top-two logit margin is at least this")
-    d.DEFINE_integer("chunk", 64, "prefill chunk size (tokens per compiled prefill step)")
-    d.DEFINE_integer("steps_per_call", 4, "decode steps per compiled program call (plain decoding)")
-    d.DEFINE_enum("expert_layout", "auto", ["auto", "gguf", "nib"], "routed experts' gate/up planes (as ds4jax.main)")
-    d.DEFINE_string("compile_cache", "", "directory that keeps compiled programs across runs ('off': none)")
+    flags.DEFINE_integer("layers", 0, "with --preset: keep its first N blocks (0: all)")
+    flags.DEFINE_string("prompt_file", None, "raw text, tokenized as it is")
+    flags.DEFINE_string("chat_prompt_file", None, "text rendered as one user message of the chat template")
+    flags.DEFINE_string("system", None, "with --chat_prompt_file: the system prompt (default: ds4's)")
+    flags.DEFINE_integer("seed", 1, "without a prompt file: the seed of the random token ids")
+    flags.DEFINE_integer("ctx_start", 2048, "first frontier (tokens)")
+    flags.DEFINE_integer("ctx_max", 32768, "last frontier (the prompt must have at least this many tokens)")
+    flags.DEFINE_integer("ctx_alloc", 0, "the session's context (0: ctx_max + gen_tokens + 1)")
+    flags.DEFINE_integer("step_incr", 2048, "frontier step with --step_mul 1")
+    flags.DEFINE_float("step_mul", 1.0, "next frontier = ceil(F * step_mul) when above 1")
+    flags.DEFINE_integer("gen_tokens", 128, "tokens generated at each frontier")
+    flags.DEFINE_string("csv", None, "write the CSV here (default: stdout)")
+    flags.DEFINE_bool("plot", False, "with --csv: also write <stem>_ts.svg beside it (ds4jax.speed_plot)")
 
 
 def _prompt(F, cfg, mf, n_ids: int) -> list[int]:
@@ -297,12 +298,6 @@ def _load(F, cfg, mf, preset, ctx: int):
     return Engine(types.SimpleNamespace(config=cfg), ctx=ctx, chunk=F.chunk, weights=w, steps_per_call=F.steps_per_call)
 
 
-def _weight_bytes(engine) -> int:
-    from ds4jax.random_weights import bytes_per_token
-
-    return bytes_per_token({k: v for k, v in engine.weights.items() if k not in ("rope", "mtp")}, engine.cfg)
-
-
 def _bench(F) -> None:
     import jax
 
@@ -313,11 +308,7 @@ def _bench(F) -> None:
     if F.plot and F.csv is None:
         raise DS4Error("--plot needs --csv (the plot goes beside it)")
     points = frontiers(F.ctx_start, F.ctx_max, F.step_incr, F.step_mul)
-    if F.gen_tokens < 1:
-        raise DS4Error(f"--gen_tokens must be >= 1, got {F.gen_tokens}")
     ctx = F.ctx_alloc or points[-1] + F.gen_tokens + 1
-    if F.steps_per_call < 1:
-        raise DS4Error(f"--steps_per_call must be >= 1, got {F.steps_per_call}")
     mtp = F.mtp_draft == 2
     cfg, mf, preset = _open(F)
     ids = _prompt(F, cfg, mf, points[-1])
@@ -342,9 +333,11 @@ def _bench(F) -> None:
         f"compressed_kv_rows {comp})"
     )
     say(f"decode path = {'MTP speculative combined-forward' if mtp else 'plain'}; frontiers {points}")
-    wb = _weight_bytes(eng)
+    from ds4jax.random_weights import bytes_per_token
+
+    wb = bytes_per_token(eng.weights, eng.cfg)  # the MTP block and the rope tables are not counted
     t0 = time.perf_counter()
-    eng.compile(["prefill"] + ([] if mtp else [f"decode_loop{eng.steps_per_call}"]))  # run_bench's, timed here
+    eng.compile(programs(eng, mtp))  # run_bench's, timed here
     say(f"compiled in {time.perf_counter() - t0:.1f} s")
 
     # rows are written as they come (a long sweep keeps what it measured if stopped)

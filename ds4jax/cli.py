@@ -25,6 +25,39 @@ def parse_flags(argv: list[str], prog: str) -> list[str]:
     return rest
 
 
+def define_engine_flags(mtp_draft: int) -> None:
+    """The flags ``ds4jax.main`` and ``ds4jax.bench`` share (the model, its engine, MTP), defined when a
+    command runs (the two define them in one absl namespace, never in one process); ``mtp_draft``:
+    the command's default."""
+    flags.DEFINE_string("model", None, "base GGUF (default: the embedded default model)")
+    flags.DEFINE_string("mtp", None, "MTP GGUF (default: the default model's MTP file when --model is not given)")
+    flags.DEFINE_integer("chunk", 64, "prefill chunk size (tokens per compiled prefill step)")
+    flags.DEFINE_integer(
+        "steps_per_call",
+        4,
+        "decode steps per compiled program call without MTP (tokens then stream in groups of this size; "
+        "1 = a call per token)",
+    )
+    flags.DEFINE_integer(
+        "mtp_draft", mtp_draft, "MTP speculative decoding: 2 = verify [token, draft] in one N=2 forward; 0 = off"
+    )
+    flags.DEFINE_float("mtp_margin", 3.0, "draft only when the MTP's top-two logit margin is at least this")
+    flags.DEFINE_enum(
+        "expert_layout",
+        "auto",
+        ["auto", "gguf", "nib"],
+        "routed experts' gate/up planes: IQ2_XXS repacked to nibbles as they load (the same results, 2.1x "
+        "their memory, decoded on a GPU without table lookups: speed-bench/KERNELS.md) or as stored; "
+        "auto = nibbles on a GPU, as far as its free memory allows, as stored on the CPU",
+    )
+    flags.DEFINE_string(
+        "compile_cache",
+        "",
+        "directory that keeps compiled programs across runs (default: $JAX_COMPILATION_CACHE_DIR, else "
+        "the ds4jax cache dir's xla/); 'off' = compile every run",
+    )
+
+
 def fail(prog: str, message: object, code: int = 1) -> NoReturn:  # noqa: F821
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(code)

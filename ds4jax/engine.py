@@ -30,13 +30,13 @@ from ds4jax.config import ModelConfig
 from ds4jax.device_memory import memory_headroom
 from ds4jax.errors import DS4Error
 from ds4jax.layered_prefill import PREFIX as LAYERED
-from ds4jax.layered_prefill import SAMPLER_FREE, LayeredPrefill
-from ds4jax.model.forward import commit, forward_hidden, head
+from ds4jax.layered_prefill import SAMPLER_FREE, LayeredPrefill, chunk_head
+from ds4jax.model.forward import commit, forward_hidden
 from ds4jax.model.rope import rope_tables
 from ds4jax.model_file import ModelFiles
 from ds4jax.quant.layouts import with_expert_layout
 from ds4jax.quant.planes import tree_nbytes
-from ds4jax.sampling import SamplingParams, kind_of, sample
+from ds4jax.sampling import SamplingParams, kind_of
 from ds4jax.state import init_state
 from ds4jax.weights import file_nbytes, load_weights
 
@@ -51,12 +51,9 @@ DEFAULT_STEPS_PER_CALL = 4
 def _prefill(cfg: ModelConfig, logits_rows: str, sampler: str, weights, state, tokens, n_valid, params, key):
     H, pending = forward_hidden(cfg, weights, state, tokens)
     state = commit(cfg, state, pending, n_valid)
-    h_last = jax.lax.dynamic_index_in_dim(H, n_valid - 1, axis=0, keepdims=False)
-    logits = head(cfg, weights, h_last if logits_rows == "last" else H)
-    last = logits if logits_rows == "last" else logits[n_valid - 1]
-    pos = state["n_tokens"]
     # h_last: the final HC state of the last token, which the MTP drafter pairs with the next.
-    return sample(last, params, jax.random.fold_in(key, pos), sampler), logits, state, h_last
+    tok, logits, h_last = chunk_head(cfg, logits_rows, sampler, weights, H, n_valid, state["n_tokens"], params, key)
+    return tok, logits, state, h_last
 
 
 def _decode(cfg: ModelConfig, sampler: str, weights, state, token, params, key):
@@ -427,7 +424,7 @@ class Engine:
         kind, _ = self._sampling(params)  # compile outside the timings
         k = 1 if keep_logits else self.steps_per_call
         self.compile(
-            ["prefill_all" if keep_logits else "prefill"] + ([self._loop_program(k)] if n_predict > 1 else []), kind
+            ["prefill_all" if keep_logits else "prefill"] + ([self.loop_program(k)] if n_predict > 1 else []), kind
         )
         t0 = time.perf_counter()
         tok, logits, state = self.prefill(
@@ -440,7 +437,8 @@ class Engine:
         all_rows = list(logits) + rows if keep_logits else None
         return Generation(list(prompt), out, all_rows, t1 - t0, t2 - t1, stop)
 
-    def _loop_program(self, k: int) -> str:
+    def loop_program(self, k: int) -> str:
+        """The decode program that runs ``k`` steps a call."""
         return "decode_fed" if k == 1 else f"{_LOOP}{k}"
 
     def continue_generation(
@@ -458,7 +456,7 @@ class Engine:
         params = sampling.validate().arrays()
         kind, _ = self._sampling(params)
         if n_predict > 1:
-            self.compile([self._loop_program(self.steps_per_call)], kind)
+            self.compile([self.loop_program(self.steps_per_call)], kind)
         out, _, stop = self._continue(
             state, int(token), pos, n_predict, params, jax.random.key(sampling.seed), eos_id, on_token, False
         )

@@ -33,14 +33,21 @@ def _embed(n_hc: int, token_embd, tokens):
     return embed({"token_embd": token_embd}, tokens, n_hc)
 
 
-def _head(cfg: ModelConfig, logits_rows: str, sampler: str, weights, H, pos0, n_valid, params, key):
-    """(token, logits, n_tokens after the chunk, the last valid row's final HC state) as
-    ``engine._prefill`` returns them."""
+def chunk_head(cfg: ModelConfig, logits_rows: str, sampler: str, weights, H, n_valid, pos, params, key):
+    """A prefill chunk's end from its final HC states H: (the next token, the logits of its last
+    valid row or of every row, that row's HC state); ``pos``: the tokens after the chunk."""
     h_last = jax.lax.dynamic_index_in_dim(H, n_valid - 1, axis=0, keepdims=False)
     logits = head(cfg, weights, h_last if logits_rows == "last" else H)
     last = logits if logits_rows == "last" else logits[n_valid - 1]
+    return sample(last, params, jax.random.fold_in(key, pos), sampler), logits, h_last
+
+
+def _head(cfg: ModelConfig, logits_rows: str, sampler: str, weights, H, pos0, n_valid, params, key):
+    """(token, logits, n_tokens after the chunk, the last valid row's HC state) as
+    ``engine._prefill`` returns them."""
     pos = pos0 + n_valid
-    return sample(last, params, jax.random.fold_in(key, pos), sampler), logits, pos, h_last
+    tok, logits, h_last = chunk_head(cfg, logits_rows, sampler, weights, H, n_valid, pos, params, key)
+    return tok, logits, pos, h_last
 
 
 def _signature(tree) -> tuple:
@@ -59,9 +66,13 @@ class LayeredPrefill:
     def __init__(self, cfg: ModelConfig, weights: dict, state_shapes: dict, chunk: int):
         self.cfg, self.weights, self.chunk = cfg, weights, chunk
         self.state_shapes = state_shapes
+        self.head_weights = {k: weights[k] for k in HEAD_KEYS}
+        # abstract inputs: a scalar, the chunk's tokens, its HC states
+        S = jax.ShapeDtypeStruct
+        self._i32, self._tokens = S((), jnp.int32), S((chunk,), jnp.int32)
+        self._H = S((chunk, cfg.n_hc, cfg.n_embd), jnp.float32)
         # the sums of squares a block after the first takes (None off the kernel path)
-        H = jax.ShapeDtypeStruct((chunk, cfg.n_hc, cfg.n_embd), jnp.float32)
-        self.squares = jax.eval_shape(self._layer_fn(0), *self._layer_args(0, H, None))[2]
+        self.squares = jax.eval_shape(self._layer_fn(0), *self._layer_args(0, None))[2]
         self.program_of: list[str] = []  # block L -> its program's name
         self.first_block: dict[str, int] = {}  # program name -> the block it is lowered for
         seen: dict = {}
@@ -85,38 +96,25 @@ class LayeredPrefill:
             self.cfg, L, w, st, H, tokens, pos0, n, rope, squares
         )
 
-    def _layer_args(self, L: int, H, squares):
-        i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        tokens = jax.ShapeDtypeStruct((self.chunk,), jnp.int32)
-        return (
-            self.weights["layers"][L],
-            self.state_shapes["layers"][L],
-            H,
-            tokens,
-            i32,
-            i32,
-            self.weights["rope"],
-            squares,
-        )
+    def _layer_args(self, L: int, squares):
+        """Block L's program's abstract arguments (as ``run`` passes them)."""
+        w, st = self.weights["layers"][L], self.state_shapes["layers"][L]
+        return (w, st, self._H, self._tokens, self._i32, self._i32, self.weights["rope"], squares)
 
     def lower(self, name: str, sampler: str, params, key):
         """The program ``name`` traced and lowered (not compiled); ``params``/``key``: abstract
         sampling values for the head."""
         cfg = self.cfg
-        i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        tokens = jax.ShapeDtypeStruct((self.chunk,), jnp.int32)
-        H = jax.ShapeDtypeStruct((self.chunk, cfg.n_hc, cfg.n_embd), jnp.float32)
         if name == EMBED:
-            fn = jax.jit(lambda e, t: _embed(cfg.n_hc, e, t))
-            return fn.lower(self.weights["token_embd"], tokens)
+            return jax.jit(lambda e, t: _embed(cfg.n_hc, e, t)).lower(self.weights["token_embd"], self._tokens)
         if name in (HEAD, HEAD_ALL):
             rows = "last" if name == HEAD else "all"
             fn = jax.jit(lambda w, h, p, n, pr, k: _head(cfg, rows, sampler, w, h, p, n, pr, k), keep_unused=True)
-            return fn.lower({k: self.weights[k] for k in HEAD_KEYS}, H, i32, i32, params, key)
+            return fn.lower(self.head_weights, self._H, self._i32, self._i32, params, key)
         L = self.first_block[name]
         squares = None if L == 0 else self.squares
         # the block's state is donated: its new state takes the same buffers
-        return jax.jit(self._layer_fn(L), donate_argnums=(1,), keep_unused=True).lower(*self._layer_args(L, H, squares))
+        return jax.jit(self._layer_fn(L), donate_argnums=(1,), keep_unused=True).lower(*self._layer_args(L, squares))
 
     def run(self, programs: dict, sampler_head: str, state, tokens, n_valid, params, key):
         """One chunk: (token, logits, state, last valid row's HC state); ``programs``: name ->
@@ -130,7 +128,5 @@ class LayeredPrefill:
                 w["layers"][L], st, H, tokens, pos0, n_valid, w["rope"], squares
             )
             layers.append(st)
-        tok, logits, n_tokens, h_last = programs[sampler_head](
-            {k: w[k] for k in HEAD_KEYS}, H, pos0, n_valid, params, key
-        )
+        tok, logits, n_tokens, h_last = programs[sampler_head](self.head_weights, H, pos0, n_valid, params, key)
         return tok, logits, {"n_tokens": n_tokens, "layers": tuple(layers)}, h_last

@@ -18,13 +18,13 @@ import time
 
 from absl import flags
 
-from ds4jax.cli import parse_flags, run_program
+from ds4jax.cli import define_engine_flags, parse_flags, run_program
 from ds4jax.errors import DS4Error
 
 PROG = "ds4jax"
 
-flags.DEFINE_string("model", None, "base GGUF (default: the embedded default model)")
-flags.DEFINE_string("mtp", None, "MTP GGUF (default: the default model's MTP file when --model is not given)")
+define_engine_flags(mtp_draft=2)
+
 flags.DEFINE_string("prompt", None, "user prompt (rendered with the chat template)")
 flags.DEFINE_string("prompt_file", None, "read the user prompt from this file")
 flags.DEFINE_string("prompt_ids", None, "raw token ids, comma separated (no chat template)")
@@ -38,33 +38,10 @@ flags.DEFINE_float("top_p", 1.0, "nucleus sampling threshold (1 = off)")
 flags.DEFINE_float("min_p", 0.05, "drop tokens less likely than min_p times the top token")
 flags.DEFINE_integer("seed", 0, "sampling seed (0 = from the clock)")
 flags.DEFINE_string("dump_logits", None, "save tokens (int32) and logits (float32, one row per token) to this .npz")
-flags.DEFINE_integer("chunk", 64, "prefill chunk size (tokens per compiled prefill step)")
-flags.DEFINE_integer(
-    "steps_per_call",
-    4,
-    "decode steps per compiled program call without MTP (tokens then stream in groups of this size; "
-    "1 = a call per token)",
-)
 flags.DEFINE_bool("act_quant", True, "quantize activations to int8 blocks before quantized matmuls (ds4 CPU/CUDA)")
-flags.DEFINE_integer("mtp_draft", 2, "MTP speculative decoding: 2 = verify [token, draft] in one N=2 forward; 0 = off")
-flags.DEFINE_float("mtp_margin", 3.0, "draft only when the MTP's top-two logit margin is at least this")
 flags.DEFINE_bool("quality", False, "strict mode: the N=1 program token by token (also DS4JAX_MTP_STRICT=1)")
-flags.DEFINE_enum(
-    "expert_layout",
-    "auto",
-    ["auto", "gguf", "nib"],
-    "routed experts' gate/up planes: IQ2_XXS repacked to nibbles as they load (the same results, 2.1x "
-    "their memory, decoded on a GPU without table lookups: speed-bench/KERNELS.md) or as stored; "
-    "auto = nibbles on a GPU, as far as its free memory allows, as stored on the CPU",
-)
 flags.DEFINE_bool("summary", False, "print the model summary and exit")
 flags.DEFINE_bool("load", True, "with --summary: also repack all tensors into quant planes on the device")
-flags.DEFINE_string(
-    "compile_cache",
-    "",
-    "directory that keeps compiled programs across runs (default: $JAX_COMPILATION_CACHE_DIR, else "
-    "the ds4jax cache dir's xla/); 'off' = compile every run",
-)
 
 FLAGS = flags.FLAGS
 

@@ -277,20 +277,17 @@ class MTPSpeculativeDecoder:
         self._first_exe = None
         self.compile_s = 0.0  # the step program's and the first draft's compiles, outside the timings
 
-    def _compiled(self, exe, lower):
-        """``exe``, or ``lower()`` compiled now with its seconds added to ``compile_s``."""
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = lower().compile()
-            self.compile_s += time.perf_counter() - t0
+    def _compile(self, lower):
+        """``lower()`` compiled now, its seconds added to ``compile_s``."""
+        t0 = time.perf_counter()
+        exe = lower().compile()
+        self.compile_s += time.perf_counter() - t0
         return exe
 
     def _program(self, state, mtp_state, io):
         exe = _STEP_PROGRAMS.get(self.engine)
         if exe is None:
-            exe = _STEP_PROGRAMS[self.engine] = self._compiled(
-                None, lambda: lower_step(self.engine, state, mtp_state, io)
-            )
+            exe = _STEP_PROGRAMS[self.engine] = self._compile(lambda: lower_step(self.engine, state, mtp_state, io))
         return exe
 
     def generate(
@@ -332,7 +329,8 @@ class MTPSpeculativeDecoder:
         compiled_before = self.compile_s
         mtp_state = init_mtp_state(eng.cfg)
         first_args = (w, mtp_state, hidden, jnp.int32(tok), jnp.int32(pos))
-        self._first_exe = self._compiled(self._first_exe, lambda: self._first_jit.lower(*first_args))
+        if self._first_exe is None:
+            self._first_exe = self._compile(lambda: self._first_jit.lower(*first_args))
         draft, margin, mtp_state = self._first_exe(*first_args)
         # a verify step needs two context rows and two tokens of the budget left: the state's
         # n_tokens + 2 <= limit (with e tokens emitted, n_tokens = pos + e - 1)
