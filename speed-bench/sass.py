@@ -75,7 +75,7 @@ def compile_and_count(ttir: str, name: str, num_warps: int, num_stages: int, out
     sass = subprocess.run([f"{tools}/cuobjdump", "-sass", cubin], check=True, capture_output=True, text=True).stdout
     with open(os.path.join(out_dir, f"{name}.sass"), "w") as f:
         f.write(sass)
-    ins = [line.split(";")[0] for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    ins = [line.split(";")[0] for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     count = lambda pat: sum(bool(re.search(pat, i)) for i in ins)
     return {
         "registers": (re.findall(r"Used (\d+) registers", report) or ["?"])[0],
@@ -89,6 +89,7 @@ def compile_and_count(ttir: str, name: str, num_warps: int, num_stages: int, out
         "STS": count(r"\bSTS\b"),
         "IMMA/IGMMA": count(r"\bI(G)?MMA\b"),  # mma.sync or wgmma (Triton picks by the tile shape)
         "IDP (dp4a)": count(r"\bIDP\b"),
+        "LDL/STL (spills)": count(r"\b(LDL|STL)\b"),
     }
 
 
@@ -98,7 +99,7 @@ def main() -> None:
     ap.add_argument("--out", type=int, default=2048)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--n", type=int, default=1, help="tokens")
-    ap.add_argument("--qtype", default="IQ2_XXS", choices=("IQ2_XXS", "Q2_K", "Q4_K"))
+    ap.add_argument("--qtype", default="IQ2_XXS", choices=("IQ2_XXS", "Q2_K", "Q4_K", "IQ2_NIB"))
     ap.add_argument("--dir", default="/tmp/sass")
     ap.add_argument("--cores", action="store_true", help="q8_0: the CUDA-core (dp4a) variant")
     ap.add_argument("--rows", type=int, default=0, help="rows per program (0: the chosen)")

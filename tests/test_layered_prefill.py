@@ -15,9 +15,11 @@ def test_layered_prefill_gives_the_whole_programs_bits(engine, tiny_files):
     """Chunks of the shared engine's size, the last one partial, from an empty state and again on
     top of it (the second prompt starts mid-chunk): every logits row, the state and the last row's
     HC state equal the whole-model program's."""
-    assert not engine.layered_prefill  # the CPU default: one program
     weights = {k: v for k, v in engine.weights.items() if k != "rope"}
-    layered = Engine(tiny_files, ctx=engine.ctx, chunk=engine.chunk, weights=weights, layered_prefill=True)
+    make = functools.partial(Engine, tiny_files, ctx=engine.ctx, chunk=engine.chunk, weights=weights)
+    # the shared engine where it runs one program (the CPU's default); on a GPU it is layered
+    whole = make(layered_prefill=False) if engine.layered_prefill else engine
+    layered = make(layered_prefill=True)
     assert layered.program_names("prefill_all") == [
         EMBED,
         "prefill.layer0",
@@ -29,7 +31,7 @@ def test_layered_prefill_gives_the_whole_programs_bits(engine, tiny_files):
     first, second = (rng.integers(0, engine.cfg.n_vocab, n).tolist() for n in (45, 30))
     p, key = SamplingParams(temperature=0.0).arrays(), jax.random.key(0)
     runs = []
-    for eng in (engine, layered):
+    for eng in (whole, layered):
         tok1, logits1, state = eng.prefill(eng.new_state(), first, p, key, all_logits=True)
         tok2, logits2, state = eng.prefill(state, second, p, key, all_logits=True)
         runs.append(
