@@ -1,0 +1,126 @@
+"""Prefill variants timed interleaved in one process (the prefill's counterpart of ab_decode.py).
+
+    python speed-bench/prefill_ab.py --layers 8 --tokens 1024 --rounds 5 --chunks 64,256 \\
+        --variants "base;xla:kernels=off" [--profile]
+
+Random weights of the preset's shapes made on the GPU (the routed gate/up experts as nibbles as
+far as memory allows), one engine per variant and prefill chunk on those weights (the engine's
+prefill: one program per kind of block on a GPU), its programs traced under the variant's module constants and XLA
+options (``ab_decode.py``'s variant syntax: ``label:module.NAME=value,xla_...=value``). Each round
+prefills ``--tokens`` random tokens from an empty state with every variant in turn; the median
+tokens/s of the rounds is reported, with a 64-bit print of each variant's final state and logits
+(equal prints: the same bits). ``--profile`` (GPU): one more prefill of each engine under the
+profiler, its kernels' time by kind (``devtime.classify``) and the largest kernels by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import types
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import devtime  # speed-bench/devtime.py, beside this script
+from ab_decode import fingerprint, parse_variant  # speed-bench/ab_decode.py, beside this script
+
+from ds4jax import xla_options
+from ds4jax.engine import Engine, layout_keep_free
+from ds4jax.presets import load_preset, preset_config, with_layers
+from ds4jax.random_weights import random_weights
+from ds4jax.sampling import SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flash-q2")
+    ap.add_argument("--layers", type=int, default=8, help="keep the first N blocks (0: all)")
+    ap.add_argument("--tokens", type=int, default=1024, help="prompt tokens a round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", default="base", help="';'-separated variants (ab_decode.py's syntax)")
+    ap.add_argument("--chunks", default="64", help="comma-separated prefill chunk sizes, each variant at each")
+    ap.add_argument("--profile", action="store_true", help="GPU: each engine's prefill kernels by time")
+    a = ap.parse_args()
+    xla_options.configure()
+    variants = [parse_variant(v) for v in a.variants.split(";") if v.strip()]
+    p = load_preset(a.preset)
+    if a.layers:
+        p = with_layers(p, a.layers)
+    cfg = preset_config(p)
+    chunks = [int(c) for c in a.chunks.split(",") if c]
+    ctx = a.tokens + max(chunks)
+    keep = sum(layout_keep_free(cfg, ctx, c) for c in chunks) * len(variants)  # every engine's state at once
+    w = jax.block_until_ready(random_weights(cfg, p, expert_layout="nib", keep_free=keep))
+    card = jax.devices()[0].device_kind
+    engines = {}
+    for v, chunk in ((v, c) for c in chunks for v in variants):
+        label = v.label if len(chunks) == 1 else f"{v.label}@{chunk}"
+        eng = Engine(types.SimpleNamespace(config=cfg), ctx=ctx, chunk=chunk, weights=w, compiler_options=v.xla)
+        os.environ["DS4JAX_KERNELS"] = v.kernels  # read while the programs are traced
+        saved = {k: getattr(*k) for k in v.consts}
+        for (mod, name), value in v.consts.items():
+            setattr(mod, name, value)
+        jax.clear_caches()
+        t0 = time.perf_counter()
+        try:
+            eng.compile(["prefill"])
+        finally:
+            for (mod, name), value in saved.items():
+                setattr(mod, name, value)
+        print(f"{label}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+        engines[label] = eng
+    ids = np.random.default_rng(0).integers(0, cfg.n_vocab, a.tokens).tolist()
+    params, key = SamplingParams(temperature=0.0).arrays(), jax.random.key(0)
+    times = {label: [] for label in engines}
+    prints = {}
+    for _ in range(a.rounds):
+        for label, eng in engines.items():
+            state = eng.new_state()
+            jax.block_until_ready(state)
+            t0 = time.perf_counter()
+            tok, logits, state = eng.prefill(state, ids, params, key)
+            int(tok)
+            times[label].append(time.perf_counter() - t0)
+            prints[label] = fingerprint((state, logits))
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        print(
+            f"{card}, {cfg.n_layer} layers, {a.tokens} tokens: {label}: {a.tokens / med:.1f} tokens/s "
+            f"(median {med * 1e3:.1f} ms, {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}), print {prints[label]:#018x}",
+            flush=True,
+        )
+
+    if a.profile:
+        for label, eng in engines.items():
+            profile(label, eng, ids, params, key, a.tokens)
+
+
+def profile(label, eng, ids, params, key, n_tokens, top: int = 15) -> None:
+    """One prefill of ``ids`` under the profiler: its kernels' time a token by kind and by name."""
+
+    def run():
+        return eng.prefill(eng.new_state(), ids, params, key)[0]
+
+    total, by = devtime.trace_calls(run, 1)
+    if not total:
+        print(f"{label}: no GPU kernels traced")
+        return
+    kinds: dict = {}
+    for name, (_, ns) in by.items():
+        kinds[devtime.classify(name)] = kinds.get(devtime.classify(name), 0) + ns
+    print(f"{label}: {total / 1e6:.1f} ms of kernels for {n_tokens} tokens ({total / 1e3 / n_tokens:.1f} µs a token)")
+    for kind, ns in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:40s} {ns / 1e6:9.2f} ms  {100 * ns / total:5.1f} %")
+    for name, (count, ns) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {ns / 1e6:9.2f} ms {count:6d}x  {name[:90]}")
+
+
+if __name__ == "__main__":
+    main()
