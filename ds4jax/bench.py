@@ -230,14 +230,9 @@ def _prompt(F, cfg, mf, n_ids: int) -> list[int]:
         import numpy as np
 
         return np.random.default_rng(F.seed).integers(0, cfg.n_vocab, n_ids).tolist()
-    path = getattr(F, files[0])
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise DS4Error(f"cannot read --{files[0]} {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise DS4Error(f"--{files[0]} {path} is not UTF-8 text") from None
+    from ds4jax.cli import read_text
+
+    text = read_text(getattr(F, files[0]), files[0])
     if mf is None or "tokenizer.ggml.tokens" not in mf.base.metadata:
         raise DS4Error(f"--{files[0]} needs a model with a tokenizer (a GGUF); presets have none")
     from ds4jax.tokenizer import Tokenizer
@@ -263,14 +258,10 @@ def _open(F):
         return preset_config(p), None, p
     if F.layers:
         raise DS4Error("--layers applies to --preset only")
+    from ds4jax.cli import model_paths
     from ds4jax.model_file import open_model
 
-    model, mtp = F.model, F.mtp
-    if model is None:
-        from ds4jax.default_model import default_model_paths
-
-        model, default_mtp = default_model_paths()
-        mtp = mtp or str(default_mtp)
+    model, mtp = model_paths(F.model, F.mtp)
     mf = open_model(model, mtp if F.mtp_draft == 2 else None)
     if F.mtp_draft == 2 and mf.mtp is None:
         raise DS4Error("--mtp_draft 2 needs an MTP GGUF (--mtp)")

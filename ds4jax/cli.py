@@ -58,6 +58,28 @@ def define_engine_flags(mtp_draft: int) -> None:
     )
 
 
+def model_paths(model: str | None, mtp: str | None) -> tuple[str, str | None]:
+    """(--model, --mtp) as given, or the embedded default model and its MTP file when --model is not
+    given (an --mtp given alongside it stands)."""
+    if model is None:
+        from ds4jax.default_model import default_model_paths
+
+        model, default_mtp = default_model_paths()
+        mtp = mtp or str(default_mtp)
+    return model, mtp
+
+
+def read_text(path: str, flag: str) -> str:
+    """The UTF-8 text of the file a flag names, or a one-line error naming the flag."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise DS4Error(f"cannot read --{flag} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise DS4Error(f"--{flag} {path} is not UTF-8 text") from None
+
+
 def fail(prog: str, message: object, code: int = 1) -> NoReturn:  # noqa: F821
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(code)

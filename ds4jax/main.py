@@ -18,7 +18,7 @@ import time
 
 from absl import flags
 
-from ds4jax.cli import define_engine_flags, parse_flags, run_program
+from ds4jax.cli import define_engine_flags, model_paths, parse_flags, read_text, run_program
 from ds4jax.errors import DS4Error
 
 PROG = "ds4jax"
@@ -46,16 +46,6 @@ flags.DEFINE_bool("load", True, "with --summary: also repack all tensors into qu
 FLAGS = flags.FLAGS
 
 
-def _model_paths():
-    model, mtp = FLAGS.model, FLAGS.mtp
-    if model is None:
-        from ds4jax.default_model import default_model_paths
-
-        model, default_mtp = default_model_paths()
-        mtp = mtp or str(default_mtp)
-    return model, mtp
-
-
 def _summary(mf) -> None:
     from ds4jax.summary import model_summary
 
@@ -80,14 +70,7 @@ def _prompt_ids(mf, tokenizer) -> list[int]:
             return [int(t) for t in FLAGS.prompt_ids.replace(" ", "").split(",") if t != ""]
         except ValueError:
             raise DS4Error(f"--prompt_ids must be comma-separated integers, got {FLAGS.prompt_ids!r}") from None
-    if FLAGS.prompt_file is not None:
-        try:
-            with open(FLAGS.prompt_file, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise DS4Error(f"cannot read --prompt_file {FLAGS.prompt_file}: {e.strerror}") from None
-    else:
-        text = FLAGS.prompt
+    text = FLAGS.prompt if FLAGS.prompt_file is None else read_text(FLAGS.prompt_file, "prompt_file")
     if tokenizer is None:
         raise DS4Error(f"{mf.base.path} has no tokenizer metadata: use --prompt_ids")
     from ds4jax.chat import DEFAULT_SYSTEM, render_prompt
@@ -265,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main() -> None:
     from ds4jax.model_file import open_model
 
-    mf = open_model(*_model_paths())
+    mf = open_model(*model_paths(FLAGS.model, FLAGS.mtp))
     if FLAGS.summary:
         _summary(mf)
     elif all(getattr(FLAGS, n) is None for n in ("prompt", "prompt_file", "prompt_ids")):

@@ -42,6 +42,7 @@ and it is the wall time once the step is GPU-bound (all 43 layers, session 13).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -166,6 +167,23 @@ def parse_variant(text: str) -> Variant:
     return v
 
 
+@contextlib.contextmanager
+def traced_under(v):
+    """The variant's setting while its programs are traced: ``DS4JAX_KERNELS`` and its module
+    constants (restored after), the jit caches cleared (inner jitted kernels' traces do not key on
+    module constants)."""
+    os.environ["DS4JAX_KERNELS"] = v.kernels  # read while the program is traced
+    saved = {k: getattr(*k) for k in v.consts}
+    for (mod, name), value in v.consts.items():
+        setattr(mod, name, value)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        for (mod, name), value in saved.items():
+            setattr(mod, name, value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="flash-q2")
@@ -242,16 +260,8 @@ def main() -> None:
         engines[v.label] = (eng, v)
         if (setting, v.program) in builds:
             continue
-        os.environ["DS4JAX_KERNELS"] = v.kernels  # read while the program is traced
-        saved = {k: getattr(*k) for k in v.consts}
-        for (mod, name), value in v.consts.items():
-            setattr(mod, name, value)
-        jax.clear_caches()  # inner jitted kernels' traces do not key on module constants
-        try:  # traced now, under the variant's constants
+        with traced_under(v):
             low = mtp_lower(eng, a.ctx) if v.feed == "mtp" else eng.lower(v.program)
-        finally:
-            for (mod, name), value in saved.items():
-                setattr(mod, name, value)
         if v.feed == "mtp":
             builds[setting, v.program] = lambda eng=eng, low=low: mtp_build(eng, low, mtp_exe, mtp_secs)
         else:

@@ -22,7 +22,6 @@ that the script runs and reports wall-clock only.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 import time
@@ -154,14 +153,8 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
         n = 8
         ns, by = devtime.trace_calls(step, n, devtime.classify if a.timeline else None)
         dev_ms, per_tok = ns / n / 1e6, sum(c for c, _ in by.values()) / n
-        classes: collections.Counter = collections.Counter()
-        for name, (c, t) in by.items():
-            classes[devtime.classify(name)] += t
         print(f"  [{mode}] device time per token by class:", flush=True)
-        for c, t in classes.most_common():
-            print(f"    {c:20s} {t / n / 1e3:9.1f} us  {100 * t / ns:5.1f} %", flush=True)
-        for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[: a.top]:
-            print(f"    {c // n:4d} x {t / c / 1e3:8.2f} us  {name[:80]}", flush=True)
+        devtime.class_report(by, n, a.top)
         if a.hlo:  # the same kernels summed by the model line that made them
             devtime.by_source(by, devtime.hlo_sources(hlo), n, top=a.top)
     tok_s = 1.0 / wall

@@ -63,6 +63,19 @@ def classify(name: str) -> str:
     return next((c for key, c in CLASSES if key in name), "other XLA fusions")
 
 
+def class_report(by: dict, per: int, top: int, indent: str = "    ") -> None:
+    """Print the kernels ``by`` ({name: (count, ns)}) per ``per`` calls: µs and share by class
+    (``classify``), then the ``top`` kernels by time (count a call, µs a launch)."""
+    total = sum(t for _, t in by.values())
+    classes: collections.Counter = collections.Counter()
+    for name, (_, t) in by.items():
+        classes[classify(name)] += t
+    for c, t in classes.most_common():
+        print(f"{indent}{c:20s} {t / per / 1e3:9.1f} us  {100 * t / total:5.1f} %", flush=True)
+    for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"{indent}{c // per:4d} x {t / c / 1e3:8.2f} us  {name[:80]}", flush=True)
+
+
 @contextlib.contextmanager
 def csv_rows(out_dir: str, name: str, header: list[str]):
     """A function appending one row (flushed at once, so a run cut short keeps its rows) to

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import devtime  # speed-bench/devtime.py, beside this script
-from ab_decode import fingerprint, parse_variant  # speed-bench/ab_decode.py, beside this script
+from ab_decode import fingerprint, parse_variant, traced_under  # speed-bench/ab_decode.py, beside this script
 
 from ds4jax import xla_options
 from ds4jax.engine import Engine, layout_keep_free
@@ -56,24 +56,16 @@ def main() -> None:
     cfg = preset_config(p)
     chunks = [int(c) for c in a.chunks.split(",") if c]
     ctx = a.tokens + max(chunks)
-    keep = sum(layout_keep_free(cfg, ctx, c) for c in chunks) * len(variants)  # every engine's state at once
+    keep = max(layout_keep_free(cfg, ctx, c) for c in chunks)  # one engine's state lives at a time
     w = jax.block_until_ready(random_weights(cfg, p, expert_layout="nib", keep_free=keep))
     card = jax.devices()[0].device_kind
     engines = {}
     for v, chunk in ((v, c) for c in chunks for v in variants):
         label = v.label if len(chunks) == 1 else f"{v.label}@{chunk}"
         eng = Engine(types.SimpleNamespace(config=cfg), ctx=ctx, chunk=chunk, weights=w, compiler_options=v.xla)
-        os.environ["DS4JAX_KERNELS"] = v.kernels  # read while the programs are traced
-        saved = {k: getattr(*k) for k in v.consts}
-        for (mod, name), value in v.consts.items():
-            setattr(mod, name, value)
-        jax.clear_caches()
         t0 = time.perf_counter()
-        try:
+        with traced_under(v):
             eng.compile(["prefill"])
-        finally:
-            for (mod, name), value in saved.items():
-                setattr(mod, name, value)
         print(f"{label}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
         engines[label] = eng
     ids = np.random.default_rng(0).integers(0, cfg.n_vocab, a.tokens).tolist()
@@ -112,14 +104,8 @@ def profile(label, eng, ids, params, key, n_tokens, top: int = 15) -> None:
     if not total:
         print(f"{label}: no GPU kernels traced")
         return
-    kinds: dict = {}
-    for name, (_, ns) in by.items():
-        kinds[devtime.classify(name)] = kinds.get(devtime.classify(name), 0) + ns
     print(f"{label}: {total / 1e6:.1f} ms of kernels for {n_tokens} tokens ({total / 1e3 / n_tokens:.1f} µs a token)")
-    for kind, ns in sorted(kinds.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:40s} {ns / 1e6:9.2f} ms  {100 * ns / total:5.1f} %")
-    for name, (count, ns) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
-        print(f"  {ns / 1e6:9.2f} ms {count:6d}x  {name[:90]}")
+    devtime.class_report(by, 1, top)  # the whole prefill's kernels
 
 
 if __name__ == "__main__":

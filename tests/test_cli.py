@@ -95,3 +95,18 @@ def test_compile_cache_flag(tmp_path):
         assert jax.config.jax_compilation_cache_dir.endswith("xla")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_prompt_files_are_read_with_one_line_errors(tmp_path):
+    """``cli.read_text`` (both commands' prompt files): the text, or an error naming the flag for a
+    missing file and for one that is not UTF-8."""
+    from ds4jax.cli import read_text
+
+    good, latin = tmp_path / "p.txt", tmp_path / "latin.txt"
+    good.write_text("héllo", encoding="utf-8")
+    latin.write_bytes("héllo".encode("latin-1"))
+    assert read_text(str(good), "prompt_file") == "héllo"
+    with pytest.raises(DS4Error, match="cannot read --prompt_file"):
+        read_text(str(tmp_path / "none.txt"), "prompt_file")
+    with pytest.raises(DS4Error, match="--chat_prompt_file .* is not UTF-8 text"):
+        read_text(str(latin), "chat_prompt_file")
