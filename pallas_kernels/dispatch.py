@@ -46,7 +46,7 @@ from ds4jax.model.numerics import adot, quantize_q8_0, quantize_q8_k, rms_norm, 
 from pallas_kernels import attention as attention_kernel
 from pallas_kernels import compressor_pool as compressor_pool_kernel
 from pallas_kernels import compressor_row as compressor_row_kernel
-from pallas_kernels import experts, float_dense, norms, q8_0
+from pallas_kernels import experts, float_dense, norms, q8_0, q8_0_rows
 from pallas_kernels import hadamard as hadamard_kernel
 from pallas_kernels import hc_post as hc_post_kernel
 from pallas_kernels import hc_pre as hc_pre_kernel
@@ -258,11 +258,34 @@ def swiglu_quant(g, u, clamp: float, act_quant: bool = True, weights=None):
     return mid, {kind: (q.reshape(mid.shape), d.reshape(*mid.shape[:-1], d.shape[-1]))}
 
 
+# A prefill chunk's rows (more than MAX_TOKENS) against Q8_0 weights on the tensor cores
+# (``q8_0_rows``) instead of the reference's integer einsum, which XLA runs as reductions (two thirds
+# of the prefill's kernel time at 8 layers, H200 session 37 call I). Off in ``auto`` until timed;
+# ``all`` takes it. The same bits (``numerics.asum`` rounds once).
+Q8_ROWS = False
+
+
+def _q8_rows(n: int, mats: tuple, groups: int) -> bool:
+    m = mode()
+    on = m == "all" or (m == "auto" and Q8_ROWS)
+    return (
+        n > MAX_TOKENS
+        and on
+        and jax.default_backend() == "gpu"
+        and all(q8_0_rows.supported(*qs.shape, groups) for qs, _ in mats)
+    )
+
+
 def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None, split: bool = False) -> tuple:
     """The outputs of x against each (qs, d) of ``mats``: the Q8_0 kernel, one launch for all of
-    them, where ``auto(n)`` (for ``auto``) and the mode take it; else the reference, x quantized once."""
+    them, where ``auto(n)`` (for ``auto``) and the mode take it; else the reference, x quantized once.
+    A prefill chunk's rows: ``q8_0_rows`` where ``_q8_rows`` takes it."""
     lead = x.shape[:-1]
     n = math.prod(lead)
+    if _q8_rows(n, mats, groups):
+        xq, dx = _given(pre, "q8_0", x) or quantize_q8_0(value_of(x))
+        xq, dx = xq.reshape(n, -1), dx.reshape(n, -1)
+        return tuple(q8_0_rows.matmul(xq, dx, qs, d, groups).reshape(*lead, qs.shape[0]) for qs, d in mats)
     use, interpret = _use(n, auto=auto(n))
     if n > 1 and os.environ.get("DS4JAX_NO_Q8_SHARE_BATCH", "") not in ("", "0"):
         use = False

@@ -38,6 +38,7 @@ from pallas_kernels import (
     norms,
     q8_0,
     q8_0_mosaic,
+    q8_0_rows,
     quantize,
     sinkhorn,
 )
@@ -96,6 +97,23 @@ def test_q8_0_kernel_is_the_reference_at_every_n(out, k, groups, u, cores):
         rows[n] = got
     for n in (2, 3, 4):  # the share-weight property: a token's row does not depend on N
         assert np.array_equal(rows[n][: n - 1], rows[4][: n - 1]) and np.array_equal(rows[n][0], rows[1][0])
+
+
+@pytest.mark.parametrize("n,out,k,groups", [(64, 64, 512, 1), (37, 96, 256, 2)])
+def test_q8_0_rows_kernel_is_the_reference(n, out, k, groups):
+    """A prefill chunk's rows on the tensor cores (``q8_0_rows``): the reference's bits at every K
+    split and row tile, rows padded to the tile, grouped weights; the chosen launch too."""
+    xq, dx, qs, d = q8_inputs(n, out, k, groups)
+    want = np.asarray(q8_0.reference(xq, dx, qs, d, groups))
+    for bt, bo, splits in ((64, 32, 1), (16, 16, 2), (32, 16, 8)):
+        if (out // groups) % bo:  # a group's rows are 48 in the second case
+            continue
+        cfg = q8_0_rows.RowsConfig(block_t=bt, block_rows=bo, k_splits=splits)
+        got = np.asarray(q8_0_rows.matmul(xq, dx, qs, d, groups, cfg, interpret=INTERPRET))
+        assert np.array_equal(got, want), (bt, bo, splits, np.abs(got - want).max())
+    assert np.array_equal(np.asarray(q8_0_rows.matmul(xq, dx, qs, d, groups, interpret=INTERPRET)), want)
+    with pytest.raises(ValueError, match="does not tile"):
+        q8_0_rows.matmul(xq, dx, qs, d, groups, q8_0_rows.RowsConfig(block_rows=128), interpret=INTERPRET)
 
 
 def test_q8_0_cores_steps_loaded_together_are_the_reference(monkeypatch):
@@ -854,6 +872,13 @@ def test_every_kernel_lowers_for_a_gpu(monkeypatch):
             S((8,), f32),
             S((2, 32), f32),
             S((2, 32), f32),
+        ),
+        (  # a prefill chunk's rows against Q8_0 weights on the tensor cores (grouped, in K splits)
+            lambda x, dx, q, d: q8_0_rows.matmul(x, dx, q, d, 2),
+            S((64, 2 * 1024), i8),
+            S((64, 2 * 32), f32),
+            S((256, 1024), i8),
+            S((256, 32), jnp.float16),
         ),
         (
             lambda H, fn, s, b: hc_pre.hc_pre(H, fn, s, b, 20, 1e-6, 1e-6, gate_columns=4),
