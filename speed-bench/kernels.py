@@ -1,6 +1,6 @@
 """Check and time the Pallas kernels against their XLA references at DeepSeek V4 Flash shapes.
 
-    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention,compressor_pool,compressor_row,float_dense] [--quick]
+    python speed-bench/kernels.py [--out DIR] [--minutes 8] [--only q8_0,q8_0_quant,q8_0_mosaic,q8_0_launch,q8_0_rows,experts,experts_quant,norms,norm_quant,hc_pre,hc_post,quantize,attention,compressor_pool,compressor_row,float_dense] [--quick]
 
 One run builds, checks and times every kernel inside jit:
 * check: the kernel's output equals the jnp reference bit for bit on fresh random data
@@ -58,6 +58,7 @@ from pallas_kernels import (
     norms,
     q8_0,
     q8_0_mosaic,
+    q8_0_rows,
     quantize,
     sinkhorn,
 )
@@ -201,6 +202,24 @@ def sweep_shapes(only: str):
     """The Q8_0 shapes whose name contains one of the comma-separated parts, largest first."""
     keep = [(nm, o, k, g) for nm, o, k, g in Q8_SHAPES if not only or any(t in nm for t in only.split(","))]
     return sorted(keep, key=lambda t: -t[1] * t[2])
+
+
+def bench_q8_rows(rec: Recorder, shapes, tokens=(64,), rounds: int = 20) -> None:
+    """A prefill chunk's rows against Q8_0 weights (``q8_0_rows``, tensor cores) against the
+    reference's integer einsum as XLA runs it (reductions), each on C weight copies unrolled; the
+    kernel's launch checked bit for bit on one call."""
+    for name, out, k, g in shapes:
+        wbytes = q8_bytes(out, k, g, 0)
+        C = max(1, min(8, -(-4 * L2_BYTES // wbytes)))
+        for n in tokens:
+            copies = [q8_case(kk, n, out, k, g) for kk in jax.random.split(jax.random.PRNGKey(n + out), C)]
+            want = np.asarray(jax.jit(lambda *a, g=g: q8_0.reference(*a, groups=g))(*copies[0]))
+            got = np.asarray(q8_0_rows.matmul(*copies[0], g, interpret=INTERPRET))
+            ref_s = time_xla_copies(lambda *a, g=g: q8_0.reference(*a, groups=g), copies, rounds)
+            s = time_xla_copies(lambda *a, g=g: q8_0_rows.matmul(*a, g, interpret=INTERPRET), copies, rounds)
+            cfg = q8_0_rows.choose_config(n, out, k, g)
+            label = f"rows r{cfg.block_rows} t{cfg.block_t} s{cfg.k_splits} w{cfg.num_warps} st{cfg.num_stages}"
+            rec.variant("q8_0_rows", n, name, label, bool(np.array_equal(got, want)), s, q8_bytes(out, k, g, n), ref_s)
 
 
 def q8_variants(out, k, groups, us=(4,)):
@@ -1130,6 +1149,9 @@ def main() -> None:
                 if left() > 0:
                     cfg = experts.choose_config(qt, out, k // 256, whole=False)  # whole-K: int8 in only
                     exb.run(name, qt, out, k, n, cfg, pair=name.startswith("gate/up"), quant=True)
+    if "q8_0_rows" in only and left() > 0:  # a prefill chunk's rows (not in the default list)
+        shapes = Q8_SHAPES[:3] if INTERPRET else sweep_shapes(a.shapes)
+        bench_q8_rows(rec, shapes, **({"tokens": (8,), "rounds": 2} if INTERPRET else {}))
     if "norms" in only and left() > 0:
         bench_norms(rec, **({"q_rank": 128, "head_dim": 128, "n_head": 8, "rounds": 3} if INTERPRET else {}))
     if "hc_pre" in only and left() > 0:
