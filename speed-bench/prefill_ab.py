@@ -10,7 +10,8 @@ options (``ab_decode.py``'s variant syntax: ``label:module.NAME=value,xla_...=va
 prefills ``--tokens`` random tokens from an empty state with every variant in turn; the median
 tokens/s of the rounds is reported, with a 64-bit print of each variant's final state and logits
 (equal prints: the same bits). ``--profile`` (GPU): one more prefill of each engine under the
-profiler, its kernels' time by kind (``devtime.classify``) and the largest kernels by name.
+profiler, its kernels' time by kind (``devtime.classify``), the largest kernels by name, and the
+kernels' time by the model line that made them (``devtime.by_source``).
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def profile(label, eng, ids, params, key, n_tokens, top: int = 15) -> None:
         return
     print(f"{label}: {total / 1e6:.1f} ms of kernels for {n_tokens} tokens ({total / 1e3 / n_tokens:.1f} µs a token)")
     devtime.class_report(by, 1, top)  # the whole prefill's kernels
+    sources = {}  # the layered prefill's programs may repeat a fusion's name: the last one's source
+    for exe in eng._compiled.values():
+        sources.update(devtime.hlo_sources(exe.as_text()))
+    devtime.by_source(by, sources, 1, top=top)
 
 
 if __name__ == "__main__":
