@@ -69,6 +69,21 @@ def mode() -> str:
     return m
 
 
+# The decode kernels a prefill chunk's rows (more than MAX_TOKENS) take on a GPU too, by name
+# ('+'-separated: attention, indexer, hc_pre, hc_post, norm, head_norm, indexer_q, sinkhorn, swiglu,
+# pool, row; ab variants set it; empty: none). Their grids run over the tokens, so any T lowers. H200,
+# session 38, 8 layers, 1,024 tokens, chunks of 64, one process each: all but ``row`` 2,850.0 against
+# 2,800.9 tokens/s with the same final state and logits (call G). ``row`` is left out: the compressor
+# rows' kernel writes complete windows' rows only, where the reference also writes the incomplete
+# windows' (invisible, rewritten once complete), so the state differs in rows no token reads (the
+# logits do not; CPU, interpreted, tiny preset) and a prefill's state would not be the reference's.
+PREFILL_KERNELS = "attention+indexer+hc_pre+hc_post+norm+head_norm+indexer_q+sinkhorn+swiglu+pool"
+
+
+def _prefill(name: str) -> bool:
+    return name in PREFILL_KERNELS.split("+")
+
+
 def _use(n_tok: int, auto: bool, any_n: bool = False) -> tuple[bool, bool]:
     """(use the kernel, interpret it) for a batch of n_tok rows; ``auto``: whether ``auto``
     takes the kernel on GPU for this call; ``any_n``: the kernel takes any n_tok on GPU
@@ -246,7 +261,8 @@ def swiglu_quant(g, u, clamp: float, act_quant: bool = True, weights=None):
     mid = swiglu(value_of(g), value_of(u), clamp)
     if routed:
         mid = mid.reshape(*weights.shape, mid.shape[-1]) * weights[..., None]
-    use, interpret = _use(mid.shape[0], auto=ROUTED_SWIGLU_QUANT_IN_AUTO if routed else SWIGLU_QUANT_IN_AUTO)
+    auto = ROUTED_SWIGLU_QUANT_IN_AUTO if routed else SWIGLU_QUANT_IN_AUTO
+    use, interpret = _use(mid.shape[0], auto=auto, any_n=_prefill("swiglu"))
     if not act_quant or not use or interpret or QUANTIZE_IN_KERNEL:
         return mid, None
     g, u = (x if isinstance(x, SplitSums) else x.reshape(-1, x.shape[-1]) for x in (g, u))
@@ -429,7 +445,7 @@ def rms_norm_quant(parts, eps: float, kv_row=None):
     [W, n], slot; one token), the raw window with that row in row ``slot``. Made in the launch where
     ``KV_ROW_IN_NORM`` (and ``RAW_RING_IN_NORM`` for the ring) or under ``DS4JAX_KERNELS=all``."""
     T = parts[0][0].shape[0]
-    use, interpret = _use(T, auto=NORM_QUANT_IN_AUTO)
+    use, interpret = _use(T, auto=NORM_QUANT_IN_AUTO, any_n=_prefill("norm"))
     k = norms  # the launch knobs read here, at trace time (ab_decode.py variants set them)
     row_in = ring_in = False  # whether the launch makes the KV row, and writes it into the window
     if not use or interpret or QUANTIZE_IN_KERNEL or not k.quant_supported(parts, k.CHUNKS):
@@ -471,7 +487,7 @@ HEAD_NORM_IN_AUTO = True
 
 def head_norm_rope(q: jax.Array, cos: jax.Array, sin: jax.Array, eps: float) -> jax.Array:
     """Per-head weightless RMS norm of q [T, H, hd], then the tail RoPE (cos/sin [T, n_rot/2])."""
-    use, interpret = _use(q.shape[0], auto=HEAD_NORM_IN_AUTO)
+    use, interpret = _use(q.shape[0], auto=HEAD_NORM_IN_AUTO, any_n=_prefill("head_norm"))
     if not use or not norms.head_supported(q, cos):
         return norms.head_norm_rope_reference(q, cos, sin, eps)
     return norms.head_norm_rope(q, cos, sin, eps, heads_per_program=norms.HEADS_A_PROGRAM, interpret=interpret)
@@ -498,7 +514,7 @@ INDEXER_Q_IN_AUTO = True
 def indexer_q(q: jax.Array, cos: jax.Array, sin: jax.Array, block: int, reference):
     """The indexer's queries q [T, H, n] tail-rotated by cos/sin [T, P], Hadamard-transformed and
     FP4 round-tripped per ``block``: one launch where it is taken, else ``reference()``."""
-    use, interpret = _use(q.shape[0], auto=INDEXER_Q_IN_AUTO and HADAMARD_IN_AUTO)
+    use, interpret = _use(q.shape[0], auto=INDEXER_Q_IN_AUTO and HADAMARD_IN_AUTO, any_n=_prefill("indexer_q"))
     if not use or not hadamard_kernel.rope_supported(q, cos, block):
         return reference()
     return hadamard_kernel.rope_hadamard_fp4(q, cos, sin, block, hadamard_kernel.ROPE_BLOCK_ROWS, interpret=interpret)
@@ -515,7 +531,7 @@ _sinkhorn_cpu = jax.jit(sinkhorn_kernel.reference, static_argnums=(1, 2))
 
 def sinkhorn(c: jax.Array, n_iter: int, hc_eps: float) -> jax.Array:
     """The hyper-connection Sinkhorn of c [..., n, n]: one launch instead of dozens of fusions."""
-    use, interpret = _use(math.prod(c.shape[:-2]), auto=True)
+    use, interpret = _use(math.prod(c.shape[:-2]), auto=True, any_n=_prefill("sinkhorn"))
     # Interpreted, its 40 unrolled normalisations take ~20 s to compile per call site, too slow
     # for the whole-model CPU test; its own test checks it against the reference.
     if not use or interpret or not sinkhorn_kernel.supported(c.shape[-1]):
@@ -534,7 +550,7 @@ def hc_pre(H: jax.Array, fn, scale, base, n_iter: int, rms_eps: float, hc_eps: f
     """The hyper-connection pre-mix of H [T, n, d]: (x, post, comb) from the fused kernel
     (``fn``: the mixer's float plane, None for another type), else ``reference()``.
     ``squares``: Σ H² a token as ``hc_post`` below returns it, or None."""
-    use, interpret = _use(H.shape[0], auto=HC_PRE_IN_AUTO)
+    use, interpret = _use(H.shape[0], auto=HC_PRE_IN_AUTO, any_n=_prefill("hc_pre"))
     # Interpreted, its unrolled Sinkhorn compiles for ~20 s a call site (as ``sinkhorn`` above):
     # the whole-model CPU tests keep the reference; the kernel's own test checks it.
     if not use or interpret or fn is None or not hc_pre_kernel.supported(H, fn):
@@ -579,7 +595,7 @@ def hc_post(H: jax.Array, y: jax.Array, post: jax.Array, comb: jax.Array, refere
     ``SplitSums`` (terms: of the T·k rows), which the kernel adds itself. Not interpreted in the whole model, as
     ``hc_pre`` (which alone reads the squares); its own test runs it interpreted."""
     T = H.shape[0]
-    use, interpret = _use(T, auto=HC_POST_IN_AUTO)
+    use, interpret = _use(T, auto=HC_POST_IN_AUTO, any_n=_prefill("hc_post"))
     if not use or interpret or not hc_post_kernel.supported(H):
         return reference(), None
     k = hc_post_kernel  # launch knobs read at trace time (ab_decode.py variants set them)
@@ -614,7 +630,7 @@ def indexer_scores(q: jax.Array, weights: jax.Array, table: jax.Array, reference
     """The indexer's scores [T, R] of q [T, H, hd] with the heads' weights [T, H] over the f16 rows
     table [R, hd]: the kernel where it is taken, else ``reference()``. Interpreted it compiles in
     seconds, so the whole-model CPU tests run it."""
-    use, interpret = _use(q.shape[0], auto=INDEXER_IN_AUTO)
+    use, interpret = _use(q.shape[0], auto=INDEXER_IN_AUTO, any_n=_prefill("indexer"))
     if not use or not indexer_kernel.supported(q, table):
         return reference()
     return indexer_kernel.scores(q, weights, table, interpret=interpret)
@@ -633,7 +649,7 @@ def compressor_pool(
     """The pooled rows [n_slots, hd] of a compressor's window-aligned buffers for a chunk of
     ``n_tok`` tokens: the kernel where it is taken, else ``reference()``. Interpreted it compiles
     in seconds, so the whole-model CPU tests run it."""
-    use, interpret = _use(n_tok, auto=COMPRESSOR_POOL_IN_AUTO)
+    use, interpret = _use(n_tok, auto=COMPRESSOR_POOL_IN_AUTO, any_n=_prefill("pool"))
     if not use or not compressor_pool_kernel.supported(ratio, coff, hd):
         return reference()
     return compressor_pool_kernel.pool(buf_kv, buf_sc, ratio, coff, hd, n_slots, interpret=interpret)
@@ -669,7 +685,8 @@ def compressor_rows(rows, w, cache, pos0, n_tok: int, ratio: int, tables: dict, 
     (weight w), rotated (``tables``: the compressed layers' RoPE tables), through ``trip``
     (``compressor_row.supported``), as f16 at row pos0 // ratio on: the kernel (complete windows'
     rows only; the others stay invisible) where it is taken, else ``reference()`` (every row)."""
-    use, interpret = _use(n_tok, auto=INDEXER_ROW_IN_AUTO if trip[0] == "fp4" else COMPRESSOR_ROW_IN_AUTO)
+    auto = INDEXER_ROW_IN_AUTO if trip[0] == "fp4" else COMPRESSOR_ROW_IN_AUTO
+    use, interpret = _use(n_tok, auto=auto, any_n=_prefill("row"))
     if not use or not compressor_row_kernel.supported(rows.shape[-1], tables["cos"].shape[-1], trip):
         return reference()
     args = (rows, w, tables["cos"], tables["sin"], cache, pos0)
@@ -689,11 +706,12 @@ def sink_attention(q: jax.Array, parts, sink: jax.Array, scale, reference, out_a
     [T, H·hd]) of o with its tail inverse-rotated by those angles (the output projection's input),
     made by the attention's epilogue launch where it runs, else None. Interpreted, these kernels
     compile in seconds, so the whole-model CPU tests run them."""
-    use, interpret = _use(q.shape[0], auto=ATTN_IN_AUTO)
+    use, interpret = _use(q.shape[0], auto=ATTN_IN_AUTO, any_n=_prefill("attention"))
     if not use or not attention_kernel.supported(q, parts):
         return reference(), None
     knobs = {"split": attention_kernel.SPLIT, "prefetch": attention_kernel.PREFETCH}  # at trace time: ab variants
-    quant = out_angles is not None and _use(q.shape[0], auto=ATTN_OUT_IN_AUTO)[0] and not QUANTIZE_IN_KERNEL
+    quant = out_angles is not None and _use(q.shape[0], auto=ATTN_OUT_IN_AUTO, any_n=_prefill("attention"))[0]
+    quant = quant and not QUANTIZE_IN_KERNEL
     quant = quant and attention_kernel.out_supported(q, out_angles[0])
     res = attention_kernel.sink_attention(
         q, tuple(parts), sink, float(scale), interpret=interpret, quant_rotated=out_angles if quant else None, **knobs

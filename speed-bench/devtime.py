@@ -48,6 +48,7 @@ def kernel_events(path: str):
 # Kernel name → where its time goes (first match wins; the rest is "other XLA fusions").
 CLASSES = (
     ("q8_0_share", "Q8_0 kernel"),
+    ("q8_0_rows", "Q8_0 rows kernel"),
     ("experts_", "expert kernels"),
     ("sinkhorn", "Sinkhorn kernel"),
     ("hadamard", "Hadamard kernel"),

@@ -1093,6 +1093,22 @@ def test_dispatch_modes(monkeypatch):
         dispatch.q8_0_matmul(x, qs, d)
 
 
+def test_prefill_kernels_take_a_chunks_rows_on_a_gpu_only(monkeypatch):
+    """``PREFILL_KERNELS``: the named decode kernels take more than MAX_TOKENS rows on a GPU (faked
+    here), the others and any kernel on the CPU keep the reference at those rows (the CPU tests'
+    prefill); the compressor rows' kernel is not named (its state differs in rows no token reads)."""
+    n = dispatch.MAX_TOKENS + 60
+    assert "row" not in dispatch.PREFILL_KERNELS.split("+") and "attention" in dispatch.PREFILL_KERNELS.split("+")
+    monkeypatch.setenv("DS4JAX_KERNELS", "auto")
+    assert dispatch._use(n, auto=True, any_n=dispatch._prefill("attention")) == (False, False)  # CPU
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    assert dispatch._use(n, auto=True, any_n=dispatch._prefill("attention")) == (True, False)
+    assert dispatch._use(n, auto=True, any_n=dispatch._prefill("row")) == (False, False)
+    monkeypatch.setattr(dispatch, "PREFILL_KERNELS", "")
+    assert dispatch._use(n, auto=True, any_n=dispatch._prefill("attention")) == (False, False)
+    assert dispatch._use(1, auto=True, any_n=dispatch._prefill("attention")) == (True, False)  # decode
+
+
 def test_decode_through_kernels_equals_prefill_bit_for_bit(tiny_files, monkeypatch):
     """Decode (N=1: every Q8_0 and routed-expert matmul and the fused norms a kernel) against
     chunked prefill (N=32: the XLA path): same logits, bit for bit. Off GPU the prefill is traced
