@@ -116,6 +116,36 @@ def test_q8_0_rows_kernel_is_the_reference(n, out, k, groups):
         q8_0_rows.matmul(xq, dx, qs, d, groups, q8_0_rows.RowsConfig(block_rows=128), interpret=INTERPRET)
 
 
+def test_dispatch_routes_a_prefill_chunk_to_the_rows_kernel(monkeypatch):
+    """More than MAX_TOKENS rows on a GPU (faked; the kernel interpreted): ``q8_0_rows`` for plain,
+    grouped and several matrices of one input, with more than one leading axis, the reference's bits;
+    on the CPU, or with ``Q8_ROWS`` off in ``auto``, the reference."""
+    n = dispatch.MAX_TOKENS + 3
+    x = jnp.asarray(RNG.standard_normal((n, 2, 256)).astype(np.float32))
+    _, _, qs, d = q8_inputs(1, 64, 256)
+    _, _, qs2, d2 = q8_inputs(1, 32, 256)
+    _, _, qg, dg = q8_inputs(1, 64, 128, groups=2)
+    want = (
+        dispatch.q8_0_matmul(x, qs, d),
+        dispatch.q8_0_matmuls(x, ((qs, d), (qs2, d2))),
+        dispatch.q8_0_matmul(x, qg, dg, groups=2),
+    )
+    calls, real = [], q8_0_rows.matmul
+    monkeypatch.setattr(q8_0_rows, "matmul", lambda *a, **k: calls.append(a[4]) or real(*a, **k, interpret=True))
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv("DS4JAX_KERNELS", "auto")
+    got = (
+        dispatch.q8_0_matmul(x, qs, d),
+        dispatch.q8_0_matmuls(x, ((qs, d), (qs2, d2))),
+        dispatch.q8_0_matmul(x, qg, dg, groups=2),
+    )
+    assert calls == [1, 1, 1, 2]
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
+    monkeypatch.setattr(dispatch, "Q8_ROWS", False)
+    assert np.array_equal(np.asarray(dispatch.q8_0_matmul(x, qs, d)), np.asarray(want[0])) and len(calls) == 4
+
+
 def test_q8_0_cores_steps_loaded_together_are_the_reference(monkeypatch):
     """The CUDA-core form with V loop steps' loads issued together (``TileConfig.unroll``): the
     reference's bits at N = 1..4 and in a K split; dispatch's ``CORES_UNROLL`` halves to divide."""
