@@ -52,7 +52,7 @@ def _kernel(z_ref, meta_ref, rows_ref, w_ref, cos_ref, sin_ref, _cache_ref, o_re
     rnd = functools.partial(opaque, zero=zero)
     s = pl.program_id(0)
 
-    @pl.when(s < meta_ref[1])  # this slot's window is complete
+    @pl.when(s < meta_ref[1])  # this slot's window is complete (or every slot: ``every``)
     def _():
         x = rows_ref[...]  # [1, hd]
         hd = x.shape[-1]
@@ -70,20 +70,36 @@ def _kernel(z_ref, meta_ref, rows_ref, w_ref, cos_ref, sin_ref, _cache_ref, o_re
         o_ref[pl.ds(pl.multiple_of((meta_ref[0] + s) * hd, hd), hd)] = row.reshape(hd)
 
 
-@functools.partial(jax.jit, static_argnames=("n_tok", "ratio", "eps", "trip", "interpret"))
+@functools.partial(jax.jit, static_argnames=("n_tok", "ratio", "eps", "trip", "interpret", "every"))
 def rows_into_cache(
-    rows, w, cos_tab, sin_tab, cache, pos0, n_tok: int, ratio: int, eps: float, trip: tuple, interpret=False
+    rows,
+    w,
+    cos_tab,
+    sin_tab,
+    cache,
+    pos0,
+    n_tok: int,
+    ratio: int,
+    eps: float,
+    trip: tuple,
+    interpret=False,
+    every=False,
 ):
     """The cache [cap, hd] f16 with the rows of the chunk's complete windows written: rows [S, hd] the
     pooled slots (slot s starts at position pos0 − pos0 mod ratio + s·ratio, its cache row
     pos0 // ratio + s), w [hd] the norm's weight, cos_tab / sin_tab [ctx, n_pairs] the compressed
     layers' RoPE tables, ``trip`` as in ``supported``; ``n_tok`` the chunk's tokens (padding
     included: a row a padding token completes is invisible too). Rows of incomplete windows are
-    not written."""
+    not written; with ``every`` (a prefill chunk) they are, as the XLA path writes them (its
+    ``dynamic_update_slice``: the S rows from pos0 // ratio, that start clamped to the cache), so
+    the cache is the XLA path's in every row."""
     S, hd = rows.shape
     n_pairs = cos_tab.shape[-1]
     rem = pos0 % ratio
-    meta = jnp.stack([pos0 // ratio, (rem + n_tok) // ratio, pos0 - rem]).astype(jnp.int32)
+    first, done = pos0 // ratio, (rem + n_tok) // ratio
+    if every:
+        first, done = jnp.minimum(first, cache.shape[0] - S), S
+    meta = jnp.stack([first, jnp.asarray(done, jnp.int32), pos0 - rem]).astype(jnp.int32)
     flat = cache.reshape(-1)
     whole = lambda a: pl.BlockSpec(a.shape, lambda s: (0,) * a.ndim)
     args = [kernel_zero(rows, interpret), meta, rows.astype(F32), w.astype(F32)]

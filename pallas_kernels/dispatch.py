@@ -73,10 +73,11 @@ def mode() -> str:
 # ('+'-separated: attention, indexer, hc_pre, hc_post, norm, head_norm, indexer_q, sinkhorn, swiglu,
 # pool, row; ab variants set it; empty: none). Their grids run over the tokens, so any T lowers. H200,
 # session 38, 8 layers, 1,024 tokens, chunks of 64, one process each: all but ``row`` 2,850.0 against
-# 2,800.9 tokens/s with the same final state and logits (call G). ``row`` is left out: the compressor
-# rows' kernel writes complete windows' rows only, where the reference also writes the incomplete
-# windows' (invisible, rewritten once complete), so the state differs in rows no token reads (the
-# logits do not; CPU, interpreted, tiny preset) and a prefill's state would not be the reference's.
+# 2,800.9 tokens/s with the same final state and logits (call G). ``row`` was left out: the compressor
+# rows' kernel wrote complete windows' rows only, where the reference also writes the incomplete
+# windows' (invisible, rewritten once complete), so the state differed in rows no token reads (the
+# logits did not; CPU, interpreted, tiny preset). At a prefill chunk it now writes every row as the
+# reference does (``compressor_rows``), the state the reference's on the CPU; not timed, so not named.
 PREFILL_KERNELS = "attention+indexer+hc_pre+hc_post+norm+head_norm+indexer_q+sinkhorn+swiglu+pool"
 
 
@@ -690,7 +691,8 @@ def compressor_rows(rows, w, cache, pos0, n_tok: int, ratio: int, tables: dict, 
     if not use or not compressor_row_kernel.supported(rows.shape[-1], tables["cos"].shape[-1], trip):
         return reference()
     args = (rows, w, tables["cos"], tables["sin"], cache, pos0)
-    return compressor_row_kernel.rows_into_cache(*args, n_tok, ratio, eps, trip, interpret=interpret)
+    every = n_tok > MAX_TOKENS  # a prefill chunk: every row, as the reference (its state, bit for bit)
+    return compressor_row_kernel.rows_into_cache(*args, n_tok, ratio, eps, trip, interpret=interpret, every=every)
 
 
 # The attention's epilogue, the tail's inverse rotation and the output projection's quantization as

@@ -742,6 +742,17 @@ def test_compressor_row_kernel_writes_the_references_complete_rows(ratio, hd, n_
     want[pos0 // ratio : pos0 // ratio + done] = np.asarray(r)[:done]
     assert done in (0, 1) and np.asarray(got).dtype == np.float16
     assert np.array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
+    # ``every`` (a prefill chunk): every slot's row, where the XLA path's update puts it (its start
+    # clamped to the cache: pos0 + 6 windows on puts the last rows past the 8 of this cache)
+    for p0 in (pos0, pos0 + 6 * ratio):
+        start = p0 - p0 % ratio + ratio * np.arange(n_slots)
+        r = model_compressor.row_values(rows, w, cos[start % 400], sin[start % 400], 1e-6, fn).astype(jnp.float16)
+        want = np.asarray(jax.lax.dynamic_update_slice(cache, r, (p0 // ratio, 0)))
+        tabs = (jnp.concatenate([cos] * 3), jnp.concatenate([sin] * 3))  # positions up to 1,200
+        got = compressor_row.rows_into_cache(
+            rows, w, *tabs, cache, jnp.int32(p0), n_tok, ratio, 1e-6, trip, interpret=INTERPRET, every=True
+        )
+        assert np.array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16)), p0
 
 
 def test_hc_post_kernel_sums_the_ffn_terms_as_the_reference():
@@ -1126,7 +1137,7 @@ def test_dispatch_modes(monkeypatch):
 def test_prefill_kernels_take_a_chunks_rows_on_a_gpu_only(monkeypatch):
     """``PREFILL_KERNELS``: the named decode kernels take more than MAX_TOKENS rows on a GPU (faked
     here), the others and any kernel on the CPU keep the reference at those rows (the CPU tests'
-    prefill); the compressor rows' kernel is not named (its state differs in rows no token reads)."""
+    prefill); the compressor rows' kernel is not named (not timed at a chunk's rows)."""
     n = dispatch.MAX_TOKENS + 60
     assert "row" not in dispatch.PREFILL_KERNELS.split("+") and "attention" in dispatch.PREFILL_KERNELS.split("+")
     monkeypatch.setenv("DS4JAX_KERNELS", "auto")
