@@ -26,8 +26,11 @@ made at trace time from static shapes and the environment:
                               matrices in one launch, the indexer's q_b); the shared
                               expert's SwiGLU with its quantization, from its gate+up
                               launch's partials; q's per-head norm with its tail RoPE (a
-                              head a program).
-    DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4
+                              head a program). A prefill chunk's rows (more than 4): the dense
+                              Q8_0 projections on the tensor cores (``q8_0_rows``), the routed
+                              experts, and the decode kernels ``PREFILL_KERNELS`` names (their
+                              grids run over the tokens); the rest on XLA.
+    DS4JAX_KERNELS=all        on GPU, every kernel at N = 1..4 (and the prefill's, as ``auto``)
     DS4JAX_KERNELS=off        the reference everywhere
     DS4JAX_KERNELS=interpret  every kernel at N = 1..4, interpreted off GPU (the CPU tests)
     DS4JAX_NO_Q8_SHARE_BATCH=1  Q8_0 batches of 2..4 tokens take the reference path
@@ -55,10 +58,10 @@ from pallas_kernels import quantize as quantize_kernel
 from pallas_kernels import sinkhorn as sinkhorn_kernel
 from pallas_kernels.common import SplitSums, value_of
 
-MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); prefill uses XLA
-# ... except the routed experts: their kernel's programs are (token, expert) pairs, so a prefill
-# chunk is only more programs, and XLA's gather-then-dot materialises every pair's decoded
-# expert (64 tokens x 6 experts x 2048x4096 at full size: ~120 GB of temporaries).
+MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); a prefill
+# chunk takes the routed experts' kernel (its programs are (token, expert) pairs, so a chunk is only
+# more programs, where XLA's gather-then-dot materialises every pair's decoded expert: 64 tokens x 6
+# experts x 2048x4096 at full size, ~120 GB of temporaries), ``q8_0_rows`` and ``PREFILL_KERNELS``.
 REFERENCE_PAIR_ELEMENTS = 1 << 27  # above this many gathered weights, the reference goes in groups
 
 

@@ -9,8 +9,9 @@
 Exact integer block dots plus accurately rounded float sums (``numerics.asum``) make a
 row's result independent of how many rows are batched, which is what lets prefill,
 chunked prefill, decode and the N=2 verifier agree bit for bit. This is the plain-jnp
-path's arithmetic; ``pallas_kernels.dispatch`` runs the Pallas kernels instead on GPU for
-1..4 tokens (decode and the verifier), bit for bit the same.
+path's arithmetic; ``pallas_kernels.dispatch`` runs the Pallas kernels instead on GPU (1..4
+tokens: decode and the verifier; a prefill chunk's rows: the dense Q8_0 and the routed experts'
+kernels), bit for bit the same.
 """
 
 from __future__ import annotations
