@@ -99,7 +99,7 @@ def rows_into_cache(
     first, done = pos0 // ratio, (rem + n_tok) // ratio
     if every:
         first, done = jnp.minimum(first, cache.shape[0] - S), S
-    meta = jnp.stack([first, jnp.asarray(done, jnp.int32), pos0 - rem]).astype(jnp.int32)
+    meta = jnp.stack([first, done, pos0 - rem]).astype(jnp.int32)
     flat = cache.reshape(-1)
     whole = lambda a: pl.BlockSpec(a.shape, lambda s: (0,) * a.ndim)
     args = [kernel_zero(rows, interpret), meta, rows.astype(F32), w.astype(F32)]

@@ -287,14 +287,8 @@ Q8_ROWS = True
 
 
 def _q8_rows(n: int, mats: tuple, groups: int) -> bool:
-    m = mode()
-    on = m == "all" or (m == "auto" and Q8_ROWS)
-    return (
-        n > MAX_TOKENS
-        and on
-        and jax.default_backend() == "gpu"
-        and all(q8_0_rows.supported(*qs.shape, groups) for qs, _ in mats)
-    )
+    use, interpret = _use(n, auto=Q8_ROWS, any_n=True)  # more than MAX_TOKENS rows: on a GPU only
+    return n > MAX_TOKENS and use and not interpret and all(q8_0_rows.supported(*qs.shape, groups) for qs, _ in mats)
 
 
 def _q8_0(x: jax.Array, mats: tuple, groups: int, auto, pre=None, split: bool = False) -> tuple:

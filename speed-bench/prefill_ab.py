@@ -108,8 +108,8 @@ def profile(label, eng, ids, params, key, n_tokens, top: int = 15) -> None:
     print(f"{label}: {total / 1e6:.1f} ms of kernels for {n_tokens} tokens ({total / 1e3 / n_tokens:.1f} µs a token)")
     devtime.class_report(by, 1, top)  # the whole prefill's kernels
     sources = {}  # the layered prefill's programs may repeat a fusion's name: the last one's source
-    for exe in eng._compiled.values():
-        sources.update(devtime.hlo_sources(exe.as_text()))
+    for name in eng.program_names("prefill"):
+        sources.update(devtime.hlo_sources(eng.program(name).as_text()))
     devtime.by_source(by, sources, 1, top=top)
 
 
