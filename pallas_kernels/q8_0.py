@@ -229,6 +229,12 @@ def _kernel(
 # attn_output_a 16.59 / 15.15 / 14.45 / 16.02, attn_output_b 16.94 / 15.50 / 14.76 / 16.46,
 # mtp_e_proj 9.87 / 9.89 / 9.19, shexp_up 7.37 / 7.42 / 6.71 (64 rows, 4 warps).
 CORES_UNROLL = 4
+# ... and at N ≥ 2 at most this many, for programs that walk more steps than it (the unroll changes
+# no sum, only when loads issue, so N=2 still equals N=1's rows). Launches alone (the K-split
+# partials unfinished), H200, session 40 call C, V = 4 / 2 at N=2: attn_q_b (8 steps a program)
+# 14.20 / 13.60 µs (N=1: 11.85 at V = 4); mtp_e_proj (4 steps) 9.01 / 9.08, shexp_up (4 steps)
+# 5.92 / 6.27 keep 4: they walk no more than 4 steps.
+CORES_UNROLL_N2 = 2
 
 
 def steps_of(nb: int, cfg: TileConfig) -> int:
@@ -236,17 +242,20 @@ def steps_of(nb: int, cfg: TileConfig) -> int:
     return nb // cfg.blocks_per_step // cfg.k_splits
 
 
-def config_for(outs: tuple, k: int, groups: int = 1, cores: bool = False) -> TileConfig:
+def config_for(outs: tuple, k: int, groups: int = 1, cores: bool = False, n: int = 1) -> TileConfig:
     """``choose_config`` for one launch over matrices of ``outs`` rows each (one K): the rows per
     program also divide every matrix's rows (rows do not change a result; the K split does, and
     it follows the launch's total shape, never N). ``cores``: the CUDA-core form, the same bits, at
     most 64 rows a program, 32 for the LM head (H200: 175 µs at 64 rows, 187 at 128, session 18;
-    at U = 8, 153 at 32 rows and 156 at 64, session 19)."""
+    at U = 8, 153 at 32 rows and 156 at 64, session 19); its loads of ``CORES_UNROLL`` steps at
+    once, ``CORES_UNROLL_N2`` at ``n`` ≥ 2 tokens where a program walks more steps than that."""
     cfg = choose_config(sum(outs), k, groups)
     rows = min(cfg.block_rows, 32 if sum(outs) >= HEAD_ROWS else 64) if cores else cfg.block_rows
     while any(o // groups % rows for o in outs):
         rows //= 2
     unroll = CORES_UNROLL if cores else 1
+    if n >= 2 and steps_of(k // QK, cfg) > CORES_UNROLL:
+        unroll = min(unroll, CORES_UNROLL_N2)
     while steps_of(k // QK, cfg) % unroll:
         unroll //= 2
     return dataclasses.replace(cfg, block_rows=rows, cores=cores, unroll=unroll)
@@ -288,7 +297,7 @@ def matmul(
     if many and (groups != 1 or stacked or any(q.shape[-1] != k for q in qs)):
         raise ValueError("q8_0 kernel: several matrices in one launch need one K, no groups and no stack")
     out, nb = sum(outs), k // QK
-    cfg = cfg or config_for(outs, k, groups, cores)
+    cfg = cfg or config_for(outs, k, groups, cores, n)
     U, BO = cfg.blocks_per_step, cfg.block_rows
     if (
         n > MAX_TOKENS

@@ -62,7 +62,7 @@ from pallas_kernels import (
     quantize,
     sinkhorn,
 )
-from pallas_kernels.common import TileConfig
+from pallas_kernels.common import TileConfig, finished, matrix_columns
 from pallas_kernels.testing import expert_planes
 
 L2_BYTES = 50 << 20
@@ -163,17 +163,19 @@ def copy_bandwidth() -> float:
     return float(out.stdout.split()[-1])
 
 
-def time_steps(fn, steps: int, *args, show: bool = False, prep=None):
+def time_steps(fn, steps: int, *args, show: bool = False, prep=None, only: str | None = None):
     """(device seconds per call, fn(steps - 1, *args)) with fn(i, *args) called for i < steps in
     one fori_loop; the time is the calls' kernel durations from the profiler (devtime.py), less
-    those of ``prep(i)`` (the bench's own per-step index, which fn computes the same way)."""
-    s, last = devtime.per_call(fn, steps, *args, show=show, prep=prep)
+    those of ``prep(i)`` (the bench's own per-step index, which fn computes the same way);
+    ``only``: the durations of the kernels so named alone (``devtime.per_call``)."""
+    s, last = devtime.per_call(fn, steps, *args, show=show, prep=prep, only=only)
     return s, np.asarray(last)
 
 
-def time_xla_copies(fn, copies, rounds: int, show: bool = False) -> float:
-    """Device seconds per call of an XLA function, called on C weight copies (unrolled) per step."""
-    s, _ = devtime.per_call(lambda i, copies: tuple(fn(*c) for c in copies), rounds, copies, show=show)
+def time_xla_copies(fn, copies, rounds: int, show: bool = False, only: str | None = None) -> float:
+    """Device seconds per call of an XLA function, called on C weight copies (unrolled) per step;
+    ``only``: the kernels so named alone (``devtime.per_call``)."""
+    s, _ = devtime.per_call(lambda i, copies: tuple(fn(*c) for c in copies), rounds, copies, show=show, only=only)
     return s / len(copies)
 
 
@@ -257,6 +259,7 @@ def expert_inputs(key, pairs, n, n_expert):
 
 
 CORES_TAG = " cores1"  # how the CSVs mark session 18's CUDA-core form of a Q8_0 launch
+RAW_TAG = " raw"  # the launch's own kernel, its K-split partials unfinished (``Q8Bench.run(raw=True)``)
 
 
 def q8_label(cfg) -> str:
@@ -271,6 +274,7 @@ class Q8Bench:
         self.cases = {}
         self.repacked = {}  # shape -> the Mosaic kernel's planes of the weight copies
         self.best: dict = {}  # (shape, N) -> (seconds, cfg, bytes, XLA seconds)
+        self.best_raw: dict = {}  # the same for the launches' own kernels (``run(raw=True)``)
         self.best_mosaic: dict = {}  # the same for the Mosaic variant
         self.shown = set()  # a shape's first run prints its kernels (what the profiler counted)
         self.quant_refs: dict = {}  # (shape, N) -> (expected, XLA seconds) of the f32-input call
@@ -328,21 +332,30 @@ class Q8Bench:
         if ok:
             self.best_quant[(name, n_tok)] = (s, cfg, nbytes, ref_s)
 
-    def run(self, name, out, k, groups, n_tok, cfg):
+    def run(self, name, out, k, groups, n_tok, cfg, raw: bool = False):
+        """One launch timed and checked; ``raw``: the launch alone, as the engine's ``split=``
+        callers run it: its K-split partials left for the kernel that reads them (which adds them
+        as it loads: ``hc_post``, the quantize launch), finished outside the timed loop for the
+        check, and the time that of the launch's own kernel (no finish, none of the bench's
+        index arithmetic: ``devtime.per_call(only=)``)."""
         copies, stacks, C, rounds, refs, rows1 = self._case(name, out, k, groups)
         xq, dx = copies[0][0][:n_tok], copies[0][1][:n_tok]
         want, ref_s = refs[n_tok]
 
         def fn(i, xq, dx, qs, d, cfg=cfg):
-            return q8_0.matmul(xq, dx, qs, d, groups=groups, cfg=cfg, interpret=INTERPRET, mat=mat_at(i))
+            y = q8_0.matmul(xq, dx, qs, d, groups=groups, cfg=cfg, interpret=INTERPRET, mat=mat_at(i), raw=raw)
+            return y.arrays if raw else y
 
         mat_at = copy_index(C)
+        only = "q8_0_share" if raw and not INTERPRET else None
         try:
-            s, got = time_steps(fn, rounds * C, xq, dx, *stacks, show=name not in self.shown, prep=mat_at)
+            s, got = time_steps(fn, rounds * C, xq, dx, *stacks, show=name not in self.shown, prep=mat_at, only=only)
             self.shown.add(name)
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
             print(f"  q8_0 {name} N={n_tok} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             return
+        if raw:
+            got = np.asarray(finished(tuple(jnp.asarray(a) for a in got)))[:n_tok]
         ok = bool(np.array_equal(got, want))
         order = (cfg.k_splits, cfg.blocks_per_step)
         if n_tok == 1:
@@ -351,11 +364,12 @@ class Q8Bench:
             print(f"    N={n_tok}: row 0 differs from N=1", flush=True)
             ok = False
         nbytes = q8_bytes(out, k, groups, n_tok)
-        config = q8_label(cfg)
+        config = q8_label(cfg) + RAW_TAG * raw
         self.rec.variant("q8_0", n_tok, name, config, ok, s, nbytes, ref_s)
         key = (name, n_tok)
-        if ok and (key not in self.best or s < self.best[key][0]):
-            self.best[key] = (s, cfg, nbytes, ref_s)
+        best = self.best_raw if raw else self.best
+        if ok and (key not in best or s < best[key][0]):
+            best[key] = (s, cfg, nbytes, ref_s)
 
     def run_mosaic(self, name, out, k, groups, n_tok, mcfg):
         """The Mosaic GPU variant on the same copies (repacked once, outside the timing)."""
@@ -418,26 +432,35 @@ class Q8Launch:
             self.cases[outs, k] = copies, max(3, min(50, int(2e9 // (wbytes * C))))
         return self.cases[outs, k]
 
-    def run(self, name, outs, k, n_tok, cores=False):
+    def run(self, name, outs, k, n_tok, cores=False, raw=False):
+        """One launch over the matrices ``outs`` of one K; ``raw``: its own kernel's time, the
+        K-split partials left for their reader (``Q8Bench.run``'s ``raw``)."""
         copies, rounds = self._case(outs, k)
         xq, dx = q8_case(jax.random.PRNGKey(5), n_tok, 16, k, 1)[:2]
 
         def kern(qs, d):  # tuples of planes: one launch for all (a 1-tuple is the one-matrix launch)
-            return q8_0.matmul(xq, dx, qs, d, interpret=INTERPRET, cores=cores)
+            y = q8_0.matmul(xq, dx, qs, d, interpret=INTERPRET, cores=cores, raw=raw)
+            return y[0].arrays if raw else y
 
         def ref(qs, d):
             return tuple(q8_0.reference(xq, dx, q, dd) for q, dd in zip(qs, d))
 
         got, want = jax.jit(kern)(*copies[-1]), jax.jit(ref)(*copies[-1])
+        if raw:  # the launch's partials finished here, its matrices' columns side by side
+            y = np.asarray(finished(got))[:n_tok]
+            got = tuple(y[:, start : start + o] for start, o in matrix_columns(outs))
         ok = all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(got, want))
         ref_s = time_xla_copies(ref, copies, rounds)
-        s = time_xla_copies(kern, copies, rounds, show=n_tok == 1)
-        cfg = q8_0.config_for(outs, k, cores=cores)  # what matmul took
-        config = f"launch r{cfg.block_rows} s{cfg.k_splits} C{len(copies)}" + CORES_TAG * cores
+        only = "q8_0_share" if raw and not INTERPRET else None
+        s = time_xla_copies(kern, copies, rounds, show=n_tok == 1, only=only)
+        cfg = q8_0.config_for(outs, k, cores=cores, n=n_tok)  # what matmul took
+        config = (
+            f"launch r{cfg.block_rows} s{cfg.k_splits} V{cfg.unroll} C{len(copies)}" + CORES_TAG * cores + RAW_TAG * raw
+        )
         nbytes = q8_bytes(sum(outs), k, 1, n_tok)
         self.rec.variant("q8_0_launch", n_tok, name, config, ok, s, nbytes, ref_s)
         if ok:
-            self.rec.best(f"q8_0 launch {'x'.join(map(str, outs))}", n_tok, name, s, nbytes, ref_s)
+            self.rec.best(f"q8_0 launch {'x'.join(map(str, outs))}{RAW_TAG * raw}", n_tok, name, s, nbytes, ref_s)
 
     def floor(self, name, outs, k):
         copies, rounds = self._case(outs, k)
@@ -458,12 +481,13 @@ MOSAIC_CONFIGS = [
 # ---- routed experts -------------------------------------------------------------------------
 class ExpertBench:
     def __init__(self, rec: Recorder):
-        self.rec, self.best, self.cases = rec, {}, {}
+        self.rec, self.best, self.best_raw, self.cases = rec, {}, {}, {}
 
-    def run(self, name, qtype, out, n, n_tok, cfg: experts.ExpertConfig, version=3, pair=False, quant=False):
+    def run(self, name, qtype, out, n, n_tok, cfg: experts.ExpertConfig, version=3, pair=False, quant=False, raw=False):
         """One configuration at N = n_tok; ``pair``: two matrices of the shape (gate and up) in one
         launch, against the two plain calls' references; ``quant``: f32 activations that the kernel
-        quantizes itself, against XLA's Q8_K quantization + reference."""
+        quantizes itself, against XLA's Q8_K quantization + reference; ``raw``: the time is the
+        expert kernels' own (``devtime.per_call(only=)``), none of the bench's around them."""
         if cfg.whole_k:  # the shape's own split (the summation grouping), only the launch changes
             cfg = dataclasses.replace(cfg, k_splits=experts.choose_config(qtype, out, n // 256).k_splits)
         if out % cfg.block_rows or (n // 256) % cfg.k_splits:
@@ -504,7 +528,9 @@ class ExpertBench:
             return experts.matmul(xq, dx, ids_at(i), qtype, use, cfg, INTERPRET, version)
 
         try:
-            s, got = time_steps(fn, EXPERT_ROUNDS, xq, dx, use, prep=ids_at)
+            s, got = time_steps(
+                fn, EXPERT_ROUNDS, xq, dx, use, prep=ids_at, only="experts_" if raw and not INTERPRET else None
+            )
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
             print(
                 f"  experts v{version} {label} N={n_tok} {expert_label(cfg)}: FAILED {type(e).__name__}: {str(e)[:300]}",
@@ -514,10 +540,13 @@ class ExpertBench:
         ok = bool(np.array_equal(got, want))
         per_expert = sum(int(np.prod(v.shape[1:])) * v.dtype.itemsize for v in mats[0].values())
         nbytes = P * ((1 + pair) * (per_expert + out * 4) + (4 * n if quant else n + nb * 4))
-        self.rec.variant("experts", n_tok, label, f"v{version} {expert_label(cfg)}", ok, s, nbytes, ref_s)
+        self.rec.variant(
+            "experts", n_tok, label, f"v{version} {expert_label(cfg)}" + RAW_TAG * raw, ok, s, nbytes, ref_s
+        )
         key = (label, n_tok)
-        if ok and (key not in self.best or s < self.best[key][0]):
-            self.best[key] = (s, (version, cfg), nbytes, ref_s)
+        best = self.best_raw if raw else self.best
+        if ok and (key not in best or s < best[key][0]):
+            best[key] = (s, (version, cfg), nbytes, ref_s)
 
 
 def expert_label(cfg: experts.ExpertConfig) -> str:
@@ -1061,6 +1090,13 @@ def main() -> None:
     ap.add_argument(
         "--cores-max-n", type=int, default=4, help="q8_0 with --cores: time the CUDA-core launches up to this N"
     )
+    ap.add_argument(
+        "--raw",
+        action="store_true",
+        help="q8_0 and experts: also each launch's own kernel time (Q8_0: its K-split partials left for their reader, "
+        "as the engine's split= calls do)",
+    )
+    ap.add_argument("--raw-only", action="store_true", help="with --raw: only the launches' own kernel times")
     a = ap.parse_args()
     TOKENS = tuple(int(t) for t in a.tokens.split(","))
     if a.expert_shapes:
@@ -1109,7 +1145,10 @@ def main() -> None:
             for n in TOKENS:
                 for cfg in variants:
                     if left() > 0 and not (cfg.cores and n > a.cores_max_n):
-                        q8b.run(name, out, k, g, n, cfg)
+                        if not (a.raw and a.raw_only):
+                            q8b.run(name, out, k, g, n, cfg)
+                        if a.raw:
+                            q8b.run(name, out, k, g, n, cfg, raw=True)
     if "q8_0_quant" in only:  # the kernel quantizing its f32 activations itself, base configurations
         for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
             for n in TOKENS:
@@ -1131,7 +1170,10 @@ def main() -> None:
             for n in TOKENS:
                 for c in (False, True) if a.cores else (False,):
                     if left() > 0:
-                        lb.run(name, outs, k, n, c)
+                        if not (a.raw and a.raw_only):
+                            lb.run(name, outs, k, n, c)
+                        if a.raw:
+                            lb.run(name, outs, k, n, c, raw=True)
             if left() > 0:
                 lb.floor(name, outs, k)
     if "experts" in only:  # v3 (dp4a on packed words) at its base configuration; gate+up in one launch
@@ -1139,7 +1181,10 @@ def main() -> None:
             for pair in (False, True) if name.startswith("gate/up") else (False,):
                 for n in TOKENS:
                     if left() > 0:
-                        exb.run(name, qt, out, k, n, experts.choose_config(qt, out, k // 256), pair=pair)
+                        if not (a.raw and a.raw_only):
+                            exb.run(name, qt, out, k, n, experts.choose_config(qt, out, k // 256), pair=pair)
+                        if a.raw:
+                            exb.run(name, qt, out, k, n, experts.choose_config(qt, out, k // 256), pair=pair, raw=True)
                         for cfg in expert_configs(a.expert_cfgs):
                             if left() > 0:
                                 exb.run(name, qt, out, k, n, cfg, pair=pair)
@@ -1214,18 +1259,21 @@ def main() -> None:
         rec.best(f"q8_0_mosaic r{cfg.block_rows}U{cfg.blocks_per_step}st{cfg.stages}", n, name, s, nbytes, ref_s)
     for (name, n), (s, cfg, nbytes, ref_s) in q8b.best_quant.items():
         rec.best(f"q8_0 quantizing U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}", n, name, s, nbytes, ref_s)
-    for (name, n), (s, cfg, nbytes, ref_s) in q8b.best.items():
-        rec.best(
-            f"q8_0 U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}"
-            + CORES_TAG * cfg.cores,
-            n,
-            name,
-            s,
-            nbytes,
-            ref_s,
-        )
-    for (name, n), (s, (v, cfg), nbytes, ref_s) in exb.best.items():
-        rec.best(f"experts v{v} {expert_label(cfg)}", n, name, s, nbytes, ref_s)
+    for tag, best in (("", q8b.best), (RAW_TAG, q8b.best_raw)):
+        for (name, n), (s, cfg, nbytes, ref_s) in best.items():
+            rec.best(
+                f"q8_0 U{cfg.blocks_per_step}r{cfg.block_rows}s{cfg.k_splits}w{cfg.num_warps}st{cfg.num_stages}"
+                + CORES_TAG * cfg.cores
+                + tag,
+                n,
+                name,
+                s,
+                nbytes,
+                ref_s,
+            )
+    for tag, best in (("", exb.best), (RAW_TAG, exb.best_raw)):
+        for (name, n), (s, (v, cfg), nbytes, ref_s) in best.items():
+            rec.best(f"experts v{v} {expert_label(cfg)}{tag}", n, name, s, nbytes, ref_s)
     print(f"\ncopy {copy_bw / 1e9:.0f} GB/s on {card}")
     print(f"{'kernel':22s} {'N':>2s} {'shape':28s} {'us':>9s} {'GB/s':>6s} {'%copy':>6s} {'xla us':>9s}")
     for r in rec.rows:

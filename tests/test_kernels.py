@@ -160,6 +160,10 @@ def test_q8_0_cores_steps_loaded_together_are_the_reference(monkeypatch):
     monkeypatch.setattr(q8_0, "CORES_UNROLL", 16)
     assert q8_0.config_for((4096,), 8192, cores=True).unroll == 8  # attn_output_b: 8 steps a program
     assert q8_0.config_for((4096,), 8192).unroll == 1
+    monkeypatch.setattr(q8_0, "CORES_UNROLL", 4)
+    # at N ≥ 2, programs of more than 4 steps take 2 at once (attn_q_b: 8), the others keep 4
+    assert [q8_0.config_for((32768,), 1024, cores=True, n=n).unroll for n in (1, 2, 4)] == [4, 2, 2]
+    assert q8_0.config_for((2048, 2048), 4096, cores=True, n=2).unroll == 4  # the shared expert's gate+up
 
 
 def test_q8_0_kernel_with_padded_tokens_at_four_blocks_a_step(monkeypatch):
@@ -1141,7 +1145,8 @@ def test_prefill_kernels_take_a_chunks_rows_on_a_gpu_only(monkeypatch):
     n = dispatch.MAX_TOKENS + 60
     assert "row" not in dispatch.PREFILL_KERNELS.split("+") and "attention" in dispatch.PREFILL_KERNELS.split("+")
     monkeypatch.setenv("DS4JAX_KERNELS", "auto")
-    assert dispatch._use(n, auto=True, any_n=dispatch._prefill("attention")) == (False, False)  # CPU
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "cpu")  # the test runs on a GPU too
+    assert dispatch._use(n, auto=True, any_n=dispatch._prefill("attention")) == (False, False)
     monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
     assert dispatch._use(n, auto=True, any_n=dispatch._prefill("attention")) == (True, False)
     assert dispatch._use(n, auto=True, any_n=dispatch._prefill("row")) == (False, False)
