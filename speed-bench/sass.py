@@ -107,7 +107,7 @@ def main() -> None:
     a = ap.parse_args()
     S = jax.ShapeDtypeStruct
     if a.kernel == "q8_0":
-        cfg = q8_0.config_for((a.out,), a.k, cores=a.cores)  # the engine's launch
+        cfg = q8_0.config_for((a.out,), a.k, cores=a.cores, n=a.n)  # the engine's launch
         cfg = dataclasses.replace(cfg, block_rows=a.rows or cfg.block_rows, num_warps=a.warps or cfg.num_warps)
         args = [S((a.n, a.k), jnp.int8), S((a.n, a.k // 32), jnp.float32)]
         args += [S((a.out, a.k), jnp.int8), S((a.out, a.k // 32), jnp.float16)]
