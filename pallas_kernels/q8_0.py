@@ -253,10 +253,10 @@ def config_for(outs: tuple, k: int, groups: int = 1, cores: bool = False, n: int
     rows = min(cfg.block_rows, 32 if sum(outs) >= HEAD_ROWS else 64) if cores else cfg.block_rows
     while any(o // groups % rows for o in outs):
         rows //= 2
-    unroll = CORES_UNROLL if cores else 1
-    if n >= 2 and steps_of(k // QK, cfg) > CORES_UNROLL:
+    unroll, steps = (CORES_UNROLL if cores else 1), steps_of(k // QK, cfg)
+    if n >= 2 and steps > CORES_UNROLL:
         unroll = min(unroll, CORES_UNROLL_N2)
-    while steps_of(k // QK, cfg) % unroll:
+    while steps % unroll:
         unroll //= 2
     return dataclasses.replace(cfg, block_rows=rows, cores=cores, unroll=unroll)
 

@@ -365,17 +365,15 @@ def per_call(fn, steps: int, *args, show: bool = False, prep=None, only: str | N
         res = jax.block_until_ready(run(*args))
         return (time.perf_counter() - t) / steps, res
     ns, by, res = kernel_ns(run, *args)
-    if only is not None:
-        if show:
-            for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:8]:
-                print(f"    [kernels] {c:6d} x {t / max(c, 1) / 1e3:9.2f} us  {name[:90]}", flush=True)
-        picked = [(c, t) for name, (c, t) in by.items() if only in name]
-        if not picked:
-            raise RuntimeError(f"per_call: no kernel named like {only!r} ({', '.join(list(by)[:8])})")
-        return sum(t for _, t in picked) / steps * 1e-9, res
-    ns0, by0, _ = kernel_ns(empty, *args)
     if show:
         for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:8]:
             print(f"    [kernels] {c:6d} x {t / max(c, 1) / 1e3:9.2f} us  {name[:90]}", flush=True)
+    if only is not None:
+        picked = [t for name, (_, t) in by.items() if only in name]
+        if not picked:
+            raise RuntimeError(f"per_call: no kernel named like {only!r} ({', '.join(list(by)[:8])})")
+        return sum(picked) / steps * 1e-9, res
+    ns0, by0, _ = kernel_ns(empty, *args)
+    if show:
         print(f"    [empty loop] {sum(c for c, _ in by0.values())} kernels, {ns0 / 1e3:.1f} us", flush=True)
     return max(ns - ns0, 0.0) / steps * 1e-9, res

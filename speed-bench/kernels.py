@@ -262,6 +262,11 @@ CORES_TAG = " cores1"  # how the CSVs mark session 18's CUDA-core form of a Q8_0
 RAW_TAG = " raw"  # the launch's own kernel, its K-split partials unfinished (``Q8Bench.run(raw=True)``)
 
 
+def own_kernels(raw: bool, prefix: str) -> str | None:
+    """``time_steps``'s ``only`` for a ``raw`` run: the kernels named ``prefix…`` (none interpreted)."""
+    return prefix if raw and not INTERPRET else None
+
+
 def q8_label(cfg) -> str:
     """A Q8_0 launch configuration as the CSVs name it."""
     label = f"r{cfg.block_rows} s{cfg.k_splits} U{cfg.blocks_per_step} w{cfg.num_warps} st{cfg.num_stages}"
@@ -347,7 +352,7 @@ class Q8Bench:
             return y.arrays if raw else y
 
         mat_at = copy_index(C)
-        only = "q8_0_share" if raw and not INTERPRET else None
+        only = own_kernels(raw, "q8_0_share")
         try:
             s, got = time_steps(fn, rounds * C, xq, dx, *stacks, show=name not in self.shown, prep=mat_at, only=only)
             self.shown.add(name)
@@ -451,8 +456,7 @@ class Q8Launch:
             got = tuple(y[:, start : start + o] for start, o in matrix_columns(outs))
         ok = all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(got, want))
         ref_s = time_xla_copies(ref, copies, rounds)
-        only = "q8_0_share" if raw and not INTERPRET else None
-        s = time_xla_copies(kern, copies, rounds, show=n_tok == 1, only=only)
+        s = time_xla_copies(kern, copies, rounds, show=n_tok == 1, only=own_kernels(raw, "q8_0_share"))
         cfg = q8_0.config_for(outs, k, cores=cores, n=n_tok)  # what matmul took
         config = (
             f"launch r{cfg.block_rows} s{cfg.k_splits} V{cfg.unroll} C{len(copies)}" + CORES_TAG * cores + RAW_TAG * raw
@@ -528,9 +532,7 @@ class ExpertBench:
             return experts.matmul(xq, dx, ids_at(i), qtype, use, cfg, INTERPRET, version)
 
         try:
-            s, got = time_steps(
-                fn, EXPERT_ROUNDS, xq, dx, use, prep=ids_at, only="experts_" if raw and not INTERPRET else None
-            )
+            s, got = time_steps(fn, EXPERT_ROUNDS, xq, dx, use, prep=ids_at, only=own_kernels(raw, "experts_"))
         except Exception as e:  # noqa: BLE001  (a variant that does not build is reported, not fatal)
             print(
                 f"  experts v{version} {label} N={n_tok} {expert_label(cfg)}: FAILED {type(e).__name__}: {str(e)[:300]}",
@@ -1099,6 +1101,7 @@ def main() -> None:
     ap.add_argument("--raw-only", action="store_true", help="with --raw: only the launches' own kernel times")
     a = ap.parse_args()
     TOKENS = tuple(int(t) for t in a.tokens.split(","))
+    raws = [False] * (not (a.raw and a.raw_only)) + [True] * a.raw  # each base run: as a call, its kernel alone
     if a.expert_shapes:
         EXPERT_SHAPES = [e for e in EXPERT_SHAPES if any(part in e[0] for part in a.expert_shapes.split(","))]
     t0 = time.time()
@@ -1145,10 +1148,8 @@ def main() -> None:
             for n in TOKENS:
                 for cfg in variants:
                     if left() > 0 and not (cfg.cores and n > a.cores_max_n):
-                        if not (a.raw and a.raw_only):
-                            q8b.run(name, out, k, g, n, cfg)
-                        if a.raw:
-                            q8b.run(name, out, k, g, n, cfg, raw=True)
+                        for raw in raws:
+                            q8b.run(name, out, k, g, n, cfg, raw=raw)
     if "q8_0_quant" in only:  # the kernel quantizing its f32 activations itself, base configurations
         for name, out, k, g in Q8_SHAPES if not a.shapes else sweep_shapes(a.shapes):
             for n in TOKENS:
@@ -1170,10 +1171,8 @@ def main() -> None:
             for n in TOKENS:
                 for c in (False, True) if a.cores else (False,):
                     if left() > 0:
-                        if not (a.raw and a.raw_only):
-                            lb.run(name, outs, k, n, c)
-                        if a.raw:
-                            lb.run(name, outs, k, n, c, raw=True)
+                        for raw in raws:
+                            lb.run(name, outs, k, n, c, raw=raw)
             if left() > 0:
                 lb.floor(name, outs, k)
     if "experts" in only:  # v3 (dp4a on packed words) at its base configuration; gate+up in one launch
@@ -1181,10 +1180,9 @@ def main() -> None:
             for pair in (False, True) if name.startswith("gate/up") else (False,):
                 for n in TOKENS:
                     if left() > 0:
-                        if not (a.raw and a.raw_only):
-                            exb.run(name, qt, out, k, n, experts.choose_config(qt, out, k // 256), pair=pair)
-                        if a.raw:
-                            exb.run(name, qt, out, k, n, experts.choose_config(qt, out, k // 256), pair=pair, raw=True)
+                        base = experts.choose_config(qt, out, k // 256)
+                        for raw in raws:
+                            exb.run(name, qt, out, k, n, base, pair=pair, raw=raw)
                         for cfg in expert_configs(a.expert_cfgs):
                             if left() > 0:
                                 exb.run(name, qt, out, k, n, cfg, pair=pair)
