@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ds4jax import xla_options
 from ds4jax.config import ModelConfig
 from ds4jax.errors import DS4Error
 from ds4jax.model.forward import commit, forward_hidden, head
@@ -277,17 +278,20 @@ class MTPSpeculativeDecoder:
         self._first_exe = None
         self.compile_s = 0.0  # the step program's and the first draft's compiles, outside the timings
 
-    def _compile(self, lower):
-        """``lower()`` compiled now, its seconds added to ``compile_s``."""
+    def _compile(self, lower, options: dict | None = None):
+        """``lower()`` compiled now (XLA ``options``), its seconds added to ``compile_s``."""
         t0 = time.perf_counter()
-        exe = lower().compile()
+        exe = lower().compile(compiler_options=options)
         self.compile_s += time.perf_counter() - t0
         return exe
 
     def _program(self, state, mtp_state, io):
         exe = _STEP_PROGRAMS.get(self.engine)
         if exe is None:
-            exe = _STEP_PROGRAMS[self.engine] = self._compile(lambda: lower_step(self.engine, state, mtp_state, io))
+            exe = _STEP_PROGRAMS[self.engine] = self._compile(
+                lambda: lower_step(self.engine, state, mtp_state, io),
+                xla_options.step_options(self.engine.compiler_options, jax.default_backend()),
+            )
         return exe
 
     def generate(

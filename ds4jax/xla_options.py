@@ -16,6 +16,13 @@ mostly latency-bound kernels: all 43 full-size layers ran 8.876 against 9.921 ms
 H200, with the same state and tokens bit for bit (session 31, speed-bench/KERNELS.md). Buffer
 assignment then reuses less, so temporary memory grows.
 
+The MTP speculative step (``speculative.mtp_step``) compiles with ``LHS`` scheduling instead
+(``step_options``): its N=1 and N=2 branches run from XLA's conditional, outside the CUDA
+graph, and the one-graph form of that step (no branch) ran 21.8–25.3 ms under ``CONCURRENT``
+against 12.9 under ``LHS``, the GPU idle inside the graph for most of the step. With the branch,
+all 43 layers on an H200 (experts as nibbles): 11.85 against 14.02 ms a step that drafts nothing
+and 13.59 against 15.90 a step that verifies (session 41, speed-bench/KERNELS.md).
+
 Not set: ``--xla_gpu_enable_pdl`` (programmatic dependent launch): 8.814 against 8.825 ms a token at
 43 layers, within the rounds' spread (H200, session 32).
 """
@@ -34,6 +41,7 @@ FLAGS = tuple(f"--{name}={value}" for name, value in OPTIONS.items())
 # is free: at 0.95 an H200 holds the q2 model with all but a few gate/up tensors repacked (0.97: all,
 # with compiles and decode running, session 33).
 MEM_FRACTION = "0.95"
+MTP_STEP_OPTIONS = {SCHEDULING_MODE: "LHS"}  # per program, as compile options (``step_options``)
 MIN_JAXLIB = (0, 11)  # the first jaxlib whose XLA knows them (an unknown flag aborts XLA)
 
 
@@ -67,3 +75,18 @@ def configure(environ=os.environ, jaxlib_version: str | None = None) -> bool:
         return False
     environ["XLA_FLAGS"] = " ".join(filter(None, [current, *new]))
     return True
+
+
+def step_options(base: dict | None, backend: str, jaxlib_version: str | None = None) -> dict | None:
+    """The compile options of the MTP step program: ``base`` (the engine's) with
+    ``MTP_STEP_OPTIONS`` on a GPU whose jaxlib knows them, each unless ``base`` names it."""
+    opts = dict(base or {})
+    if backend in ("gpu", "cuda", "rocm"):
+        if jaxlib_version is None:
+            try:
+                jaxlib_version = importlib.metadata.version("jaxlib")
+            except importlib.metadata.PackageNotFoundError:
+                jaxlib_version = "0"
+        if _version(jaxlib_version) >= MIN_JAXLIB:
+            opts = {**MTP_STEP_OPTIONS, **opts}
+    return opts or None
