@@ -117,6 +117,32 @@ def exposed(events) -> tuple[int, dict]:
     return busy, dict(alone)
 
 
+def idle_gaps(events) -> dict:
+    """{name: (gaps, ns, gaps over 5 us)}: the time no kernel ran on any stream line before each
+    kernel that ended such a stretch, of (name, start ns, end ns) events. With a graph's kernels
+    side by side (``CONCURRENT``) one line's gaps say nothing of the GPU's idle time; the stretches
+    with nothing running anywhere do, and the kernel after each is where the wait ends (session 41:
+    a one-graph MTP step ran 11.1 ms of 30.1 busy)."""
+    marks = sorted(
+        [(t0, 1, i) for i, (_, t0, _) in enumerate(events)] + [(t1, -1, i) for i, (_, _, t1) in enumerate(events)]
+    )
+    running: set = set()
+    out: dict = {}
+    idle_since = None
+    for t, kind, i in marks:
+        if kind == 1:
+            if not running and idle_since is not None:
+                name = events[i][0]
+                c, ns, big = out.get(name, (0, 0, 0))
+                out[name] = (c + 1, ns + t - idle_since, big + (t - idle_since > 5e3))
+            running.add(i)
+        else:
+            running.discard(i)
+            if not running:
+                idle_since = t
+    return out
+
+
 def timeline_report(path: str, steps: int, classify, top: int = 12) -> None:
     """Where a step's wall time goes besides its kernels: the idle time on the GPU before each
     kernel (by the class of the kernel that follows), and the host's runtime calls (launches,
@@ -179,6 +205,15 @@ def timeline_report(path: str, steps: int, classify, top: int = 12) -> None:
     )
     for name, t in sorted(alone.items(), key=lambda kv: -kv[1])[:top]:
         print(f"    alone {t / steps / 1e3:8.1f} us a step  {name[:100]}", flush=True)
+    if n_lines > 1:  # the stretches with nothing running on any line, by the kernel that ends them
+        idle = idle_gaps(everything)
+        total = sum(ns for _, ns, _ in idle.values())
+        print(f"  [timeline] nothing running {total / steps / 1e3:.0f} us a step; most before:", flush=True)
+        for name, (c, ns, big) in sorted(idle.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(
+                f"    idle {ns / steps / 1e3:8.1f} us a step over {c / steps:6.1f} gaps ({big / steps:.1f} > 5 us)  {name[:90]}",
+                flush=True,
+            )
     print("  [timeline] host events a step (count, us each; plane|line|name), most frequent:", flush=True)
     for name, (c, t) in sorted(host.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"    {c / steps:8.1f} x {t / c / 1e3:8.2f} us  {name[:110]}", flush=True)
