@@ -96,18 +96,22 @@ def csv_rows(out_dir: str, name: str, header: list[str]):
         yield write
 
 
+def _marks(events) -> list:
+    """(time, +1 start / -1 end, index) of every event's start and end, in time order."""
+    return sorted(
+        [(t0, 1, i) for i, (_, t0, _) in enumerate(events)] + [(t1, -1, i) for i, (_, _, t1) in enumerate(events)]
+    )
+
+
 def exposed(events) -> tuple[int, dict]:
     """(ns with any kernel running, {name: ns it ran alone}) of (name, start ns, end ns) events.
 
     With a CUDA graph's kernels side by side (``CONCURRENT``, session 31) a kernel's duration no
     longer says what it costs the step: what nothing overlaps is what a cut can gain. A sweep over
     the events' ends; a stretch with exactly one kernel running is that kernel's alone."""
-    marks = sorted(
-        [(t0, 1, i) for i, (_, t0, _) in enumerate(events)] + [(t1, -1, i) for i, (_, _, t1) in enumerate(events)]
-    )
     running: set = set()
     busy, alone, last = 0, collections.Counter(), None
-    for t, kind, i in marks:
+    for t, kind, i in _marks(events):
         if last is not None and running:
             busy += t - last
             if len(running) == 1:
@@ -122,14 +126,11 @@ def idle_gaps(events) -> dict:
     kernel that ended such a stretch, of (name, start ns, end ns) events. With a graph's kernels
     side by side (``CONCURRENT``) one line's gaps say nothing of the GPU's idle time; the stretches
     with nothing running anywhere do, and the kernel after each is where the wait ends (session 41:
-    a one-graph MTP step ran 11.1 ms of 30.1 busy)."""
-    marks = sorted(
-        [(t0, 1, i) for i, (_, t0, _) in enumerate(events)] + [(t1, -1, i) for i, (_, _, t1) in enumerate(events)]
-    )
+    a one-graph MTP step kept the GPU busy 11.1 ms of its 30.1 ms span)."""
     running: set = set()
     out: dict = {}
     idle_since = None
-    for t, kind, i in marks:
+    for t, kind, i in _marks(events):
         if kind == 1:
             if not running and idle_since is not None:
                 name = events[i][0]
