@@ -211,17 +211,22 @@ def mtp_step(cfg: ModelConfig, ctx: int, weights, state, mtp_state, io):
     verify_ok = (io["margin"] >= io["min_margin"]) & (pos + 2 <= io["limit"])
     branch = jnp.where(pos >= ctx, 0, jnp.where(verify_ok, 2, 1))
 
+    # No branch returns a constant (the tokens committed are read off the state after the switch):
+    # a constant output may become a memset thunk, which XLA's command-buffer pass does not convert,
+    # and one such thunk keeps the whole conditional out of the CUDA graph (session 41: the
+    # branches ran launched from the host; whether this was the cause is not yet checked on a GPU).
     def idle(state, mtp_state):
-        return jnp.int32(0), io["token"], io["draft"], io["margin"], state, mtp_state
+        return io["token"], io["draft"], io["margin"], state, mtp_state
 
     def plain(state, mtp_state):
-        return jnp.int32(1), *plain_draft_step(cfg, weights, state, mtp_state, io["token"])
+        return plain_draft_step(cfg, weights, state, mtp_state, io["token"])
 
     def combined(state, mtp_state):
-        return combined_step(cfg, weights, state, mtp_state, jnp.stack([io["token"], io["draft"]]))
+        return combined_step(cfg, weights, state, mtp_state, jnp.stack([io["token"], io["draft"]]))[1:]
 
-    n, nxt, draft, margin, state, mtp_state = jax.lax.switch(branch, (idle, plain, combined), state, mtp_state)
-    report = jnp.stack([n, (branch == 2).astype(jnp.int32), io["draft"], nxt])  # (switch: the idle branch's dtypes)
+    nxt, draft, margin, state, mtp_state = jax.lax.switch(branch, (idle, plain, combined), state, mtp_state)
+    n = state["n_tokens"] - pos  # 0 idle, 1 plain, 1 or 2 verified
+    report = jnp.stack([n, (branch == 2).astype(jnp.int32), io["draft"], nxt])
     return state, mtp_state, {**io, "token": nxt, "draft": draft, "margin": margin, "report": report}
 
 
