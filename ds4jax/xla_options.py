@@ -79,7 +79,9 @@ def configure(environ=os.environ, jaxlib_version: str | None = None) -> bool:
 
 def step_options(base: dict | None, backend: str, jaxlib_version: str | None = None) -> dict | None:
     """The compile options of the MTP step program: ``base`` (the engine's) with
-    ``MTP_STEP_OPTIONS`` on a GPU whose jaxlib knows them, each unless ``base`` names it."""
+    ``MTP_STEP_OPTIONS`` on a GPU whose jaxlib knows them, each unless ``base`` names it. A
+    compile option outranks ``XLA_FLAGS``, so the step keeps ``LHS`` whatever mode the flags set
+    for the other programs; to time it under another, name the mode in ``base``."""
     opts = dict(base or {})
     if backend in ("gpu", "cuda", "rocm"):
         if jaxlib_version is None:
