@@ -53,6 +53,16 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def _knows_options(jaxlib_version: str | None) -> bool:
+    """Whether the jaxlib (installed, or of this version) knows the options (``MIN_JAXLIB``)."""
+    if jaxlib_version is None:
+        try:
+            jaxlib_version = importlib.metadata.version("jaxlib")
+        except importlib.metadata.PackageNotFoundError:
+            return False
+    return _version(jaxlib_version) >= MIN_JAXLIB
+
+
 def configure(environ=os.environ, jaxlib_version: str | None = None) -> bool:
     """Add ``FLAGS`` to ``XLA_FLAGS`` where they apply: a GPU may be used (``JAX_PLATFORMS``
     unset or naming one), the installed jaxlib knows them, and the user has not set that option
@@ -62,12 +72,7 @@ def configure(environ=os.environ, jaxlib_version: str | None = None) -> bool:
     if platforms and not any(p in platforms for p in ("cuda", "gpu", "rocm")):
         return False  # CPU only: nothing to change (and the compile cache keys stay as they are)
     environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION)
-    if jaxlib_version is None:
-        try:
-            jaxlib_version = importlib.metadata.version("jaxlib")
-        except importlib.metadata.PackageNotFoundError:
-            return False
-    if _version(jaxlib_version) < MIN_JAXLIB:
+    if not _knows_options(jaxlib_version):
         return False
     current = environ.get("XLA_FLAGS", "")
     new = [flag for name, flag in zip(OPTIONS, FLAGS) if name not in current]  # the user's choice stands
@@ -83,12 +88,6 @@ def step_options(base: dict | None, backend: str, jaxlib_version: str | None = N
     compile option outranks ``XLA_FLAGS``, so the step keeps ``LHS`` whatever mode the flags set
     for the other programs; to time it under another, name the mode in ``base``."""
     opts = dict(base or {})
-    if backend in ("gpu", "cuda", "rocm"):
-        if jaxlib_version is None:
-            try:
-                jaxlib_version = importlib.metadata.version("jaxlib")
-            except importlib.metadata.PackageNotFoundError:
-                jaxlib_version = "0"
-        if _version(jaxlib_version) >= MIN_JAXLIB:
-            opts = {**MTP_STEP_OPTIONS, **opts}
+    if backend in ("gpu", "cuda", "rocm") and _knows_options(jaxlib_version):
+        opts = {**MTP_STEP_OPTIONS, **opts}
     return opts or None
