@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ds4jax import xla_options
 from ds4jax.config import ModelConfig
 from ds4jax.errors import DS4Error
 from ds4jax.model.forward import commit, forward_hidden, head
@@ -292,9 +291,9 @@ class MTPSpeculativeDecoder:
     def _program(self, state, mtp_state, io):
         exe = _STEP_PROGRAMS.get(self.engine)
         if exe is None:
+            # the engine's compile options and XLA_FLAGS, as its other programs (CONCURRENT graphs)
             exe = _STEP_PROGRAMS[self.engine] = self._compile(
-                lambda: lower_step(self.engine, state, mtp_state, io),
-                xla_options.step_options(self.engine.compiler_options, jax.default_backend()),
+                lambda: lower_step(self.engine, state, mtp_state, io), self.engine.compiler_options or None
             )
         return exe
 

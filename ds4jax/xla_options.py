@@ -16,12 +16,12 @@ mostly latency-bound kernels: all 43 full-size layers ran 8.876 against 9.921 ms
 H200, with the same state and tokens bit for bit (session 31, speed-bench/KERNELS.md). Buffer
 assignment then reuses less, so temporary memory grows.
 
-The MTP speculative step (``speculative.mtp_step``) compiles with ``LHS`` scheduling instead
-(``step_options``): under ``CONCURRENT`` the GPU idles inside that step's CUDA graph (a form of
-the step with no branch: 21.8–25.3 ms against 12.9 under ``LHS``, busy 11.1 ms of a 30.1 ms
-span). With the branch, all 43 layers on an H200 (experts as nibbles): 11.85 against 14.02 ms a
-step that drafts nothing and 13.59 against 15.90 a step that verifies (session 41,
-speed-bench/KERNELS.md).
+The MTP speculative step (``speculative.mtp_step``, a ``lax.switch`` that XLA records as a
+conditional node of the step's one CUDA graph) gains from it too: all 43 layers on an H200,
+experts as nibbles, 9.07 against 10.43 ms a step that drafts nothing and 11.59 against 13.35 one
+that verifies, the same state bit for bit (session 42). Session 41 had measured the opposite
+(``LHS`` faster, the GPU idle inside the step's graph) on an older form of the step, whose
+branches returned constants and whose token count was computed beside the switch.
 
 Not set: ``--xla_gpu_enable_pdl`` (programmatic dependent launch): 8.814 against 8.825 ms a token at
 43 layers, within the rounds' spread (H200, session 32).
@@ -41,7 +41,6 @@ FLAGS = tuple(f"--{name}={value}" for name, value in OPTIONS.items())
 # is free: at 0.95 an H200 holds the q2 model with all but a few gate/up tensors repacked (0.97: all,
 # with compiles and decode running, session 33).
 MEM_FRACTION = "0.95"
-MTP_STEP_OPTIONS = {SCHEDULING_MODE: "LHS"}  # per program, as compile options (``step_options``)
 MIN_JAXLIB = (0, 11)  # the first jaxlib whose XLA knows them (an unknown flag aborts XLA)
 
 
@@ -80,14 +79,3 @@ def configure(environ=os.environ, jaxlib_version: str | None = None) -> bool:
         return False
     environ["XLA_FLAGS"] = " ".join(filter(None, [current, *new]))
     return True
-
-
-def step_options(base: dict | None, backend: str, jaxlib_version: str | None = None) -> dict | None:
-    """The compile options of the MTP step program: ``base`` (the engine's) with
-    ``MTP_STEP_OPTIONS`` on a GPU whose jaxlib knows them, each unless ``base`` names it. A
-    compile option outranks ``XLA_FLAGS``, so the step keeps ``LHS`` whatever mode the flags set
-    for the other programs; to time it under another, name the mode in ``base``."""
-    opts = dict(base or {})
-    if backend in ("gpu", "cuda", "rocm") and _knows_options(jaxlib_version):
-        opts = {**MTP_STEP_OPTIONS, **opts}
-    return opts or None

@@ -417,8 +417,7 @@ def mtp_lower(eng, ctx: int):
 
 def mtp_build(eng, low, exe: dict, secs: dict) -> None:
     t0 = time.perf_counter()
-    # the product's options for the step (xla_options.step_options); a variant's own stand
-    exe[eng] = low.compile(compiler_options=xla_options.step_options(eng.compiler_options, jax.default_backend()))
+    exe[eng] = low.compile(compiler_options=eng.compiler_options or None)  # as MTPSpeculativeDecoder
     secs[eng] = time.perf_counter() - t0
 
 

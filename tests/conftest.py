@@ -76,7 +76,13 @@ def run_cli(module, *args, env_extra=None, timeout=600, stdin=""):
     env = dict(os.environ)
     env.update(env_extra or {})
     return subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout, input=stdin
+        [sys.executable, "-m", module, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        input=stdin,
     )
 
 

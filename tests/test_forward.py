@@ -9,14 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import CHUNK, CTX, run_cli
+
 from ds4jax.engine import Engine
 from ds4jax.model.compressor import frontier_view
 from ds4jax.sampling import SamplingParams
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference.forward64 import RefModel  # noqa: E402
+from reference.forward64 import RefModel
 
 N_PROMPT = 150  # crosses the 32-token window, emits 37 ratio-4 rows (> top-k 16) and 1 ratio-128 row
 N_FED = 40  # decode_fed's tokens in the whole/chunked/decode test: past the window, 10 ratio-4 rows
@@ -252,7 +252,7 @@ def test_sampling_settings(tiny_files, engine):
     assert a == b and a != c
     from ds4jax.errors import DS4Error
 
-    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(min_p=1.5), dict(top_k=-2)):
+    for bad in ({"temperature": -1.0}, {"top_p": 0.0}, {"min_p": 1.5}, {"top_k": -2}):
         with pytest.raises(DS4Error):
             SamplingParams(**bad).validate()
     with pytest.raises(DS4Error, match="does not fit the context of 512"):

@@ -104,7 +104,7 @@ def test_fp4_rounding_ties_to_even_index():
 
 def test_hadamard_is_the_scaled_sylvester_matrix():
     n = 128
-    H = np.array([[(-1) ** bin(i & j).count("1") for j in range(n)] for i in range(n)], np.float64)
+    H = np.array([[(-1) ** (i & j).bit_count() for j in range(n)] for i in range(n)], np.float64)
     x = RNG.standard_normal((3, n)).astype(np.float32)
     got = np.asarray(N.hadamard(jnp.asarray(x)), np.float64)
     assert np.allclose(got, x @ H.T / math.sqrt(n), atol=1e-5)

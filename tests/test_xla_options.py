@@ -39,13 +39,3 @@ def test_the_installed_jaxlib_knows_the_options():
     env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(xla_options.FLAGS), "PATH": ""}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert (r.returncode, r.stdout.strip()) == (0, "6"), r.stderr[-500:]
-
-
-def test_the_mtp_step_compiles_with_its_own_scheduling_on_a_gpu():
-    mine = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
-    assert xla_options.step_options(None, "gpu", "0.11.2") == xla_options.MTP_STEP_OPTIONS
-    assert xla_options.step_options({"xla_a": 1}, "gpu", "0.11.2") == {**xla_options.MTP_STEP_OPTIONS, "xla_a": 1}
-    assert xla_options.step_options(mine, "gpu", "0.11.2") == mine  # the caller's choice stands
-    assert xla_options.step_options(None, "cpu", "0.11.2") is None  # no GPU: nothing to change
-    assert xla_options.step_options({"xla_a": 1}, "cpu", "0.11.2") == {"xla_a": 1}
-    assert xla_options.step_options(None, "gpu", "0.10.9") is None  # an XLA that does not know it
