@@ -82,6 +82,7 @@ class Row:
     kvcache_bytes: int
     tokens: list[int]  # the prefill's token, then the generated ones
     drafts: tuple[int, int, int, int] | None = None  # MTP: proposed, accepted, verify steps, plain steps
+    step_s: tuple[float, ...] = ()  # MTP: each step's seconds as the host saw them (``SpecStats.step_s``)
 
     @property
     def prefill_tps(self) -> float:
@@ -160,10 +161,11 @@ def run_bench(
         """(tokens, seconds, draft counts) of ``gen_tokens`` tokens from ``state`` (donated)."""
         if spec is not None:
             tokens, stats, _, secs = spec.continue_from(state, tok, engine.last_hidden, pos, gen_tokens + 1)
-            return tokens, secs, (stats.proposed, stats.accepted, stats.verify_steps, stats.plain_steps)
+            drafts = (stats.proposed, stats.accepted, stats.verify_steps, stats.plain_steps)
+            return tokens, secs, drafts, tuple(stats.step_s)
         t0 = time.perf_counter()
         tokens, _ = engine.continue_generation(state, tok, pos, gen_tokens + 1, greedy)
-        return tokens, time.perf_counter() - t0, None
+        return tokens, time.perf_counter() - t0, None, ()
 
     if warmup:  # one chunk and a few steps, untimed: first-call costs (small jits, transfers) land here
         n = min(engine.chunk, points[0])
@@ -176,10 +178,9 @@ def run_bench(
         tok, _, state = engine.prefill(state, ids[prev:f], params, key)
         tok = int(tok)  # waits for the last chunk
         prefill_s = time.perf_counter() - t0
-        tokens, gen_s, drafts = generate(_copy_tree(state), tok, f)
-        row = Row(
-            f, f - prev, prefill_s, len(tokens) - 1, gen_s, live_state_bytes(shapes, engine.cfg, f), tokens, drafts
-        )
+        tokens, gen_s, drafts, step_s = generate(_copy_tree(state), tok, f)
+        live = live_state_bytes(shapes, engine.cfg, f)
+        row = Row(f, f - prev, prefill_s, len(tokens) - 1, gen_s, live, tokens, drafts, step_s)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -351,7 +352,12 @@ def _bench(F) -> None:
             line += f", {wb * r.gen_tps / 1e9:.1f} GB/s of weights)"
         else:
             p, a, v, s = r.drafts
-            line += f"; drafts {a}/{p} accepted, {v} verify + {s} plain steps)"
+            line += f"; drafts {a}/{p} accepted, {v} verify + {s} plain steps"
+            if r.step_s:  # the loop's steps as the host saw them: a slow start shows apart from the rest
+                ms = sorted(1e3 * t for t in r.step_s)
+                first, mid, top = 1e3 * r.step_s[0], ms[len(ms) // 2], ms[-1]
+                line += f"; a step {mid:.2f} ms median, first {first:.2f}, slowest {top:.2f}"
+            line += ")"
         say(line)
         out.write(csv_line(r.csv_fields()))
         out.flush()

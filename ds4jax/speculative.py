@@ -49,6 +49,9 @@ class SpecStats:
     accepted: int = 0
     verify_steps: int = 0
     plain_steps: int = 0
+    # seconds between successive steps' reports reaching the host: with a step in flight each is
+    # one step's GPU time when the loop is GPU-bound (the first also holds the loop's start)
+    step_s: list[float] = dataclasses.field(default_factory=list)
 
     def record_verify(self, n: int) -> bool:
         """Count one N=2 verify step that committed ``n`` tokens; True if the draft was accepted."""
@@ -358,6 +361,7 @@ class MTPSpeculativeDecoder:
                 reports.append(peek_report(io))
                 sent += 1
 
+        last = time.perf_counter()
         dispatch()
         while not out.emit(tok):
             if pos >= eng.ctx:
@@ -365,6 +369,9 @@ class MTPSpeculativeDecoder:
                 break
             dispatch()  # the next step, before this one is read
             n, verified, drafted, nxt = np.asarray(reports.popleft()).tolist()
+            now = time.perf_counter()
+            stats.step_s.append(now - last)
+            last = now
             if n == 0:  # not reached: the host stops at the context's end first
                 out.stop = "ctx"
                 break

@@ -41,6 +41,7 @@ def test_mtp_combined_output_equals_plain_greedy(tiny_files, engine, mtp_decoder
     # margin 0 drafts at every step that has room; an infinite margin never drafts
     assert always.stats.proposed == always.stats.verify_steps > 0 and never.stats.proposed == 0
     assert never.stats.plain_steps == 23
+    assert len(never.stats.step_s) == 23 and min(never.stats.step_s) > 0  # each step read, timed
     s = always.stats
     assert len(always.tokens) - 1 == s.verify_steps + s.accepted + s.plain_steps
 
@@ -54,8 +55,9 @@ def test_bench_with_mtp_generates_plain_greedy_tokens(engine, mtp_decoders):
     rows = run_bench(engine, ids, [50, 90], 6, spec=mtp_decoders[0.0], warmup=False)  # every step verifies
     for r in rows:
         assert r.tokens == engine.generate(ids[: r.ctx_tokens], 7, GREEDY).tokens
-        proposed, accepted, verify, _ = r.drafts
+        proposed, accepted, verify, plain = r.drafts
         assert verify >= 1 and proposed == verify and accepted <= proposed and r.gen_tokens == 6
+        assert len(r.step_s) == verify + plain and min(r.step_s) > 0
 
 
 def test_mtp_step_writes_every_output_in_place(engine):
