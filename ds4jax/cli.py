@@ -97,7 +97,7 @@ def device_error(e: Exception) -> DS4Error | None:
 def use_compile_cache(value: str) -> None:
     """Keep compiled programs on disk (``--compile_cache``: a directory, '' for the default, 'off'):
     the full model's programs take minutes to compile on an H200's host (decode loop ~1, MTP step
-    ~2.5: speed-bench/NOTES.md), a second start reads them back."""
+    ~2: speed-bench/NOTES.md), a second start reads them back."""
     if value == "off":
         return
     import jax
