@@ -20,8 +20,10 @@ The MTP speculative step (``speculative.mtp_step``, a ``lax.switch`` that XLA re
 conditional node of the step's one CUDA graph) gains from it too: all 43 layers on an H200,
 experts as nibbles, 9.07 against 10.43 ms a step that drafts nothing and 11.59 against 13.35 one
 that verifies, the same state bit for bit (session 42). Session 41 had measured the opposite
-(``LHS`` faster, the GPU idle inside the step's graph) on an older form of the step, whose
-branches returned constants and whose token count was computed beside the switch.
+(``LHS`` faster, the GPU idle inside the step's graph) on an older form of the step whose
+branches returned the committed-token count as constants (a constant output can become a memset
+thunk, which XLA's command-buffer pass leaves out of the graph); the count is now read off the
+state after the switch.
 
 Not set: ``--xla_gpu_enable_pdl`` (programmatic dependent launch): 8.814 against 8.825 ms a token at
 43 layers, within the rounds' spread (H200, session 32).
