@@ -216,6 +216,13 @@ def main() -> None:
         "timed between MTP steps in one process ran ~0.5 ms slower than without an MTP program there)",
     )
     ap.add_argument(
+        "--fill",
+        type=int,
+        default=0,
+        help="prompt tokens prefilled (random ids, the first variant's engine) into one state that every "
+        "variant then copies: steps attend over a filled context, as the bench's do (0: from an empty state)",
+    )
+    ap.add_argument(
         "--mtp_weights",
         action="store_true",
         help="load the MTP block's weights even when no variant feeds MTP steps (as the CLI does with "
@@ -268,6 +275,11 @@ def main() -> None:
             builds[setting, v.program] = lambda eng=eng, name=v.program, low=low: eng.compile(
                 [name], lowered={name: low}
             )
+    first = next(iter(engines.values()))[0]
+    if a.fill:  # the prefill programs of one engine, beside the variants' (a state is any engine's)
+        if not 0 < a.fill < a.ctx:
+            raise DS4Error(f"--fill must be in 1..{a.ctx - 1} (the context), got {a.fill}")
+        builds["fill"] = lambda: first.compile(["prefill"])
     t0 = time.perf_counter()
     if a.serial_compile:  # one after another: no compile's autotuning times its kernels beside another's work
         for build in builds.values():
@@ -283,9 +295,16 @@ def main() -> None:
         print(f"{label}: {secs:.1f} s to compile, {temp:.1f} MiB of temporaries ({v.describe()})", flush=True)
     params = SamplingParams(temperature=0.0).arrays()
     key = jax.random.key(0)
+    filled = None
+    if a.fill:
+        ids = np.random.default_rng(0).integers(0, cfg.n_vocab, a.fill)
+        t0 = time.perf_counter()
+        _, _, filled = first.prefill(first.new_state(), ids, params, key)
+        filled = jax.block_until_ready(filled)
+        print(f"prefilled {a.fill} tokens in {time.perf_counter() - t0:.1f} s (copied into every variant's state)")
     box = {
         label: [
-            eng.new_state(),
+            eng.new_state() if filled is None else jax.tree.map(lambda x: x.copy(), filled),
             first_io(eng, var, a.ctx),
         ]
         for label, (eng, var) in engines.items()
