@@ -49,7 +49,7 @@ from ds4jax.model.numerics import adot, quantize_q8_0, quantize_q8_k, rms_norm, 
 from pallas_kernels import attention as attention_kernel
 from pallas_kernels import compressor_pool as compressor_pool_kernel
 from pallas_kernels import compressor_row as compressor_row_kernel
-from pallas_kernels import experts, float_dense, norms, q8_0, q8_0_rows
+from pallas_kernels import experts, float_dense, norms, q8_0, q8_0_rows, registers
 from pallas_kernels import hadamard as hadamard_kernel
 from pallas_kernels import hc_post as hc_post_kernel
 from pallas_kernels import hc_pre as hc_pre_kernel
@@ -57,6 +57,8 @@ from pallas_kernels import indexer_scores as indexer_kernel
 from pallas_kernels import quantize as quantize_kernel
 from pallas_kernels import sinkhorn as sinkhorn_kernel
 from pallas_kernels.common import SplitSums, value_of
+
+registers.install()  # registers.MAXNREG caps named kernels' registers (empty: every kernel as Triton chooses)
 
 MAX_TOKENS = q8_0.MAX_TOKENS  # the kernels serve decode (N=1) and the verifier (N=2..4); a prefill
 # chunk takes the routed experts' kernel (its programs are (token, expert) pairs, so a chunk is only

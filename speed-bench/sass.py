@@ -50,7 +50,9 @@ def triton_ir(fn, *args) -> list[str]:
     return list(_CAPTURED)
 
 
-def compile_and_count(ttir: str, name: str, num_warps: int, num_stages: int, out_dir: str) -> dict:
+def compile_and_count(
+    ttir: str, name: str, num_warps: int, num_stages: int, out_dir: str, maxnreg: int | None = None
+) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -58,9 +60,10 @@ def compile_and_count(ttir: str, name: str, num_warps: int, num_stages: int, out
     path = os.path.join(out_dir, f"{name}.ttir")
     with open(path, "w") as f:
         f.write(ttir)
-    k = triton.compile(
-        path, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:  # Triton's register cap (ptx .maxnreg); Pallas's CompilerParams cannot pass it
+        options["maxnreg"] = maxnreg
+    k = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=options)
     for ext in ("ttgir", "ptx"):
         with open(os.path.join(out_dir, f"{name}.{ext}"), "w") as f:
             f.write(k.asm[ext])
@@ -104,6 +107,7 @@ def main() -> None:
     ap.add_argument("--cores", action="store_true", help="q8_0: the CUDA-core (dp4a) variant")
     ap.add_argument("--rows", type=int, default=0, help="rows per program (0: the chosen)")
     ap.add_argument("--warps", type=int, default=0, help="warps per program (0: the chosen)")
+    ap.add_argument("--maxnreg", type=int, default=0, help="registers a thread at most (0: Triton's choice)")
     a = ap.parse_args()
     S = jax.ShapeDtypeStruct
     if a.kernel == "q8_0":
@@ -123,7 +127,7 @@ def main() -> None:
         irs = triton_ir(lambda x, dx, ids, p: experts.matmul(x, dx, ids, qtype, p, cfg), *args)
     name = f"{a.kernel}_{a.qtype if a.kernel == 'experts' else ''}{a.out}x{a.k}_n{a.n}" + "_cores" * a.cores
     print(f"{name}: {cfg}")
-    for key, value in compile_and_count(irs[0], name, cfg.num_warps, cfg.num_stages, a.dir).items():
+    for key, value in compile_and_count(irs[0], name, cfg.num_warps, cfg.num_stages, a.dir, a.maxnreg).items():
         print(f"  {key:16s} {value}")
     print(f"  (TTIR, TTGIR, PTX, SASS under {a.dir}/{name}.*)")
 

@@ -1311,3 +1311,50 @@ def test_routed_swiglu_quantize_launch_is_the_reference(splits):
     ys = dispatch.expert_matmul(jnp.zeros((2, 3, out), jnp.float32), experts.Q2_K, down, ids, pre={"q8_k": want})
     ref = experts.reference(*want, experts.Q2_K, down, ids.reshape(-1))
     assert np.array_equal(np.asarray(ys).reshape(6, -1), np.asarray(ref))
+
+
+def test_register_cap_reaches_the_named_kernels_triton_module(monkeypatch):
+    """``registers.MAXNREG`` puts Triton's ``ttg.maxnreg`` on the named kernel's module only (the
+    GPU lowering, read on the CPU: whether it pays is for the GPU)."""
+    from jax._src.pallas.triton import gpu_info, lowering
+
+    from pallas_kernels import registers
+
+    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
+    registers.install()
+    registers.install()  # once only: the second is a no-op
+    seen: list[str] = []
+    capped = lowering.lower_jaxpr_to_triton_module
+    assert capped.ds4jax_capped and not getattr(capped.__wrapped__, "ds4jax_capped", False)
+
+    def capture(*a, **k):
+        res = capped(*a, **k)
+        seen.append(res.module.operation.get_asm())
+        return res
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", capture)
+    S = jax.ShapeDtypeStruct
+    planes = {n: S(p.shape, p.dtype) for n, p in expert_planes(jax.random.PRNGKey(0), experts.Q2_K, 8, 256, 2).items()}
+    cfg = experts.choose_config(experts.Q2_K, 256, 2)
+    args = (S((6, 512), jnp.int8), S((6, 2), jnp.float32), S((6,), jnp.int32), planes)
+
+    q8_args = (S((1, 512), jnp.int8), S((1, 16), jnp.float32), S((64, 512), jnp.int8), S((64, 16), jnp.float16))
+
+    def lower_both():  # {kernel name: whether its module carries the cap}
+        seen.clear()
+        jax.jit(lambda x, dx, ids, p: experts.matmul(x, dx, ids, experts.Q2_K, p, cfg)).trace(*args).lower(
+            lowering_platforms=("cuda",)
+        )
+        jax.jit(q8_0.matmul).trace(*q8_args).lower(lowering_platforms=("cuda",))
+        return {m.split("@")[1].split()[0]: "ttg.maxnreg" in m for m in seen}
+
+    monkeypatch.setattr(registers, "MAXNREG", "")
+    assert not any(lower_both().values())
+    monkeypatch.setattr(registers, "MAXNREG", f"experts_{experts.Q2_K}:64")
+    got = lower_both()
+    assert got[f"experts_{experts.Q2_K}"] and sum(got.values()) == 1, got
+    assert "ttg.maxnreg = 64 : i32" in next(m for m in seen if f"@experts_{experts.Q2_K}" in m)
+    for bad in ("experts_10", "experts_10:8", ":64", "experts_10:x"):
+        with pytest.raises(ValueError):
+            registers.caps(bad)
+    assert registers.caps("a:64+b_1:96") == {"a": 64, "b_1": 96}
