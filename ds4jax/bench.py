@@ -103,9 +103,9 @@ class Row:
         ]
 
 
-def _copy_tree(tree):
-    """A device copy of every array: the generation takes (donates) the copy, the frontier's
-    state stays for the next prefill."""
+def copy_tree(tree):
+    """A device copy of every array (ready): the generation takes (donates) the copy, the
+    frontier's state stays for the next prefill."""
     import jax
 
     return jax.block_until_ready(jax.tree.map(lambda a: a.copy(), tree))
@@ -178,7 +178,7 @@ def run_bench(
         tok, _, state = engine.prefill(state, ids[prev:f], params, key)
         tok = int(tok)  # waits for the last chunk
         prefill_s = time.perf_counter() - t0
-        tokens, gen_s, drafts, step_s = generate(_copy_tree(state), tok, f)
+        tokens, gen_s, drafts, step_s = generate(copy_tree(state), tok, f)
         live = live_state_bytes(shapes, engine.cfg, f)
         row = Row(f, f - prev, prefill_s, len(tokens) - 1, gen_s, live, tokens, drafts, step_s)
         rows.append(row)

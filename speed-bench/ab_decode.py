@@ -59,6 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import devtime  # speed-bench/devtime.py, beside this script
 
 from ds4jax import speculative, xla_options
+from ds4jax.bench import copy_tree  # each variant's copy of the prefilled state (its steps donate it)
 from ds4jax.engine import Engine, compile_together, layout_keep_free, peek  # peek: generate's copy of a step's token
 from ds4jax.errors import DS4Error
 from ds4jax.mtp import init_mtp_state
@@ -300,11 +301,11 @@ def main() -> None:
         ids = np.random.default_rng(0).integers(0, cfg.n_vocab, a.fill)
         t0 = time.perf_counter()
         _, _, filled = first.prefill(first.new_state(), ids, params, key)
-        filled = jax.block_until_ready(filled)
+        filled = jax.block_until_ready(filled)  # the time printed is the prefill's
         print(f"prefilled {a.fill} tokens in {time.perf_counter() - t0:.1f} s (copied into every variant's state)")
     box = {
         label: [
-            eng.new_state() if filled is None else jax.tree.map(lambda x: x.copy(), filled),
+            eng.new_state() if filled is None else copy_tree(filled),
             first_io(eng, var, a.ctx),
         ]
         for label, (eng, var) in engines.items()
