@@ -35,8 +35,8 @@ def define_engine_flags(mtp_draft: int) -> None:
     flags.DEFINE_integer(
         "steps_per_call",
         4,
-        "decode steps per compiled program call without MTP (tokens then stream in groups of this size; "
-        "1 = a call per token)",
+        "decode steps per compiled program call, plain or MTP (tokens then stream in groups of this many "
+        "steps; 1 = a call per step)",
     )
     flags.DEFINE_integer(
         "mtp_draft", mtp_draft, "MTP speculative decoding: 2 = verify [token, draft] in one N=2 forward; 0 = off"

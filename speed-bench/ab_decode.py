@@ -11,10 +11,13 @@ A variant is ``label`` or ``label:key=value,key=value``. Keys:
   layout=gguf|nib|auto      the routed experts' gate/up layout (a converted copy of the weights; one
                             layout for all variants: converted as the weights are made)
   feed=loopK                K decode_fed steps a call, in one program (``Engine.decode_loop``)
-  feed=mtp                  MTP speculative steps (``speculative.mtp_step``: the N=2 verify step or
-                            the N=1 step, chosen on the device); times are per step, and a verify
-                            step commits 1 or 2 tokens (random weights' drafts almost never pass)
-  margin=M                  (feed=mtp) the margin a draft needs: 0 verifies every step, 1e9 none
+  feed=mtp                  MTP speculative steps, one a call (``speculative.mtp_step``: the N=2
+                            verify step or the N=1 step, chosen on the device); times are per step,
+                            and a verify step commits 1 or 2 tokens (random weights' drafts almost
+                            never pass)
+  feed=mtpK                 K MTP steps a call, in one program (``speculative.mtp_loop``, as the
+                            decoder runs them with --steps_per_call K)
+  margin=M                  (feed=mtp, mtpK) the margin a draft needs: 0 verifies every step, 1e9 none
   feed=host|device          the token passed in and outputs allocated per call (``decode``), or
                             kept in a donated buffer on the device (``decode_fed``)
   sync=true                 read each call's tokens on the host before the next call starts (the
@@ -88,7 +91,7 @@ class Variant:
     label: str
     kernels: str  # DS4JAX_KERNELS while the program is traced
     layout: str = "gguf"  # the routed experts' gate/up layout
-    feed: str = "host"  # host: Engine.decode; device: Engine.decode_fed; loopK: Engine.decode_loop; mtp
+    feed: str = "host"  # host: Engine.decode; device: Engine.decode_fed; loopK: Engine.decode_loop; mtp, mtpK
     margin: float = 0.0  # feed=mtp: the draft margin that selects the verify step (an input, not compiled)
     sync: str = "false"  # the token read on the host every step: false, true, or ahead (a step late)
     xla: dict = dataclasses.field(default_factory=dict)  # XLA compile options
@@ -100,13 +103,20 @@ class Variant:
         return int(self.feed[4:]) if self.feed.startswith("loop") else 0
 
     @property
+    def mtp(self) -> int:
+        """MTP steps a call for feed=mtp (1) or mtpK (K), else 0."""
+        return (int(self.feed[3:] or 1)) if self.feed.startswith("mtp") else 0
+
+    @property
     def steps(self) -> int:
         """Decode steps a call."""
-        return self.loop or 1
+        return self.loop or self.mtp or 1
 
     @property
     def program(self) -> str:
-        return {"host": "decode", "device": "decode_fed", "mtp": "mtp_step"}.get(self.feed, f"decode_loop{self.loop}")
+        if self.mtp:
+            return f"mtp_loop{self.mtp}"
+        return {"host": "decode", "device": "decode_fed"}.get(self.feed, f"decode_loop{self.loop}")
 
     def describe(self) -> str:
         named = {f"{mod.__name__}.{name}": v for (mod, name), v in self.consts.items()}
@@ -114,7 +124,7 @@ class Variant:
             f"{k}={v}"
             for k, v in [("kernels", self.kernels), ("layout", self.layout), *self.xla.items(), *named.items()]
             + ([("feed", self.feed)] if self.feed != "host" else [])
-            + ([("margin", self.margin)] if self.feed == "mtp" else [])
+            + ([("margin", self.margin)] if self.mtp else [])
             + ([("sync", self.sync)] if self.sync != "false" else [])
         )
 
@@ -136,10 +146,10 @@ def parse_variant(text: str) -> Variant:
                 raise DS4Error(f"variant {label!r}: layout must be one of {', '.join(EXPERT_LAYOUTS)}")
             v.layout = value
         elif key == "feed":
-            if value not in ("host", "device", "mtp") and not (
-                value[:4] == "loop" and value[4:].isdigit() and int(value[4:]) > 0
+            if value not in ("host", "device", "mtp") and not any(
+                value[: len(p)] == p and value[len(p) :].isdigit() and int(value[len(p) :]) > 0 for p in ("loop", "mtp")
             ):
-                raise DS4Error(f"variant {label!r}: feed must be host, device, mtp or loopK (K > 0 steps a call)")
+                raise DS4Error(f"variant {label!r}: feed must be host, device, mtp, mtpK or loopK (K > 0 steps a call)")
             v.feed = value
         elif key == "margin":
             try:
@@ -239,7 +249,7 @@ def main() -> None:
         p = with_layers(p, a.layers)
     cfg = preset_config(p)
     card = jax.devices()[0].device_kind
-    mtp = a.mtp_weights or any(v.feed == "mtp" for v in variants)  # the MTP block's weights too
+    mtp = a.mtp_weights or any(v.mtp for v in variants)  # the MTP block's weights too
     layouts = {v.layout for v in variants}
     if len(layouts) == 1 and "gguf" not in layouts:  # one converted layout only: converted as made
         # (each tensor given up after its conversion, within the memory the engine leaves), so the
@@ -250,7 +260,7 @@ def main() -> None:
         print("gate/up expert tensors as {}: {} of {}".format(only, *expert_layout_counts(weights[only])), flush=True)
     else:
         weights = {"gguf": jax.block_until_ready(random_weights(cfg, p, mtp=mtp))}
-    mtp_exe, mtp_secs = {}, {}  # feed=mtp: the compiled mtp_step of each engine
+    mtp_exe, mtp_secs = {}, {}  # feed=mtp(K): the compiled mtp_loop of each (engine, K)
     engines, built, builds = {}, {}, {}  # built: one engine per program setting (variants differing
     for v in variants:  # only in feed or sync share it, and each program compiles once)
         setting = dataclasses.replace(v, feed="host", sync="false").describe()  # what the programs depend on
@@ -269,9 +279,9 @@ def main() -> None:
         if (setting, v.program) in builds:
             continue
         with traced_under(v):
-            low = mtp_lower(eng, a.ctx) if v.feed == "mtp" else eng.lower(v.program)
-        if v.feed == "mtp":
-            builds[setting, v.program] = lambda eng=eng, low=low: mtp_build(eng, low, mtp_exe, mtp_secs)
+            low = mtp_lower(eng, a.ctx, v.mtp) if v.mtp else eng.lower(v.program)
+        if v.mtp:
+            builds[setting, v.program] = lambda key=(eng, v.mtp), low=low: mtp_build(key, low, mtp_exe, mtp_secs)
         else:
             builds[setting, v.program] = lambda eng=eng, name=v.program, low=low: eng.compile(
                 [name], lowered={name: low}
@@ -290,8 +300,8 @@ def main() -> None:
     how = "one after another" if a.serial_compile else "side by side"
     print(f"{len(builds)} programs compiled {how} in {time.perf_counter() - t0:.1f} s", flush=True)
     for label, (eng, v) in engines.items():
-        secs = mtp_secs[eng] if v.feed == "mtp" else eng.compile_s[v.program]
-        exe = mtp_exe[eng] if v.feed == "mtp" else eng.program(v.program)
+        secs = mtp_secs[eng, v.mtp] if v.mtp else eng.compile_s[v.program]
+        exe = mtp_exe[eng, v.mtp] if v.mtp else eng.program(v.program)
         temp = exe.memory_analysis().temp_size_in_bytes / 2**20  # XLA's temporaries (scheduling modes move it)
         print(f"{label}: {secs:.1f} s to compile, {temp:.1f} MiB of temporaries ({v.describe()})", flush=True)
     params = SamplingParams(temperature=0.0).arrays()
@@ -323,8 +333,8 @@ def main() -> None:
                 td = time.perf_counter()
                 if var.sync == "true":
                     b[1] = int(b[1])  # the host needs the token before the next step
-            elif var.feed == "mtp":  # b[1]: (mtp_state, io), as MTPSpeculativeDecoder.generate runs it
-                b[0], mtp_state, io = mtp_exe[eng](eng.weights, b[0], *b[1])
+            elif var.mtp:  # b[1]: (mtp_state, io), as MTPSpeculativeDecoder.generate runs it
+                b[0], mtp_state, io = mtp_exe[eng, var.mtp](eng.weights, b[0], *b[1])
                 td = time.perf_counter()
                 b[1] = (mtp_state, io)
                 if var.sync == "true":
@@ -391,10 +401,11 @@ def main() -> None:
             )
 
     # Every variant ran the same steps from the same state: variants that differ only in how the
-    # step runs (an XLA option, a launch's blocks) must end in the same state, bit for bit.
-    prints = {label: fingerprint(box[label]) for label in engines}
-    for label, fp in prints.items():
-        print(f"{label:12s} state and tokens after the rounds: {fp:#018x}", flush=True)
+    # step runs (an XLA option, a launch's blocks, steps a call) must end in the same state, bit
+    # for bit; the io beside it (tokens, reports) has a shape that follows the steps a call.
+    for label in engines:
+        st, io = fingerprint(box[label][0]), fingerprint(box[label][1])
+        print(f"{label:12s} state after the rounds: {st:#018x}; io {io:#018x}", flush=True)
 
     if a.device_steps > 0 and jax.default_backend() == "gpu":
         device_times(engines, run, a, card, p.name, cfg.n_layer)
@@ -425,27 +436,30 @@ def first_io(eng, var: Variant, ctx: int):
     """What a variant's first call takes beside the state: the token, or the device-side io."""
     if var.feed == "host":
         return jnp.int32(1)
-    if var.feed == "mtp":
-        return mtp_io(eng, var.margin, ctx)
+    if var.mtp:
+        return mtp_io(eng, var.margin, ctx, var.mtp)
     return eng.new_io(1, var.loop)
 
 
-def mtp_io(eng, margin: float, ctx: int):
-    """(mtp_state, io) of a speculative run from token 1 with draft 2 (margin 0 for the first step)."""
-    return init_mtp_state(eng.cfg), speculative.step_io(1, 2, 0.0, margin, ctx)
+def mtp_io(eng, margin: float, ctx: int, steps: int = 1):
+    """(mtp_state, io) of a speculative run from token 1 with draft 2 (margin 0 for the first
+    step), ``steps`` MTP steps a call."""
+    return init_mtp_state(eng.cfg), speculative.step_io(1, 2, 0.0, margin, ctx, steps)
 
 
-def mtp_lower(eng, ctx: int):
-    """``mtp_step`` of ``eng`` lowered (not compiled) for its state and a speculative io."""
+def mtp_lower(eng, ctx: int, steps: int = 1):
+    """``mtp_loop`` of ``steps`` for ``eng`` lowered (not compiled) for its state and a
+    speculative io."""
     state = jax.eval_shape(eng.new_state)
-    mtp_state, io = mtp_io(eng, 0.0, ctx)
+    mtp_state, io = mtp_io(eng, 0.0, ctx, steps)
     return speculative.lower_step(eng, state, mtp_state, io)
 
 
-def mtp_build(eng, low, exe: dict, secs: dict) -> None:
+def mtp_build(key, low, exe: dict, secs: dict) -> None:
+    """Compiles ``low`` for ``key`` = (engine, MTP steps a call), as MTPSpeculativeDecoder does."""
     t0 = time.perf_counter()
-    exe[eng] = low.compile(compiler_options=eng.compiler_options or None)  # as MTPSpeculativeDecoder
-    secs[eng] = time.perf_counter() - t0
+    exe[key] = low.compile(compiler_options=key[0].compiler_options or None)
+    secs[key] = time.perf_counter() - t0
 
 
 def device_times(engines: dict, run, a, card: str, preset: str, layers: int) -> None:

@@ -33,6 +33,7 @@ def mtp_decoders(engine):
 def test_mtp_combined_output_equals_plain_greedy(tiny_files, engine, mtp_decoders, seed):
     prompt = np.random.default_rng(seed).integers(0, tiny_files.config.n_vocab, 37 + seed).tolist()
     plain = engine.generate(prompt, 24, GREEDY).tokens
+    assert mtp_decoders[0.0].steps_per_call == engine.steps_per_call == 4  # the engine's: a loop of 4 a call
     always = mtp_decoders[0.0].generate(prompt, 24)
     never = mtp_decoders[1e9].generate(prompt, 24)
     assert not divergences(always.tokens, plain), divergences(always.tokens, plain)[:5]
@@ -60,15 +61,29 @@ def test_bench_with_mtp_generates_plain_greedy_tokens(engine, mtp_decoders):
         assert len(r.step_s) == verify + plain and min(r.step_s) > 0
 
 
-def test_mtp_step_writes_every_output_in_place(engine):
-    """Every output of the speculative step takes a donated input's buffer (none moves between
-    steps, so XLA need not update the CUDA-graph nodes that write it)."""
+@pytest.mark.parametrize("steps", [1, 4])
+def test_mtp_step_writes_every_output_in_place(engine, steps):
+    """Every output of the speculative program (one step a call, or a loop of four) takes a
+    donated input's buffer (none moves between calls, so XLA need not update the CUDA-graph
+    nodes that write it)."""
     from ds4jax.mtp import init_mtp_state
     from ds4jax.speculative import lower_step, step_io
 
     eng = engine
-    io = step_io(1, 2, 0.0, 3.0, CTX)
-    _assert_outputs_aliased(lower_step(eng, jax.eval_shape(eng.new_state), init_mtp_state(eng.cfg), io))
+    io = step_io(1, 2, 0.0, 3.0, CTX, steps)
+    low = lower_step(eng, jax.eval_shape(eng.new_state), init_mtp_state(eng.cfg), io)
+    _assert_outputs_aliased(low)
+    assert low.out_info[2]["reports"].shape == (steps, 4)
+
+
+def test_mtp_steps_per_call_must_be_positive(engine):
+    from ds4jax.errors import DS4Error
+    from ds4jax.speculative import MTPSpeculativeDecoder, step_io
+
+    with pytest.raises(DS4Error, match="--steps_per_call must be >= 1"):
+        MTPSpeculativeDecoder(engine, steps_per_call=0)
+    with pytest.raises(DS4Error, match="steps a call must be >= 1"):
+        step_io(1, 2, 0.0, 3.0, CTX, 0)
 
 
 def test_mtp_draft_step_state_and_holes(engine):
