@@ -206,9 +206,9 @@ def mtp_step(cfg: ModelConfig, ctx: int, weights, state, mtp_state, io):
     """One MTP speculative step, its program chosen on the device: the combined N=2 step when
     the draft's margin is at least ``io["min_margin"]`` and two tokens fit (``io["limit"]``: the
     context or the token budget, whichever ends first), else the plain N=1 step, and nothing
-    once the state is full (a step dispatched past the end). Returns (state, mtp_state, io): the
-    next token, draft and margin in ``io`` and ``io["report"]`` = [tokens committed 0|1|2,
-    verified 0|1, the draft verified, next token] for the host to read a step late."""
+    once the state is full (a step dispatched past the end). Returns (state, mtp_state, io,
+    report): the next token, draft and margin in ``io``, and the report = [tokens committed 0|1|2,
+    verified 0|1, the draft verified, next token] for the host (``mtp_loop`` stacks them)."""
     pos = state["n_tokens"]
     verify_ok = (io["margin"] >= io["min_margin"]) & (pos + 2 <= io["limit"])
     branch = jnp.where(pos >= ctx, 0, jnp.where(verify_ok, 2, 1))
@@ -228,7 +228,7 @@ def mtp_step(cfg: ModelConfig, ctx: int, weights, state, mtp_state, io):
     nxt, draft, margin, state, mtp_state = jax.lax.switch(branch, (idle, plain, combined), state, mtp_state)
     n = state["n_tokens"] - pos  # 0 idle, 1 plain, 1 or 2 verified
     report = jnp.stack([n, (branch == 2).astype(jnp.int32), io["draft"], nxt])
-    return state, mtp_state, {**io, "token": nxt, "draft": draft, "margin": margin, "report": report}
+    return state, mtp_state, {**io, "token": nxt, "draft": draft, "margin": margin}, report
 
 
 def mtp_loop(cfg: ModelConfig, ctx: int, steps: int, weights, state, mtp_state, io):
@@ -240,8 +240,8 @@ def mtp_loop(cfg: ModelConfig, ctx: int, steps: int, weights, state, mtp_state, 
     verifying) whose tokens the host drops, as ``Engine.generate`` drops a loop's steps past EOS."""
 
     def body(i, carry):
-        state, mtp_state, io = mtp_step(cfg, ctx, weights, *carry)
-        return state, mtp_state, {**io, "reports": io["reports"].at[i].set(io["report"])}
+        state, mtp_state, io, report = mtp_step(cfg, ctx, weights, *carry)
+        return state, mtp_state, {**io, "reports": io["reports"].at[i].set(report)}
 
     if steps == 1:  # no loop: XLA kept a one-trip fori_loop's while (CPU, jax 0.12), a graph node more
         return body(0, (state, mtp_state, io))
@@ -287,7 +287,6 @@ def step_io(token, draft, margin, min_margin: float, limit: int, steps: int = 1)
         "margin": put(margin, np.float32),
         "min_margin": jax.device_put(at_least_f32(min_margin)),
         "limit": jax.device_put(np.int32(limit)),
-        "report": jax.device_put(np.zeros(4, np.int32)),
         "reports": jax.device_put(np.zeros((steps, 4), np.int32)),
     }
 

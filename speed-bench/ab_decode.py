@@ -86,6 +86,12 @@ def _value(text: str):
     return text
 
 
+def _steps(feed: str, prefix: str) -> int:
+    """K of a feed named ``prefix`` + K (K > 0), else 0."""
+    tail = feed[len(prefix) :] if feed.startswith(prefix) else ""
+    return int(tail) if tail.isdigit() else 0
+
+
 @dataclasses.dataclass
 class Variant:
     label: str
@@ -100,12 +106,12 @@ class Variant:
     @property
     def loop(self) -> int:
         """K for feed=loopK (decode steps a call of ``decode_loop``), else 0."""
-        return int(self.feed[4:]) if self.feed.startswith("loop") else 0
+        return _steps(self.feed, "loop")
 
     @property
     def mtp(self) -> int:
         """MTP steps a call for feed=mtp (1) or mtpK (K), else 0."""
-        return (int(self.feed[3:] or 1)) if self.feed.startswith("mtp") else 0
+        return 1 if self.feed == "mtp" else _steps(self.feed, "mtp")
 
     @property
     def steps(self) -> int:
@@ -146,9 +152,7 @@ def parse_variant(text: str) -> Variant:
                 raise DS4Error(f"variant {label!r}: layout must be one of {', '.join(EXPERT_LAYOUTS)}")
             v.layout = value
         elif key == "feed":
-            if value not in ("host", "device", "mtp") and not any(
-                value[: len(p)] == p and value[len(p) :].isdigit() and int(value[len(p) :]) > 0 for p in ("loop", "mtp")
-            ):
+            if value not in ("host", "device", "mtp") and not (_steps(value, "loop") or _steps(value, "mtp")):
                 raise DS4Error(f"variant {label!r}: feed must be host, device, mtp, mtpK or loopK (K > 0 steps a call)")
             v.feed = value
         elif key == "margin":
@@ -338,7 +342,7 @@ def main() -> None:
                 td = time.perf_counter()
                 b[1] = (mtp_state, io)
                 if var.sync == "true":
-                    np.asarray(io["report"])
+                    np.asarray(io["reports"])
                 elif var.sync == "ahead":
                     if late is not None:
                         np.asarray(late)
