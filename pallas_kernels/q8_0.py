@@ -183,10 +183,11 @@ def _kernel(
             return carry
 
         chains = jax.lax.fori_loop(0, steps // V, group, ((zeros, zeros),) * n)
-        # [np_, U, BO] as ``run`` returns them (rows past n stay zero: their outputs are dropped)
-        t_of = jax.lax.broadcasted_iota(I32, (np_, 1, 1), 0)
-        s, e = (sum(jnp.where(t_of == t, c[h].T[None], 0.0) for t, c in enumerate(chains)) for h in (0, 1))
-        return s.reshape(np_ * U, BO), e.reshape(np_ * U, BO)
+        # Each token's U chains combined in order u = 0..U-1 as ``combine`` does, but in the chains'
+        # own [BO, U] layout: ``run``'s [np_*U, BO] form cost this program a transpose and a layout
+        # conversion (a shared-memory round trip, two barriers) per dd_add (10 of the N=1
+        # program's 18 conversions, after its only loads: launches of one wave wait for them).
+        return tuple(combine([pick(s, 1, u) for u in range(U)], [pick(e, 1, u) for u in range(U)]) for s, e in chains)
 
     def run(qs_ref, d_ref, tile):
         rows = pl.ds(tile * BO, BO)
@@ -209,18 +210,29 @@ def _kernel(
         zeros = jnp.zeros((np_ * U, BO), F32)
         return jax.lax.fori_loop(j * steps, (j + 1) * steps, body, (zeros, zeros))
 
-    go = run_cores if cfg.cores else run
-    s, e = by_row_tile(lambda m, tile: go(*mats[m], tile), tiles, i)  # several matrices of one K
+    def combine(ss, es):
+        """A token's U partial chains added in order u = 0..U-1."""
+        acc = (ss[0], es[0])
+        for u in range(1, U):
+            acc = dd_add(acc, (ss[u], es[u]))
+        return acc
+
+    def store(rows, acc):
+        if n_out == 1:  # no K split: round here
+            out_refs[0][rows] = acc[0] + acc[1]
+        else:
+            out_refs[0][rows] = acc[0]
+            out_refs[1][rows] = acc[1]
+
+    if cfg.cores:  # a [BO] pair a token, stored a row each (rows past n: zeros, their outputs are dropped)
+        accs = by_row_tile(lambda m, tile: run_cores(*mats[m], tile), tiles, i)  # several matrices of one K
+        for t in range(np_):
+            store((t, slice(None)), accs[t] if t < n else (jnp.zeros((BO,), F32),) * 2)
+        return
+    s, e = by_row_tile(lambda m, tile: run(*mats[m], tile), tiles, i)
     # Combine each token's U partial chains in order u = 0..U-1 (a masked sum picks one row: exact).
     s3, e3 = s.reshape(np_, U, BO), e.reshape(np_, U, BO)
-    acc = (pick(s3, 1, 0), pick(e3, 1, 0))
-    for u in range(1, U):
-        acc = dd_add(acc, (pick(s3, 1, u), pick(e3, 1, u)))
-    if n_out == 1:  # no K split: round here
-        out_refs[0][...] = acc[0] + acc[1]
-    else:
-        out_refs[0][...] = acc[0]
-        out_refs[1][...] = acc[1]
+    store(Ellipsis, combine([pick(s3, 1, u) for u in range(U)], [pick(e3, 1, u) for u in range(U)]))
 
 
 # The CUDA-core form's loop steps whose loads go out together (``TileConfig.unroll``; at most the
