@@ -58,6 +58,10 @@ SPLITS_GIVEN = 128
 # 16.93 / 15.39 / 15.11 / 15.31 µs at N=1 with C = 1 / 4 / 8 / 16 (17.52 / 15.98 / 15.46 / 15.87 at
 # N=2; call A); 43 layers 8.014 against 8.116 ms a token with C = 8, the same state (call B).
 GATE_COLUMNS = 8
+# Warps a gates program. Its ~11 sums of 4-16 elements (the slices' pairs, the gates) cross warps
+# through shared memory at 4 warps: 21 barriers in 600 instructions (offline, pip Triton 3.6,
+# ``step_sass.py``); untimed at fewer warps, where those sums stay in a warp's shuffles.
+GATES_WARPS = 4
 WARPS = 8
 STAGES = 3  # the loops' loads pipelined
 
@@ -249,7 +253,7 @@ def hc_pre(
             jax.ShapeDtypeStruct((T, n), F32),
             jax.ShapeDtypeStruct((T, n, n), F32),
         ],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=GATES_WARPS, num_stages=2),
         interpret=interpret,
         name="hc_gates",
     )(zero, s, e, H.astype(F32), scale, base)
