@@ -110,12 +110,11 @@ def run_mode(a, cfg, weights, nbytes, copy_bw, on_gpu):
     if a.timeline:
         devtime.entry_summary(hlo)
     for name in names:  # the programs' scratch beside the weights and state
-        m = eng.program(name).memory_analysis()
-        if m is not None:
-            print(
-                f"  [{mode}] {name}: compiled in {eng.compile_s[name]:.1f} s, {m.temp_size_in_bytes / 1e9:.2f} GB temporaries",
-                flush=True,
-            )
+        for part in eng.program_names(name):  # the layered prefill: one program a kind of block
+            m = eng.program(part).memory_analysis()
+            if m is not None:
+                took = f"compiled in {eng.compile_s[part]:.1f} s, " if part in eng.compile_s else ""
+                print(f"  [{mode}] {part}: {took}{m.temp_size_in_bytes / 1e9:.2f} GB temporaries", flush=True)
     params = SamplingParams(temperature=0.0).arrays()
     key = jax.random.key(0)
     rng = np.random.default_rng(0)

@@ -8,7 +8,9 @@ answers "gpu" so dispatch takes the kernels the GPU takes (``DS4JAX_KERNELS``, d
 each Pallas call's Triton IR is captured as it lowers. Each distinct kernel is then compiled by the pip
 Triton (``sass.py``'s ``compile_and_count``; XLA's bundled Triton on the GPU machine is close, not
 identical) and its SASS counted: registers, layout conversions, barriers, loads, spills. One row a
-kernel, with how many times a program launches it and its grid.
+distinct kernel: its name, the model lines that call it, the calls of the program that share its code
+(call sites that differ only in source locations), its grid. ``--program mtp4`` reads the MTP loop's
+program (its N=1 step and its N=2 verifying step).
 
 Why: session 45 found a Q8_0 kernel's epilogue spending 10 of its 18 layout conversions (each a
 shared-memory round trip with two barriers) on a transpose it did not need, by reading one kernel's
@@ -41,7 +43,9 @@ from ab_decode import _value  # speed-bench/ab_decode.py: a variant's constant, 
 from jax._src.pallas.triton import gpu_info, lowering
 from sass import compile_and_count  # speed-bench/sass.py, beside this script
 
+from ds4jax import speculative
 from ds4jax.engine import Engine
+from ds4jax.mtp import init_mtp_state
 from ds4jax.presets import load_preset, preset_config, with_layers
 from ds4jax.random_weights import random_weights
 
@@ -110,11 +114,16 @@ class _CudaJit(types.ModuleType):
 
 
 def lower_for_cuda(eng: Engine, program: str):
-    """``eng.lower(program)``, lowered for CUDA."""
-    mod = sys.modules[Engine.__module__]
+    """``eng.lower(program)``, lowered for CUDA; ``mtpK``: the MTP loop of K steps a call (its N=1
+    step and its N=2 verifying step, both branches of one program), as the decoder lowers it."""
+    mod = speculative if program.startswith("mtp") else sys.modules[Engine.__module__]
     real = mod.jax
     mod.jax = _CudaJit("jax")
     try:
+        if mod is speculative:
+            steps = int(program[3:] or 1)
+            io = speculative.step_io(1, 2, 0.0, 0.0, eng.ctx, steps)
+            return speculative.lower_step(eng, jax.eval_shape(eng.new_state), init_mtp_state(eng.cfg), io)
         return eng.lower(program)
     finally:
         mod.jax = real
@@ -124,7 +133,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="flash-q2")
     ap.add_argument("--layers", type=int, default=4, help="the first N blocks (0: all)")
-    ap.add_argument("--program", default="decode", help="an Engine program: decode, decode_fed, decode_loop4, ...")
+    ap.add_argument(
+        "--program",
+        default="decode",
+        help="an Engine program (decode, decode_fed, decode_loop4, ...) or mtpK, the MTP loop of K steps a call",
+    )
     ap.add_argument("--layout", default="nib", choices=("gguf", "nib"), help="the routed gate/up experts' layout")
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--dir", default="/tmp/step_sass")
@@ -145,7 +158,8 @@ def main() -> None:
     if a.layers:
         p = with_layers(p, a.layers)
     cfg = preset_config(p)
-    weights = jax.eval_shape(lambda: random_weights(cfg, p, expert_layout=a.layout))
+    mtp = a.program.startswith("mtp")
+    weights = jax.eval_shape(lambda: random_weights(cfg, p, mtp=mtp, expert_layout=a.layout))
     eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=64, weights=weights)
     kernels = capture_kernels(lambda: lower_for_cuda(eng, a.program))
     groups: dict[str, list[Kernel]] = {}
