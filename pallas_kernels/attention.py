@@ -60,6 +60,11 @@ WARPS = 4
 # by their double-float adds at low occupancy (Nsight Compute: FADD 65 % of the scores'
 # instructions, 25 % theoretical occupancy by registers, 0.73 waves), not by waiting on loads.
 PREFETCH = None
+# Skip the key blocks no key of which is visible: the scores launch writes their -inf without the
+# sums and each mix program stops after its split's last visible key. Same bits (the skipped keys'
+# terms are exact zeros); what it saves grows with the cache's rows past the token (the raw
+# window's padding to whole splits, a long context's compressed rows not yet written).
+SKIP_UNSEEN = True
 I32 = jnp.int32
 
 
@@ -153,9 +158,17 @@ def _scores_kernel(z_ref, q_ref, *refs, scale, spans, shared, n_rows, n_keys, hd
     cols = lax.broadcasted_iota(I32, (1, 1, dc), 2)
     z = jnp.zeros((HEADS, KEYS, dc), F32)
 
-    def part(p):
-        k0 = (blk - spans[p][0]) * KEYS
-        base = _rows(p, t, k0, KEYS, row_refs, n_rows)[None, :, None] * hd + cols
+    def first_key(p):
+        return (blk - spans[p][0]) * KEYS
+
+    def seen(p):
+        # the part's visibility [T·K] read at the block's keys (its padded keys are invisible)
+        k = first_key(p) + lax.broadcasted_iota(I32, (KEYS,), 0)
+        K = n_keys[p]
+        return jnp.where(k < K, vis_refs[p][t * K + jnp.clip(k, 0, K - 1)], 0)
+
+    def sums(p):
+        base = _rows(p, t, first_key(p), KEYS, row_refs, n_rows)[None, :, None] * hd + cols
 
         def load(c):
             c0 = c * dc if isinstance(c, int) else pl.multiple_of(c * dc, dc)  # the prefetch's first: static
@@ -166,15 +179,25 @@ def _scores_kernel(z_ref, q_ref, *refs, scale, spans, shared, n_rows, n_keys, hd
             qc, kc = tiles
             return two_sum_add(*acc, rnd(qc * kc.astype(F32)))  # products rounded first (no FMA)
 
-        # the part's visibility [T·K] read at the block's keys (its padded keys are invisible)
-        k = k0 + lax.broadcasted_iota(I32, (KEYS,), 0)
-        K = n_keys[p]
-        seen = jnp.where(k < K, vis_refs[p][t * K + jnp.clip(k, 0, K - 1)], 0)
-        return (*_loop(hd // dc, load, step, (z, z), prefetch), seen)
+        return _loop(hd // dc, load, step, (z, z), prefetch)
 
-    s, e, seen = _pick(part, len(spans), blk, spans)
-    s, e = dd_sum(s, e)  # [HEADS, KEYS]
-    o_ref[0] = jnp.where(seen[None, :] != 0, rnd((s + e) * scale), -jnp.inf)
+    vis = _pick(seen, len(spans), blk, spans)
+
+    def write():
+        s, e = dd_sum(*_pick(sums, len(spans), blk, spans))  # [HEADS, KEYS]
+        o_ref[0] = jnp.where(vis[None, :] != 0, rnd((s + e) * scale), -jnp.inf)
+
+    if not SKIP_UNSEEN:
+        write()
+        return
+    # A block none of whose keys is visible (a part's padding, a cache's rows past the token): its
+    # scores are -inf without the sums, and the mix's trip count leaves it out.
+    live = jnp.max(vis) != 0
+    pl.when(live)(write)
+
+    @pl.when(jnp.logical_not(live))
+    def _():
+        o_ref[0] = jnp.full((HEADS, KEYS), -jnp.inf, F32)
 
 
 def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc, prefetch):
@@ -198,7 +221,15 @@ def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc
             e = exp(sc - m[:, None, None], rnd)  # 0 where masked
             return two_sum_add(*den, e), two_sum_add(*mix, rnd(e * k.astype(F32)))
 
-        return _loop(split * KEYS // n, load, step, ((zd, zd), (zm, zm)), prefetch)
+        return _loop(steps, load, step, ((zd, zd), (zm, zm)), prefetch)
+
+    steps = split * KEYS // n
+    if SKIP_UNSEEN:
+        # Up to the split's last key with a score (every head's; NaN counts): the keys after it add
+        # e = exp(-inf - m) = 0 and 0·k to the sums, exact no-ops (finite keys), so leaving them out keeps the bits.
+        sc = s_ref[0, :, pl.ds(pl.multiple_of(sp * split * KEYS, split * KEYS), split * KEYS), :]
+        last = jnp.max(jnp.where(sc != -jnp.inf, lax.broadcasted_iota(I32, sc.shape, 1) + 1, 0))
+        steps = (last + n - 1) // n
 
     den, mix = _pick(part, len(spans), sp * split, spans)
     ms_ref[0, 0], me_ref[0, 0] = dd_sum(*mix, axis=1)  # [HEADS, D], unrounded

@@ -626,14 +626,15 @@ ATTN_IN_AUTO = True
 INDEXER_IN_AUTO = True
 
 
-def indexer_scores(q: jax.Array, weights: jax.Array, table: jax.Array, reference):
+def indexer_scores(q: jax.Array, weights: jax.Array, table: jax.Array, n_visible: jax.Array, reference):
     """The indexer's scores [T, R] of q [T, H, hd] with the heads' weights [T, H] over the f16 rows
-    table [R, hd]: the kernel where it is taken, else ``reference()``. Interpreted it compiles in
+    table [R, hd], the rows from ``n_visible`` [T] on left for the caller to mask: the kernel where
+    it is taken (it skips those rows' blocks), else ``reference()``. Interpreted it compiles in
     seconds, so the whole-model CPU tests run it."""
     use, interpret = _use(q.shape[0], auto=INDEXER_IN_AUTO, any_n=_prefill("indexer"))
     if not use or not indexer_kernel.supported(q, table):
         return reference()
-    return indexer_kernel.scores(q, weights, table, interpret=interpret)
+    return indexer_kernel.scores(q, weights, table, n_visible, interpret=interpret)
 
 
 # A compressor's window pooling (the max, exp and the two sums over each window) as one launch

@@ -60,7 +60,8 @@ SPLITS_GIVEN = 128
 GATE_COLUMNS = 8
 # Warps a gates program. Its ~11 sums of 4-16 elements (the slices' pairs, the gates) cross warps
 # through shared memory at 4 warps: 21 barriers in 600 instructions (offline, pip Triton 3.6,
-# ``step_sass.py``); untimed at fewer warps, where those sums stay in a warp's shuffles.
+# ``step_sass.py``), 1 at one warp. Slower at fewer warps all the same (H200, session 46, 43 layers,
+# one process: 7.820 ms a token at 4, 7.860 at 2, 7.944 at 1): each thread's column loads decide it.
 GATES_WARPS = 4
 WARPS = 8
 STAGES = 3  # the loops' loads pipelined

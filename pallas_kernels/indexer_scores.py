@@ -36,6 +36,8 @@ HEADS = 8  # heads a program (all of them where a model has fewer)
 KEYS = 16  # table rows a program
 D_CHUNK = 32  # head-dim columns a step
 WARPS = 4
+# Skip the blocks past each token's visible rows (``n_visible``); False sums every block.
+SKIP_UNSEEN = True
 I32 = jnp.int32
 
 
@@ -47,9 +49,23 @@ def supported(q: jax.Array, table: jax.Array) -> bool:
     return table.shape[1] == hd and is_pow2(H) and is_pow2(hd) and hd % D_CHUNK == 0
 
 
-def _kernel(z_ref, q_ref, w_ref, k_ref, s_ref, e_ref, *, n_rows, hb, hd, dc):
+def _kernel(z_ref, nv_ref, q_ref, w_ref, k_ref, s_ref, e_ref, *, n_rows, hb, hd, dc):
+    t, blk = pl.program_id(0), pl.program_id(2)
+
+    # Rows from the token's visible count on are masked by the caller: a block of them is written
+    # as zeros without its dots (a long context's cache rows not yet written).
+    @pl.when(blk * KEYS < nv_ref[t])
+    def _():
+        _block(z_ref, q_ref, w_ref, k_ref, s_ref, e_ref, blk, n_rows=n_rows, hb=hb, hd=hd, dc=dc)
+
+    @pl.when(blk * KEYS >= nv_ref[t])
+    def _():
+        s_ref[0, 0, :] = jnp.zeros((KEYS,), F32)
+        e_ref[0, 0, :] = jnp.zeros((KEYS,), F32)
+
+
+def _block(z_ref, q_ref, w_ref, k_ref, s_ref, e_ref, blk, *, n_rows, hb, hd, dc):
     rnd = functools.partial(opaque, zero=z_ref[0])
-    blk = pl.program_id(2)
     rows = jnp.clip(blk * KEYS + lax.broadcasted_iota(I32, (KEYS,), 0), 0, n_rows - 1)  # padded keys: a real row
     base = rows[None, :, None] * hd + lax.broadcasted_iota(I32, (1, 1, dc), 2)
     z = jnp.zeros((hb, KEYS, dc), F32)
@@ -68,11 +84,15 @@ def _kernel(z_ref, q_ref, w_ref, k_ref, s_ref, e_ref, *, n_rows, hb, hd, dc):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "warps", "dc"))
-def scores(q, weights, table, interpret: bool = False, warps: int = WARPS, dc: int = D_CHUNK):
+def scores(q, weights, table, n_visible=None, interpret: bool = False, warps: int = WARPS, dc: int = D_CHUNK):
     """q [T, H, hd] f32, weights [T, H] f32, table [R, hd] (f16) → scores [T, R] f32: Σ_h
     weights[t, h]·max(Σ_d q[t, h, d]·table[r, d], 0) with the products rounded and each sum a
-    double-float sum rounded once, as ``select_rows``. ``warps``, ``dc`` only time."""
+    double-float sum rounded once, as ``select_rows``. With ``n_visible`` [T] the rows from a
+    token's count on are the caller's to mask: only the blocks that start before it are summed (the
+    others hold zeros). ``warps``, ``dc`` only time."""
     T, H, hd = q.shape
+    every = n_visible is None or not SKIP_UNSEEN
+    nv = jnp.full((T,), table.shape[0], I32) if every else n_visible.astype(I32)
     R, hb = table.shape[0], min(HEADS, H)
     n_blocks = -(-R // KEYS)
     part = jax.ShapeDtypeStruct((H // hb, T, n_blocks * KEYS), F32)
@@ -82,6 +102,7 @@ def scores(q, weights, table, interpret: bool = False, warps: int = WARPS, dc: i
         grid=(T, H // hb, n_blocks),
         in_specs=[
             pl.BlockSpec((1,), lambda *_: (0,)),
+            pl.BlockSpec((T,), lambda *_: (0,)),
             pl.BlockSpec((1, hb, 1, hd), lambda t, h, b: (t, h, 0, 0)),  # q in the products' layout
             pl.BlockSpec((1, hb, 1), lambda t, h, b: (t, h, 0)),
             pl.BlockSpec((R * hd,), lambda *_: (0,)),  # flat: rows are gathered by offset
@@ -91,5 +112,5 @@ def scores(q, weights, table, interpret: bool = False, warps: int = WARPS, dc: i
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=2),
         interpret=interpret,
         name="indexer_scores",
-    )(kernel_zero(q, interpret), q.astype(F32).reshape(T, H, 1, hd), weights.astype(F32)[..., None], table.reshape(-1))
+    )(kernel_zero(q, interpret), nv, q.astype(F32).reshape(T, H, 1, hd), weights.astype(F32)[..., None], table.reshape(-1))
     return finish(s, e)[:, :R]

@@ -564,20 +564,29 @@ def test_narrow_expert_programs_are_the_reference(monkeypatch, narrow, qtype):
 
 
 @pytest.mark.parametrize(
-    "T,second,prefetch", [(1, "shared", False), (3, "per-token", False), (2, None, False), (3, "per-token", True)]
+    "T,second,prefetch",
+    [(1, "shared", False), (3, "per-token", False), (2, None, False), (3, "per-token", True), (3, "prefix", True)],
 )
 def test_attention_kernels_are_the_reference(T, second, prefetch):
     """The decode attention sums (scores, then softmax with the sink and mix) against the model's
     XLA path, bit for bit: the raw window (shared keys, not a whole key block) with random
     visibility, and a second key set shared (ratio-128 rows) or read by index per token (the
     indexer's rows: random rows, some invisible); enough keys for several mix splits a part; the
-    loops' loads in order or a step ahead (``prefetch``)."""
+    loops' loads in order or a step ahead (``prefetch``). ``prefix``: a cache's rows visible up to
+    each token's count (0, a few, most), the raw window's after its first keys random: whole key
+    blocks and whole splits unseen, which the launches skip (``SKIP_UNSEEN``)."""
     H, hd, R1, R2 = 8, 128, 131 + T, 160
     q = jnp.asarray(RNG.standard_normal((T, H, hd)).astype(np.float32) * 3)
     f16 = lambda *shape: jnp.asarray(RNG.standard_normal(shape).astype(np.float16))
-    parts = [(f16(R1, hd), None, jnp.asarray(RNG.random((T, R1)) < 0.8))]
+    vis1 = RNG.random((T, R1)) < 0.8
+    if second == "prefix":
+        vis1[:, 40:] = False
+    parts = [(f16(R1, hd), None, jnp.asarray(vis1))]
     if second == "shared":
         parts.append((f16(R2, hd), None, jnp.asarray(RNG.random((T, R2)) < 0.6)))
+    elif second == "prefix":
+        n_vis = np.array([0, 7, 150])[:T]
+        parts.append((f16(R2, hd), None, jnp.asarray(np.arange(R2)[None, :] < n_vis[:, None])))
     elif second == "per-token":
         K = 100
         rows = jnp.asarray(RNG.integers(0, R2, (T, K)).astype(np.int32))
@@ -652,7 +661,8 @@ def test_indexer_scores_kernel_is_the_reference(T, H):
     """The indexer's scores launch against ``indexer.head_scores``, bit for bit: 2 head blocks or
     one of 4 heads (the tiny model's), 2 head-dim steps, 37 rows (the last key block padded),
     weights of both signs, and dots of both signs (the ReLU), one row all zeros (an unwritten
-    slot) and one with a single term."""
+    slot) and one with a single term. Then with visible counts (none, part of a block, all): the
+    blocks from a token's count on are skipped, the masked scores unchanged."""
     hd, R = 64, 37
     q = RNG.standard_normal((T, H, hd)).astype(np.float32)
     tab = RNG.standard_normal((R, hd)).astype(np.float16)
@@ -661,7 +671,13 @@ def test_indexer_scores_kernel_is_the_reference(T, H):
     w = (RNG.standard_normal((T, H)) * 10.0 ** RNG.integers(-2, 2, (T, H))).astype(np.float32)
     q, w, tab = jnp.asarray(q), jnp.asarray(w), jnp.asarray(tab)
     got = indexer_scores.scores(q, w, tab, interpret=INTERPRET)
-    assert np.array_equal(np.asarray(got), np.asarray(model_indexer.head_scores(q, w, tab)))
+    want = model_indexer.head_scores(q, w, tab)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    n_vis = jnp.asarray([17] if T == 1 else [0, 17, 37], jnp.int32)
+    seen = np.arange(R)[None, :] < np.asarray(n_vis)[:, None]
+    got = indexer_scores.scores(q, w, tab, n_vis, interpret=INTERPRET)
+    assert np.array_equal(np.where(seen, np.asarray(got), -np.inf), np.where(seen, np.asarray(want), -np.inf))
+    assert not np.any(np.asarray(got)[~seen & (np.arange(R)[None, :] >= 32)])  # the skipped block: zeros
 
 
 @pytest.mark.parametrize("ratio,coff,hd,n_slots", [(4, 2, 128, 3), (32, 1, 64, 2)])

@@ -68,7 +68,7 @@ def select_rows(cfg: ModelConfig, w: dict, qrn, proj, cos, sin, idx_cache, n_vis
     reference = lambda: fp4_e2m1_round_trip(kernels.hadamard(rotated()), cfg.fp4_block)
     q = kernels.indexer_q(q, cos, sin, cfg.fp4_block, reference)
     wh = proj * F32(1.0 / math.sqrt(cfg.idx_head_dim * cfg.n_idx_head))
-    scores = kernels.indexer_scores(q, wh, idx_cache, lambda: head_scores(q, wh, idx_cache))
+    scores = kernels.indexer_scores(q, wh, idx_cache, n_visible, lambda: head_scores(q, wh, idx_cache))
     cap = idx_cache.shape[0]
     visible = jnp.arange(cap)[None, :] < n_visible[:, None]
     scores = jnp.where(visible, scores, -jnp.inf)
