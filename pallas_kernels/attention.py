@@ -63,7 +63,10 @@ PREFETCH = None
 # Skip the key blocks no key of which is visible: the scores launch writes their -inf without the
 # sums and each mix program stops after its split's last visible key. Same bits (the skipped keys'
 # terms are exact zeros); what it saves grows with the cache's rows past the token (the raw
-# window's padding to whole splits, a long context's compressed rows not yet written).
+# window's padding to whole splits, a long context's compressed rows not yet written). H200,
+# session 47, 43 layers, 2,048 tokens filled, one process each (with the indexer's skip): a 32,768-token
+# context 9.779 -> 8.980 ms a token; a 4,096-token one 10,743.6 -> 10,702.7 µs of kernels a step,
+# wall 7.783 -> 7.888 median (min 7.781 -> 7.793: within the rounds' spread); the same end states.
 SKIP_UNSEEN = True
 I32 = jnp.int32
 

@@ -36,7 +36,9 @@ HEADS = 8  # heads a program (all of them where a model has fewer)
 KEYS = 16  # table rows a program
 D_CHUNK = 32  # head-dim columns a step
 WARPS = 4
-# Skip the blocks past each token's visible rows (``n_visible``); False sums every block.
+# Skip the blocks past each token's visible rows (``n_visible``); False sums every block. What it
+# saves grows with the context allocated (the table's rows), not the one filled: timed with the
+# attention's skip (``attention.SKIP_UNSEEN``, session 47).
 SKIP_UNSEEN = True
 I32 = jnp.int32
 
