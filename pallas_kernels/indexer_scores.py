@@ -52,15 +52,16 @@ def supported(q: jax.Array, table: jax.Array) -> bool:
 
 
 def _kernel(z_ref, nv_ref, q_ref, w_ref, k_ref, s_ref, e_ref, *, n_rows, hb, hd, dc):
-    t, blk = pl.program_id(0), pl.program_id(2)
-
+    blk = pl.program_id(2)
     # Rows from the token's visible count on are masked by the caller: a block of them is written
     # as zeros without its dots (a long context's cache rows not yet written).
-    @pl.when(blk * KEYS < nv_ref[t])
+    live = blk * KEYS < nv_ref[pl.program_id(0)]
+
+    @pl.when(live)
     def _():
         _block(z_ref, q_ref, w_ref, k_ref, s_ref, e_ref, blk, n_rows=n_rows, hb=hb, hd=hd, dc=dc)
 
-    @pl.when(blk * KEYS >= nv_ref[t])
+    @pl.when(jnp.logical_not(live))
     def _():
         s_ref[0, 0, :] = jnp.zeros((KEYS,), F32)
         e_ref[0, 0, :] = jnp.zeros((KEYS,), F32)
