@@ -68,6 +68,10 @@ PREFETCH = None
 # context 9.779 -> 8.980 ms a token; a 4,096-token one 10,743.6 -> 10,702.7 µs of kernels a step,
 # wall 7.783 -> 7.888 median (min 7.781 -> 7.793: within the rounds' spread); the same end states.
 SKIP_UNSEEN = True
+# With SKIP_UNSEEN, the mix programs' trip counts from the scores launch's per-block flags (a block
+# with a visible key) instead of each program's own reduction over its split's scores: the 16
+# column programs of one (token, head block, split) made the same 256 × 8 reduction each.
+LIVE_FLAGS = True
 I32 = jnp.int32
 
 
@@ -157,7 +161,8 @@ def _scores_kernel(z_ref, q_ref, *refs, scale, spans, shared, n_rows, n_keys, hd
     rnd = functools.partial(opaque, zero=z_ref[0])
     t, blk = pl.program_id(0), pl.program_id(2)
     vis_refs, refs = refs[: len(spans)], refs[len(spans) :]
-    tabs, row_refs, (o_ref,) = _split_refs(refs, len(spans), shared)
+    tabs, row_refs, outs = _split_refs(refs, len(spans), shared)
+    o_ref = outs[0]
     cols = lax.broadcasted_iota(I32, (1, 1, dc), 2)
     z = jnp.zeros((HEADS, KEYS, dc), F32)
 
@@ -196,6 +201,8 @@ def _scores_kernel(z_ref, q_ref, *refs, scale, spans, shared, n_rows, n_keys, hd
     # A block none of whose keys is visible (a part's padding, a cache's rows past the token): its
     # scores are -inf without the sums, and the mix's trip count leaves it out.
     live = jnp.max(vis) != 0
+    if len(outs) == 2:  # the block's flag for the mix's trip count
+        outs[1][0, 0, :] = jnp.full((1,), live.astype(I32))
     pl.when(live)(write)
 
     @pl.when(jnp.logical_not(live))
@@ -203,9 +210,11 @@ def _scores_kernel(z_ref, q_ref, *refs, scale, spans, shared, n_rows, n_keys, hd
         o_ref[0] = jnp.full((HEADS, KEYS), -jnp.inf, F32)
 
 
-def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc, prefetch):
+def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc, prefetch, flags):
     rnd = functools.partial(opaque, zero=z_ref[0])
     t, c, sp = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    if flags:
+        live_ref, refs = refs[0], refs[1:]
     tabs, row_refs, (ms_ref, me_ref, ds_ref, de_ref) = _split_refs(refs, len(spans), shared)
     m = m_ref[0]  # [HEADS]: max(sink, every score), from XLA (one reduction, shared with the epilogue)
     cols = lax.broadcasted_iota(I32, (1, 1, dc), 2) + c * dc
@@ -227,7 +236,13 @@ def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc
         return _loop(steps, load, step, ((zd, zd), (zm, zm)), prefetch)
 
     steps = split * KEYS // n
-    if SKIP_UNSEEN:
+    if flags:
+        # Up to the split's last block with a visible key: the blocks after it hold -inf scores
+        # only, whose terms e = exp(-inf - m) = 0 and 0·k are exact no-ops (finite keys). n = KEYS,
+        # so a block is a step.
+        live = live_ref[0, 0, pl.ds(pl.multiple_of(sp * split, split), split)]
+        steps = jnp.max(jnp.where(live != 0, lax.broadcasted_iota(I32, (split,), 0) + 1, 0))
+    elif SKIP_UNSEEN:
         # Up to the split's last key with a score (every head's; NaN counts): the keys after it add
         # e = exp(-inf - m) = 0 and 0·k to the sums, exact no-ops (finite keys), so leaving them out keeps the bits.
         sc = s_ref[0, :, pl.ds(pl.multiple_of(sp * split * KEYS, split * KEYS), split * KEYS), :]
@@ -356,7 +371,8 @@ def sink_attention(
     vis = [v.astype(I32).reshape(-1) for _, _, v in parts]
     n_keys = tuple(int(v.shape[1]) for _, _, v in parts)
     scale = float(np.float32(scale))  # a literal: exact in f32
-    scores = pl.pallas_call(
+    flags = SKIP_UNSEEN and LIVE_FLAGS
+    out = pl.pallas_call(
         functools.partial(_scores_kernel, scale=scale, n_keys=n_keys, **static),
         grid=(T, H // HEADS, n_blocks),
         in_specs=[
@@ -364,12 +380,19 @@ def sink_attention(
             pl.BlockSpec((1, HEADS, 1, hd), lambda t, h, b: (t, h, 0, 0)),
             *[whole(a) for a in vis + tabs + rows],
         ],
-        out_specs=pl.BlockSpec((1, HEADS, KEYS), lambda t, h, b: (t, h, b)),
-        out_shape=jax.ShapeDtypeStruct((T, H, Rk), F32),
+        out_specs=[
+            pl.BlockSpec((1, HEADS, KEYS), lambda t, h, b: (t, h, b)),
+            *([pl.BlockSpec((1, 1, 1), lambda t, h, b: (t, h, b))] if flags else []),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((T, H, Rk), F32),
+            *([jax.ShapeDtypeStruct((T, H // HEADS, n_blocks), I32)] if flags else []),
+        ],
         compiler_params=params,
         interpret=interpret,
         name="attn_scores",
     )(zero, q.reshape(T, H, 1, hd), *vis, *tabs, *rows)
+    scores, live = out if flags else (out[0], None)
 
     n_split, n_c = n_blocks // split, hd // dc
     sink = sink.astype(F32)
@@ -381,13 +404,14 @@ def sink_attention(
     mix_spec = pl.BlockSpec((1, 1, HEADS, dc), lambda t, h, c, s: (s, t, h, c))
     den_spec = pl.BlockSpec((1, 1, 1, HEADS), lambda t, h, c, s: (s, t, c, h))
     mix_s, mix_e, den_s, den_e = pl.pallas_call(
-        functools.partial(_mix_kernel, split=split, **static),
+        functools.partial(_mix_kernel, split=split, flags=flags, **static),
         grid=(T, H // HEADS, n_c, n_split),
         in_specs=[
             one,
             pl.BlockSpec((1, HEADS), lambda t, h, *_: (t, h)),
             # the mix loads [HEADS, KEYS, 1] tiles: the products' layout
             pl.BlockSpec((1, HEADS, Rk, 1), lambda t, h, *_: (t, h, 0, 0)),
+            *([pl.BlockSpec((1, 1, n_blocks), lambda t, h, *_: (t, h, 0))] if flags else []),
             *[whole(a) for a in tabs + rows],
         ],
         out_specs=[mix_spec, mix_spec, den_spec, den_spec],
@@ -395,7 +419,7 @@ def sink_attention(
         compiler_params=params,
         interpret=interpret,
         name="attn_mix",
-    )(zero, m, scores.reshape(T, H, Rk, 1), *tabs, *rows)
+    )(zero, m, scores.reshape(T, H, Rk, 1), *([live] if flags else []), *tabs, *rows)
     o = _epilogue(m, sink[None, :], mix_s, mix_e, den_s[:, :, 0], den_e[:, :, 0], spans, split)
     if quant_rotated is None:
         return o

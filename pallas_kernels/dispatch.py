@@ -16,7 +16,7 @@ made at trace time from static shapes and the environment:
                               at N = 1..4, its whole pre-mix (three launches for ~10), its
                               post-mix, the attention sums (two launches for ~8, and its
                               epilogue with the output's inverse rotation and quantization), the
-                              indexer's scores, a compressor's window pooling (at decode from
+                              indexer's scores and its top-k, a compressor's window pooling (at decode from
                               its frontier ring, the token's row written in place) and its
                               new rows into its cache, and the RMS
                               norms with their outputs' quantization (the Q_A/KV_A pair also
@@ -54,6 +54,7 @@ from pallas_kernels import hadamard as hadamard_kernel
 from pallas_kernels import hc_post as hc_post_kernel
 from pallas_kernels import hc_pre as hc_pre_kernel
 from pallas_kernels import indexer_scores as indexer_kernel
+from pallas_kernels import indexer_top as indexer_top_kernel
 from pallas_kernels import quantize as quantize_kernel
 from pallas_kernels import sinkhorn as sinkhorn_kernel
 from pallas_kernels.common import SplitSums, value_of
@@ -635,6 +636,22 @@ def indexer_scores(q: jax.Array, weights: jax.Array, table: jax.Array, n_visible
     if not use or not indexer_kernel.supported(q, table):
         return reference()
     return indexer_kernel.scores(q, weights, table, n_visible, interpret=interpret)
+
+
+# The indexer's top-k at N = 1..4 from ranks over each token's visible rows (one launch), instead of
+# XLA's rank fusion (tables up to RANK_TOP_K_MAX comparisons) or its sort of the whole table, which
+# a long context's allocated rows make large whatever the filled context is.
+INDEXER_TOP_IN_AUTO = True
+
+
+def indexer_top(scores: jax.Array, n_visible: jax.Array, k: int, reference):
+    """The k best rows [T, k] of the indexer's scores [T, n], the rows from ``n_visible`` [T] on
+    counted as −inf (``indexer.top_indices`` of the masked scores): the kernel where it is taken,
+    else ``reference()``. Interpreted it compiles in seconds, so the whole-model CPU tests run it."""
+    use, interpret = _use(scores.shape[0], auto=INDEXER_TOP_IN_AUTO)
+    if not use or not indexer_top_kernel.supported(scores, k):
+        return reference()
+    return indexer_top_kernel.top(scores, n_visible, k, interpret=interpret)
 
 
 # A compressor's window pooling (the max, exp and the two sums over each window) as one launch

@@ -35,6 +35,7 @@ from pallas_kernels import (
     hc_post,
     hc_pre,
     indexer_scores,
+    indexer_top,
     norms,
     q8_0,
     q8_0_mosaic,
@@ -678,6 +679,33 @@ def test_indexer_scores_kernel_is_the_reference(T, H):
     got = indexer_scores.scores(q, w, tab, n_vis, interpret=INTERPRET)
     assert np.array_equal(np.where(seen, np.asarray(got), -np.inf), np.where(seen, np.asarray(want), -np.inf))
     assert not np.any(np.asarray(got)[~seen & (np.arange(R)[None, :] >= 32)])  # the skipped block: zeros
+
+
+@pytest.mark.parametrize("T,n,k", [(1, 256, 64), (4, 64, 64)])
+def test_indexer_top_kernel_is_the_top_k(T, n, k):
+    """The indexer's top-k launch against ``lax.top_k`` of the masked scores (and ``top_indices``):
+    ties (a repeated score, +0 against -0, a visible -inf, which ties the hidden rows and ranks
+    before them) and, in one token, a negative NaN (below every hidden row); visible counts of none,
+    fewer than k (the hidden rows fill the slots in index order), more than k, all, and a count
+    past a program's rows. Whatever the kernel reads past the count must not matter: those
+    scores are NaN in the kernel's input."""
+    s = RNG.standard_normal((T, n)).astype(np.float32)
+    s[:, ::7] = s[:, 3:4]
+    s[0, 5], s[0, 6], s[0, 9] = -0.0, 0.0, -np.inf
+    n_vis = np.asarray([150] if T == 1 else [0, 20, 40, 64], np.int32)
+    if T > 1:
+        s[2, 11] = -np.nan  # sign bit set: below -inf in total order
+        assert np.signbit(s[2, 11])
+    seen = np.arange(n)[None, :] < n_vis[:, None]
+    masked = jnp.asarray(np.where(seen, s, -np.inf))
+    got = np.asarray(
+        indexer_top.top(jnp.asarray(np.where(seen, s, np.nan)), jnp.asarray(n_vis), k, interpret=INTERPRET)
+    )
+    want = np.asarray(jax.lax.top_k(masked, k)[1])
+    assert np.array_equal(got, want)
+    assert np.array_equal(np.asarray(model_indexer.top_indices(masked, k)), want)
+    if T > 1:
+        assert want[1, 20] == 20 and want[2, k - 1] == 11  # hidden rows in order; the NaN last
 
 
 @pytest.mark.parametrize("ratio,coff,hd,n_slots", [(4, 2, 128, 3), (32, 1, 64, 2)])

@@ -70,8 +70,11 @@ def select_rows(cfg: ModelConfig, w: dict, qrn, proj, cos, sin, idx_cache, n_vis
     wh = proj * F32(1.0 / math.sqrt(cfg.idx_head_dim * cfg.n_idx_head))
     scores = kernels.indexer_scores(q, wh, idx_cache, n_visible, lambda: head_scores(q, wh, idx_cache))
     cap = idx_cache.shape[0]
-    visible = jnp.arange(cap)[None, :] < n_visible[:, None]
-    scores = jnp.where(visible, scores, -jnp.inf)
     K = min(cfg.idx_top_k, cap)
-    sel = top_indices(scores, K)  # descending, ties to the lower index
+
+    def reference():
+        visible = jnp.arange(cap)[None, :] < n_visible[:, None]
+        return top_indices(jnp.where(visible, scores, -jnp.inf), K)  # descending, ties to the lower index
+
+    sel = kernels.indexer_top(scores, n_visible, K, reference)
     return sel, sel < n_visible[:, None]
