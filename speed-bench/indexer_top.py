@@ -26,6 +26,22 @@ from ds4jax.model import indexer
 from pallas_kernels import indexer_top
 
 
+def _forms(T: int, n: int, k: int, gpu: bool) -> dict:
+    """name -> fn(i, scores, n_visible) for ``devtime.per_call``: the launch, XLA's sort and (where
+    the engine would pick it) XLA's rank fusion, the last two on the masked scores."""
+
+    def masked(s, nvis):
+        return jnp.where(jnp.arange(n)[None, :] < nvis[:, None], s, -jnp.inf)
+
+    forms = {
+        "kernel": lambda i, s, nvis: indexer_top.top(s, nvis + 0 * i, k, interpret=not gpu),
+        "sort": lambda i, s, nvis: jax.lax.top_k(masked(s, nvis + 0 * i), k)[1],
+    }
+    if T * n * n <= indexer.RANK_TOP_K_MAX:
+        forms["rank"] = lambda i, s, nvis: indexer.top_indices(masked(s, nvis + 0 * i), k)
+    return forms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", default="1024,8192", help="table rows (comma-separated)")
@@ -45,14 +61,7 @@ def main() -> None:
             for T in (int(x) for x in a.tokens.split(",")):
                 s = jnp.asarray(rng.standard_normal((T, n)).astype(np.float32))
                 nvis = jnp.full((T,), nv, jnp.int32)
-                k = min(a.k, n)
-                masked = lambda s, nvis: jnp.where(jnp.arange(n)[None, :] < nvis[:, None], s, -jnp.inf)
-                forms = {
-                    "kernel": lambda i, s, nvis: indexer_top.top(s, nvis + 0 * i, k, interpret=not gpu),
-                    "sort": lambda i, s, nvis: jax.lax.top_k(masked(s, nvis + 0 * i), k)[1],
-                }
-                if T * n * n <= indexer.RANK_TOP_K_MAX:
-                    forms["rank"] = lambda i, s, nvis: indexer.top_indices(masked(s, nvis + 0 * i), k)
+                forms = _forms(T, n, min(a.k, n), gpu)
                 want = np.asarray(jax.jit(forms["sort"])(0, s, nvis))
                 us = {}
                 for name, fn in forms.items():
@@ -63,15 +72,17 @@ def main() -> None:
                     us[name] = devtime.per_call(fn, a.steps, s, nvis, only=only)[0] * 1e6
                 line = "  ".join(f"{f} {v:7.2f} us" for f, v in us.items())
                 print(f"{card}: n={n:5d} visible={nv:5d} T={T}  {line}", flush=True)
-                rows.append([card, n, nv, T, k] + [f"{us.get(f, float('nan')):.2f}" for f in ("kernel", "sort", "rank")])
+                rows.append(
+                    [card, n, nv, T, min(a.k, n)]
+                    + [f"{us.get(f, float('nan')):.2f}" for f in ("kernel", "sort", "rank")]
+                )
     out = os.environ.get("OUT", ".")
     path = os.path.join(out, "indexer_top.csv")
     new = not os.path.exists(path)
     with open(path, "a") as f:
         if new:
             f.write("card,n,visible,n_tok,k,kernel_us,sort_us,rank_us\n")
-        for r in rows:
-            f.write(",".join(map(str, r)) + "\n")
+        f.writelines(",".join(map(str, r)) + "\n" for r in rows)
 
 
 if __name__ == "__main__":
