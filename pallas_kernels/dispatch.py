@@ -640,7 +640,10 @@ def indexer_scores(q: jax.Array, weights: jax.Array, table: jax.Array, n_visible
 
 # The indexer's top-k at N = 1..4 from ranks over each token's visible rows (one launch), instead of
 # XLA's rank fusion (tables up to RANK_TOP_K_MAX comparisons) or its sort of the whole table, which
-# a long context's allocated rows make large whatever the filled context is.
+# a long context's allocated rows make large whatever the filled context is. H200, session 48, 43
+# layers, 2,048 tokens filled, one process: a 32,768-token context 8.966 -> 7.922 ms a token
+# (11,787 -> 10,792 µs of kernels a step, 5 kernels fewer a ratio-4 layer); a 4,096-token one
+# 7.808 -> 7.743 (10,720 -> 10,677 µs); the same end states.
 INDEXER_TOP_IN_AUTO = True
 
 

@@ -681,18 +681,19 @@ def test_indexer_scores_kernel_is_the_reference(T, H):
     assert not np.any(np.asarray(got)[~seen & (np.arange(R)[None, :] >= 32)])  # the skipped block: zeros
 
 
-@pytest.mark.parametrize("T,n,k", [(1, 256, 64), (4, 64, 64)])
+@pytest.mark.parametrize("T,n,k", [(1, 273, 64), (4, 67, 67)])
 def test_indexer_top_kernel_is_the_top_k(T, n, k):
     """The indexer's top-k launch against ``lax.top_k`` of the masked scores (and ``top_indices``):
     ties (a repeated score, +0 against -0, a visible -inf, which ties the hidden rows and ranks
     before them) and, in one token, a negative NaN (below every hidden row); visible counts of none,
     fewer than k (the hidden rows fill the slots in index order), more than k, all, and a count
-    past a program's rows. Whatever the kernel reads past the count must not matter: those
-    scores are NaN in the kernel's input."""
+    past a program's rows; tables of rows that fill no whole program (a context over the ratio
+    plus a window's rows). Whatever the kernel reads past the count must not matter: those scores
+    are NaN in the kernel's input."""
     s = RNG.standard_normal((T, n)).astype(np.float32)
     s[:, ::7] = s[:, 3:4]
     s[0, 5], s[0, 6], s[0, 9] = -0.0, 0.0, -np.inf
-    n_vis = np.asarray([150] if T == 1 else [0, 20, 40, 64], np.int32)
+    n_vis = np.asarray([150] if T == 1 else [0, 20, 40, n], np.int32)
     if T > 1:
         s[2, 11] = -np.nan  # sign bit set: below -inf in total order
         assert np.signbit(s[2, 11])

@@ -18,6 +18,8 @@ from ds4jax.model.numerics import F32, asum, fp4_e2m1_round_trip, rounded
 from ds4jax.model.rope import apply_rope_tail
 from pallas_kernels import dispatch as kernels
 
+# The XLA path's top-k (prefill chunks, the CPU; a GPU decode step takes the rank launch,
+# ``pallas_kernels.indexer_top``, over the visible rows only).
 # Up to this many score comparisons (T·n²), the top-k comes from every score's rank (one
 # compare-and-count fusion and a scatter) instead of XLA's sort: a decode step's sort of 1,041
 # rows took 12.1 µs on an H200 (session 22's profile), once a ratio-4 layer. 8 full-size layers
