@@ -61,19 +61,17 @@ WARPS = 4
 # instructions, 25 % theoretical occupancy by registers, 0.73 waves), not by waiting on loads.
 PREFETCH = None
 # Skip the key blocks no key of which is visible: the scores launch writes their -inf without the
-# sums and each mix program stops after its split's last visible key. Same bits (the skipped keys'
+# sums and a flag a block, and each mix program stops after its split's last live block. Same bits (the skipped keys'
 # terms are exact zeros); what it saves grows with the cache's rows past the token (the raw
 # window's padding to whole splits, a long context's compressed rows not yet written). H200,
 # session 47, 43 layers, 2,048 tokens filled, one process each (with the indexer's skip): a 32,768-token
 # context 9.779 -> 8.980 ms a token; a 4,096-token one 10,743.6 -> 10,702.7 µs of kernels a step,
 # wall 7.783 -> 7.888 median (min 7.781 -> 7.793: within the rounds' spread); the same end states.
+# The trip count from the flags rather than from each mix program's own reduction over its split's
+# scores (the 16 column programs of one split made the same 256 × 8 reduction each): H200, session
+# 48, 43 layers, 2,048 tokens filled, 10,685.6 -> 10,676.5 µs of kernels a step at a 4,096-token
+# context (wall 7.744 -> 7.743 ms), 11,850.8 -> 11,826.9 at 32,768 (8.901 -> 8.880).
 SKIP_UNSEEN = True
-# With SKIP_UNSEEN, the mix programs' trip counts from the scores launch's per-block flags (a block
-# with a visible key) instead of each program's own reduction over its split's scores: the 16
-# column programs of one (token, head block, split) made the same 256 × 8 reduction each. H200,
-# session 48, 43 layers, 2,048 tokens filled: 10,685.6 -> 10,676.5 µs of kernels a step at a
-# 4,096-token context (wall 7.744 -> 7.743 ms), 11,850.8 -> 11,826.9 at 32,768 (8.901 -> 8.880).
-LIVE_FLAGS = True
 I32 = jnp.int32
 
 
@@ -240,16 +238,10 @@ def _mix_kernel(z_ref, m_ref, s_ref, *refs, spans, shared, n_rows, hd, split, dc
     steps = split * KEYS // n
     if flags:
         # Up to the split's last block with a visible key: the blocks after it hold -inf scores
-        # only, whose terms e = exp(-inf - m) = 0 and 0·k are exact no-ops (finite keys). n = KEYS,
-        # so a block is a step.
+        # only, whose terms e = exp(-inf - m) = 0 and 0·k are exact no-ops (finite keys), so leaving
+        # them out keeps the bits. n = KEYS, so a block is a step.
         live = live_ref[0, 0, pl.ds(pl.multiple_of(sp * split, split), split)]
         steps = jnp.max(jnp.where(live != 0, lax.broadcasted_iota(I32, (split,), 0) + 1, 0))
-    elif SKIP_UNSEEN:
-        # Up to the split's last key with a score (every head's; NaN counts): the keys after it add
-        # e = exp(-inf - m) = 0 and 0·k to the sums, exact no-ops (finite keys), so leaving them out keeps the bits.
-        sc = s_ref[0, :, pl.ds(pl.multiple_of(sp * split * KEYS, split * KEYS), split * KEYS), :]
-        last = jnp.max(jnp.where(sc != -jnp.inf, lax.broadcasted_iota(I32, sc.shape, 1) + 1, 0))
-        steps = (last + n - 1) // n
 
     den, mix = _pick(part, len(spans), sp * split, spans)
     ms_ref[0, 0], me_ref[0, 0] = dd_sum(*mix, axis=1)  # [HEADS, D], unrounded
@@ -373,7 +365,7 @@ def sink_attention(
     vis = [v.astype(I32).reshape(-1) for _, _, v in parts]
     n_keys = tuple(int(v.shape[1]) for _, _, v in parts)
     scale = float(np.float32(scale))  # a literal: exact in f32
-    flags = SKIP_UNSEEN and LIVE_FLAGS
+    flags = SKIP_UNSEEN  # the scores launch's per-block flags, the mix's trip count
     out = pl.pallas_call(
         functools.partial(_scores_kernel, scale=scale, n_keys=n_keys, **static),
         grid=(T, H // HEADS, n_blocks),

@@ -28,17 +28,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ds4jax.model.numerics import total_order_key
 from pallas_kernels.common import F32
 
 __all__ = ["supported", "top"]
 
 ROWS = 32  # table rows (ranks) a program
 COLS = 128  # visible rows compared a loop step
-WARPS = 4
-# The counts kept as a [ROWS, COLS] tile of partial counts and summed once after the loop, instead
-# of a reduction across the lanes every step: 24.5 against 62.7 µs at 8,192 visible rows (H200,
-# session 48); 8 warps or 64 columns a step gained nothing that held at two tokens.
-LATE = True
+WARPS = 4  # 8 warps or 64 columns a step gained nothing that held at two tokens (H200, session 48)
 I32 = jnp.int32
 # A masked scatter store: ``triton.store`` in newer jax, ``pallas.store`` before it.
 _store = getattr(plgpu, "store", None) or pl.store
@@ -51,14 +48,7 @@ def supported(scores: jax.Array, k: int) -> bool:
     return scores.ndim == 2 and 0 < k <= scores.shape[1]
 
 
-def total_order_key(x: jax.Array) -> jax.Array:
-    """int32 keys whose signed order is the float total order of f32 ``x`` (−NaN < −inf < … <
-    −0 < +0 < … < +inf < +NaN)."""
-    bits = lax.bitcast_convert_type(x.astype(F32), I32)
-    return bits ^ ((bits >> 31) & I32(0x7FFFFFFF))
-
-
-def _kernel(nv_ref, s_ref, o_ref, *, n, k, rows, cols, late):
+def _kernel(nv_ref, s_ref, o_ref, *, n, k, rows, cols):
     t, blk = pl.program_id(0), pl.program_id(1)
     nv = nv_ref[t]
     row0 = blk * rows
@@ -75,11 +65,12 @@ def _kernel(nv_ref, s_ref, o_ref, *, n, k, rows, cols, late):
             j = c * cols + jj  # [1, cols]
             kj = total_order_key(s_ref[t * n + jnp.minimum(j, n - 1)])
             beats = ((kj > ki[:, None]) | ((kj == ki[:, None]) & (j < i[:, None]))) & (j < nv)
-            return count + (beats.astype(I32) if late else jnp.sum(beats.astype(I32), axis=1))
+            return count + beats.astype(I32)
 
-        zero = jnp.zeros((rows, cols) if late else (rows,), I32)
-        count = lax.fori_loop(0, (nv + cols - 1) // cols, step, zero)
-        count = jnp.sum(count, axis=1) if late else count
+        # The counts kept as a [rows, cols] tile and summed once after the loop: a reduction across
+        # the lanes every step took 62.7 against 24.5 µs at 8,192 visible rows (H200, session 48).
+        count = lax.fori_loop(0, (nv + cols - 1) // cols, step, jnp.zeros((rows, cols), I32))
+        count = jnp.sum(count, axis=1)
         # The hidden rows (−inf, indices nv..n−1) that come before row i: all of them below a
         # visible negative NaN; for a hidden row, those at lower indices (a tie at −inf).
         hidden = jnp.where(seen, jnp.where(ki < NEG_INF_KEY, n - nv, 0), i - nv)
@@ -91,15 +82,15 @@ def _kernel(nv_ref, s_ref, o_ref, *, n, k, rows, cols, late):
         _store(o_ref.at[t * (k + rows) + slot], i, mask=keep)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret", "warps", "cols", "late"))
-def top(scores, n_visible, k: int, interpret: bool = False, warps: int = WARPS, cols: int = COLS, late: bool = LATE):
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "warps", "cols"))
+def top(scores, n_visible, k: int, interpret: bool = False, warps: int = WARPS, cols: int = COLS):
     """scores [T, n] f32, n_visible [T] → indices [T, k] int32: ``lax.top_k`` of the scores with
     the rows from each token's count on replaced by −inf (descending in float total order, ties to
-    the lower index), read from the visible rows only. ``warps``, ``cols``, ``late`` only time."""
+    the lower index), read from the visible rows only. ``warps``, ``cols`` only time."""
     T, n = scores.shape
     rows, cols = min(ROWS, pl.next_power_of_2(n)), min(cols, pl.next_power_of_2(n))
     out = pl.pallas_call(
-        functools.partial(_kernel, n=n, k=k, rows=rows, cols=cols, late=late),
+        functools.partial(_kernel, n=n, k=k, rows=rows, cols=cols),
         grid=(T, pl.cdiv(n, rows)),
         in_specs=[
             pl.BlockSpec((T,), lambda *_: (0,)),

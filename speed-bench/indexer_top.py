@@ -5,7 +5,7 @@ and token count: the launch's own duration (the profiler), XLA's ``lax.top_k`` o
 (a sort of the whole table) and, where it is the engine's pick (T·n² ≤ ``RANK_TOP_K_MAX``), XLA's
 rank fusion; every form's indices checked equal first. Rows go to ``$OUT/indexer_top.csv``.
 
-    python speed-bench/indexer_top.py [--n 1024,8192] [--visible 512,2048,8192] [--tokens 1,2]
+    python speed-bench/indexer_top.py [--n 1041,8209] [--visible 512,2048,8192] [--tokens 1,2]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import devtime  # speed-bench/devtime.py, beside this script
 from ds4jax.model import indexer
 from pallas_kernels import indexer_top
 
-FORMS = ("kernel", "kernel_step_sums", "kernel_8w", "kernel_64c", "sort", "rank")
+FORMS = ("kernel", "kernel_8w", "kernel_64c", "sort", "rank")
 
 
 def _forms(T: int, n: int, k: int, gpu: bool) -> dict:
@@ -37,7 +37,6 @@ def _forms(T: int, n: int, k: int, gpu: bool) -> dict:
 
     forms = {
         "kernel": lambda i, s, nvis: indexer_top.top(s, nvis + 0 * i, k, interpret=not gpu),
-        "kernel_step_sums": lambda i, s, nvis: indexer_top.top(s, nvis + 0 * i, k, interpret=not gpu, late=False),
         "kernel_8w": lambda i, s, nvis: indexer_top.top(s, nvis + 0 * i, k, interpret=not gpu, warps=8),
         "kernel_64c": lambda i, s, nvis: indexer_top.top(s, nvis + 0 * i, k, interpret=not gpu, cols=64),
         "sort": lambda i, s, nvis: jax.lax.top_k(masked(s, nvis + 0 * i), k)[1],
@@ -77,10 +76,7 @@ def main() -> None:
                     us[name] = devtime.per_call(fn, a.steps, s, nvis, only=only)[0] * 1e6
                 line = "  ".join(f"{f} {v:7.2f} us" for f, v in us.items())
                 print(f"{card}: n={n:5d} visible={nv:5d} T={T}  {line}", flush=True)
-                rows.append(
-                    [card, n, nv, T, min(a.k, n)]
-                    + [f"{us.get(f, float('nan')):.2f}" for f in FORMS]
-                )
+                rows.append([card, n, nv, T, min(a.k, n)] + [f"{us.get(f, float('nan')):.2f}" for f in FORMS])
     out = os.environ.get("OUT", ".")
     path = os.path.join(out, "indexer_top.csv")
     new = not os.path.exists(path)

@@ -14,7 +14,7 @@ from jax import lax
 
 from ds4jax.config import ModelConfig
 from ds4jax.model.linear import dense
-from ds4jax.model.numerics import F32, asum, fp4_e2m1_round_trip, rounded
+from ds4jax.model.numerics import F32, asum, fp4_e2m1_round_trip, rounded, total_order_key
 from ds4jax.model.rope import apply_rope_tail
 from pallas_kernels import dispatch as kernels
 
@@ -37,8 +37,7 @@ def top_indices(scores, k: int):
     T, n = scores.shape
     if T * n * n > RANK_TOP_K_MAX:
         return lax.top_k(scores, k)[1]
-    bits = lax.bitcast_convert_type(scores.astype(F32), jnp.int32)
-    key = bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))  # integer order = float total order
+    key = total_order_key(scores)
     i = jnp.arange(n, dtype=jnp.int32)
     a, b = key[:, :, None], key[:, None, :]  # [T, i, j]
     beats = (b > a) | ((b == a) & (i[None, :] < i[:, None])[None])

@@ -32,6 +32,13 @@ def round_to_grid(x: jax.Array, mant_bits: int, min_exp: int) -> jax.Array:
     return jnp.ldexp(jnp.round(jnp.ldexp(x, -q)), q)
 
 
+def total_order_key(x: jax.Array) -> jax.Array:
+    """int32 keys whose signed order is the float total order of f32 ``x`` (−NaN < −inf < … <
+    −0 < +0 < … < +inf < +NaN): the order ``lax.top_k`` sorts in."""
+    bits = lax.bitcast_convert_type(x.astype(F32), jnp.int32)
+    return bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))
+
+
 def pow2(k: jax.Array) -> jax.Array:
     """2^k as f32 from its exponent bits, for integer k in [-126, 127]."""
     return lax.bitcast_convert_type(lax.shift_left(k.astype(jnp.int32) + 127, 23), F32)
