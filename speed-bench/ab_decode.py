@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import re
 import sys
 import time
 import types
@@ -216,6 +217,20 @@ def main() -> None:
         help="with --device_steps: each variant's GPU idle time, host events, and the kernels' overlap (the "
         "time each ran alone; give the variant xla_enable_command_buffers_during_profiling=true to trace its "
         "CUDA graphs as they run, kernels side by side, instead of kernel by kernel)",
+    )
+    ap.add_argument(
+        "--top",
+        type=int,
+        default=0,
+        help="with --device_steps: each variant's kernels by name (µs and launches a step), and what each "
+        "variant adds to or takes from the first one's, the N kernels that move most (names with their "
+        "numbering dropped, so XLA's fusions of two programs compare)",
+    )
+    ap.add_argument(
+        "--hlo",
+        action="store_true",
+        help="with --top: the kernels summed by the model line that made them (each program's compiled HLO "
+        "names it), and the diffs by line",
     )
     ap.add_argument(
         "--serial_compile",
@@ -412,7 +427,7 @@ def main() -> None:
         print(f"{label:12s} state after the rounds: {st:#018x}; io {io:#018x}", flush=True)
 
     if a.device_steps > 0 and jax.default_backend() == "gpu":
-        device_times(engines, run, a, card, p.name, cfg.n_layer)
+        device_times(engines, run, a, card, p.name, cfg.n_layer, mtp_exe)
 
 
 @jax.jit
@@ -466,11 +481,12 @@ def mtp_build(key, low, exe: dict, secs: dict) -> None:
     secs[key] = time.perf_counter() - t0
 
 
-def device_times(engines: dict, run, a, card: str, preset: str, layers: int) -> None:
+def device_times(engines: dict, run, a, card: str, preset: str, layers: int, mtp_exes: dict) -> None:
     """Each variant's kernel time and kernel count a step, traced over ``a.device_steps`` steps."""
     header = ["card", "preset", "layers", "label", "options", "device_us", "kernels", "note"]
+    tallies = {}
     with devtime.csv_rows(a.out, "ab_device.csv", header) as write:
-        for label, (_, v) in engines.items():
+        for label, (eng, v) in engines.items():
             n = max(1, a.device_steps // v.steps)  # calls, of v.steps decode steps each
             if a.timeline:
                 print(f"{label}: timeline", flush=True)
@@ -480,6 +496,66 @@ def device_times(engines: dict, run, a, card: str, preset: str, layers: int) -> 
             us, count = ns / (n * v.steps) / 1e3, sum(c for c, _ in by.values()) / (n * v.steps)
             print(f"{label:12s} {us:9.1f} us of kernels a step, {count:7.1f} kernels", flush=True)
             write([card, preset, layers, label, v.describe(), f"{us:.1f}", f"{count:.1f}", a.note])
+            if a.hlo:  # by model line: the key that two programs share
+                exe = mtp_exes[eng, v.mtp] if v.mtp else eng.program(v.program)
+                sources = devtime.hlo_sources(exe.as_text())
+                tallies[label] = (by_site(by, sources), n * v.steps)
+            else:
+                tallies[label] = (by_family(by), n * v.steps)
+            if a.top and label == next(iter(engines)):
+                print("  raw names: " + ", ".join(sorted(by, key=lambda k: -by[k][1])[:12]), flush=True)
+    if a.top > 0:
+        kernel_diffs(tallies, a.top)
+
+
+def family(name: str) -> str:
+    """A kernel's name without the numbering a program gives it: XLA's fusions (``loop_fusion_12``,
+    ``fusion.7``, ``..._remat2``) and the copies of one Pallas kernel (``q8_0_share__6``, ``q8_0_share_``);
+    a Pallas kernel's own name (``experts_4112``: the launch's quant types) stays."""
+    name = re.sub(r"(__\d+|_+)$", "", name)
+    if "fusion" in name or "wrapped" in name:
+        name = re.sub(r"(_remat\d*|[._]\d+)+$", "", name)
+    return name
+
+
+def by_site(by: dict, sources: dict) -> dict:
+    """{model line (``devtime.hlo_sources``) or a Pallas kernel's family name: (count, ns)}."""
+    out: dict = {}
+    for name, (c, t) in by.items():
+        key = sources[name][0] if name in sources else "kernel " + family(name)
+        c0, t0 = out.get(key, (0, 0))
+        out[key] = (c0 + c, t0 + t)
+    return out
+
+
+def by_family(by: dict) -> dict:
+    """{name with its numbering dropped: (count, ns)}: XLA numbers its fusions per program
+    (``loop_fusion_12``, ``fusion.7``), so only the family names compare across two programs."""
+    out: dict = {}
+    for name, (c, t) in by.items():
+        key = family(name)
+        c0, t0 = out.get(key, (0, 0))
+        out[key] = (c0 + c, t0 + t)
+    return out
+
+
+def kernel_diffs(tallies: dict, top: int) -> None:
+    """Each variant's ``top`` kernel families a step, then against the first variant: the families
+    whose time a step moved most (what a variant's program adds or drops, by kernel)."""
+    (base, (b_by, b_per)), *rest = tallies.items()
+    for label, (by, per) in tallies.items():
+        print(f"{label}: kernels a step by family (launches a step x us a launch)", flush=True)
+        for name, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"  {c / per:7.1f} x {t / c / 1e3:7.2f} us = {t / per / 1e3:8.1f} us  {name[:90]}", flush=True)
+    for label, (by, per) in rest:
+        print(f"{label} against {base}: kernel families a step, largest moves first", flush=True)
+        moves = []
+        for name in set(by) | set(b_by):
+            c, t = by.get(name, (0, 0))
+            c0, t0 = b_by.get(name, (0, 0))
+            moves.append((t / per - t0 / b_per, c / per - c0 / b_per, name))
+        for dt, dc, name in sorted(moves, key=lambda m: -abs(m[0]))[:top]:
+            print(f"  {dt / 1e3:+9.1f} us {dc:+7.1f} launches  {name[:90]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,25 @@ def test_mtp_draft_step_matches_float64_reference(tiny_files, engine):
         errs.append(np.abs(np.asarray(got, np.float64) - want).max())
     print(f"\nmtp step vs float64: max|dlogit| {max(errs):.2e}")
     assert max(errs) < 1e-2
+
+
+def test_draft_margin_is_top_k_gap():
+    """The margin is lax.top_k's top-two gap: random logits, a tie at the top (0), the max last,
+    -inf elsewhere (a finite gap to the second), all equal."""
+    from jax import lax
+
+    from ds4jax.mtp import draft_margin
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(1000).astype(np.float32)
+    tie = x.copy()
+    tie[[17, 400]] = x.max() + 1.0
+    last = x.copy()
+    last[-1] = x.max() + 2.5
+    sparse = np.full(1000, -np.inf, np.float32)
+    sparse[[3, 9]] = (1.5, -2.0)
+    for v in (x, tie, last, sparse, np.ones(1000, np.float32), x.astype(np.float16)):
+        top2 = lax.top_k(jnp.asarray(v, jnp.float32), 2)[0]
+        want = float(top2[0] - top2[1])
+        assert float(jax.jit(draft_margin)(jnp.asarray(v))) == want
+    assert float(draft_margin(jnp.asarray(tie))) == 0.0
