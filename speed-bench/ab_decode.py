@@ -513,7 +513,7 @@ def family(name: str) -> str:
     ``fusion.7``, ``..._remat2``) and the copies of one Pallas kernel (``q8_0_share__6``, ``q8_0_share_``);
     a Pallas kernel's own name (``experts_4112``: the launch's quant types) stays."""
     name = re.sub(r"(__\d+|_+)$", "", name)
-    if "fusion" in name or "wrapped" in name:
+    if "fusion" in name or name.startswith(("wrapped", "sort")):  # XLA's own kernels (``sort_151_1``)
         name = re.sub(r"(_remat\d*|[._]\d+)+$", "", name)
     return name
 

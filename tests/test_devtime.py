@@ -22,3 +22,43 @@ def test_idle_gaps_count_only_stretches_with_nothing_running_anywhere():
     busy, alone = devtime.exposed(events)
     assert busy == 300 + 8_600 + 100 + 100  # the union of the running stretches
     assert alone == {"a": 50, "b": 200, "c": 50 + 100, "d": 8_500, "e": 100}
+
+
+def _ab_decode():
+    """speed-bench/ab_decode.py as a module (it imports devtime from its own folder)."""
+    import sys
+
+    sys.path.insert(0, str(_PATH.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("ab_decode", _PATH.parent / "ab_decode.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["ab_decode"] = mod  # its dataclasses look their module up there
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(_PATH.parent))
+    return mod
+
+
+def test_kernel_families_and_diffs_compare_two_programs(capsys):
+    """``ab_decode --top``: XLA's per-program numbering and a Pallas kernel's copies fold into one
+    family, a Pallas kernel's own name stays, and the diff against the first variant is by family
+    (by model line where the HLO names one), largest move first, per step."""
+    ab = _ab_decode()
+    assert ab.family("q8_0_share__6") == ab.family("q8_0_share_") == "q8_0_share"
+    assert ab.family("experts_4112_") == "experts_4112" != ab.family("experts_10")
+    assert ab.family("loop_slice_fusion_105_remat2") == ab.family("loop_slice_fusion.3") == "loop_slice_fusion"
+    assert ab.family("wrapped_concatenate_remat") == "wrapped_concatenate"
+    assert ab.family("sort_151_1") == "sort"
+    a = ab.by_family({"q8_0_share": (4, 4000), "loop_add_fusion_12": (2, 100), "sort_3": (2, 60)})
+    b = ab.by_family({"q8_0_share__1": (4, 6000), "loop_add_fusion.7": (8, 900)})
+    assert a["loop_add_fusion"] == (2, 100) and b["loop_add_fusion"] == (8, 900)
+    sites = ab.by_site(
+        {"input_reduce_fusion.3": (2, 50), "q8_0_share__2": (1, 10)}, {"input_reduce_fusion.3": ("moe.py:29", "")}
+    )
+    assert sites == {"moe.py:29": (2, 50), "kernel q8_0_share": (1, 10)}
+    ab.kernel_diffs({"x": (a, 2), "y": (b, 2)}, 2)
+    out = capsys.readouterr().out.splitlines()
+    moves = out[out.index("y against x: kernel families a step, largest moves first") + 1 :]
+    assert len(moves) == 2
+    assert moves[0].split()[:4] == ["+1.0", "us", "+0.0", "launches"] and moves[0].endswith("q8_0_share")
+    assert moves[1].split()[:4] == ["+0.4", "us", "+3.0", "launches"] and moves[1].endswith("loop_add_fusion")
