@@ -201,8 +201,7 @@ def _scores_kernel(z_ref, q_ref, *refs, scale, spans, shared, n_rows, n_keys, hd
     # A block none of whose keys is visible (a part's padding, a cache's rows past the token): its
     # scores are -inf without the sums, and the mix's trip count leaves it out.
     live = jnp.max(vis) != 0
-    if len(outs) == 2:  # the block's flag for the mix's trip count
-        outs[1][0, 0, :] = jnp.full((1,), live.astype(I32))
+    outs[1][0, 0, :] = jnp.full((1,), live.astype(I32))  # the block's flag for the mix's trip count
     pl.when(live)(write)
 
     @pl.when(jnp.logical_not(live))

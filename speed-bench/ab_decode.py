@@ -502,8 +502,6 @@ def device_times(engines: dict, run, a, card: str, preset: str, layers: int, mtp
                 tallies[label] = (by_site(by, sources), n * v.steps)
             else:
                 tallies[label] = (by_family(by), n * v.steps)
-            if a.top and label == next(iter(engines)):
-                print("  raw names: " + ", ".join(sorted(by, key=lambda k: -by[k][1])[:12]), flush=True)
     if a.top > 0:
         kernel_diffs(tallies, a.top)
 
@@ -518,25 +516,24 @@ def family(name: str) -> str:
     return name
 
 
-def by_site(by: dict, sources: dict) -> dict:
-    """{model line (``devtime.hlo_sources``) or a Pallas kernel's family name: (count, ns)}."""
+def _fold(by: dict, key) -> dict:
+    """{key(name): (count, ns)} summed over the kernels ``by`` ({name: (count, ns)})."""
     out: dict = {}
     for name, (c, t) in by.items():
-        key = sources[name][0] if name in sources else "kernel " + family(name)
-        c0, t0 = out.get(key, (0, 0))
-        out[key] = (c0 + c, t0 + t)
+        c0, t0 = out.get(key(name), (0, 0))
+        out[key(name)] = (c0 + c, t0 + t)
     return out
+
+
+def by_site(by: dict, sources: dict) -> dict:
+    """{model line (``devtime.hlo_sources``) or a Pallas kernel's family name: (count, ns)}."""
+    return _fold(by, lambda name: sources[name][0] if name in sources else "kernel " + family(name))
 
 
 def by_family(by: dict) -> dict:
     """{name with its numbering dropped: (count, ns)}: XLA numbers its fusions per program
     (``loop_fusion_12``, ``fusion.7``), so only the family names compare across two programs."""
-    out: dict = {}
-    for name, (c, t) in by.items():
-        key = family(name)
-        c0, t0 = out.get(key, (0, 0))
-        out[key] = (c0 + c, t0 + t)
-    return out
+    return _fold(by, family)
 
 
 def kernel_diffs(tallies: dict, top: int) -> None:
