@@ -62,3 +62,36 @@ def test_kernel_families_and_diffs_compare_two_programs(capsys):
     assert len(moves) == 2
     assert moves[0].split()[:4] == ["+1.0", "us", "+0.0", "launches"] and moves[0].endswith("q8_0_share")
     assert moves[1].split()[:4] == ["+0.4", "us", "+3.0", "launches"] and moves[1].endswith("loop_add_fusion")
+
+
+def test_cb_log_counts_recordings_updates_and_moved_allocations_by_graph():
+    spec = importlib.util.spec_from_file_location("cb_log", _PATH.parent / "cb_log.py")
+    cb_log = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cb_log)
+    src = "I1203 17:15:58.1 1837 command_buffer_thunk.cc:{}] {}"
+    lines = [
+        src.format(
+            250, "Initialize command buffer on device #0 by recoding command buffer cmd sequence; num_commands=2107"
+        ),
+        src.format(270, "Initialized command buffer on device #0 in 22008 μs; num_commands=2107"),
+        src.format(455, "Evicted 2 command buffer thunk command buffers"),
+        "unrelated line num_commands=9",
+    ]
+    for allocs, us in ((49, 150), (51, 170), (49, 160)):
+        lines.append(
+            src.format(
+                320,
+                "Update command buffer on device #0 by recoding command buffer cmd sequence after 1 "
+                f"executions since last update; num_commands=67; updated_allocs={allocs}",
+            )
+        )
+        lines.append(src.format(330, f"Updated command buffer in {us} μs; num_commands=67"))
+    s = cb_log.summarize(lines)
+    assert s["graphs"] == {
+        2107: {"init": 1, "init_us": 22008, "update": 0, "update_us": 0},
+        67: {"init": 0, "init_us": 0, "update": 3, "update_us": 480},
+    }
+    assert s["moved"] == {(67, 1, 49): 2, (67, 1, 51): 1}
+    assert s["evicted"] == 2
+    text = "\n".join(cb_log.report(s))
+    assert "     2107         1     22008        0        0" in text and "      67         0" in text

@@ -1,0 +1,218 @@
+"""The plain decode step's wall time in one process before and after the MTP step's program is
+compiled, run, and dropped (sessions 33-35 and 49-50: the plain step runs ~0.4 ms slower in a
+process holding the MTP program, with no more kernel time and no CUDA-graph re-recording).
+
+    python speed-bench/mtp_presence.py --layers 0 --fill 2048 --rounds 3 --steps 16
+
+Phases, each timing the plain loop (``decode_loop``, ``--steps_per_call`` steps a call, the token
+read a call late as ``Engine.generate`` does):
+  alone      the plain program only (the MTP block's weights loaded, as the CLI's --mtp_draft does);
+             left out with --together, which compiles both programs first
+  compiled   the MTP step's program compiled, never run
+  cond       (--tiny_cond) after one call of a small program with CUDA-graph conditional nodes
+  ran        after one call of it (its CUDA graph instantiated)
+  mtp steps  the MTP program's own steps (ms a step; every step verifies: margin 0)
+  between    an MTP call before each plain round
+  dropped    the MTP program and its outputs deleted (its CUDA graph freed with the executable)
+Rows go to ``$OUT/mtp_presence.csv``; every phase must end the plain variant's state where the
+first one's round sequence does (printed), as they all run the same steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import devtime  # speed-bench/devtime.py, beside this script
+from ab_decode import (  # ab_decode's MTP program, io and state print
+    CHUNK,
+    _value,
+    by_family,
+    fingerprint,
+    kernel_diffs,
+    mtp_io,
+    mtp_lower,
+)
+
+from ds4jax import speculative, xla_options
+from ds4jax.bench import copy_tree
+from ds4jax.engine import Engine, compile_together, layout_keep_free, peek
+from ds4jax.presets import load_preset, preset_config, with_layers
+from ds4jax.quant.layouts import expert_layout_counts
+from ds4jax.random_weights import random_weights
+from ds4jax.sampling import SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flash-q2")
+    ap.add_argument("--layers", type=int, default=4, help="keep the first N blocks (0: all)")
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--fill", type=int, default=2048, help="prompt tokens prefilled before the phases")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=16, help="plain steps a round")
+    ap.add_argument("--steps_per_call", type=int, default=4)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--note", default="")
+    ap.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        help="plain steps traced in each phase, the CUDA graph's kernels side by side: the timeline "
+        "(span, busy, idle) and the kernel families that moved against the first phase",
+    )
+    ap.add_argument(
+        "--tiny_cond",
+        action="store_true",
+        help="a phase 'cond' before the MTP program runs: a small program whose loop and branch XLA can "
+        "record as CUDA-graph conditional nodes (as the MTP step's switch is) run once, then the plain step",
+    )
+    ap.add_argument(
+        "--mtp_xla",
+        default="",
+        help="';'-separated XLA options for the MTP program only (key=value, '+' between a list's items: "
+        "xla_gpu_enable_command_buffer=FUSION+CUBLAS+CUBLASLT+CUSTOM_CALL+CUDNN keeps its loop and switch "
+        "out of the graph)",
+    )
+    ap.add_argument("--together", action="store_true", help="compile both programs first (no 'alone' phase)")
+    a = ap.parse_args()
+    xla_options.configure()
+    p = load_preset(a.preset)
+    if a.layers:
+        p = with_layers(p, a.layers)
+    cfg = preset_config(p)
+    keep = layout_keep_free(cfg, a.ctx, CHUNK)
+    weights = jax.block_until_ready(random_weights(cfg, p, mtp=True, expert_layout="auto", keep_free=keep))
+    print("gate/up expert tensors as nibbles: {} of {}".format(*expert_layout_counts(weights)), flush=True)
+    # traced as they run (the graph, kernels side by side), not op by op as the profiler makes XLA do
+    xla = {"xla_enable_command_buffers_during_profiling": True} if a.trace else {}
+    eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=CHUNK, weights=weights, compiler_options=xla)
+    K = a.steps_per_call
+    name = f"decode_loop{K}"
+    mtp = {}
+
+    mtp_xla = dict(eng.compiler_options or {})
+    for item in filter(None, a.mtp_xla.split(";")):
+        k, _, v = item.partition("=")
+        mtp_xla[k.strip()] = _value(v.strip().replace("+", ","))
+
+    def build_mtp():
+        mtp["exe"] = mtp_lower(eng, a.ctx, K).compile(compiler_options=mtp_xla or None)
+
+    t0 = time.perf_counter()
+    if a.together:  # both at once (minutes fewer); the first phase is then "compiled"
+        compile_together([lambda: eng.compile([name, "prefill"]), build_mtp])
+    else:
+        eng.compile([name, "prefill"])
+    print(f"programs compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    params, key = SamplingParams(temperature=0.0).arrays(), jax.random.key(0)
+    ids = np.random.default_rng(0).integers(0, cfg.n_vocab, a.fill)
+    _, _, filled = eng.prefill(eng.new_state(), ids, params, key)
+    box = [copy_tree(filled), eng.new_io(1, K)]
+
+    def plain_round(steps: int = a.steps) -> float:
+        late, t0 = None, time.perf_counter()
+        for _ in range(max(1, steps // K)):
+            box[0], box[1] = eng.decode_loop(box[0], box[1], params, key, K)
+            if late is not None:
+                np.asarray(late[0])
+            late = peek(box[1], False)
+        jax.block_until_ready(box[1])
+        return (time.perf_counter() - t0) / (max(1, steps // K) * K) * 1e3
+
+    def mtp_call(wait: bool = True):
+        st, (ms, io) = mtp["box"]
+        st, ms, io = mtp["exe"](eng.weights, st, ms, io)
+        mtp["box"] = (st, (ms, io))
+        if wait:
+            jax.block_until_ready(io)
+        return io
+
+    def mtp_round() -> float:
+        """ms an MTP step over a round of calls, each call's reports read a call late (as the
+        speculative decoder does)."""
+        late, t0, calls = None, time.perf_counter(), max(1, a.steps // K)
+        for _ in range(calls):
+            io = mtp_call(wait=False)
+            if late is not None:
+                np.asarray(late)
+            late = speculative.peek_report(io)
+        jax.block_until_ready(mtp["box"])
+        return (time.perf_counter() - t0) / (calls * K) * 1e3
+
+    rows, tallies = [], {}
+
+    def phase(label: str, before=None, timed=plain_round):
+        timed()  # warm: the first call after a phase change is not timed
+        ts = []
+        for _ in range(a.rounds):
+            if before:
+                before()
+            ts.append(timed())
+        ts.sort()
+        med = ts[len(ts) // 2]
+        print(f"{label:10s} {med:7.3f} ms a step median (min {ts[0]:.3f}, max {ts[-1]:.3f})", flush=True)
+        rows.append([label, f"{med:.3f}", f"{ts[0]:.3f}", f"{ts[-1]:.3f}"])
+        if a.trace and timed is plain_round:
+            print(f"{label}: timeline of {a.trace} plain steps", flush=True)
+            calls = max(1, a.trace // K)
+            ns, by = devtime.trace_calls(lambda: plain_round(K) and box[1], calls, devtime.classify, K)
+            print(f"{label}: {ns / (calls * K) / 1e3:.1f} us of kernels a step", flush=True)
+            tallies[label] = (by_family(by), calls * K)
+
+    if not a.together:
+        phase("alone")
+        t0 = time.perf_counter()
+        build_mtp()
+        print(f"MTP program compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    mtp["box"] = (copy_tree(filled), mtp_io(eng, 0.0, a.ctx, K))
+    phase("compiled")
+    if a.tiny_cond:
+        jax.block_until_ready(tiny_cond_program()(jnp.linspace(-1.0, 1.0, 4096, dtype=jnp.float32)))
+        phase("cond")
+    mtp_call()
+    phase("ran")
+    phase("mtp steps", timed=mtp_round)
+    phase("between", mtp_call)
+    mtp.clear()
+    gc.collect()
+    phase("dropped")
+    if tallies:
+        kernel_diffs(tallies, 15)
+    print(f"plain state after the phases: {fingerprint(box[0]):#018x}", flush=True)
+    card = jax.devices()[0].device_kind
+    header = ["card", "preset", "layers", "phase", "ms_median", "ms_min", "ms_max", "note"]
+    with devtime.csv_rows(a.out, "mtp_presence.csv", header) as write:
+        for r in rows:
+            write([card, p.name, cfg.n_layer, *r, a.note])
+
+
+def tiny_cond_program():
+    """A small compiled program with a data-dependent while loop around a branch, every op in
+    the CUDA graph (``xla_gpu_graph_min_graph_size=1``): XLA can record the loop and the branch
+    as conditional nodes, as it records the MTP step's switch (session 41)."""
+
+    def body(c):
+        i, x = c
+        x = lax.cond(x.sum() > 0, lambda x: jnp.sin(x) * 2.0, lambda x: jnp.cos(x) + 1.0, x)
+        return i + 1, x / (1.0 + jnp.abs(x).max())
+
+    fn = jax.jit(lambda x: lax.while_loop(lambda c: (c[0] < 8) & (c[1][0] < 1e9), body, (0, x))[1])
+    return fn.lower(jax.ShapeDtypeStruct((4096,), jnp.float32)).compile(
+        compiler_options={"xla_gpu_graph_min_graph_size": 1} if jax.default_backend() == "gpu" else None
+    )
+
+
+if __name__ == "__main__":
+    main()
