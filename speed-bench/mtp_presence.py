@@ -1,21 +1,25 @@
-"""The plain decode step's wall time in one process before and after the MTP step's program is
-compiled, run, and dropped (sessions 33-35 and 49-50: the plain step runs ~0.4 ms slower in a
-process holding the MTP program, with no more kernel time and no CUDA-graph re-recording).
+"""The plain decode step's wall time in one process before and after MTP step programs are
+compiled and run (sessions 33-35 and 49-50: the plain step runs ~0.5 ms slower once the MTP
+program has run, lasting after it is deleted, with no more kernel time and no CUDA graph
+re-recorded; session 50, KERNELS.md).
 
-    python speed-bench/mtp_presence.py --layers 0 --fill 2048 --rounds 3 --steps 16
+    python speed-bench/mtp_presence.py --layers 0 --fill 2048 --rounds 5 --steps 24 --together \
+        --mtp "nocond:xla_gpu_enable_command_buffer=FUSION+CUBLAS+CUBLASLT+CUSTOM_CALL+CUDNN;mtp:" \
+        --order nocond,cond,mtp --trace 8
 
 Phases, each timing the plain loop (``decode_loop``, ``--steps_per_call`` steps a call, the token
 read a call late as ``Engine.generate`` does):
-  alone      the plain program only (the MTP block's weights loaded, as the CLI's --mtp_draft does);
-             left out with --together, which compiles both programs first
-  compiled   the MTP step's program compiled, never run
-  cond       (--tiny_cond) after one call of a small program with CUDA-graph conditional nodes
-  ran        after one call of it (its CUDA graph instantiated)
-  mtp steps  the MTP program's own steps (ms a step; every step verifies: margin 0)
-  between    an MTP call before each plain round
-  dropped    the MTP program and its outputs deleted (its CUDA graph freed with the executable)
-Rows go to ``$OUT/mtp_presence.csv``; every phase must end the plain variant's state where the
-first one's round sequence does (printed), as they all run the same steps.
+  alone          the plain program only (the MTP block's weights loaded, as the CLI's --mtp_draft
+                 does); left out with --together, which compiles every program first
+  compiled       the MTP programs compiled, none run
+  after X        after one call of X, each X of --order in turn: an MTP program's label, or
+                 ``cond``: a small program with CUDA-graph conditional nodes (as the MTP step's
+                 loop and switch are)
+  X steps        (X an MTP program) its own steps, ms a step (every step verifies: margin 0)
+  dropped        the MTP programs and their outputs deleted (their CUDA graphs freed with them)
+The order matters: what a run leaves behind lasts, so programs suspected of nothing go first.
+``--mtp``: ``label:key=value,...`` programs separated by ';', each key an XLA option for that MTP
+program only ('+' between a list's items). Rows go to ``$OUT/mtp_presence.csv``.
 """
 
 from __future__ import annotations
@@ -72,20 +76,11 @@ def main() -> None:
         help="plain steps traced in each phase, the CUDA graph's kernels side by side: the timeline "
         "(span, busy, idle) and the kernel families that moved against the first phase",
     )
+    ap.add_argument("--mtp", default="mtp:", help="MTP programs: label:xla_key=value,... separated by ';'")
     ap.add_argument(
-        "--tiny_cond",
-        action="store_true",
-        help="a phase 'cond' before the MTP program runs: a small program whose loop and branch XLA can "
-        "record as CUDA-graph conditional nodes (as the MTP step's switch is) run once, then the plain step",
+        "--order", default="", help="what runs before each 'after' phase: labels or 'cond' (default: --mtp's)"
     )
-    ap.add_argument(
-        "--mtp_xla",
-        default="",
-        help="';'-separated XLA options for the MTP program only (key=value, '+' between a list's items: "
-        "xla_gpu_enable_command_buffer=FUSION+CUBLAS+CUBLASLT+CUSTOM_CALL+CUDNN keeps its loop and switch "
-        "out of the graph)",
-    )
-    ap.add_argument("--together", action="store_true", help="compile both programs first (no 'alone' phase)")
+    ap.add_argument("--together", action="store_true", help="compile every program first (no 'alone' phase)")
     a = ap.parse_args()
     xla_options.configure()
     p = load_preset(a.preset)
@@ -100,19 +95,20 @@ def main() -> None:
     eng = Engine(types.SimpleNamespace(config=cfg), ctx=a.ctx, chunk=CHUNK, weights=weights, compiler_options=xla)
     K = a.steps_per_call
     name = f"decode_loop{K}"
-    mtp = {}
+    programs = parse_programs(a.mtp, eng.compiler_options)
+    order = [t.strip() for t in (a.order or ",".join(programs)).split(",") if t.strip()]
+    for t in order:
+        if t != "cond" and t not in programs:
+            raise SystemExit(f"--order: {t!r} is neither 'cond' nor a label of --mtp ({', '.join(programs)})")
+    mtp: dict = {}  # label: compiled MTP program
 
-    mtp_xla = dict(eng.compiler_options or {})
-    for item in filter(None, a.mtp_xla.split(";")):
-        k, _, v = item.partition("=")
-        mtp_xla[k.strip()] = _value(v.strip().replace("+", ","))
+    def build_mtp(label: str):
+        mtp[label] = mtp_lower(eng, a.ctx, K).compile(compiler_options=programs[label] or None)
 
-    def build_mtp():
-        mtp["exe"] = mtp_lower(eng, a.ctx, K).compile(compiler_options=mtp_xla or None)
-
+    builds = [lambda lb=lb: build_mtp(lb) for lb in programs]
     t0 = time.perf_counter()
-    if a.together:  # both at once (minutes fewer); the first phase is then "compiled"
-        compile_together([lambda: eng.compile([name, "prefill"]), build_mtp])
+    if a.together:  # all at once (minutes fewer); the first phase is then "compiled"
+        compile_together([lambda: eng.compile([name, "prefill"]), *builds])
     else:
         eng.compile([name, "prefill"])
     print(f"programs compiled in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -131,38 +127,36 @@ def main() -> None:
         jax.block_until_ready(box[1])
         return (time.perf_counter() - t0) / (max(1, steps // K) * K) * 1e3
 
-    def mtp_call(wait: bool = True):
-        st, (ms, io) = mtp["box"]
-        st, ms, io = mtp["exe"](eng.weights, st, ms, io)
-        mtp["box"] = (st, (ms, io))
+    boxes: dict = {}  # label: (state, (mtp_state, io)) of that MTP program's own run
+
+    def mtp_call(label: str, wait: bool = True):
+        st, (ms, io) = boxes[label]
+        st, ms, io = mtp[label](eng.weights, st, ms, io)
+        boxes[label] = (st, (ms, io))
         if wait:
             jax.block_until_ready(io)
         return io
 
-    def mtp_round() -> float:
+    def mtp_round(label: str) -> float:
         """ms an MTP step over a round of calls, each call's reports read a call late (as the
         speculative decoder does)."""
         late, t0, calls = None, time.perf_counter(), max(1, a.steps // K)
         for _ in range(calls):
-            io = mtp_call(wait=False)
+            io = mtp_call(label, wait=False)
             if late is not None:
                 np.asarray(late)
             late = speculative.peek_report(io)
-        jax.block_until_ready(mtp["box"])
+        jax.block_until_ready(boxes[label])
         return (time.perf_counter() - t0) / (calls * K) * 1e3
 
     rows, tallies = [], {}
 
-    def phase(label: str, before=None, timed=plain_round):
+    def phase(label: str, timed=plain_round):
         timed()  # warm: the first call after a phase change is not timed
-        ts = []
-        for _ in range(a.rounds):
-            if before:
-                before()
-            ts.append(timed())
+        ts = [timed() for _ in range(a.rounds)]
         ts.sort()
         med = ts[len(ts) // 2]
-        print(f"{label:10s} {med:7.3f} ms a step median (min {ts[0]:.3f}, max {ts[-1]:.3f})", flush=True)
+        print(f"{label:14s} {med:7.3f} ms a step median (min {ts[0]:.3f}, max {ts[-1]:.3f})", flush=True)
         rows.append([label, f"{med:.3f}", f"{ts[0]:.3f}", f"{ts[-1]:.3f}"])
         if a.trace and timed is plain_round:
             print(f"{label}: timeline of {a.trace} plain steps", flush=True)
@@ -174,18 +168,24 @@ def main() -> None:
     if not a.together:
         phase("alone")
         t0 = time.perf_counter()
-        build_mtp()
-        print(f"MTP program compiled in {time.perf_counter() - t0:.1f} s", flush=True)
-    mtp["box"] = (copy_tree(filled), mtp_io(eng, 0.0, a.ctx, K))
+        compile_together(builds)
+        print(f"MTP programs compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    for label in programs:
+        boxes[label] = (copy_tree(filled), mtp_io(eng, 0.0, a.ctx, K))
     phase("compiled")
-    if a.tiny_cond:
-        jax.block_until_ready(tiny_cond_program()(jnp.linspace(-1.0, 1.0, 4096, dtype=jnp.float32)))
-        phase("cond")
-    mtp_call()
-    phase("ran")
-    phase("mtp steps", timed=mtp_round)
-    phase("between", mtp_call)
+    for t in order:
+        if t == "cond":
+            jax.block_until_ready(tiny_cond_program()(jnp.linspace(-1.0, 1.0, 4096, dtype=jnp.float32)))
+            phase("after cond")
+        else:
+            mtp_call(t)
+            phase(f"after {t}")
+            phase(f"{t} steps", timed=lambda t=t: mtp_round(t))
+    for label in programs:  # the same steps from the same state: XLA's options move no bit
+        if label in order:
+            print(f"{label} state after its steps: {fingerprint(boxes[label][0]):#018x}", flush=True)
     mtp.clear()
+    boxes.clear()
     gc.collect()
     phase("dropped")
     if tallies:
@@ -196,6 +196,23 @@ def main() -> None:
     with devtime.csv_rows(a.out, "mtp_presence.csv", header) as write:
         for r in rows:
             write([card, p.name, cfg.n_layer, *r, a.note])
+
+
+def parse_programs(text: str, base: dict | None) -> dict:
+    """{label: XLA options} of ``label:key=value,...;...`` (each program's options over ``base``)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        label, _, opts = item.partition(":")
+        if not label or label == "cond" or label in out:
+            raise SystemExit(f"--mtp: bad or repeated label {label!r}")
+        xla = dict(base or {})
+        for kv in filter(None, (x.strip() for x in opts.split(","))):
+            k, eq, v = kv.partition("=")
+            if not eq or not k.startswith("xla_"):
+                raise SystemExit(f"--mtp {label}: {kv!r} is not xla_key=value")
+            xla[k] = _value(v.replace("+", ","))
+        out[label] = xla
+    return out
 
 
 def tiny_cond_program():
