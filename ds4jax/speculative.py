@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ds4jax.config import ModelConfig
+from ds4jax.engine import compile_together
 from ds4jax.errors import DS4Error
 from ds4jax.model.forward import commit, forward_hidden, head
 from ds4jax.mtp import draft_margin, draft_step, init_mtp_state
@@ -315,12 +317,14 @@ class MTPSpeculativeDecoder:
         self._first_jit = jax.jit(partial(first_draft, engine.cfg), donate_argnums=(1,))
         self._first_exe = None
         self.compile_s = 0.0  # the step program's and the first draft's compiles, outside the timings
+        self._lock = threading.Lock()
 
     def _compile(self, lower, options: dict | None = None):
         """``lower()`` compiled now (XLA ``options``), its seconds added to ``compile_s``."""
         t0 = time.perf_counter()
         exe = lower().compile(compiler_options=options)
-        self.compile_s += time.perf_counter() - t0
+        with self._lock:  # builds may run side by side (``compile``)
+            self.compile_s += time.perf_counter() - t0
         return exe
 
     def _program(self, state, mtp_state, io):
@@ -333,6 +337,30 @@ class MTPSpeculativeDecoder:
             )
         return programs[k]
 
+    def _first(self, *args):
+        if self._first_exe is None:
+            self._first_exe = self._compile(lambda: self._first_jit.lower(*args))
+        return self._first_exe
+
+    def compile(self) -> None:
+        """The greedy prefill, the first draft and the MTP step compiled side by side for their
+        shapes, before ``generate`` times anything: at full size each takes minutes on an H200's
+        host (the MTP step ~2.5, the layered prefill ~1.5), which one after another added up
+        before the first token, and the prefill's compile was in its reported time."""
+        eng, c = self.engine, self.engine.cfg
+        state = jax.eval_shape(eng.new_state)
+        mtp_state = jax.eval_shape(lambda: init_mtp_state(c))
+        io = step_io(0, 0, 0.0, self.margin, eng.ctx, self.steps_per_call)
+        hidden = jax.ShapeDtypeStruct((c.n_hc, c.n_embd), jnp.float32)  # Engine.last_hidden
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        compile_together(
+            [
+                lambda: eng.compile(["prefill"]),
+                lambda: self._first(eng.weights, mtp_state, hidden, i32, i32),
+                lambda: self._program(state, mtp_state, io),
+            ]
+        )
+
     def generate(
         self,
         prompt: list[int],
@@ -342,6 +370,7 @@ class MTPSpeculativeDecoder:
     ) -> SpecGeneration:
         eng = self.engine
         eng.check_prompt(prompt)
+        self.compile()  # outside the timings
         params = SamplingParams(temperature=0.0).arrays()
         t0 = time.perf_counter()
         tok, _, state = eng.prefill(eng.new_state(), prompt, params, jax.random.key(0))
@@ -372,9 +401,7 @@ class MTPSpeculativeDecoder:
         compiled_before = self.compile_s
         mtp_state = init_mtp_state(eng.cfg)
         first_args = (w, mtp_state, hidden, jnp.int32(tok), jnp.int32(pos))
-        if self._first_exe is None:
-            self._first_exe = self._compile(lambda: self._first_jit.lower(*first_args))
-        draft, margin, mtp_state = self._first_exe(*first_args)
+        draft, margin, mtp_state = self._first(*first_args)(*first_args)
         # a verify step needs two context rows and two tokens of the budget left: the state's
         # n_tokens + 2 <= limit (with e tokens emitted, n_tokens = pos + e - 1)
         k = self.steps_per_call

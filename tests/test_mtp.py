@@ -34,7 +34,12 @@ def test_mtp_combined_output_equals_plain_greedy(tiny_files, engine, mtp_decoder
     prompt = np.random.default_rng(seed).integers(0, tiny_files.config.n_vocab, 37 + seed).tolist()
     plain = engine.generate(prompt, 24, GREEDY).tokens
     assert mtp_decoders[0.0].steps_per_call == engine.steps_per_call == 4  # the engine's: a loop of 4 a call
+    # compile() builds what generate runs (the prefill, the first draft, the step) for their shapes,
+    # side by side: generate then compiles nothing, so no compile is in its timings
+    mtp_decoders[0.0].compile()
+    compiled = (dict(engine.compile_s), mtp_decoders[0.0].compile_s)
     always = mtp_decoders[0.0].generate(prompt, 24)
+    assert (dict(engine.compile_s), mtp_decoders[0.0].compile_s) == compiled
     never = mtp_decoders[1e9].generate(prompt, 24)
     assert not divergences(always.tokens, plain), divergences(always.tokens, plain)[:5]
     assert not divergences(never.tokens, plain)
