@@ -338,6 +338,7 @@ class MTPSpeculativeDecoder:
         return programs[k]
 
     def _first(self, *args):
+        """The first draft's program, compiled for ``args``' shapes on first use."""
         if self._first_exe is None:
             self._first_exe = self._compile(lambda: self._first_jit.lower(*args))
         return self._first_exe
