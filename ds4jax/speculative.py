@@ -347,20 +347,21 @@ class MTPSpeculativeDecoder:
         """The greedy prefill, the first draft and the MTP step compiled side by side for their
         shapes, before ``generate`` times anything: at full size each takes minutes on an H200's
         host (the MTP step ~2.5, the layered prefill ~1.5), which one after another added up
-        before the first token, and the prefill's compile was in its reported time."""
+        before the first token, and the prefill's compile was in its reported time. Once they
+        are built, only the prefill's (compiled) check is left."""
         eng, c = self.engine, self.engine.cfg
-        state = jax.eval_shape(eng.new_state)
+        builds = [lambda: eng.compile(["prefill"])]
+        step_built = self.steps_per_call in _STEP_PROGRAMS.get(eng, {})
         mtp_state = jax.eval_shape(lambda: init_mtp_state(c))
-        io = step_io(0, 0, 0.0, self.margin, eng.ctx, self.steps_per_call)
-        hidden = jax.ShapeDtypeStruct((c.n_hc, c.n_embd), jnp.float32)  # Engine.last_hidden
-        i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        compile_together(
-            [
-                lambda: eng.compile(["prefill"]),
-                lambda: self._first(eng.weights, mtp_state, hidden, i32, i32),
-                lambda: self._program(state, mtp_state, io),
-            ]
-        )
+        if self._first_exe is None:
+            i32 = jax.ShapeDtypeStruct((), jnp.int32)
+            hidden = jax.ShapeDtypeStruct((c.n_hc, c.n_embd), jnp.float32)  # Engine.last_hidden
+            builds.append(lambda: self._first(eng.weights, mtp_state, hidden, i32, i32))
+        if not step_built:
+            state = jax.eval_shape(eng.new_state)
+            io = step_io(0, 0, 0.0, self.margin, eng.ctx, self.steps_per_call)
+            builds.append(lambda: self._program(state, mtp_state, io))
+        compile_together(builds)
 
     def generate(
         self,

@@ -117,37 +117,32 @@ def main() -> None:
     _, _, filled = eng.prefill(eng.new_state(), ids, params, key)
     box = [copy_tree(filled), eng.new_io(1, K)]
 
-    def plain_round(steps: int = a.steps) -> float:
-        late, t0 = None, time.perf_counter()
-        for _ in range(max(1, steps // K)):
-            box[0], box[1] = eng.decode_loop(box[0], box[1], params, key, K)
-            if late is not None:
-                np.asarray(late[0])
-            late = peek(box[1], False)
-        jax.block_until_ready(box[1])
-        return (time.perf_counter() - t0) / (max(1, steps // K) * K) * 1e3
+    def plain_call():
+        box[0], box[1] = eng.decode_loop(box[0], box[1], params, key, K)
+        return box[1]
 
     boxes: dict = {}  # label: (state, (mtp_state, io)) of that MTP program's own run
 
-    def mtp_call(label: str, wait: bool = True):
+    def mtp_call(label: str):
         st, (ms, io) = boxes[label]
         st, ms, io = mtp[label](eng.weights, st, ms, io)
         boxes[label] = (st, (ms, io))
-        if wait:
-            jax.block_until_ready(io)
         return io
 
-    def mtp_round(label: str) -> float:
-        """ms an MTP step over a round of calls, each call's reports read a call late (as the
-        speculative decoder does)."""
-        late, t0, calls = None, time.perf_counter(), max(1, a.steps // K)
+    def timed_round(call, read, steps: int = a.steps) -> float:
+        """ms a step over calls of ``call`` (K steps each) for ``steps``, each call's ``read`` copy
+        (its tokens or reports) read after the next call is dispatched, as generate does."""
+        late, t0, calls = None, time.perf_counter(), max(1, steps // K)
         for _ in range(calls):
-            io = mtp_call(label, wait=False)
+            out = call()
             if late is not None:
                 np.asarray(late)
-            late = speculative.peek_report(io)
-        jax.block_until_ready(boxes[label])
+            late = read(out)
+        jax.block_until_ready(out)
         return (time.perf_counter() - t0) / (calls * K) * 1e3
+
+    def plain_round() -> float:
+        return timed_round(plain_call, lambda io: peek(io, False)[0])
 
     rows, tallies = [], {}
 
@@ -161,7 +156,7 @@ def main() -> None:
         if a.trace and timed is plain_round:
             print(f"{label}: timeline of {a.trace} plain steps", flush=True)
             calls = max(1, a.trace // K)
-            ns, by = devtime.trace_calls(lambda: plain_round(K) and box[1], calls, devtime.classify, K)
+            ns, by = devtime.trace_calls(plain_call, calls, devtime.classify, K)
             print(f"{label}: {ns / (calls * K) / 1e3:.1f} us of kernels a step", flush=True)
             tallies[label] = (by_family(by), calls * K)
 
@@ -178,9 +173,9 @@ def main() -> None:
             jax.block_until_ready(tiny_cond_program()(jnp.linspace(-1.0, 1.0, 4096, dtype=jnp.float32)))
             phase("after cond")
         else:
-            mtp_call(t)
+            jax.block_until_ready(mtp_call(t))
             phase(f"after {t}")
-            phase(f"{t} steps", timed=lambda t=t: mtp_round(t))
+            phase(f"{t} steps", timed=lambda t=t: timed_round(lambda: mtp_call(t), speculative.peek_report))
     for label in programs:  # the same steps from the same state: XLA's options move no bit
         if label in order:
             print(f"{label} state after its steps: {fingerprint(boxes[label][0]):#018x}", flush=True)
