@@ -1,11 +1,13 @@
 """The plain decode step's wall time in one process before and after MTP step programs are
 compiled and run (sessions 33-35 and 49-50: the plain step runs ~0.5 ms slower once the MTP
 program has run, lasting after it is deleted, with no more kernel time and no CUDA graph
-re-recorded; session 50, KERNELS.md).
+re-recorded; session 50, KERNELS.md). Session 51: it follows the MTP program's loop and switch as
+CUDA-graph conditional nodes (the same program with them out of the graph, ``nocond`` below, leaves
+the plain step as it was; a small program with conditional nodes does too):
 
     python speed-bench/mtp_presence.py --layers 0 --fill 2048 --rounds 5 --steps 24 --together \
-        --mtp "nocond:xla_gpu_enable_command_buffer=FUSION+CUBLAS+CUBLASLT+CUSTOM_CALL+CUDNN;mtp:" \
-        --order nocond,cond,mtp --trace 8
+        --mtp "nocond:xla_gpu_enable_command_buffer=FUSION+CUBLAS+CUBLASLT+CUSTOM_CALL+CUDNN+\
+DYNAMIC_SLICE_FUSION;mtp:" --order nocond,cond,mtp --trace 8
 
 Phases, each timing the plain loop (``decode_loop``, ``--steps_per_call`` steps a call, the token
 read a call late as ``Engine.generate`` does):
