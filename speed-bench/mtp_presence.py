@@ -17,7 +17,8 @@ read a call late as ``Engine.generate`` does):
   after X        after one call of X, each X of --order in turn: an MTP program's label, or
                  ``cond``: a small program with CUDA-graph conditional nodes (as the MTP step's
                  loop and switch are)
-  X steps        (X an MTP program) its own steps, ms a step (every step verifies: margin 0)
+  X steps        (X an MTP program) its own steps, ms a step (``--margin``: 0 verifies every
+                 step, 1e9 none); with --trace, traced too
   dropped        the MTP programs and their outputs deleted (their CUDA graphs freed with them)
 The order matters: what a run leaves behind lasts, so programs suspected of nothing go first.
 ``--mtp``: ``label:key=value,...`` programs separated by ';', each key an XLA option for that MTP
@@ -75,9 +76,11 @@ def main() -> None:
         "--trace",
         type=int,
         default=0,
-        help="plain steps traced in each phase, the CUDA graph's kernels side by side: the timeline "
-        "(span, busy, idle) and the kernel families that moved against the first phase",
+        help="steps traced in each phase, the CUDA graph's kernels side by side: the timeline "
+        "(span, busy, idle) and the kernel families that moved against the first phase (the plain "
+        "step's phases, and the MTP programs' steps against the first of them)",
     )
+    ap.add_argument("--margin", type=float, default=0.0, help="the margin an MTP draft needs (0: every step verifies)")
     ap.add_argument("--mtp", default="mtp:", help="MTP programs: label:xla_key=value,... separated by ';'")
     ap.add_argument(
         "--order", default="", help="what runs before each 'after' phase: labels or 'cond' (default: --mtp's)"
@@ -146,21 +149,22 @@ def main() -> None:
     def plain_round() -> float:
         return timed_round(plain_call, lambda io: peek(io, False)[0])
 
-    rows, tallies = [], {}
+    rows, tallies, mtp_tallies = [], {}, {}  # kernel families of the plain phases, of the MTP steps
 
-    def phase(label: str, timed=plain_round):
+    def phase(label: str, timed=plain_round, call=plain_call):
         timed()  # warm: the first call after a phase change is not timed
         ts = [timed() for _ in range(a.rounds)]
         ts.sort()
         med = ts[len(ts) // 2]
         print(f"{label:14s} {med:7.3f} ms a step median (min {ts[0]:.3f}, max {ts[-1]:.3f})", flush=True)
         rows.append([label, f"{med:.3f}", f"{ts[0]:.3f}", f"{ts[-1]:.3f}"])
-        if a.trace and timed is plain_round:
-            print(f"{label}: timeline of {a.trace} plain steps", flush=True)
+        if a.trace:
+            plain = call is plain_call
+            print(f"{label}: timeline of {a.trace} {'plain' if plain else 'MTP'} steps", flush=True)
             calls = max(1, a.trace // K)
-            ns, by = devtime.trace_calls(plain_call, calls, devtime.classify, K)
+            ns, by = devtime.trace_calls(call, calls, devtime.classify, K)
             print(f"{label}: {ns / (calls * K) / 1e3:.1f} us of kernels a step", flush=True)
-            tallies[label] = (by_family(by), calls * K)
+            (tallies if plain else mtp_tallies)[label] = (by_family(by), calls * K)
 
     if not a.together:
         phase("alone")
@@ -168,7 +172,7 @@ def main() -> None:
         compile_together(builds)
         print(f"MTP programs compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     for label in programs:
-        boxes[label] = (copy_tree(filled), mtp_io(eng, 0.0, a.ctx, K))
+        boxes[label] = (copy_tree(filled), mtp_io(eng, a.margin, a.ctx, K))
     phase("compiled")
     for t in order:
         if t == "cond":
@@ -177,7 +181,8 @@ def main() -> None:
         else:
             jax.block_until_ready(mtp_call(t))
             phase(f"after {t}")
-            phase(f"{t} steps", timed=lambda t=t: timed_round(lambda: mtp_call(t), speculative.peek_report))
+            step = lambda t=t: mtp_call(t)
+            phase(f"{t} steps", timed=lambda step=step: timed_round(step, speculative.peek_report), call=step)
     for label in programs:  # the same steps from the same state: XLA's options move no bit
         if label in order:
             print(f"{label} state after its steps: {fingerprint(boxes[label][0]):#018x}", flush=True)
@@ -185,8 +190,9 @@ def main() -> None:
     boxes.clear()
     gc.collect()
     phase("dropped")
-    if tallies:
-        kernel_diffs(tallies, 15)
+    for t in (tallies, mtp_tallies):
+        if t:
+            kernel_diffs(t, 15)
     print(f"plain state after the phases: {fingerprint(box[0]):#018x}", flush=True)
     card = jax.devices()[0].device_kind
     header = ["card", "preset", "layers", "phase", "ms_median", "ms_min", "ms_max", "note"]
