@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--fill", type=int, default=2048, help="prompt tokens prefilled before the phases")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=16, help="plain steps a round")
+    ap.add_argument("--steps", type=int, default=16, help="steps a round, plain and MTP")
     ap.add_argument("--steps_per_call", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--note", default="")
